@@ -1,0 +1,627 @@
+"""The kernel model: KVM's VMs, vCPUs, MMU roots and shadow pages, read-only.
+
+Everything here reads the target through drgn and returns plain dataclasses;
+nothing renders. Hot paths (struct kvm_mmu_page, page tables) read each
+object as one block and decode fields by offset. Anything unreadable is
+recorded as a Problem on the Kernel and skipped.
+"""
+
+from __future__ import annotations
+
+import array
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import drgn
+from drgn.helpers.linux.pid import find_task, pid_task
+
+from kvminspect.errors import LookupFailed, Problem
+from kvminspect.layout import (
+    INVALID_PAGE,
+    PAGE_SHIFT,
+    PT_PRESENT_MASK,
+    SPTE_LARGE_BIT,
+    SPTE_PRESENT_BIT,
+    Layout,
+    _bare,
+    probe,
+)
+
+MAX_LIST = 1 << 20  # no kernel list kvminspect walks is this long
+KERNEL_MIN = 0xFFFF800000000000
+LIST_POISON = (0xDEAD000000000100, 0xDEAD000000000122)
+MP_STATES = {  # KVM_MP_STATE_* (include/uapi/linux/kvm.h)
+    0: "RUNNABLE", 1: "UNINITIALIZED", 2: "INIT_RECEIVED", 3: "HALTED",
+    4: "SIPI_RECEIVED", 5: "STOPPED", 6: "CHECK_STOP", 7: "OPERATING",
+    8: "LOAD", 9: "AP_RESET_HOLD", 10: "SUSPENDED",
+}
+VCPU_MODES = ("OUTSIDE_GUEST_MODE", "IN_GUEST_MODE", "EXITING_GUEST_MODE",
+              "READING_SHADOW_PAGE_TABLES")
+
+
+@dataclass(frozen=True)
+class Role:
+    """union kvm_mmu_page_role, decoded by its DWARF bitfields."""
+
+    word: int
+    fields: dict[str, int]
+
+    def get(self, name: str, default: int = 0) -> int:
+        return self.fields.get(name, default)
+
+    @property
+    def level(self) -> int:
+        return self.get("level")
+
+    @property
+    def direct(self) -> bool:
+        return bool(self.get("direct"))
+
+    @property
+    def invalid(self) -> bool:
+        return bool(self.get("invalid"))
+
+
+@dataclass
+class ShadowPage:
+    """struct kvm_mmu_page: one shadow (or TDP) page table and its state."""
+
+    addr: int
+    gfn: int
+    role: Role
+    spt: int
+    unsync: bool
+    unsync_children: int
+    unsync_child_bitmap: int  # 512 bits, bit i = spt[i]
+    root_count: int
+    mmu_valid_gen: int
+    tdp_mmu_page: bool
+    obsolete: bool = False  # role.invalid or an old mmu_valid_gen (is_obsolete_sp)
+
+    @property
+    def level(self) -> int:
+        return self.role.level
+
+    def bitmap_indexes(self) -> list[int]:
+        """Set bits of unsync_child_bitmap, ascending."""
+        b, out = self.unsync_child_bitmap, []
+        while b:
+            low = b & -b
+            out.append(low.bit_length() - 1)
+            b ^= low
+        return out
+
+
+@dataclass(frozen=True)
+class Spte:
+    """One entry of a shadow page's spt[] and what it points to."""
+
+    index: int
+    value: int
+    present: bool
+    large: bool
+    leaf: bool
+    pfn: int
+    child: int | None  # struct kvm_mmu_page of a non-leaf entry
+
+
+@dataclass
+class RootRef:
+    """A root of a vCPU's MMU: mmu->root or one of mmu->prev_roots[]."""
+
+    hpa: int | None  # None for INVALID_PAGE
+    pgd: int
+    sp: ShadowPage | None
+    special: str | None = None  # pae_root / pml4_root / pml5_root / dummy
+    pae_roots: list[int] = field(default_factory=list)  # level-2 sps under a PAE root
+
+
+@dataclass
+class VCpu:
+    """struct kvm_vcpu with its current MMU."""
+
+    addr: int
+    vcpu_id: int
+    vcpu_idx: int
+    tid: int | None
+    comm: str | None
+    cpu: int
+    mode: str
+    mp_state: str
+    cr3: int
+    mmu_name: str  # root_mmu / guest_mmu
+    root_level: int
+    direct: bool
+    root: RootRef | None
+    prev_roots: list[RootRef]
+    stat: dict[str, int]
+
+
+@dataclass
+class Memslot:
+    """struct kvm_memory_slot."""
+
+    as_id: int
+    id: int
+    base_gfn: int
+    npages: int
+    userspace_addr: int
+    flags: int
+
+
+@dataclass
+class VM:
+    """struct kvm: one VM, its owner and its MMU-wide state."""
+
+    index: int
+    addr: int
+    pid: int
+    comm: str | None
+    task_state: str | None
+    online_vcpus: int
+    created_vcpus: int
+    mmu: str  # shadow | tdp_mmu | tdp_legacy
+    n_used_mmu_pages: int
+    n_requested_mmu_pages: int
+    n_max_mmu_pages: int
+    mmu_valid_gen: int
+    indirect_shadow_pages: int
+    memslots: list[Memslot]
+    stat: dict[str, int]
+
+
+def _struct_int(data: bytes, off: int, size: int, signed: bool = False) -> int:
+    return int.from_bytes(data[off:off + size], "little", signed=signed)
+
+
+def _counters(obj: drgn.Object) -> dict[str, int]:
+    """Integer members of a stats struct (kvm->stat / vcpu->stat), flattened."""
+    out: dict[str, int] = {}
+    t = _bare(obj.type_)
+    for m in t.members or ():
+        mt = _bare(m.type)
+        if mt.kind == drgn.TypeKind.STRUCT:
+            out.update(_counters(getattr(obj, m.name) if m.name else obj))
+        elif mt.kind in (drgn.TypeKind.INT, drgn.TypeKind.BOOL) and m.name:
+            out[m.name] = getattr(obj, m.name).value_()
+    return out
+
+
+class Kernel:
+    """KVM state of one target, read on demand and cached per target."""
+
+    def __init__(self, prog: drgn.Program) -> None:
+        self.prog = prog
+        self.layout: Layout = probe(prog)
+        self.problems: list[Problem] = []
+        self._sp_cache: dict[int, ShadowPage | None] = {}
+        self._spt_cache: dict[int, array.array | None] = {}
+        self._vms: list[VM] | None = None
+        self._vcpus: dict[int, list[VCpu]] = {}
+
+    # -- problems -----------------------------------------------------------
+
+    def problem(self, kind: str, addr: int | None, what: str) -> None:
+        """Record an unreadable or inconsistent object (once)."""
+        p = Problem(kind, addr, what)
+        if p not in self.problems:
+            self.problems.append(p)
+
+    # -- lists --------------------------------------------------------------
+
+    def list_nodes(self, head: int, kind: str) -> Iterator[int]:
+        """Addresses of the nodes of a struct list_head list, bounded and cycle-safe."""
+        seen = {head}
+        try:
+            node = self.prog.read_u64(head)
+        except drgn.FaultError as e:
+            self.problem(kind, head, f"list head unreadable ({e})")
+            return
+        if node == 0:  # never initialised (e.g. the TDP MMU lists of a shadow VM)
+            return
+        while node != head:
+            if node in LIST_POISON or node < KERNEL_MIN:
+                self.problem(kind, node, "list pointer is poisoned or not a kernel address")
+                return
+            if node in seen or len(seen) > MAX_LIST:
+                self.problem(kind, head, f"list loops at {node:#x}")
+                return
+            seen.add(node)
+            yield node
+            try:
+                node = self.prog.read_u64(node)
+            except drgn.FaultError as e:
+                self.problem(kind, node, f"list node unreadable ({e})")
+                return
+
+    # -- VMs ------------------------------------------------------------------
+
+    def tdp_enabled(self) -> bool:
+        """kvm.ko's tdp_enabled: NPT/EPT in use for the guest's own MMU."""
+        try:
+            return bool(self.prog.read_u8(self.prog.symbol("tdp_enabled").address))
+        except (LookupError, drgn.FaultError):
+            return False
+
+    def _mmu_kind(self, kvm: drgn.Object) -> str:
+        """shadow, tdp_mmu or tdp_legacy for one struct kvm."""
+        if not self.tdp_enabled():
+            return "shadow"
+        if self.layout.tdp_mmu_per_vm:
+            on = bool(kvm.arch.tdp_mmu_enabled.value_())
+        else:
+            try:
+                on = bool(self.prog.read_u8(self.prog.symbol("tdp_mmu_enabled").address))
+            except (LookupError, drgn.FaultError):
+                on = False
+        return "tdp_mmu" if on else "tdp_legacy"
+
+    def vms(self) -> list[VM]:
+        """Every struct kvm on the global vm_list, in list order."""
+        if self._vms is None:
+            head = self.prog.symbol("vm_list").address
+            off = drgn.offsetof(self.prog.type("struct kvm"), "vm_list")
+            self._vms = []
+            for i, node in enumerate(self.list_nodes(head, "vm_list")):
+                vm = self._read_vm(i, node - off)
+                if vm is not None:
+                    self._vms.append(vm)
+        return self._vms
+
+    def kvm_object(self, vm: VM) -> drgn.Object:
+        return drgn.Object(self.prog, "struct kvm *", vm.addr)
+
+    def _read_vm(self, index: int, addr: int) -> VM | None:
+        """One struct kvm; None (and a problem) when it cannot be read."""
+        kvm = drgn.Object(self.prog, "struct kvm *", addr)
+        try:
+            pid = kvm.userspace_pid.value_()
+            comm = state = None
+            try:
+                task = find_task(self.prog, pid)
+                if task:
+                    comm = task.comm.string_().decode(errors="replace")
+                    from drgn.helpers.linux.sched import task_state_to_char
+                    state = task_state_to_char(task)
+            except (LookupError, drgn.FaultError, ValueError):
+                pass
+            arch = kvm.arch
+            return VM(
+                index=index, addr=addr, pid=pid, comm=comm, task_state=state,
+                online_vcpus=kvm.online_vcpus.counter.value_(),
+                created_vcpus=kvm.created_vcpus.value_(),
+                mmu=self._mmu_kind(kvm),
+                n_used_mmu_pages=arch.n_used_mmu_pages.value_(),
+                n_requested_mmu_pages=arch.n_requested_mmu_pages.value_(),
+                n_max_mmu_pages=arch.n_max_mmu_pages.value_(),
+                mmu_valid_gen=arch.mmu_valid_gen.value_(),
+                indirect_shadow_pages=arch.indirect_shadow_pages.value_(),
+                memslots=self._memslots(kvm),
+                stat=self._stat(kvm.stat, "kvm->stat", addr),
+            )
+        except drgn.FaultError as e:
+            self.problem("struct kvm", addr, f"unreadable ({e})")
+            return None
+
+    def _stat(self, obj: drgn.Object, kind: str, addr: int) -> dict[str, int]:
+        try:
+            return _counters(obj)
+        except drgn.FaultError as e:
+            self.problem(kind, addr, f"unreadable ({e})")
+            return {}
+
+    def _memslots(self, kvm: drgn.Object) -> list[Memslot]:
+        """The memslots of every address space of one VM."""
+        out: list[Memslot] = []
+        t = _bare(kvm.type_.type)
+        name = "memslots" if t.member("memslots").type.kind == drgn.TypeKind.ARRAY else None
+        if name is None:
+            return out
+        for as_id, slots in enumerate(kvm.memslots):
+            try:
+                if not slots:
+                    continue
+                for s in self._slots_of(slots):
+                    out.append(Memslot(as_id, s.id.value_(), s.base_gfn.value_(),
+                                       s.npages.value_(), s.userspace_addr.value_(),
+                                       s.flags.value_()))
+            except (drgn.FaultError, LookupError, ValueError) as e:
+                self.problem("struct kvm_memslots", slots.value_(), f"unreadable ({e})")
+        return out
+
+    def _slots_of(self, slots: drgn.Object) -> Iterator[drgn.Object]:
+        """struct kvm_memory_slot of one struct kvm_memslots."""
+        st = _bare(slots.type_.type)
+        names = {m.name for m in st.members}
+        if "gfn_tree" in names:  # 5.17: memslots in an rbtree per node_idx
+            from drgn.helpers.linux.rbtree import rbtree_inorder_for_each
+
+            idx = slots.node_idx.value_()
+            for i, node in enumerate(rbtree_inorder_for_each(slots.gfn_tree.address_of_())):
+                if i > 4096:
+                    raise ValueError("gfn_tree too large")
+                yield drgn.container_of(node, "struct kvm_memory_slot", f"gfn_node[{idx}]")
+        elif "used_slots" in names:  # 5.8-5.15: memslots[0..used_slots)
+            for i in range(min(slots.used_slots.value_(), 4096)):
+                yield slots.memslots[i]
+        else:  # 4.19/5.4: fixed array, ends at npages == 0
+            for s in slots.memslots:
+                if not s.npages:
+                    break
+                yield s
+
+    def vm_by_id(self, ident: str) -> VM:
+        """A VM by index (0, 1, ...), owner pid (pid:N) or struct kvm address."""
+        vms = self.vms()
+        ident = ident.strip()
+        try:
+            if ident.startswith("pid:"):
+                pid = int(ident[4:], 0)
+                return next(v for v in vms if v.pid == pid)
+            n = int(ident, 0)
+        except (ValueError, StopIteration):
+            raise LookupFailed(f"no VM {ident!r}") from None
+        for v in vms:
+            if (n < 0x10000 and v.index == n) or v.addr == n:
+                return v
+        raise LookupFailed(f"no VM {ident!r} (have {len(vms)})")
+
+    # -- vCPUs --------------------------------------------------------------
+
+    def vcpu_objects(self, vm: VM) -> list[drgn.Object]:
+        """struct kvm_vcpu * for index 0..online_vcpus-1."""
+        kvm = self.kvm_object(vm)
+        n = min(vm.online_vcpus, 4096)
+        out = []
+        for i in range(n):
+            try:
+                if self.layout.vcpu_array:  # 5.16: vcpu_array xarray
+                    from drgn.helpers.linux.xarray import xa_load
+
+                    v = drgn.cast("struct kvm_vcpu *", xa_load(kvm.vcpu_array.address_of_(), i))
+                else:
+                    v = kvm.vcpus[i]
+                if not v:
+                    self.problem("struct kvm", vm.addr, f"vCPU index {i} missing")
+                    continue
+                out.append(v)
+            except drgn.FaultError as e:
+                self.problem("struct kvm", vm.addr, f"vCPU index {i} unreadable ({e})")
+        return out
+
+    def vcpus(self, vm: VM) -> list[VCpu]:
+        """Every online vCPU of *vm*, with its MMU roots."""
+        if vm.addr not in self._vcpus:
+            out = []
+            for v in self.vcpu_objects(vm):
+                vc = self._read_vcpu(vm, v)
+                if vc is not None:
+                    out.append(vc)
+            self._vcpus[vm.addr] = out
+        return self._vcpus[vm.addr]
+
+    def _read_vcpu(self, vm: VM, v: drgn.Object) -> VCpu | None:
+        addr = v.value_()
+        try:
+            tid = comm = None
+            try:
+                task = pid_task(v.pid.read_(), 0) if v.pid else None  # PIDTYPE_PID
+                if task:
+                    tid = task.pid.value_()
+                    comm = task.comm.string_().decode(errors="replace")
+            except (drgn.FaultError, LookupError):
+                pass
+            mode = v.mode.value_()
+            arch = v.arch
+            mmu = arch.mmu if self.layout.mmu_is_pointer else arch.mmu.address_of_()
+            mmu_addr = mmu.value_()
+            mmu_name = next((n for n in ("root_mmu", "guest_mmu", "nested_mmu")
+                             if self._has(arch, n)
+                             and getattr(arch, n).address_of_().value_() == mmu_addr), "mmu")
+            root, prev, level, direct = self._read_mmu(vm, mmu)
+            return VCpu(
+                addr=addr, vcpu_id=v.vcpu_id.value_(),
+                vcpu_idx=v.vcpu_idx.value_() if self._has(v, "vcpu_idx") else -1,
+                tid=tid, comm=comm, cpu=v.cpu.value_(),
+                mode=VCPU_MODES[mode] if 0 <= mode < len(VCPU_MODES) else str(mode),
+                mp_state=MP_STATES.get(arch.mp_state.value_(), str(arch.mp_state.value_())),
+                cr3=arch.cr3.value_(), mmu_name=mmu_name, root_level=level, direct=direct,
+                root=root, prev_roots=prev,
+                stat=self._stat(v.stat, "vcpu->stat", addr),
+            )
+        except drgn.FaultError as e:
+            self.problem("struct kvm_vcpu", addr, f"unreadable ({e})")
+            return None
+
+    @staticmethod
+    def _has(obj: drgn.Object, name: str) -> bool:
+        try:
+            obj.member_(name)
+        except LookupError:
+            return False
+        return True
+
+    def _read_mmu(self, vm: VM, mmu: drgn.Object
+                  ) -> tuple[RootRef | None, list[RootRef], int, bool]:
+        """struct kvm_mmu: (root, prev_roots, root level, direct)."""
+        lay = self.layout
+        try:
+            if lay.root_info:  # 5.18: struct kvm_mmu_root_info root
+                hpa, pgd = mmu.root.hpa.value_(), mmu.root.pgd.value_()
+            else:
+                hpa = mmu.root_hpa.value_()
+                pgd = getattr(mmu, lay.root_pgd_name).value_() if lay.root_pgd_name else 0
+            if lay.root_role:  # 5.19: root_role / cpu_role
+                level, direct = mmu.root_role.level.value_(), bool(mmu.root_role.direct)
+            else:
+                level = mmu.shadow_root_level.value_()
+                direct = bool(mmu.direct_map)
+            root = self.root_ref(mmu, hpa, pgd)
+        except drgn.FaultError as e:
+            self.problem("struct kvm_mmu", mmu.value_(), f"unreadable ({e})")
+            return None, [], 0, False
+        prev = []
+        for i, pr in enumerate(mmu.prev_roots):
+            try:
+                prev.append(self.root_ref(mmu, pr.hpa.value_(),
+                                          getattr(pr, lay.prev_pgd_name).value_()))
+            except drgn.FaultError as e:
+                self.problem("struct kvm_mmu", mmu.value_(), f"prev_roots[{i}] unreadable ({e})")
+        return root, prev, level, direct
+
+    def root_ref(self, mmu: drgn.Object, hpa: int, pgd: int) -> RootRef:
+        """Resolve a root hpa: a shadow page, a special (PAE) root, or invalid."""
+        if hpa == INVALID_PAGE:
+            return RootRef(None, pgd, None)
+        for name in self.layout.special_roots:
+            try:
+                va = getattr(mmu, name).value_()
+            except drgn.FaultError:
+                continue
+            if va and va - self.layout.page_offset_base == hpa:
+                return RootRef(hpa, pgd, None, special=name, pae_roots=self._pae_roots(mmu))
+        sp_addr = self.page_to_sp(hpa >> PAGE_SHIFT)
+        if not sp_addr:
+            # 6.6: a root may be the zero page ("dummy root", no backing memslot)
+            return RootRef(hpa, pgd, None, special="dummy")
+        return RootRef(hpa, pgd, self.shadow_page(sp_addr))
+
+    def _pae_roots(self, mmu: drgn.Object) -> list[int]:
+        """Shadow pages under mmu->pae_root[0..3] (PAE and 32-bit guests)."""
+        out = []
+        try:
+            pae = mmu.pae_root.value_()
+            if not pae:
+                return out
+            for i in range(4):
+                e = self.prog.read_u64(pae + 8 * i)
+                # empty slots are 0 or INVALID_PAGE to 5.12, 0 from 5.14
+                if e in (0, INVALID_PAGE) or not e & PT_PRESENT_MASK:
+                    continue
+                sp = self.page_to_sp((e & self.layout.addr_mask) >> PAGE_SHIFT)
+                if sp:
+                    out.append(sp)
+        except (drgn.FaultError, LookupError) as e:
+            self.problem("struct kvm_mmu", mmu.value_(), f"pae_root unreadable ({e})")
+        return out
+
+    # -- shadow pages ---------------------------------------------------------
+
+    def page_to_sp(self, pfn: int) -> int | None:
+        """page_private(pfn_to_page(pfn)): the struct kvm_mmu_page of a page table."""
+        lay = self.layout
+        page = lay.vmemmap_base + pfn * lay.page_size
+        try:
+            sp = self.prog.read_u64(page + lay.page_private)
+        except drgn.FaultError:
+            self.problem("struct page", page, f"unreadable (pfn {pfn:#x})")
+            return None
+        return sp or None
+
+    def shadow_page(self, addr: int, vm: VM | None = None) -> ShadowPage | None:
+        """struct kvm_mmu_page at *addr*, read as one block; None if unreadable."""
+        if addr in self._sp_cache:
+            return self._sp_cache[addr]
+        lay = self.layout.sp
+        sp: ShadowPage | None = None
+        try:
+            if addr < KERNEL_MIN:
+                raise drgn.FaultError("not a kernel address", addr)
+            d = self.prog.read(addr, lay.size)
+            word = _struct_int(d, lay.role, 4)
+            role = Role(word, {f.name: f.get(word) for f in lay.role_fields})
+            sp = ShadowPage(
+                addr=addr,
+                gfn=_struct_int(d, lay.gfn, 8),
+                role=role,
+                spt=_struct_int(d, lay.spt, 8),
+                unsync=bool(d[lay.unsync]),
+                unsync_children=_struct_int(d, lay.unsync_children, 4),
+                unsync_child_bitmap=_struct_int(d, lay.unsync_child_bitmap, lay.bitmap_bytes),
+                root_count=_struct_int(d, lay.root_count, 4, signed=True),
+                mmu_valid_gen=_struct_int(d, lay.mmu_valid_gen, lay.mmu_valid_gen_size),
+                tdp_mmu_page=bool(d[lay.tdp_mmu_page]) if lay.tdp_mmu_page is not None else False,
+            )
+            if not 1 <= role.level <= 5:
+                self.problem("struct kvm_mmu_page", addr, f"impossible level {role.level}")
+            if sp.unsync_children > 512:
+                self.problem("struct kvm_mmu_page", addr,
+                             f"impossible unsync_children {sp.unsync_children}")
+        except drgn.FaultError as e:
+            self.problem("struct kvm_mmu_page", addr, f"unreadable ({e})")
+        self._sp_cache[addr] = sp
+        return sp
+
+    def mark_obsolete(self, sp: ShadowPage, vm: VM) -> None:
+        """is_obsolete_sp(): role.invalid, or an old generation (not TDP MMU)."""
+        sp.obsolete = sp.role.invalid or (
+            not sp.tdp_mmu_page and sp.mmu_valid_gen != vm.mmu_valid_gen)
+
+    def sptes(self, sp: ShadowPage) -> array.array | None:
+        """sp->spt[0..511] as one 4 KiB read; None if unreadable."""
+        if sp.addr not in self._spt_cache:
+            out: array.array | None = array.array("Q")
+            try:
+                if sp.spt < KERNEL_MIN:
+                    raise drgn.FaultError("not a kernel address", sp.spt)
+                out.frombytes(self.prog.read(sp.spt, 4096))
+                if sys.byteorder != "little":
+                    out.byteswap()
+            except drgn.FaultError as e:
+                self.problem("struct kvm_mmu_page", sp.addr, f"spt {sp.spt:#x} unreadable ({e})")
+                out = None
+            self._spt_cache[sp.addr] = out
+        return self._spt_cache[sp.addr]
+
+    def spte_present(self, value: int) -> bool:
+        """is_shadow_present_pte()."""
+        if self.layout.present_bit:
+            # 5.13: SPTE_MMU_PRESENT_MASK; 6.12's non-present SPTEs have bit 63 set
+            return bool(value & SPTE_PRESENT_BIT)
+        # before 5.13: any non-zero SPTE that is not an MMIO SPTE
+        return value != 0 and (value & (3 << 52)) != (3 << 52)
+
+    def decode(self, sp: ShadowPage, index: int, value: int, resolve: bool = True) -> Spte:
+        """One SPTE of *sp*: presence, leaf-ness and the child shadow page."""
+        present = self.spte_present(value)
+        large = present and sp.level > 1 and bool(value & SPTE_LARGE_BIT)
+        leaf = present and (sp.level == 1 or large)
+        pfn = (value & self.layout.addr_mask) >> PAGE_SHIFT
+        child = None
+        if present and not leaf and resolve:
+            child = self.page_to_sp(pfn)
+        return Spte(index, value, present, large, leaf, pfn, child)
+
+    def children(self, sp: ShadowPage) -> list[Spte]:
+        """Present non-leaf SPTEs of *sp* with their child shadow pages."""
+        if sp.level <= 1:
+            return []
+        spt = self.sptes(sp)
+        if spt is None:
+            return []
+        out = []
+        for i, value in enumerate(spt):
+            if value and self.spte_present(value) and not value & SPTE_LARGE_BIT:
+                out.append(self.decode(sp, i, value))
+        return out
+
+    def active_pages(self, vm: VM) -> list[int]:
+        """Shadow pages on kvm->arch.active_mmu_pages (and 6.1's tdp_mmu_pages)."""
+        kvm = self.kvm_object(vm)
+        link = self.layout.sp.link
+        heads = [("active_mmu_pages", kvm.arch.active_mmu_pages.address_of_().value_())]
+        if self.layout.tdp_mmu_pages_list:
+            heads.append(("tdp_mmu_pages", kvm.arch.tdp_mmu_pages.address_of_().value_()))
+        out = []
+        for name, head in heads:
+            out.extend(n - link for n in self.list_nodes(head, f"kvm->arch.{name}"))
+        return out
+
+    def tdp_roots(self, vm: VM) -> list[int]:
+        """TDP MMU roots on kvm->arch.tdp_mmu_roots (invalid roots stay listed)."""
+        if not self.layout.tdp_mmu_roots:
+            return []
+        kvm = self.kvm_object(vm)
+        head = kvm.arch.tdp_mmu_roots.address_of_().value_()
+        return [n - self.layout.sp.link for n in self.list_nodes(head, "kvm->arch.tdp_mmu_roots")]

@@ -1,0 +1,222 @@
+"""Opening a target: the live kernel, a vmcore, a fixture directory, the sample.
+
+A vmcore may be compressed (.xz, .zst, .gz): it is decompressed once into a
+cache directory ($KVMINSPECT_CACHE, else $XDG_CACHE_HOME/kvminspect, else
+~/.cache/kvminspect), never next to the input. Debug files may be compressed
+the same way. Every failure is a one-line KvminspectError.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import lzma
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import drgn
+
+from kvminspect.errors import DebugInfoError, KvmNotFound, TargetError
+from kvminspect.model import Kernel
+
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
+COMPRESSED = (".xz", ".zst", ".gz")
+DEBUG_NAMES = re.compile(r"^(vmlinux.*|.*\.ko|.*\.debug)$")
+KVM_MODULES = ("kvm",)
+
+
+def cache_dir() -> Path:
+    """Where decompressed inputs are kept."""
+    if os.environ.get("KVMINSPECT_CACHE"):
+        return Path(os.environ["KVMINSPECT_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "kvminspect"
+
+
+def _strip_compression(name: str) -> str:
+    for ext in COMPRESSED:
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _decompressor(path: Path):
+    """A file object that decompresses *path* by its extension."""
+    if path.suffix == ".xz":
+        return lzma.open(path)
+    if path.suffix == ".gz":
+        return gzip.open(path)
+    try:
+        import zstandard
+    except ImportError:
+        raise TargetError(f"{path}: reading .zst needs the 'zstandard' package") from None
+    return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+
+
+def decompressed(path: Path) -> Path:
+    """*path* itself, or its decompressed copy in the cache (made once)."""
+    if path.suffix not in COMPRESSED:
+        return path
+    st = path.stat()
+    if st.st_size == 0:
+        raise TargetError(f"{path}: file is empty")
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+    out = cache_dir() / key[:16] / _strip_compression(path.name)
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    try:
+        with _decompressor(path) as src, open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+        os.replace(tmp, out)
+    except (OSError, EOFError, lzma.LZMAError, ValueError) as e:
+        tmp.unlink(missing_ok=True)
+        raise TargetError(f"{path}: truncated or corrupt {path.suffix[1:]} data ({e})") from None
+    except Exception as e:  # zstandard.ZstdError and friends
+        tmp.unlink(missing_ok=True)
+        raise TargetError(f"{path}: cannot decompress ({e})") from None
+    return out
+
+
+def core_release(path: Path) -> str | None:
+    """OSRELEASE from the VMCOREINFO in a core's first MiBs (ELF and kdump)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8 << 20)
+    except OSError:
+        return None
+    m = re.search(rb"OSRELEASE=([^\n\0]{1,64})", head)
+    return m.group(1).decode(errors="replace") if m else None
+
+
+def _debug_files(paths: list[str]) -> list[Path]:
+    """Files under -s arguments: files as given, directories searched."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            for root, _, names in os.walk(p):
+                for n in sorted(names):
+                    if DEBUG_NAMES.match(_strip_compression(n)):
+                        out.append(Path(root) / n)
+        elif p.exists():
+            out.append(p)
+        else:
+            raise DebugInfoError(f"debug info path not found: {p}")
+    return out
+
+
+def _fixture_parts(d: Path) -> tuple[Path, list[Path]]:
+    """A fixture directory's vmcore and its debug files."""
+    cores = sorted(p for p in d.iterdir() if p.name.startswith("vmcore"))
+    if not cores:
+        raise TargetError(f"{d}: directory has no vmcore* file")
+    debug = sorted(p for p in d.iterdir()
+                   if p.is_file() and DEBUG_NAMES.match(_strip_compression(p.name)))
+    return cores[0], debug
+
+
+@dataclass
+class Target:
+    """An opened program and its KVM model."""
+
+    prog: drgn.Program
+    name: str  # for prompts: "live" or the core's file name
+    release: str | None
+    _kernel: Kernel | None = field(default=None, repr=False)
+
+    @property
+    def kernel(self) -> Kernel:
+        """The KVM model (probes the layout on first use)."""
+        if self._kernel is None:
+            self._kernel = Kernel(self.prog)
+        return self._kernel
+
+
+def _quiet_drgn() -> None:
+    """drgn logs missing debug info as warnings; kvminspect says it once itself."""
+    logging.getLogger("drgn").setLevel(logging.ERROR)
+
+
+def _load_debug_info(prog: drgn.Program, files: list[Path], release: str | None) -> None:
+    """Load vmlinux and kvm.ko debug info; one clear line when they are not there."""
+    real = [str(decompressed(p)) for p in files]
+    try:
+        if real:
+            prog.load_debug_info(real, main=True)
+        else:
+            prog.load_default_debug_info()
+    except drgn.MissingDebugInfoError:
+        pass  # checked per module below
+    main = prog.main_module()
+    bid = main.build_id.hex() if main.build_id else "unknown"
+    if main.wants_debug_file():
+        tried = f" (tried {len(real)} file(s) given)" if real else " (give it with -s)"
+        raise DebugInfoError(
+            f"no matching vmlinux debug info for kernel {release or '?'} "
+            f"build id {bid}{tried}")
+    kvm = None
+    for mod, _ in prog.loaded_modules():
+        if mod.name in KVM_MODULES:
+            kvm = mod
+    if kvm is None:
+        raise KvmNotFound(f"kernel {release or '?'} has no kvm module loaded")
+    if kvm.wants_debug_file():
+        kid = kvm.build_id.hex() if kvm.build_id else "unknown"
+        raise DebugInfoError(f"no matching debug info for kvm.ko of kernel {release or '?'} "
+                             f"build id {kid}")
+
+
+def open_core(path: str, debug: list[str]) -> Target:
+    """A vmcore file (maybe compressed) or a fixture directory."""
+    _quiet_drgn()
+    p = Path(path)
+    if not p.exists():
+        raise TargetError(f"{path}: no such file or directory")
+    files = _debug_files(debug)
+    if p.is_dir():
+        core, extra = _fixture_parts(p)
+        files = files + extra
+    else:
+        core = p
+    if core.stat().st_size == 0:
+        raise TargetError(f"{core}: file is empty")
+    real = decompressed(core)
+    prog = drgn.Program()
+    try:
+        prog.set_core_dump(str(real))
+    except (ValueError, OSError, drgn.FaultError) as e:
+        raise TargetError(f"{core}: not a usable vmcore ({e})") from None
+    release = core_release(real)
+    _load_debug_info(prog, files, release)
+    return Target(prog, core.name if not p.is_dir() else p.name, release)
+
+
+def open_live(debug: list[str]) -> Target:
+    """The running kernel through /proc/kcore (root only)."""
+    _quiet_drgn()
+    if not os.path.exists("/proc/kcore"):
+        raise TargetError("/proc/kcore does not exist: this kernel has no CONFIG_PROC_KCORE")
+    if not os.access("/proc/kcore", os.R_OK):
+        raise TargetError("cannot read /proc/kcore: kvminspect live needs root")
+    prog = drgn.Program()
+    try:
+        prog.set_kernel()
+    except (OSError, ValueError) as e:
+        raise TargetError(f"cannot open the live kernel: {e}") from None
+    release = os.uname().release
+    _load_debug_info(prog, _debug_files(debug), release)
+    return Target(prog, "live", release)
+
+
+def open_sample() -> Target:
+    """The small real vmcore shipped inside the package."""
+    if not SAMPLE_DIR.is_dir():
+        raise TargetError(f"the bundled sample is missing ({SAMPLE_DIR})")
+    t = open_core(str(SAMPLE_DIR), [])
+    t.name = "sample"
+    return t

@@ -1,0 +1,90 @@
+/*
+ * Guest (L2) code for the fixture VMM. 64-bit, position independent, copied
+ * by vmm.c to GUEST_CODE_GPA and entered in long mode with:
+ *   rdi = vCPU index, rsi = GPA (== VA) of struct guest_params (vmm.c).
+ *
+ * Each vCPU cycles CR3 through every page-table set for `rounds` rounds,
+ * touching every window of the set after each switch (so KVM shadows each
+ * window's level-1 page table), then loads its final set, waits at a barrier
+ * until every vCPU has done the same, and writes one PTE into each window
+ * page table of its final set: KVM then marks those shadow pages unsync.
+ * It reports with OUT 0x10 (the VMM reads its registers) and halts forever.
+ */
+#define P_NVCPUS   0
+#define P_NSETS    8
+#define P_ROUNDS   16
+#define P_BARRIER  24
+#define P_NEWPTE   32
+#define P_BUSY     40
+#define P_SETS     64      /* struct set_params[MAX_SETS] */
+#define S_CR3      0
+#define S_NWIN     8
+#define S_WINVA    16      /* VA of window 0; window j at +j*2MiB */
+#define S_WINPT    24      /* u64[MAX_WIN]: GPA of window j's page table */
+#define S_SIZE     (24 + 8 * 32)
+#define P_FINAL    (P_SETS + 8 * S_SIZE)   /* u64[MAX_VCPUS]: final set per vCPU */
+
+	.text
+	.code64
+	.globl guest_start, guest_end
+guest_start:
+	mov	P_ROUNDS(%rsi), %r8
+1:	xor	%r10, %r10			/* set index */
+2:	call	load_set
+	inc	%r10
+	cmp	P_NSETS(%rsi), %r10
+	jb	2b
+	dec	%r8
+	jnz	1b
+
+	/* final set of this vCPU */
+	mov	P_FINAL(%rsi,%rdi,8), %r10
+	call	load_set
+
+	/* barrier: nobody writes a page table before all final CR3 loads */
+	lock incq P_BARRIER(%rsi)
+3:	pause
+	mov	P_BARRIER(%rsi), %rax
+	cmp	P_NVCPUS(%rsi), %rax
+	jb	3b
+
+	/* write PTE slot (100 + vCPU) of every window page table of the set */
+	imul	$S_SIZE, %r10, %r11
+	lea	P_SETS(%rsi,%r11), %r11		/* r11 = &sets[final] */
+	mov	S_NWIN(%r11), %rcx
+	xor	%rdx, %rdx
+4:	cmp	%rcx, %rdx
+	jae	5f
+	mov	S_WINPT(%r11,%rdx,8), %rbx	/* GPA == VA (identity map) */
+	mov	P_NEWPTE(%rsi), %rax
+	mov	%rax, 800(%rbx,%rdi,8)		/* slot 100 + vCPU */
+	inc	%rdx
+	jmp	4b
+
+5:	mov	$0x10, %dx
+	mov	%r10d, %eax
+	out	%eax, (%dx)			/* report: VMM reads CR3 */
+	cmpq	$0, P_BUSY(%rsi)
+	jne	7f
+6:	hlt
+	jmp	6b
+7:	pause					/* busy variant: spin in guest mode */
+	jmp	7b
+
+/* load_set: CR3 <- sets[r10].cr3, then read one word of every window */
+load_set:
+	imul	$S_SIZE, %r10, %r11
+	lea	P_SETS(%rsi,%r11), %r11
+	mov	S_CR3(%r11), %rax
+	mov	%rax, %cr3
+	mov	S_NWIN(%r11), %rcx
+	mov	S_WINVA(%r11), %rbx
+8:	test	%rcx, %rcx
+	jz	9f
+	mov	(%rbx), %rax
+	add	$0x200000, %rbx
+	dec	%rcx
+	jmp	8b
+9:	ret
+guest_end:
+	.section .note.GNU-stack,"",@progbits

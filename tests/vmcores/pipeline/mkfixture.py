@@ -1,0 +1,418 @@
+#!/usr/bin/env python3
+"""Make one real vmcore fixture of a KVM host running a small VM.
+
+The emulated host (L1) boots a Debian stock kernel under qemu-system-x86_64
+(TCG, a CPU model with SVM), loads kvm + kvm_amd from a busybox initramfs and
+runs our VMM (vmm.c + guest.S). When the VMM prints its record, the host's
+memory is dumped through QMP dump-guest-memory, filtered with makedumpfile,
+compressed, and written next to the small debug-info set and truth.json.
+
+    tests/vmcores/pipeline/mkfixture.py --kernel 6.1 --mmu shadow --name 6.1-shadow
+
+See tests/vmcores/README.md for the whole recipe and the prerequisites.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import lzma
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+VMCORES = HERE.parent
+KERNELS = {
+    # short name -> (image package, -dbg package); the newest of each series in
+    # Debian 12 when the fixtures were made
+    "6.1": ("linux-image-6.1.0-56-amd64", "linux-image-6.1.0-56-amd64-dbg"),
+    "6.12": ("linux-image-6.12.117+deb12-amd64-unsigned", "linux-image-6.12.117+deb12-amd64-dbg"),
+}
+MODULES = [  # load order; kvm-amd needs kvm and ccp, kvm needs irqbypass
+    "kernel/virt/lib/irqbypass.ko",
+    "kernel/arch/x86/kvm/kvm.ko",
+    "kernel/drivers/crypto/ccp/ccp.ko",
+    "kernel/arch/x86/kvm/kvm-amd.ko",
+    "kernel/drivers/firmware/qemu_fw_cfg.ko",
+]
+
+
+def log(msg: str) -> None:
+    print(f"mkfixture: {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, **kw)
+
+
+def fetch_kernel(work: Path, kernel: str) -> tuple[Path, Path, str]:
+    """apt-get download + dpkg-deb -x the image and -dbg packages (cached)."""
+    image_pkg, dbg_pkg = KERNELS[kernel]
+    dl = work / "debs"
+    dl.mkdir(parents=True, exist_ok=True)
+    trees = []
+    for pkg in (image_pkg, dbg_pkg):
+        tree = work / "trees" / pkg
+        if not (tree / ".done").exists():
+            if not glob.glob(str(dl / f"{pkg}_*.deb")):
+                log(f"apt-get download {pkg}")
+                run(["apt-get", "download", pkg], cwd=dl)
+            deb = glob.glob(str(dl / f"{pkg}_*.deb"))[0]
+            log(f"extracting {deb}")
+            tree.mkdir(parents=True, exist_ok=True)
+            run(["dpkg-deb", "-x", deb, str(tree)])
+            (tree / ".done").touch()
+        trees.append(tree)
+    release = os.listdir(trees[0] / "lib/modules")[0]
+    return trees[0], trees[1], release
+
+
+def build_vmm(work: Path) -> Path:
+    """Compile the VMM statically (it runs from the initramfs)."""
+    out = work / "vmm"
+    srcs = [HERE / "vmm.c", HERE / "guest.S"]
+    if not out.exists() or any(s.stat().st_mtime > out.stat().st_mtime for s in srcs):
+        run(["gcc", "-static", "-O2", "-Wall", "-o", str(out), *map(str, srcs), "-lpthread"])
+    return out
+
+
+def module_bytes(tree: Path, release: str, rel: str) -> bytes:
+    """A module's bytes; 6.12 ships .ko.xz, which busybox insmod cannot load."""
+    base = tree / "lib/modules" / release / rel
+    if base.exists():
+        return base.read_bytes()
+    return lzma.decompress((base.parent / (base.name + ".xz")).read_bytes())
+
+
+def build_initramfs(work: Path, tree: Path, release: str, vmm: Path, init: str) -> Path:
+    """A newc cpio with busybox, the five modules, the VMM and /init."""
+    root = work / "initramfs"
+    shutil.rmtree(root, ignore_errors=True)
+    for d in ("bin", "dev", "proc", "sys", "mods"):
+        (root / d).mkdir(parents=True)
+    shutil.copy(shutil.which("busybox") or "/bin/busybox", root / "bin/busybox")
+    shutil.copy(vmm, root / "bin/vmm")
+    for rel in MODULES:
+        (root / "mods" / Path(rel).name).write_bytes(module_bytes(tree, release, rel))
+    (root / "init").write_text(init)
+    (root / "init").chmod(0o755)
+    out = work / "initramfs.cpio"
+    files = subprocess.run(["find", "."], cwd=root, check=True, capture_output=True).stdout
+    with open(out, "wb") as f:
+        subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files,
+                       stdout=f, check=True)
+    return out
+
+
+def init_script(args: argparse.Namespace) -> str:
+    """The host's /init: load KVM with the requested MMU, run the VMM."""
+    npt = 0 if args.mmu == "shadow" else 1
+    tdp = "tdp_mmu=N" if args.mmu == "tdp_legacy" else ""
+    vmm = f"/bin/vmm -v {args.vcpus} -s {args.sets} -w {args.windows} -r {args.rounds}"
+    vmm += " -z" * args.zap + " -b" * args.busy
+    return f"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+cd /mods
+insmod irqbypass.ko
+insmod kvm.ko {tdp}
+insmod ccp.ko
+insmod kvm-amd.ko npt={npt}
+insmod qemu_fw_cfg.ko
+echo "KVMINSPECT-PARAMS npt=$(cat /sys/module/kvm_amd/parameters/npt)" \\
+     "tdp_mmu=$(cat /sys/module/kvm/parameters/tdp_mmu 2>/dev/null)"
+cd /
+{vmm}
+echo KVMINSPECT-FAILED
+sleep 100000
+"""
+
+
+class QMP:
+    """Just enough of QEMU's machine protocol to dump memory and quit."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX)
+        for _ in range(100):
+            try:
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                time.sleep(0.1)
+        self.f = self.sock.makefile("rw")
+        self.f.readline()  # greeting
+        self.cmd("qmp_capabilities")
+
+    def cmd(self, name: str, **arguments) -> dict:
+        self.f.write(json.dumps({"execute": name, "arguments": arguments}) + "\n")
+        self.f.flush()
+        while True:
+            reply = json.loads(self.f.readline())
+            if "return" in reply or "error" in reply:
+                if "error" in reply:
+                    raise RuntimeError(f"QMP {name}: {reply['error']}")
+                return reply["return"]
+
+
+def boot_and_dump(work: Path, tree: Path, release: str, initrd: Path, args: argparse.Namespace
+                  ) -> tuple[Path, dict, str]:
+    """Boot the host, wait for the VMM's record, dump memory over QMP."""
+    kernel = tree / "boot" / f"vmlinuz-{release}"
+    qmp_path = work / "qmp.sock"
+    console = work / "console.log"
+    dump = work / "vmcore.elf"
+    for p in (qmp_path, console, dump):
+        p.unlink(missing_ok=True)
+    cpu = "max" if args.la57 else "max,la57=off"
+    cmd = [
+        "qemu-system-x86_64", "-accel", "tcg", "-cpu", cpu, "-smp", str(args.host_cpus),
+        "-m", f"{args.host_mem}M", "-kernel", str(kernel), "-initrd", str(initrd),
+        "-append", "console=ttyS0 panic=-1 loglevel=4",
+        "-device", "vmcoreinfo", "-display", "none", "-no-reboot",
+        "-serial", f"file:{console}", "-qmp", f"unix:{qmp_path},server=on,wait=off",
+        "-monitor", "none",
+    ]
+    log(" ".join(cmd))
+    qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    try:
+        qmp = QMP(qmp_path)
+        deadline = time.time() + args.timeout
+        text = ""
+        while time.time() < deadline:
+            text = console.read_text(errors="replace") if console.exists() else ""
+            if "KVMINSPECT-READY" in text or "KVMINSPECT-FAILED" in text or qemu.poll() is not None:
+                break
+            time.sleep(0.5)
+        if "KVMINSPECT-READY" not in text:
+            sys.exit(f"mkfixture: the VMM did not finish; console:\n{text[-4000:]}")
+        if args.busy:
+            time.sleep(1)  # let the busy vCPUs spin in guest mode for a while
+        record = json.loads(re.search(r"KVMINSPECT-RECORD (\{.*\})", text).group(1))
+        params = re.search(r"KVMINSPECT-PARAMS (.*)", text).group(1).strip()
+        log("dumping memory")
+        qmp.cmd("stop")
+        qmp.cmd("dump-guest-memory", paging=False, protocol=f"file:{dump}")
+        qmp.cmd("quit")
+    finally:
+        try:
+            qemu.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            qemu.kill()
+    return dump, record, params
+
+
+def fix_elf_phdrs(path: Path) -> None:
+    """Move QEMU 7.2's program headers to offset 64 (makedumpfile needs that).
+
+    QEMU writes its section headers at 64 and the program headers at 192;
+    makedumpfile 1.7.2 then says "Can't get the number of PT_LOAD". The
+    section header table is dropped (e_shoff = e_shnum = 0).
+    """
+    with open(path, "r+b") as f:
+        ehdr = bytearray(f.read(64))
+        phoff, = struct.unpack_from("<Q", ehdr, 32)
+        phentsize, phnum = struct.unpack_from("<HH", ehdr, 54)
+        if phoff == 64:
+            return
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+        struct.pack_into("<Q", ehdr, 32, 64)
+        struct.pack_into("<Q", ehdr, 40, 0)          # e_shoff
+        struct.pack_into("<HHH", ehdr, 58, 0, 0, 0)  # e_shentsize, e_shnum, e_shstrndx
+        f.seek(0)
+        f.write(ehdr)
+        f.seek(64)
+        f.write(table)
+
+
+def kernel_text_range(elf: Path, vmlinux: Path) -> tuple[int, int]:
+    """Physical range of the kernel's .text (_stext.._etext) in this dump."""
+    import drgn
+
+    prog = drgn.Program()
+    prog.set_core_dump(str(elf))
+    prog.load_debug_info([str(vmlinux)])
+    phys_base = prog.read_u64(prog.symbol("phys_base").address)
+    start, end = (prog.symbol(s).address for s in ("_stext", "_etext"))
+    to_phys = lambda va: (va - 0xFFFFFFFF80000000 + phys_base) & (2**64 - 1)  # noqa: E731
+    return to_phys(start) & ~0xFFF, (to_phys(end) + 0xFFF) & ~0xFFF
+
+
+def drop_range(src: Path, dst: Path, lo: int, hi: int) -> int:
+    """Copy an ELF core without the bytes of physical range [lo, hi).
+
+    makedumpfile cannot exclude the kernel's text, which is a third of a
+    filtered dump and which nothing here reads; its PT_LOAD bytes are cut out
+    the way makedumpfile cuts excluded pages (segments split, no holes).
+    Returns the number of bytes dropped.
+    """
+    with open(src, "rb") as f:
+        ehdr = bytearray(f.read(64))
+        phoff, = struct.unpack_from("<Q", ehdr, 32)
+        phnum, = struct.unpack_from("<H", ehdr, 56)
+        f.seek(phoff)
+        phdrs = [list(struct.unpack("<IIQQQQQQ", f.read(56))) for _ in range(phnum)]
+        out: list[tuple[list[int], int]] = []  # (phdr, source offset)
+        dropped = 0
+        for ph in phdrs:
+            p_type, _, off, va, pa, filesz, memsz, _ = ph
+            if p_type != 1 or pa + filesz <= lo or pa >= hi:
+                out.append((ph, off))
+                continue
+            dropped += min(pa + filesz, hi) - max(pa, lo)
+            if pa < lo:
+                out.append(([1, ph[1], 0, va, pa, lo - pa, lo - pa, ph[7]], off))
+            if pa + filesz > hi:
+                d = hi - pa
+                rest = filesz - d
+                out.append(([1, ph[1], 0, va + d, hi, rest, max(rest, memsz - d), ph[7]], off + d))
+        with open(dst, "wb") as g:
+            struct.pack_into("<H", ehdr, 56, len(out))
+            g.write(ehdr)
+            pos = 64 + 56 * len(out)
+            for ph, _ in out:
+                ph[2] = pos
+                pos += ph[5]
+            for ph, _ in out:
+                g.write(struct.pack("<IIQQQQQQ", *ph))
+            for ph, srcoff in out:
+                f.seek(srcoff)
+                left = ph[5]
+                while left:
+                    chunk = f.read(min(left, 1 << 20))
+                    g.write(chunk)
+                    left -= len(chunk)
+    return dropped
+
+
+def filter_dump(dump: Path, out: Path, level: int, vmlinux: Path) -> None:
+    """makedumpfile -E -d LEVEL (ELF output), kernel text dropped, then xz -9e."""
+    fix_elf_phdrs(dump)
+    filtered = dump.with_suffix(".filtered")
+    notext = dump.with_suffix(".notext")
+    filtered.unlink(missing_ok=True)
+    run(["makedumpfile", "-E", "-d", str(level), str(dump), str(filtered)],
+        stdout=subprocess.DEVNULL)
+    lo, hi = kernel_text_range(filtered, vmlinux)
+    n = drop_range(filtered, notext, lo, hi)
+    log(f"dropped {n >> 10} KiB of kernel text at {lo:#x}-{hi:#x}")
+    with open(out, "wb") as f:
+        run(["xz", "-9e", "-T2", "-c", str(notext)], stdout=f)
+    filtered.unlink()
+    notext.unlink()
+
+
+def debug_set(work: Path, dbg: Path, release: str, outdir: Path, shared: Path | None) -> None:
+    """The small debug-info set (mkdebug.py), made once per kernel."""
+    cache = work / "debug" / release
+    cache.mkdir(parents=True, exist_ok=True)
+    src = dbg / "usr/lib/debug"
+    jobs = {
+        "vmlinux": ("vmlinux", src / "boot" / f"vmlinux-{release}"),
+        "kvm.ko": ("module", src / "lib/modules" / release / "kernel/arch/x86/kvm/kvm.ko"),
+        "kvm-amd.ko": ("module", src / "lib/modules" / release / "kernel/arch/x86/kvm/kvm-amd.ko"),
+    }
+    for name, (kind, path) in jobs.items():
+        z = cache / f"{name}.zst"
+        if not z.exists():
+            small = cache / name
+            run([sys.executable, str(HERE / "mkdebug.py"), kind, str(path), str(small)])
+            run(["zstd", "-q", "-f", "-19", "-T2", str(small), "-o", str(z)])
+            small.unlink()
+        target = outdir / f"{name}.zst"
+        target.unlink(missing_ok=True)
+        if shared is not None:
+            target.symlink_to(os.path.relpath(shared / f"{name}.zst", outdir))
+        else:
+            shutil.copy(z, target)
+
+
+def truth(record: dict, release: str, args: argparse.Namespace, params: str) -> dict:
+    """truth.json: the VMM's record in the shape the tests expect."""
+    sets = []
+    for s in record["sets"]:
+        sets.append({
+            "cr3": s["cr3"],
+            "pt_gpas": s["pt_gpas"],
+            "window_pts": s["window_pts"],
+            "unsync_gfns": [hex(int(g, 16) >> 12) for g in s["window_pts"]]
+            if s["written"] and args.mmu == "shadow" and not args.zap else [],
+        })
+    return {
+        "kernel_release": release,
+        "mmu": args.mmu,
+        "zapped": args.zap,
+        "busy": args.busy,
+        "paging_levels": 5 if args.la57 else 4,
+        "vmm_pid": record["vmm_pid"],
+        "vcpus": [{"vcpu_id": v["vcpu_id"], "tid": v["tid"], "cr3": v["cr3"],
+                   "final_set": v["final_set"]} for v in record["vcpus"]],
+        "sets": sets,
+        "shared_pt": record["shared_pt"],
+        "module_params": params,
+        "made_with": " ".join(sys.argv[1:]),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--kernel", choices=sorted(KERNELS), required=True)
+    ap.add_argument("--mmu", choices=["shadow", "tdp_mmu", "tdp_legacy"], required=True)
+    ap.add_argument("--name", required=True, help="fixture directory under tests/vmcores")
+    ap.add_argument("--zap", action="store_true", help="delete a memslot after the workload")
+    ap.add_argument("--busy", action="store_true", help="vCPUs spin in guest mode")
+    ap.add_argument("--la57", action="store_true", help="5-level paging in the host")
+    ap.add_argument("--vcpus", type=int, default=4)
+    ap.add_argument("--sets", type=int, default=4)
+    ap.add_argument("--windows", default="20,1,2,1",
+                    help="level-1 page tables the guest writes, per set")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--host-mem", type=int, default=256, help="MiB")
+    ap.add_argument("--host-cpus", type=int, default=2)
+    ap.add_argument("--dump-level", type=int, default=None,
+                    help="makedumpfile -d (default 31; 17 on 6.12, see README)")
+    ap.add_argument("--share-debug", metavar="FIXTURE",
+                    help="symlink the debug files of this fixture instead of copying")
+    ap.add_argument("--skip-debug", action="store_true",
+                    help="leave the debug files in the fixture directory as they are")
+    ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--work", type=Path, default=Path("/var/tmp/kvminspect-fixtures"))
+    args = ap.parse_args()
+
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    tree, dbg, release = fetch_kernel(work, args.kernel)
+    vmm = build_vmm(work)
+    initrd = build_initramfs(work, tree, release, vmm, init_script(args))
+    t0 = time.time()
+    dump, record, params = boot_and_dump(work, tree, release, initrd, args)
+    log(f"booted and dumped in {time.time() - t0:.0f}s ({params})")
+
+    outdir = VMCORES / args.name
+    outdir.mkdir(parents=True, exist_ok=True)
+    level = args.dump_level if args.dump_level is not None else (17 if args.kernel == "6.12" else 31)
+    vmlinux = dbg / "usr/lib/debug/boot" / f"vmlinux-{release}"
+    filter_dump(dump, outdir / "vmcore.xz", level, vmlinux)
+    dump.unlink()
+    shared = VMCORES / args.share_debug if args.share_debug else None
+    if not args.skip_debug:
+        debug_set(work, dbg, release, outdir, shared)
+    t = truth(record, release, args, params)
+    t["dump_level"] = level
+    (outdir / "truth.json").write_text(json.dumps(t, indent=1) + "\n")
+    sizes = {p.name: p.stat().st_size for p in outdir.iterdir() if not p.is_symlink()}
+    log(f"wrote {outdir}: {sizes}")
+
+
+if __name__ == "__main__":
+    main()
