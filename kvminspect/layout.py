@@ -202,8 +202,7 @@ def probe(prog: drgn.Program) -> Layout:
         tdp_mmu_roots=has_member(kvm_arch, "tdp_mmu_roots"),
         # 6.2 replaced the tdp_mmu_pages list by a counter
         tdp_mmu_pages_list=has_member(kvm_arch, "tdp_mmu_pages")
-        and _bare(kvm_arch.member("tdp_mmu_pages").type).kind
-        == drgn.TypeKind.STRUCT,
+        and _bare(kvm_arch.member("tdp_mmu_pages").type).tag == "list_head",
         # 5.13 introduced SPTE_MMU_PRESENT_MASK (bit 11) together with the
         # TDP MMU root refcount union; before it presence was "!= 0 && !mmio"
         present_bit=has_member(prog.type("struct kvm_mmu_page"), "tdp_mmu_root_count"),

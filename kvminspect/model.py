@@ -29,7 +29,7 @@ from kvminspect.layout import (
 )
 
 MAX_LIST = 1 << 20  # no kernel list kvminspect walks is this long
-KERNEL_MIN = 0xFFFF800000000000
+KERNEL_MIN = 0xFF00000000000000  # 5-level paging puts the direct map at 0xff11...
 LIST_POISON = (0xDEAD000000000100, 0xDEAD000000000122)
 MP_STATES = {  # KVM_MP_STATE_* (include/uapi/linux/kvm.h)
     0: "RUNNABLE", 1: "UNINITIALIZED", 2: "INIT_RECEIVED", 3: "HALTED",

@@ -1,0 +1,126 @@
+"""Command line: one-shot commands, and the live / vmcore REPLs.
+
+    kvminspect [-c CORE | --live | --sample] [-s PATH]... [--vm ID] COMMAND [ARGS] [--json]
+    kvminspect live [-s PATH]...
+    kvminspect vmcore [PATH] [-s PATH]...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import traceback
+
+import drgn
+from drgn.commands import CommandArgumentError, CommandError, CommandNotFoundError
+
+from kvminspect import __version__
+from kvminspect.commands import load_all
+from kvminspect.errors import KvminspectError, UsageError
+from kvminspect.session import Session
+from kvminspect.target import Target, open_core, open_live, open_sample
+
+
+def _commands_epilog() -> str:
+    ns = load_all()
+    rows = [f"  {name:<8} {cmd.description()}" for name, cmd in ns.enabled(None)]
+    return ("commands:\n" + "\n".join(rows) + "\n\n"
+            "REPLs:\n  kvminspect live              the running kernel (root)\n"
+            "  kvminspect vmcore [PATH]     a vmcore or fixture directory "
+            "(no PATH: the bundled sample)\n\n"
+            "'kvminspect -c CORE help CMD' shows a command's options.")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvminspect",
+        description="Show what KVM's MMU is doing in a Linux host kernel: "
+        "VMs, vCPUs, roots, shadow pages, the unsync walk.",
+        epilog=_commands_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("-c", "--core", metavar="CORE",
+                     help="vmcore (ELF or kdump; .xz/.zst/.gz) or fixture directory")
+    src.add_argument("--live", action="store_true", help="the running kernel (/proc/kcore)")
+    src.add_argument("--sample", action="store_true", help="the sample vmcore in the package")
+    p.add_argument("-s", "--symbols", metavar="PATH", action="append", default=[],
+                   help="debug info file or directory (repeatable); default: drgn's search")
+    p.add_argument("--vm", metavar="ID", help="select a VM (index, pid:PID or kvm address)")
+    p.add_argument("--version", action="version", version=f"kvminspect {__version__}")
+    p.add_argument("command", nargs="?", help="a command, or 'live' / 'vmcore' for a REPL")
+    p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return p
+
+
+def _open(args: argparse.Namespace) -> Target:
+    if args.live:
+        return open_live(args.symbols)
+    if args.sample:
+        return open_sample()
+    if args.core:
+        return open_core(args.core, args.symbols)
+    raise UsageError(f"'{args.command}' needs a target: -c CORE, --live or --sample")
+
+
+def run_one(session: Session, argv: list[str]) -> None:
+    """Run one command (argv[0] with its arguments) in *session*."""
+    ns = load_all()
+    try:
+        ns.run(session.target.prog, shlex.join(argv), globals={"session": session})
+    except CommandNotFoundError as e:
+        raise UsageError(f"unknown command '{e.name}' (see kvminspect --help)") from None
+    except CommandArgumentError as e:
+        cmd = ns.lookup(session.target.prog, argv[0])
+        raise UsageError(f"{e}\nusage: {cmd.format_usage()}".strip()) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        if args.command in ("live", "vmcore"):
+            from kvminspect.repl import run_repl
+
+            if args.command == "live":
+                target = open_live(args.symbols)
+            elif args.args:
+                target = open_core(args.args[0], args.symbols)
+            else:
+                target = open_sample()
+            session = Session(target)
+            if args.vm:
+                session.select(args.vm)
+            return run_repl(session)
+        if not args.command:
+            p.print_usage(sys.stderr)
+            print("kvminspect: error: no command (see kvminspect --help)", file=sys.stderr)
+            return 2
+        if args.command not in dict(load_all().enabled(None)):
+            raise UsageError(f"unknown command '{args.command}' (see kvminspect --help)")
+        session = Session(_open(args))
+        if args.vm:
+            session.select(args.vm)
+        run_one(session, [args.command, *args.args])
+        return 0
+    except KvminspectError as e:
+        print(f"kvminspect: error: {e}", file=sys.stderr)
+        return e.status
+    except CommandError as e:
+        print(f"kvminspect: error: {e}", file=sys.stderr)
+        return 1
+    except drgn.FaultError as e:
+        print(f"kvminspect: error: cannot read the target: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug: still one line, the traceback on request
+        if os.environ.get("KVMINSPECT_DEBUG"):
+            traceback.print_exc()
+        print(f"kvminspect: internal error: {type(e).__name__}: {e} "
+              "(KVMINSPECT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,122 @@
+"""sp: one shadow page (struct kvm_mmu_page): fields, role, parents, SPTEs."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from drgn import Program
+from drgn.commands import argument, command, mutually_exclusive_group
+from rich.table import Table
+
+from kvminspect.commands import JSON_ARG, NAMESPACE, VM_ARG, finish, parse_int, session_of
+from kvminspect.errors import LookupFailed, UsageError
+from kvminspect.graph import VMGraph
+from kvminspect.model import VM, Kernel, ShadowPage
+from kvminspect.render import console, hx
+
+
+def spte_rows(k: Kernel, sp: ShadowPage) -> tuple[list[dict[str, Any]], int]:
+    """Present SPTEs of *sp* as dicts, and how many entries are not present."""
+    spt = k.sptes(sp)
+    if spt is None:
+        return [], 0
+    rows, absent = [], 0
+    for i, value in enumerate(spt):
+        e = k.decode(sp, i, value)
+        if not e.present:
+            absent += 1
+            continue
+        child = k.shadow_page(e.child) if e.child else None
+        rows.append({"index": i, "value": hx(value), "leaf": e.leaf, "large": e.large,
+                     "pfn": hx(e.pfn), "writable": bool(value & 2),
+                     "child": hx(e.child), "child_gfn": hx(child.gfn) if child else None,
+                     "child_level": child.level if child else None})
+    return rows, absent
+
+
+def sp_json(k: Kernel, vm: VM, g: VMGraph, sp: ShadowPage) -> dict[str, Any]:
+    """Everything kvminspect knows about one shadow page."""
+    sptes, absent = spte_rows(k, sp)
+    return {
+        "kvm": hx(vm.addr), "pid": vm.pid, "sp": hx(sp.addr), "gfn": hx(sp.gfn),
+        "level": sp.level, "role": {"word": hx(sp.role.word), **sp.role.fields},
+        "spt": hx(sp.spt), "unsync": sp.unsync, "unsync_children": sp.unsync_children,
+        "unsync_child_bitmap": sp.bitmap_indexes(), "root_count": sp.root_count,
+        "mmu_valid_gen": sp.mmu_valid_gen, "obsolete": sp.obsolete,
+        "tdp_mmu_page": sp.tdp_mmu_page, "holders": g.roots.get(sp.addr, []),
+        "orphan": bool(g.graph.nodes[sp.addr].get("orphan")),
+        "on_active_list": sp.addr in g.active,
+        "parents": [{"sp": hx(p), "level": g.sp(p).level, "indexes": idx}
+                    for p, idx in g.parents(sp.addr)],
+        "sptes": sptes, "non_present": absent,
+    }
+
+
+def render(d: dict[str, Any]) -> None:
+    c = console()
+    role = d["role"]
+    c.print(f"sp {d['sp']}  gfn {d['gfn']}  level {d['level']}  (VM kvm {d['kvm']}, "
+            f"pid {d['pid']})", markup=False)
+    flags = [k for k in ("unsync", "obsolete", "tdp_mmu_page", "orphan") if d[k]]
+    c.print(f"  spt {d['spt']}  root_count {d['root_count']}  unsync_children "
+            f"{d['unsync_children']}  mmu_valid_gen {d['mmu_valid_gen']}  "
+            f"{' '.join(flags)}", markup=False)
+    c.print("  role " + role["word"] + ": " + " ".join(
+        f"{k}={v}" for k, v in role.items() if k != "word"), markup=False)
+    if d["unsync_child_bitmap"]:
+        c.print(f"  unsync_child_bitmap: {d['unsync_child_bitmap']}", markup=False)
+    if d["holders"]:
+        c.print("  root of: " + ", ".join(d["holders"]), markup=False)
+    for p in d["parents"]:
+        c.print(f"  parent {p['sp']} (L{p['level']}) slot {p['indexes']}", markup=False)
+    t = Table(box=None, header_style="bold",
+              title=f"{len(d['sptes'])} present SPTEs, {d['non_present']} not present",
+              title_justify="left")
+    for col in ("IDX", "SPTE", "KIND", "PFN", "W", "CHILD SP", "CHILD GFN/LVL"):
+        t.add_column(col)
+    for e in d["sptes"]:
+        kind = "large" if e["large"] else ("leaf" if e["leaf"] else "table")
+        child = f"{e['child_gfn']}/L{e['child_level']}" if e["child_gfn"] else ""
+        t.add_row(str(e["index"]), e["value"], kind, e["pfn"], "w" if e["writable"] else "",
+                  e["child"] or "", child)
+    c.print(t)
+
+
+@command(
+    description="one shadow page: fields, decoded role, parents and SPTEs",
+    long_description="Shows struct kvm_mmu_page at ADDR (or every page shadowing GFN): gfn, "
+    "level, the decoded role, root_count, unsync state and bitmap, which vCPUs hold it as a "
+    "root, its parents with the slots that point at it, and every present SPTE (leaf, large "
+    "or a table with its child page).",
+    arguments=(
+        mutually_exclusive_group(
+            argument("addr", nargs="?", metavar="ADDR", help="struct kvm_mmu_page address"),
+            argument("--gfn", metavar="GFN", help="every shadow page of this guest frame"),
+        ),
+        VM_ARG, JSON_ARG,
+    ),
+    namespace=NAMESPACE,
+)
+def _cmd_sp(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
+    s = session_of(kwargs)
+    start = len(s.problems())
+    vms = s.vms(args.vm)
+    found: list[tuple[VM, ShadowPage]] = []
+    if args.gfn is not None:
+        gfn = parse_int(args.gfn if args.gfn.startswith("0x") else "0x" + args.gfn, "gfn")
+        for vm in vms:
+            found += [(vm, sp) for sp in s.graph(vm).find_gfn(gfn)]
+        if not found:
+            raise LookupFailed(f"no shadow page shadows gfn {gfn:#x}")
+    elif args.addr is not None:
+        found.append(s.find_sp(parse_int(args.addr, "shadow page address"), vms))
+    else:
+        raise UsageError("sp needs ADDR or --gfn GFN")
+    pages = [sp_json(s.kernel, vm, s.graph(vm), sp) for vm, sp in found]
+
+    def human() -> None:
+        for d in pages:
+            render(d)
+
+    finish(s, args, {"pages": pages}, human, start)

@@ -1,0 +1,35 @@
+"""Shared test helpers: the committed real vmcore fixtures."""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+VMCORES = Path(__file__).resolve().parent / "vmcores"
+FIXTURES = sorted(p.name for p in VMCORES.iterdir() if (p / "truth.json").exists())
+
+
+def truth(name: str) -> dict:
+    """The VMM's record of what the guest did (tests/vmcores/NAME/truth.json)."""
+    return json.loads((VMCORES / name / "truth.json").read_text())
+
+
+def fixtures(pred=lambda t: True) -> list[str]:
+    """Fixture names whose truth.json satisfies *pred*."""
+    return [n for n in FIXTURES if pred(truth(n))]
+
+
+@cache
+def open_fixture(name: str):
+    """A kvminspect Target on fixture *name* (cached for the test session)."""
+    from kvminspect.target import open_core
+
+    return open_core(str(VMCORES / name), [])
+
+
+@pytest.fixture(params=FIXTURES)
+def fixture_name(request) -> str:
+    return request.param

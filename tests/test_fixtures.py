@@ -1,0 +1,212 @@
+"""The committed vmcores are what the VMM says they are (drgn only, no kvminspect).
+
+Each fixture directory holds vmcore.xz, the small debug set (vmlinux, kvm.ko,
+kvm-amd.ko; maybe .zst) and truth.json, the VMM's record of the guest. These
+tests read the dumps with plain drgn and compare them with that record; they
+also prove that the small debug set is enough for everything kvminspect reads.
+"""
+
+from __future__ import annotations
+
+import lzma
+import os
+from functools import cache
+from pathlib import Path
+
+import drgn
+import pytest
+from drgn.helpers.linux.list import list_for_each_entry
+from drgn.helpers.linux.pid import find_task
+from drgn.helpers.linux.xarray import xa_load
+
+from tests.conftest import FIXTURES, VMCORES, fixtures, truth
+
+INVALID_PAGE = 2**64 - 1
+CACHE = Path(os.environ.get("KVMINSPECT_TEST_CACHE", "/tmp/kvminspect-test-cache"))
+
+
+def _plain(p: Path) -> Path:
+    """*p* decompressed into the test cache (.xz or .zst), never into the tree."""
+    if p.suffix not in (".xz", ".zst"):
+        return p
+    st = p.stat()
+    out = CACHE / f"{p.parent.name}-{st.st_size}-{st.st_mtime_ns}" / p.stem
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if p.suffix == ".xz":
+            data = lzma.decompress(p.read_bytes())
+        else:
+            import zstandard
+
+            data = zstandard.ZstdDecompressor().decompressobj().decompress(p.read_bytes())
+        tmp = out.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.rename(out)
+    return out
+
+
+@cache
+def prog_of(name: str) -> drgn.Program:
+    """A drgn Program on fixture *name* with only its own debug files."""
+    d = VMCORES / name
+    prog = drgn.Program()
+    prog.set_core_dump(str(_plain(d / "vmcore.xz")))
+    debug = [str(_plain(p)) for p in sorted(d.iterdir())
+             if p.name.split(".")[0] in ("vmlinux", "kvm", "kvm-amd")]
+    prog.load_debug_info(debug, main=True)
+    return prog
+
+
+def the_vm(prog: drgn.Program) -> drgn.Object:
+    vms = list(list_for_each_entry("struct kvm", prog["vm_list"].address_of_(), "vm_list"))
+    assert len(vms) == 1
+    return vms[0]
+
+
+def vcpus_of(kvm: drgn.Object) -> list[drgn.Object]:
+    n = kvm.online_vcpus.counter.value_()
+    return [drgn.cast("struct kvm_vcpu *", xa_load(kvm.vcpu_array.address_of_(), i))
+            for i in range(n)]
+
+
+def to_sp(prog: drgn.Program, hpa: int) -> drgn.Object:
+    """to_shadow_page(): page_private(pfn_to_page(hpa >> PAGE_SHIFT))."""
+    from drgn.helpers.linux.mm import pfn_to_page
+
+    page = pfn_to_page(prog, hpa >> 12)
+    return drgn.Object(prog, "struct kvm_mmu_page *", page.private.value_())
+
+
+def active_pages(kvm: drgn.Object) -> list[drgn.Object]:
+    return list(list_for_each_entry("struct kvm_mmu_page",
+                                    kvm.arch.active_mmu_pages.address_of_(), "link"))
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_vm_owner_and_vcpus(name: str) -> None:
+    t = truth(name)
+    prog = prog_of(name)
+    assert prog["UTS_RELEASE"].string_().decode() == t["kernel_release"]
+    kvm = the_vm(prog)
+    assert kvm.userspace_pid.value_() == t["vmm_pid"]
+    assert find_task(prog, t["vmm_pid"]).comm.string_() == b"vmm"
+    vcpus = vcpus_of(kvm)
+    assert len(vcpus) == len(t["vcpus"])
+    for v, tv in zip(vcpus, t["vcpus"], strict=True):
+        assert v.vcpu_id.value_() == tv["vcpu_id"]
+        assert v.arch.cr3.value_() == int(tv["cr3"], 16)
+        task = drgn.helpers.linux.pid.pid_task(v.pid, 0)
+        assert task.pid.value_() == tv["tid"]
+
+
+@pytest.mark.parametrize("name", fixtures(lambda t: t["mmu"] == "shadow" and not t["zapped"]))
+def test_shadow_roots_follow_cr3(name: str) -> None:
+    t = truth(name)
+    prog = prog_of(name)
+    vcpus = vcpus_of(the_vm(prog))
+    set_cr3s = {int(s["cr3"], 16) for s in t["sets"]}
+    root_by_cr3: dict[int, int] = {}
+    for v in vcpus:
+        mmu = v.arch.mmu
+        cr3 = v.arch.cr3.value_()
+        sp = to_sp(prog, mmu.root.hpa.value_())
+        assert sp.gfn.value_() == cr3 >> 12  # each root shadows the guest's CR3
+        assert sp.role.level.value_() == t["paging_levels"] or sp.role.level.value_() == 4
+        assert not sp.role.direct and not sp.role.invalid
+        # vCPUs that ended on one CR3 share one root
+        assert root_by_cr3.setdefault(cr3, sp.value_()) == sp.value_()
+        # prev_roots cache the other CR3s the vCPU loaded most recently
+        prev = {r.pgd.value_() for r in mmu.prev_roots}
+        assert len(prev) == 3 and cr3 not in prev and prev <= set_cr3s
+        for r in mmu.prev_roots:
+            assert to_sp(prog, r.hpa.value_()).gfn.value_() == r.pgd.value_() >> 12
+    if len(t["sets"]) <= 4:  # with 4 sets, prev_roots hold exactly the other three
+        for v in vcpus:
+            prev = {r.pgd.value_() for r in v.arch.mmu.prev_roots}
+            assert prev == set_cr3s - {v.arch.cr3.value_()}
+
+
+@pytest.mark.parametrize("name", fixtures(lambda t: t["mmu"] == "shadow" and not t["zapped"]))
+def test_unsync_leaves_are_the_written_page_tables(name: str) -> None:
+    t = truth(name)
+    kvm = the_vm(prog_of(name))
+    expected = {int(g, 16) for s in t["sets"] for g in s["unsync_gfns"]}
+    pages = active_pages(kvm)
+    unsync = {sp.gfn.value_() for sp in pages if sp.unsync}
+    assert unsync == expected
+    assert all(sp.role.level.value_() == 1 for sp in pages if sp.unsync)
+    # every ancestor on the way from a root has unsync_children set
+    uc = {sp.gfn.value_(): sp.unsync_children.value_() for sp in pages}
+    for s in t["sets"]:
+        if s["unsync_gfns"]:
+            pml4, pdpt, pd = (int(g, 16) >> 12 for g in s["pt_gpas"][:3])
+            assert uc[pml4] == 1 and uc[pdpt] == 1
+            assert uc[pd] == len(s["unsync_gfns"])
+
+
+@pytest.mark.parametrize("name", fixtures(lambda t: t["mmu"] == "tdp_mmu"))
+def test_tdp_mmu_roots(name: str) -> None:
+    prog = prog_of(name)
+    kvm = the_vm(prog)
+    roots = list(list_for_each_entry("struct kvm_mmu_page",
+                                     kvm.arch.tdp_mmu_roots.address_of_(), "link"))
+    assert roots and all(r.role.direct and r.tdp_mmu_page for r in roots)
+    assert not active_pages(kvm)  # the TDP MMU does not use active_mmu_pages
+    for v in vcpus_of(kvm):
+        sp = to_sp(prog, v.arch.mmu.root.hpa.value_())
+        assert sp.value_() in {r.value_() for r in roots}
+
+
+@pytest.mark.parametrize("name", fixtures(lambda t: t["mmu"] == "tdp_legacy"))
+def test_tdp_legacy_roots(name: str) -> None:
+    prog = prog_of(name)
+    kvm = the_vm(prog)
+    pages = active_pages(kvm)
+    assert pages and all(sp.role.direct and not sp.tdp_mmu_page for sp in pages)
+    for v in vcpus_of(kvm):
+        sp = to_sp(prog, v.arch.mmu.root.hpa.value_())
+        assert sp.value_() in {p.value_() for p in pages} and sp.role.level.value_() == 4
+
+
+@pytest.mark.parametrize("name", fixtures(lambda t: t["zapped"]))
+def test_zapped_roots_are_invalid(name: str) -> None:
+    prog = prog_of(name)
+    kvm = the_vm(prog)
+    assert kvm.arch.mmu_valid_gen.value_() == 1  # one fast zap
+    for v in vcpus_of(kvm):
+        mmu = v.arch.mmu
+        for hpa in [mmu.root.hpa.value_()] + [r.hpa.value_() for r in mmu.prev_roots]:
+            if hpa != INVALID_PAGE:
+                sp = to_sp(prog, hpa)
+                assert sp.role.invalid and sp.mmu_valid_gen.value_() != 1
+
+
+@pytest.mark.parametrize("name", fixtures(lambda t: t["busy"]))
+def test_busy_vcpus_in_guest_mode(name: str) -> None:
+    prog = prog_of(name)
+    modes = [v.mode.value_() for v in vcpus_of(the_vm(prog))]
+    assert prog["IN_GUEST_MODE"].value_() in modes
+
+
+@pytest.mark.parametrize("name", fixtures(lambda t: t["paging_levels"] == 5))
+def test_five_level_host(name: str) -> None:
+    prog = prog_of(name)
+    assert prog.read_u32(prog.symbol("__pgtable_l5_enabled").address) == 1
+    # the direct map (where struct kvm lives) starts at 0xff11... with 5 levels
+    assert the_vm(prog).value_() >> 52 != 0xFFF
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_small_debug_set_reads_tasks_and_stacks(name: str) -> None:
+    """What the small vmlinux must still give drgn: tasks, per-CPU data, stacks."""
+    t = truth(name)
+    prog = prog_of(name)
+    from drgn.helpers.linux.sched import task_state_to_char
+
+    task = find_task(prog, t["vcpus"][0]["tid"])
+    assert task.comm.string_() == b"vmm"
+    assert task_state_to_char(task) in "RS"
+    trace = prog.stack_trace(task)
+    names = [f.name for f in list(trace)[:20]]
+    if not t["busy"]:
+        assert "kvm_vcpu_block" in names or "kvm_vcpu_halt" in names, names
