@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any
 
 from drgn import Program
@@ -100,8 +101,11 @@ def start_pages(g: VMGraph, sp: int | None) -> list[int]:
     if sp is not None:
         return [sp]
     def order(a: int) -> tuple:
+        """Current roots by vCPU, then cached (prev) roots, then the rest."""
         held = g.roots[a]
-        return (not any(h.endswith(".root") for h in held), held == ["root_count"], held, a)
+        vcpu = [int(m.group(1)) for h in held if (m := re.match(r"vcpu(\d+)\.root$", h))]
+        cached = any("prev_roots" in h for h in held)
+        return (0 if vcpu else 1 if cached else 2, min(vcpu, default=0), a)
 
     roots = sorted(g.roots, key=order)
     orphan_tops = [n for n in g.orphans()

@@ -1,0 +1,207 @@
+"""vms, vcpus, roots, tree, sp and vm against every fixture's truth.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvminspect.cli import run_one
+from kvminspect.errors import LookupFailed, UsageError
+from kvminspect.session import Session
+from tests.conftest import FIXTURES, fixtures, open_fixture, truth
+
+
+def run_json(name: str, *argv: str, capsys) -> dict:
+    """Run one command with --json on a fresh session of fixture *name*."""
+    capsys.readouterr()
+    run_one(Session(open_fixture(name)), [*argv, "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+def run_text(name: str, *argv: str, capsys) -> str:
+    capsys.readouterr()
+    run_one(Session(open_fixture(name)), list(argv))
+    return capsys.readouterr().out
+
+
+def is_hex(v) -> bool:
+    return isinstance(v, str) and v.startswith("0x") and int(v, 16) >= 0
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_vms(name: str, capsys) -> None:
+    t = truth(name)
+    doc = run_json(name, "vms", capsys=capsys)
+    assert doc["errors"] == []
+    (vm,) = doc["vms"]
+    assert vm["pid"] == t["vmm_pid"] and vm["comm"] == "vmm"
+    assert vm["online_vcpus"] == vm["created_vcpus"] == len(t["vcpus"])
+    assert vm["mmu"] == t["mmu"]
+    assert is_hex(vm["kvm"]) and int(vm["kvm"], 16) >> 56 == 0xFF
+    assert 0 < vm["n_used_mmu_pages"] <= vm["n_max_mmu_pages"] or t["mmu"] == "tdp_mmu"
+    assert vm["memslots"][0]["npages"] == 1024  # the VMM's 4 MiB memslot
+    assert vm["mmu_valid_gen"] == (1 if t["zapped"] else 0)
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_vcpus(name: str, capsys) -> None:
+    t = truth(name)
+    (vm,) = run_json(name, "vcpus", capsys=capsys)["vms"]
+    assert [(v["vcpu_id"], v["tid"], v["cr3"]) for v in vm["vcpus"]] == [
+        (tv["vcpu_id"], tv["tid"], tv["cr3"]) for tv in t["vcpus"]]
+    for v in vm["vcpus"]:
+        assert v["mmu"] == "root_mmu" and v["comm"] == "vmm"
+        assert v["direct"] == (t["mmu"] != "shadow")
+        if not t["busy"]:
+            assert v["mp_state"] == "HALTED" and v["mode"] == "OUTSIDE_GUEST_MODE"
+    if t["busy"]:
+        assert "IN_GUEST_MODE" in {v["mode"] for v in vm["vcpus"]}
+
+
+@pytest.mark.parametrize("name", fixtures(lambda t: t["mmu"] == "shadow" and not t["zapped"]))
+def test_roots_shadow(name: str, capsys) -> None:
+    t = truth(name)
+    (vm,) = run_json(name, "roots", capsys=capsys)["vms"]
+    set_cr3 = {s["cr3"] for s in t["sets"]}
+    written = {s["cr3"] for s in t["sets"] if s["unsync_gfns"]}
+    by_cr3: dict[str, str] = {}
+    for v, tv in zip(vm["vcpus"], t["vcpus"], strict=True):
+        r = v["root"]
+        assert v["cr3"] == tv["cr3"] == r["pgd"]
+        assert int(r["gfn"], 16) == int(tv["cr3"], 16) >> 12
+        assert r["level"] == 4 and not r["direct"] and not r["invalid"]
+        assert r["unsync_children"] == (1 if tv["cr3"] in written else 0)
+        assert by_cr3.setdefault(tv["cr3"], r["sp"]) == r["sp"]  # same CR3, same root
+        prev = [p["pgd"] for p in v["prev_roots"]]
+        assert len(set(prev)) == 3 and set(prev) <= set_cr3 - {tv["cr3"]}
+        for p in v["prev_roots"]:
+            assert int(p["gfn"], 16) == int(p["pgd"], 16) >> 12 and p["level"] == 4
+    # root_count: one reference per vCPU that holds the root as root or prev root
+    holders: dict[str, int] = {}
+    for v in vm["vcpus"]:
+        for r in [v["root"], *v["prev_roots"]]:
+            holders[r["sp"]] = holders.get(r["sp"], 0) + 1
+    for v in vm["vcpus"]:
+        for r in [v["root"], *v["prev_roots"]]:
+            assert r["root_count"] == holders[r["sp"]]
+
+
+@pytest.mark.parametrize("name", fixtures(lambda t: t["mmu"] != "shadow"))
+def test_roots_tdp_shared_direct(name: str, capsys) -> None:
+    (vm,) = run_json(name, "roots", capsys=capsys)["vms"]
+    roots = {v["root"]["sp"] for v in vm["vcpus"]}
+    assert len(roots) == 1  # one direct root for every vCPU
+    for v in vm["vcpus"]:
+        assert v["root"]["direct"] and v["root"]["level"] == 4
+        assert v["root"]["gfn"] == "0x0"
+    text = run_text(name, "roots", capsys=capsys)
+    assert "shared x4" in text
+
+
+@pytest.mark.parametrize("name", fixtures(lambda t: t["zapped"]))
+def test_roots_zapped(name: str, capsys) -> None:
+    (vm,) = run_json(name, "roots", capsys=capsys)["vms"]
+    assert vm["mmu_valid_gen"] == 1
+    for v in vm["vcpus"]:
+        for r in [v["root"], *v["prev_roots"]]:
+            assert r["hpa"] is None or (r["invalid"] and r["obsolete"])
+    assert "invalid" in run_text(name, "roots", capsys=capsys)
+
+
+def walk(node: dict):
+    yield node
+    for c in node.get("children", []):
+        yield from walk(c)
+
+
+@pytest.mark.parametrize("name", fixtures(lambda t: t["mmu"] == "shadow" and not t["zapped"]))
+def test_tree_matches_page_tables(name: str, capsys) -> None:
+    t = truth(name)
+    (vm,) = run_json(name, "tree", capsys=capsys)["vms"]
+    nodes = [n for tree in vm["trees"] for n in walk(tree)]
+    gfns = {n["gfn"] for n in nodes}
+    # every page-table page of every set is shadowed, and the shared level-1 table
+    for s in t["sets"]:
+        for gpa in s["pt_gpas"]:
+            assert hex(int(gpa, 16) >> 12) in gfns
+    assert hex(int(t["shared_pt"], 16) >> 12) in gfns
+    # every set's windows hang under its PD at slots 1..n
+    tops = {n["gfn"]: n for n in vm["trees"]}
+    for s in t["sets"]:
+        root = tops[hex(int(s["cr3"], 16) >> 12)]
+        (pdpt,) = root["children"]
+        (pd,) = pdpt["children"]
+        slots = {c["index"]: c["gfn"] for c in pd["children"]}
+        assert slots[0] == hex(int(t["shared_pt"], 16) >> 12)
+        for j, w in enumerate(s["window_pts"]):
+            assert slots[1 + j] == hex(int(w, 16) >> 12)
+    unsync = {n["gfn"] for n in nodes if n["unsync"]}
+    assert unsync == {g for s in t["sets"] for g in s["unsync_gfns"]}
+    # --unsync-only keeps exactly the paths to unsync pages
+    (vm2,) = run_json(name, "tree", "--unsync-only", capsys=capsys)["vms"]
+    kept = [n for tree in vm2["trees"] for n in walk(tree)]
+    assert {n["gfn"] for n in kept if n["level"] == 1} == unsync
+    assert len(vm2["trees"]) == len({s["cr3"] for s in t["sets"] if s["unsync_gfns"]})
+
+
+def test_tree_depth_and_start(capsys) -> None:
+    name = "6.1-shadow"
+    (vm,) = run_json(name, "tree", "--depth", "1", capsys=capsys)["vms"]
+    for tree in vm["trees"]:
+        for c in tree["children"]:
+            assert "children" not in c and c["children_omitted"] == 1
+    root = vm["trees"][0]["sp"]
+    (vm2,) = run_json(name, "tree", root, capsys=capsys)["vms"]
+    assert len(vm2["trees"]) == 1 and vm2["trees"][0]["sp"] == root
+    text = run_text(name, "tree", root, capsys=capsys)
+    assert "vcpu0.root" in text and "UNSYNC" in text
+
+
+@pytest.mark.parametrize("name", ["6.1-shadow", "6.12-shadow"])
+def test_sp_by_address_and_gfn(name: str, capsys) -> None:
+    t = truth(name)
+    gfn = t["sets"][0]["unsync_gfns"][0]
+    (page,) = run_json(name, "sp", "--gfn", gfn, capsys=capsys)["pages"]
+    assert page["gfn"] == gfn and page["level"] == 1 and page["unsync"]
+    assert page["role"]["level"] == 1 and page["role"]["direct"] == 0
+    (parent,) = page["parents"]
+    assert parent["level"] == 2 and parent["indexes"] == [1]
+    # the guest wrote PTE slot 100 + vCPU of each window of its final set
+    writers = [v["vcpu_id"] for v in t["vcpus"] if v["final_set"] == 0]
+    assert len(page["sptes"]) >= 1
+    (pd,) = run_json(name, "sp", parent["sp"], capsys=capsys)["pages"]
+    assert pd["unsync_children"] == len(t["sets"][0]["window_pts"])
+    assert pd["unsync_child_bitmap"] == list(range(1, 1 + len(t["sets"][0]["window_pts"])))
+    children = {e["index"]: e for e in pd["sptes"]}
+    assert children[1]["child"] == page["sp"] and not children[1]["leaf"]
+    assert pd["non_present"] == 512 - len(pd["sptes"])
+    assert writers  # set 0 is some vCPU's final set
+
+
+def test_sp_rejects_non_shadow_page(capsys) -> None:
+    s = Session(open_fixture("6.1-shadow"))
+    with pytest.raises(LookupFailed, match="is not a shadow page"):
+        run_one(s, ["sp", "0xffff888000001000"])
+    with pytest.raises(UsageError):
+        run_one(s, ["sp", "zzz"])
+
+
+def test_vm_selection(capsys) -> None:
+    s = Session(open_fixture("6.1-shadow"))
+    run_one(s, ["vm", "0"])
+    assert s.selected is not None and "vm0" in s.prompt()
+    out = capsys.readouterr().out
+    assert "memslots" in out and "0x400" not in out or "1024" in out
+    run_one(s, ["vm", f"pid:{truth('6.1-shadow')['vmm_pid']}"])
+    assert s.selected.index == 0
+    with pytest.raises(LookupFailed):
+        run_one(s, ["vm", "7"])
+    run_one(s, ["vm", "all"])
+    assert s.selected is None
+
+
+def test_human_output_is_plain_when_piped(capsys) -> None:
+    out = run_text("6.1-shadow", "roots", capsys=capsys)
+    assert "\x1b[" not in out
+    assert "vcpu[3]" in out and "prev[2]" in out and "shared x2" in out
