@@ -68,13 +68,14 @@ def _open(args: argparse.Namespace) -> Target:
 def run_one(session: Session, argv: list[str]) -> None:
     """Run one command (argv[0] with its arguments) in *session*."""
     ns = load_all()
+    if len(argv) > 1 and ("-h" in argv[1:] or "--help" in argv[1:]):
+        argv = ["help", argv[0]]
     try:
         ns.run(session.target.prog, shlex.join(argv), globals={"session": session})
     except CommandNotFoundError as e:
         raise UsageError(f"unknown command '{e.name}' (see kvminspect --help)") from None
-    except CommandArgumentError as e:
-        cmd = ns.lookup(session.target.prog, argv[0])
-        raise UsageError(f"{e}\nusage: {cmd.format_usage()}".strip()) from None
+    except CommandArgumentError as e:  # argparse already printed the usage
+        raise UsageError(str(e) or f"bad arguments for {argv[0]}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,13 +196,13 @@ def open_core(path: str, debug: list[str]) -> Target:
     return Target(prog, core.name if not p.is_dir() else p.name, release)
 
 
-def open_live(debug: list[str]) -> Target:
+def open_live(debug: list[str], kcore: str = "/proc/kcore") -> Target:
     """The running kernel through /proc/kcore (root only)."""
     _quiet_drgn()
-    if not os.path.exists("/proc/kcore"):
-        raise TargetError("/proc/kcore does not exist: this kernel has no CONFIG_PROC_KCORE")
-    if not os.access("/proc/kcore", os.R_OK):
-        raise TargetError("cannot read /proc/kcore: kvminspect live needs root")
+    if not os.path.exists(kcore):
+        raise TargetError(f"{kcore} does not exist: this kernel has no CONFIG_PROC_KCORE")
+    if not os.access(kcore, os.R_OK):
+        raise TargetError(f"cannot read {kcore}: kvminspect live needs root")
     prog = drgn.Program()
     try:
         prog.set_kernel()

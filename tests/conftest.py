@@ -6,10 +6,8 @@ import json
 from functools import cache
 from pathlib import Path
 
-import pytest
-
 VMCORES = Path(__file__).resolve().parent / "vmcores"
-FIXTURES = sorted(p.name for p in VMCORES.iterdir() if (p / "truth.json").exists())
+ALL = sorted(p.name for p in VMCORES.iterdir() if (p / "truth.json").exists())
 
 
 def truth(name: str) -> dict:
@@ -22,14 +20,13 @@ def fixtures(pred=lambda t: True) -> list[str]:
     return [n for n in FIXTURES if pred(truth(n))]
 
 
+# fixtures with a VM; the others ("special": "no-vm" / "no-kvm") test the edges
+FIXTURES = [n for n in ALL if not truth(n).get("special")]
+
+
 @cache
 def open_fixture(name: str):
     """A kvminspect Target on fixture *name* (cached for the test session)."""
     from kvminspect.target import open_core
 
     return open_core(str(VMCORES / name), [])
-
-
-@pytest.fixture(params=FIXTURES)
-def fixture_name(request) -> str:
-    return request.param

@@ -118,17 +118,20 @@ def init_script(args: argparse.Namespace) -> str:
     tdp = "tdp_mmu=N" if args.mmu == "tdp_legacy" else ""
     vmm = f"/bin/vmm -v {args.vcpus} -s {args.sets} -w {args.windows} -r {args.rounds}"
     vmm += " -z" * args.zap + " -b" * args.busy
+    if args.special:  # a host without a VM, or without kvm at all
+        vmm = "echo 'KVMINSPECT-RECORD {}'; echo KVMINSPECT-READY"
+    kvm = "" if args.special == "no-kvm" else f"""insmod irqbypass.ko
+insmod kvm.ko {tdp}
+insmod ccp.ko
+insmod kvm-amd.ko npt={npt}
+"""
     return f"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 cd /mods
-insmod irqbypass.ko
-insmod kvm.ko {tdp}
-insmod ccp.ko
-insmod kvm-amd.ko npt={npt}
-insmod qemu_fw_cfg.ko
+{kvm}insmod qemu_fw_cfg.ko
 echo "KVMINSPECT-PARAMS npt=$(cat /sys/module/kvm_amd/parameters/npt)" \\
      "tdp_mmu=$(cat /sys/module/kvm/parameters/tdp_mmu 2>/dev/null)"
 cd /
@@ -339,6 +342,11 @@ def debug_set(work: Path, dbg: Path, release: str, outdir: Path, shared: Path | 
 
 def truth(record: dict, release: str, args: argparse.Namespace, params: str) -> dict:
     """truth.json: the VMM's record in the shape the tests expect."""
+    if args.special:
+        return {"kernel_release": release, "special": args.special, "mmu": None,
+                "zapped": False, "busy": False, "paging_levels": 5 if args.la57 else 4,
+                "vmm_pid": None, "vcpus": [], "sets": [], "module_params": params,
+                "made_with": " ".join(sys.argv[1:])}
     sets = []
     for s in record["sets"]:
         sets.append({
@@ -371,6 +379,8 @@ def main() -> None:
     ap.add_argument("--name", required=True, help="fixture directory under tests/vmcores")
     ap.add_argument("--zap", action="store_true", help="delete a memslot after the workload")
     ap.add_argument("--busy", action="store_true", help="vCPUs spin in guest mode")
+    ap.add_argument("--special", choices=["no-vm", "no-kvm"],
+                    help="a host with kvm loaded but no VM, or without kvm")
     ap.add_argument("--la57", action="store_true", help="5-level paging in the host")
     ap.add_argument("--vcpus", type=int, default=4)
     ap.add_argument("--sets", type=int, default=4)

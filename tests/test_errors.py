@@ -1,0 +1,175 @@
+"""Bad input: one clear line on stderr, a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvminspect.cli import main
+from tests.conftest import VMCORES
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    status = main(argv)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def one_line_error(err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.startswith("kvminspect: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_missing_path(capsys) -> None:
+    status, out, err = run(["-c", "/nonexistent/vmcore", "vms"], capsys)
+    assert status == 1 and out == ""
+    one_line_error(err, "/nonexistent/vmcore", "no such file")
+
+
+def test_empty_file(tmp_path: Path, capsys) -> None:
+    (tmp_path / "vmcore").write_bytes(b"")
+    status, _, err = run(["-c", str(tmp_path / "vmcore"), "vms"], capsys)
+    assert status == 1
+    one_line_error(err, "empty")
+
+
+def test_random_bytes(tmp_path: Path, capsys) -> None:
+    (tmp_path / "vmcore").write_bytes(os.urandom(65536))
+    status, _, err = run(["-c", str(tmp_path / "vmcore"), "vms"], capsys)
+    assert status == 1
+    one_line_error(err, "not a usable vmcore")
+
+
+def test_directory_without_vmcore(tmp_path: Path, capsys) -> None:
+    status, _, err = run(["-c", str(tmp_path), "vms"], capsys)
+    assert status == 1
+    one_line_error(err, "no vmcore")
+
+
+def test_truncated_compressed_vmcore(tmp_path: Path, capsys) -> None:
+    src = VMCORES / "6.1-shadow" / "vmcore.xz"
+    (tmp_path / "vmcore.xz").write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    status, _, err = run(["-c", str(tmp_path / "vmcore.xz"), "vms"], capsys)
+    assert status == 1
+    one_line_error(err, "truncated or corrupt xz")
+
+
+def test_truncated_elf_vmcore(tmp_path: Path, capsys) -> None:
+    """An ELF vmcore cut short: the header is fine, the memory is gone."""
+    import lzma
+
+    data = lzma.decompress((VMCORES / "6.1-shadow" / "vmcore.xz").read_bytes())
+    (tmp_path / "vmcore").write_bytes(data[: len(data) // 3])
+    for f in (VMCORES / "6.1-shadow").iterdir():
+        if f.name.startswith(("vmlinux", "kvm")):
+            shutil.copy(f, tmp_path / f.name)
+    status, out, err = run(["-c", str(tmp_path), "roots"], capsys)
+    assert status != 0 or "warning" in err
+    assert "Traceback" not in err
+
+
+def test_debug_info_missing(capsys) -> None:
+    status, _, err = run(["-c", str(VMCORES / "6.1-shadow" / "vmcore.xz"), "vms"], capsys)
+    assert status == 1
+    one_line_error(err, "no matching vmlinux debug info", "6.1.0-56-amd64", "build id")
+
+
+def test_debug_info_from_another_kernel(capsys) -> None:
+    status, _, err = run(["-c", str(VMCORES / "6.1-shadow" / "vmcore.xz"),
+                          "-s", str(VMCORES / "6.12-shadow"), "vms"], capsys)
+    assert status == 1
+    one_line_error(err, "no matching vmlinux debug info", "6.1.0-56-amd64")
+
+
+def test_kvm_debug_info_missing(tmp_path: Path, capsys) -> None:
+    vmlinux = next(p for p in (VMCORES / "6.1-shadow").iterdir() if p.name.startswith("vmlinux"))
+    status, _, err = run(["-c", str(VMCORES / "6.1-shadow" / "vmcore.xz"),
+                          "-s", str(vmlinux), "vms"], capsys)
+    assert status == 1
+    one_line_error(err, "kvm.ko", "build id")
+
+
+def test_debug_path_missing(capsys) -> None:
+    status, _, err = run(["-c", str(VMCORES / "6.1-shadow"), "-s", "/nonexistent", "vms"],
+                         capsys)
+    assert status == 1
+    one_line_error(err, "/nonexistent")
+
+
+def test_kernel_without_kvm(capsys) -> None:
+    status, _, err = run(["-c", str(VMCORES / "6.1-no-kvm"), "vms"], capsys)
+    assert status == 1
+    one_line_error(err, "no kvm module loaded", "6.1.0-56-amd64")
+
+
+def test_no_vms_is_not_an_error(capsys) -> None:
+    status, out, err = run(["-c", str(VMCORES / "6.1-no-vm"), "vms"], capsys)
+    assert status == 0 and "no VMs" in out and err == ""
+    for cmd in ("vcpus", "roots", "tree", "unsync", "check", "stats"):
+        status, out, err = run(["-c", str(VMCORES / "6.1-no-vm"), cmd, "--json"], capsys)
+        assert status == 0, (cmd, err)
+        assert json.loads(out)["vms"] == [] and json.loads(out)["errors"] == []
+
+
+def test_unknown_command_and_bad_arguments(capsys) -> None:
+    core = str(VMCORES / "6.1-shadow")
+    status, _, err = run(["-c", core, "bogus"], capsys)
+    assert status == 2
+    one_line_error(err, "unknown command 'bogus'")
+    status, _, err = run(["-c", core, "tree", "--depth", "x"], capsys)
+    assert status == 2
+    one_line_error(err, "--depth")
+    assert "usage: tree" in err
+    status, _, err = run(["vms"], capsys)
+    assert status == 2
+    one_line_error(err, "needs a target")
+    with pytest.raises(SystemExit) as e:
+        main(["-c", core, "--no-such-option", "vms"])
+    assert e.value.code == 2
+
+
+def test_not_a_shadow_page(capsys) -> None:
+    status, _, err = run(["-c", str(VMCORES / "6.1-shadow"), "sp", "0xffff888012345000"], capsys)
+    assert status == 1
+    one_line_error(err, "0xffff888012345000 is not a shadow page")
+    status, _, err = run(["-c", str(VMCORES / "6.1-shadow"), "vm", "5"], capsys)
+    assert status == 1
+    one_line_error(err, "no VM")
+
+
+def test_command_help(capsys) -> None:
+    status, out, _ = run(["-c", str(VMCORES / "6.1-shadow"), "roots", "--help"], capsys)
+    assert status == 0 and "usage: roots" in out
+
+
+def test_live_without_kcore() -> None:
+    from kvminspect.errors import TargetError
+    from kvminspect.target import open_live
+
+    with pytest.raises(TargetError, match="does not exist"):
+        open_live([], kcore="/nonexistent/kcore")
+
+
+@pytest.mark.slow
+def test_live_without_access() -> None:
+    """`kvminspect --live` as a user who cannot read /proc/kcore."""
+    if os.geteuid() != 0:
+        cmd = [sys.executable, "-m", "kvminspect", "--live", "vms"]
+    else:  # import as root, then drop to nobody before opening the target
+        cmd = [sys.executable, "-c", "import os, sys; from kvminspect.cli import main, parser; parser(); "
+               "os.setgroups([]); os.setgid(65534); os.setuid(65534); "
+               "sys.exit(main(['--live', 'vms']))"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 1, r.stderr
+    one_line_error(r.stderr, "/proc/kcore", "root")
