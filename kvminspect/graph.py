@@ -82,10 +82,14 @@ def _expand(k: Kernel, vm: VM, g: nx.DiGraph, start: list[int]) -> None:
         parent = g.nodes[addr]["sp"]
         if not 2 <= parent.level <= 5:
             continue
+        bad = 0
         for e in k.children(parent):
             if e.child is None:
-                k.problem("struct kvm_mmu_page", addr,
-                          f"spt[{e.index}] = {e.value:#x} points at a page with no shadow page")
+                bad += 1
+                if bad <= 3:
+                    k.problem("struct kvm_mmu_page", addr,
+                              f"spt[{e.index}] = {e.value:#x} points at a page with no "
+                              "shadow page")
                 continue
             child = _add_page(k, vm, g, e.child)
             if child is None:
@@ -101,6 +105,9 @@ def _expand(k: Kernel, vm: VM, g: nx.DiGraph, start: list[int]) -> None:
                 g.add_edge(addr, child.addr, indexes=[e.index])
             if child.addr not in done:
                 queue.append(child.addr)
+        if bad > 3:
+            k.problem("struct kvm_mmu_page", addr,
+                      f"{bad} SPTEs point at no shadow page (garbage page table?)")
     if queue:
         k.problem("VM", vm.addr, f"more than {MAX_PAGES} shadow pages; graph truncated")
 

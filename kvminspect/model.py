@@ -481,7 +481,11 @@ class Kernel:
                 continue
             if va and va - self.layout.page_offset_base == hpa:
                 return RootRef(hpa, pgd, None, special=name, pae_roots=self._pae_roots(mmu))
-        sp_addr = self.page_to_sp(hpa >> PAGE_SHIFT)
+        try:
+            sp_addr = self.page_private(hpa >> PAGE_SHIFT)
+        except drgn.FaultError as e:
+            self.problem("root", hpa, f"pgd {pgd:#x}: hpa has no readable struct page ({e})")
+            return RootRef(hpa, pgd, None, special="unreadable")
         if not sp_addr:
             # 6.6: a root may be the zero page ("dummy root", no backing memslot)
             return RootRef(hpa, pgd, None, special="dummy")
@@ -508,16 +512,25 @@ class Kernel:
 
     # -- shadow pages ---------------------------------------------------------
 
-    def page_to_sp(self, pfn: int) -> int | None:
-        """page_private(pfn_to_page(pfn)): the struct kvm_mmu_page of a page table."""
+    def page_private(self, pfn: int) -> int:
+        """page_private(pfn_to_page(pfn)); FaultError if there is no such struct page."""
         lay = self.layout
-        page = lay.vmemmap_base + pfn * lay.page_size
+        page = lay.vmemmap_base + pfn * lay.page_size + lay.page_private
+        if page >= 2**64:
+            raise drgn.FaultError("pfn beyond any struct page", pfn)
+        return self.prog.read_u64(page)
+
+    def page_to_sp(self, pfn: int) -> int | None:
+        """The struct kvm_mmu_page of a page table (to_shadow_page), or None.
+
+        None both when the page has no private pointer and when its struct page
+        cannot be read (e.g. an SPTE of a garbage page table): callers say which
+        object pointed there.
+        """
         try:
-            sp = self.prog.read_u64(page + lay.page_private)
+            return self.page_private(pfn) or None
         except drgn.FaultError:
-            self.problem("struct page", page, f"unreadable (pfn {pfn:#x})")
             return None
-        return sp or None
 
     def shadow_page(self, addr: int, vm: VM | None = None) -> ShadowPage | None:
         """struct kvm_mmu_page at *addr*, read as one block; None if unreadable."""
