@@ -1,0 +1,390 @@
+"""Consistency checks of one VM's MMU state, on the kernel model (no rendering).
+
+``check_vm(kernel, vg)`` compares what the shadow pages say about themselves
+with what the rest of the model shows, the way the kernel maintains it
+(arch/x86/kvm/mmu/mmu.c, tdp_mmu.c; Debian 6.1.192 and 6.12.117):
+
+* unsync_children is the number of set bits of unsync_child_bitmap
+  (mark_unsync() and clear_unsync_child_bit() change both together);
+* a set bit i says spt[i] leads to an unsync page: __mmu_unsync_walk() clears
+  bits over non-present or large SPTEs and over children that are neither
+  unsync nor have unsync_children, so such bits are harmless leftovers;
+* every parent of an unsync page (or of a page with unsync_children) has the
+  bit of its SPTE set: kvm_mmu_mark_parents_unsync() and link_shadow_page();
+* only indirect level-1 shadow pages become unsync (mmu_try_to_unsync_pages);
+* root_count is one reference per vCPU root, prev_roots[] and pae_root[]
+  entry (mmu_alloc_root, kvm_mmu_get_page; dropped by mmu_free_root_page), plus
+  one for a valid TDP MMU root on tdp_mmu_roots (kvm_tdp_mmu_get_vcpu_root_hpa
+  sets the refcount to 2: the vCPU's and the TDP MMU's own);
+* obsolete roots (is_obsolete_sp) still in use, orphans, roots nobody holds;
+* every Problem the model recorded while reading (unreadable objects, levels
+  out of range, a child whose level is not its parent's minus one).
+
+Each finding is a Finding naming the objects by address; nothing here reads
+anything the model has not already read, apart from sp->spt[].
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import Counter
+from dataclasses import dataclass, field
+
+import drgn
+
+from kvminspect.errors import Problem
+from kvminspect.graph import VMGraph
+from kvminspect.model import Kernel, ShadowPage
+
+SEVERITIES = ("error", "warning", "info")
+SPTE_ENT_PER_PAGE = 512
+MAX_LISTED = 8  # addresses spelled out in one message (all are in Finding.objects)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One inconsistency (or noteworthy state) of a VM's MMU."""
+
+    check: str  # short id, e.g. "unsync-children"
+    severity: str  # "error" | "warning" | "info"
+    objects: list[int] = field(default_factory=list)  # addresses it names
+    message: str = ""
+
+    def to_json(self) -> dict:
+        return {"check": self.check, "severity": self.severity,
+                "objects": [hex(a) for a in self.objects], "message": self.message}
+
+
+def summary(findings: list[Finding]) -> dict[str, int]:
+    """{"error": n, "warning": n, "info": n}."""
+    c = Counter(f.severity for f in findings)
+    return {s: c.get(s, 0) for s in SEVERITIES}
+
+
+def _addrs(addrs: list[int]) -> str:
+    """Some addresses as text, the rest counted."""
+    shown = ", ".join(f"{a:#x}" for a in addrs[:MAX_LISTED])
+    more = len(addrs) - MAX_LISTED
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _page(sp: ShadowPage) -> str:
+    return f"sp {sp.addr:#x} (gfn {sp.gfn:#x} L{sp.level})"
+
+
+def _sp_of(kernel: Kernel, vg: VMGraph, addr: int) -> ShadowPage | None:
+    """The graph's copy of a page (which tests may have edited), else the model's."""
+    if addr in vg.graph:
+        return vg.sp(addr)
+    return kernel.shadow_page(addr)
+
+
+def _skip_unsync_fields(sp: ShadowPage) -> bool:
+    """Pages whose unsync fields mean nothing: bad levels, 6.14's mirror pages.
+
+    From 6.14 unsync_children shares a union with external_spt, used by
+    mirror (TDX) roots and their pages (role.is_mirror).
+    """
+    return not 1 <= sp.level <= 5 or bool(sp.role.get("is_mirror"))
+
+
+# -- unsync_children and unsync_child_bitmap ------------------------------------
+
+
+def check_unsync_count(vg: VMGraph) -> list[Finding]:
+    """unsync_children == popcount(unsync_child_bitmap) (mark_unsync / clear_unsync_child_bit)."""
+    out = []
+    for sp in vg.pages():
+        if _skip_unsync_fields(sp):
+            continue
+        n = sp.unsync_child_bitmap.bit_count()
+        if sp.unsync_children != n:
+            out.append(Finding(
+                "unsync-children", "error", [sp.addr],
+                f"{_page(sp)}: unsync_children {sp.unsync_children} but "
+                f"{n} bits set in unsync_child_bitmap"))
+    return out
+
+
+def _parent_sptes(vg: VMGraph, addr: int) -> int:
+    """How many SPTEs point at *addr* (its parent_ptes, as far as the graph sees)."""
+    return sum(len(idx) for _, idx in vg.parents(addr))
+
+
+def _check_bit(kernel: Kernel, vg: VMGraph, sp: ShadowPage, i: int,
+               value: int) -> Finding | None:
+    """One set bit of sp->unsync_child_bitmap against spt[i] (__mmu_unsync_walk)."""
+    e = kernel.decode(sp, i, value)
+    if not e.present or e.large:
+        what = "is not present" if not e.present else "maps a large page"
+        return Finding(
+            "bit-not-present", "info", [sp.addr],
+            f"{_page(sp)}: unsync_child_bitmap bit {i} but spt[{i}] = {value:#x} {what}; "
+            "the kernel clears such bits lazily in __mmu_unsync_walk (e.g. after the "
+            "unsync child was zapped)")
+    if e.child is None:
+        return None  # the graph recorded a Problem for an SPTE without a shadow page
+    child = _sp_of(kernel, vg, e.child)
+    if child is None or child.unsync or child.unsync_children:
+        return None
+    others = _parent_sptes(vg, child.addr) - 1
+    if others > 0:
+        return Finding(
+            "stale-bit", "info", [sp.addr, child.addr],
+            f"{_page(sp)}: unsync_child_bitmap bit {i} but its child {_page(child)} is "
+            f"neither unsync nor has unsync_children; the child has {others} other "
+            "parent SPTE(s) and mmu_pages_clear_parents clears only the path the walk "
+            "took; __mmu_unsync_walk clears this bit lazily")
+    return Finding(
+        "stale-bit", "warning", [sp.addr, child.addr],
+        f"{_page(sp)}: unsync_child_bitmap bit {i} but its only child there, "
+        f"{_page(child)}, is neither unsync nor has unsync_children; no kernel path is "
+        "expected to leave this (harmless: __mmu_unsync_walk clears it lazily)")
+
+
+def check_bitmap_bits(kernel: Kernel, vg: VMGraph) -> list[Finding]:
+    """Every set bit of every page's unsync_child_bitmap against its SPTE and child."""
+    out = []
+    for sp in vg.pages():
+        if _skip_unsync_fields(sp) or not sp.unsync_child_bitmap:
+            continue
+        bits = sp.bitmap_indexes()
+        if sp.level == 1:
+            out.append(Finding(
+                "bit-on-leaf", "error", [sp.addr],
+                f"{_page(sp)}: a level-1 page has no child pages, yet unsync_child_bitmap "
+                f"has {len(bits)} bit(s) set ({', '.join(map(str, bits[:MAX_LISTED]))})"))
+            continue
+        if bits[-1] >= SPTE_ENT_PER_PAGE:
+            continue  # the model reads exactly 512 bits; never happens
+        spt = kernel.sptes(sp)
+        if spt is None:
+            continue  # the model recorded the unreadable spt
+        for i in bits:
+            f = _check_bit(kernel, vg, sp, i, spt[i])
+            if f is not None:
+                out.append(f)
+    return out
+
+
+def check_parent_bits(vg: VMGraph) -> list[Finding]:
+    """Each parent SPTE of an unsync page (or one with unsync_children) has its bit set.
+
+    kvm_mmu_mark_parents_unsync() marks every parent_ptes entry of a page that
+    becomes unsync or gets its first unsync child; link_shadow_page() marks a
+    new parent of such a page.
+    """
+    out = []
+    for sp in vg.pages():
+        if not (sp.unsync or sp.unsync_children) or _skip_unsync_fields(sp):
+            continue
+        why = "is unsync" if sp.unsync else f"has unsync_children {sp.unsync_children}"
+        for p, indexes in vg.parents(sp.addr):
+            parent = vg.sp(p)
+            for i in indexes:
+                if not parent.unsync_child_bitmap >> i & 1:
+                    out.append(Finding(
+                        "missing-bit", "error", [parent.addr, sp.addr],
+                        f"{_page(sp)} {why} but bit {i} of the unsync_child_bitmap of its "
+                        f"parent {_page(parent)} is clear: mmu_sync_children from that "
+                        "parent will not find it"))
+    return out
+
+
+def check_unsync_pages(vg: VMGraph) -> list[Finding]:
+    """Only indirect level-1 shadow pages are unsync (mmu_try_to_unsync_pages).
+
+    Direct and TDP MMU pages have only direct children, so they never have
+    unsync_children either.
+    """
+    out = []
+    for sp in vg.pages():
+        if _skip_unsync_fields(sp):
+            continue
+        kind = "TDP MMU page" if sp.tdp_mmu_page else "direct page" if sp.role.direct else None
+        if sp.unsync:
+            bad = []
+            if sp.level != 1:
+                bad.append(f"level {sp.level}")
+            if kind:
+                bad.append(kind)
+            if bad:
+                out.append(Finding(
+                    "unsync-page", "error", [sp.addr],
+                    f"{_page(sp)} is unsync but is a {' '.join(bad)}; only indirect "
+                    "level-1 shadow pages become unsync"))
+        if kind and sp.unsync_children:
+            out.append(Finding(
+                "unsync-page", "error", [sp.addr],
+                f"{_page(sp)}: {kind} with unsync_children {sp.unsync_children}; its "
+                "children are direct and never unsync"))
+    return out
+
+
+# -- roots ------------------------------------------------------------------------
+
+
+def _vcpu_holders(holders: list[str]) -> list[str]:
+    """Holders that are vCPU references: mmu->root, prev_roots[i], pae_root[i]."""
+    return [h for h in holders if h.startswith("vcpu")]
+
+
+def _expected_refs(sp: ShadowPage, holders: list[str]) -> tuple[set[int], str]:
+    """root_count values the holders explain, and how they were counted."""
+    n = len(_vcpu_holders(holders))
+    what = f"{n} vCPU reference(s)"
+    if sp.tdp_mmu_page and "tdp_mmu_roots" in holders:
+        if sp.role.invalid:
+            # kvm_tdp_mmu_zap_invalidated_roots() puts the list's reference after zapping
+            return {n, n + 1}, what + " (+1 for tdp_mmu_roots until the invalid root is zapped)"
+        return {n + 1}, what + " + 1 for tdp_mmu_roots"
+    return {n}, what
+
+
+def check_root_counts(vg: VMGraph) -> list[Finding]:
+    """root_count against the references the model sees (and roots nobody holds)."""
+    out = []
+    nested = [v for v in vg.vcpus if v.mmu_name != "root_mmu"]
+    for addr, holders in vg.roots.items():
+        sp = vg.sp(addr)
+        want, how = _expected_refs(sp, holders)
+        if sp.root_count in want:
+            continue
+        held = _vcpu_holders(holders)
+        if not held and sp.root_count > max(want):
+            out.append(Finding(
+                "unheld-root", "info", [addr],
+                f"{_page(sp)}: root_count {sp.root_count} but no vCPU holds it as root, "
+                "prev root or pae_root entry (being freed, or held outside vCPU MMUs)"))
+            continue
+        severity = "error"
+        note = ""
+        if nested and sp.root_count > max(want):
+            severity = "warning"
+            note = (" (vCPU(s) " + ", ".join(str(v.vcpu_id) for v in nested) + " run a "
+                    "nested guest; the roots of their other MMU are not counted)")
+        expected = " or ".join(str(w) for w in sorted(want))
+        out.append(Finding(
+            "root-count", severity, [addr],
+            f"{_page(sp)}: root_count {sp.root_count} but expected {expected}: {how}"
+            + (f" ({', '.join(held)})" if held else "") + note))
+    for sp in vg.pages():
+        if sp.root_count < 0 and sp.addr not in vg.roots:
+            out.append(Finding("root-count", "error", [sp.addr],
+                               f"{_page(sp)}: negative root_count {sp.root_count}"))
+    return out
+
+
+def _obsolete_why(sp: ShadowPage, vm_gen: int) -> str:
+    why = []
+    if sp.role.invalid:
+        why.append("role.invalid")
+    if not sp.tdp_mmu_page and sp.mmu_valid_gen != vm_gen:
+        why.append(f"mmu_valid_gen {sp.mmu_valid_gen} != kvm->arch.mmu_valid_gen {vm_gen}")
+    return ", ".join(why)
+
+
+def check_obsolete_roots(vg: VMGraph) -> list[Finding]:
+    """Obsolete roots (is_obsolete_sp) that vCPUs still hold.
+
+    A current root: warning, as it is normal only until the vCPUs handle
+    KVM_REQ_MMU_FREE_OBSOLETE_ROOTS (kvm_mmu_free_obsolete_roots) and reload.
+    Only cached in prev_roots[]: info, freed at the same point.
+    """
+    out = []
+    for addr, holders in vg.roots.items():
+        sp = vg.sp(addr)
+        held = _vcpu_holders(holders)
+        if not sp.obsolete or not held:
+            continue
+        current = [h for h in held if ".root" in h and "prev_roots" not in h]
+        why = _obsolete_why(sp, vg.vm.mmu_valid_gen)
+        if current:
+            out.append(Finding(
+                "obsolete-root", "warning", [addr],
+                f"{_page(sp)} is obsolete ({why}) but is still in use as "
+                f"{', '.join(current)}: normal right after a fast zap (memslot change, "
+                "kvm_mmu_zap_all_fast) until those vCPUs handle "
+                "KVM_REQ_MMU_FREE_OBSOLETE_ROOTS and reload their MMU"))
+        else:
+            out.append(Finding(
+                "obsolete-root", "info", [addr],
+                f"{_page(sp)} is obsolete ({why}) and still cached in {', '.join(held)}; "
+                "freed when the vCPUs handle KVM_REQ_MMU_FREE_OBSOLETE_ROOTS"))
+    return out
+
+
+def check_orphans(vg: VMGraph) -> list[Finding]:
+    """Pages on active_mmu_pages (or the TDP MMU lists) that no root reaches."""
+    orphans = sorted(vg.orphans())
+    if not orphans:
+        return []
+    return [Finding(
+        "orphans", "info", orphans,
+        f"{len(orphans)} shadow page(s) on the VM's page lists are reachable from no "
+        f"root: {_addrs(orphans)} (kept for reuse until zapped or recycled)")]
+
+
+# -- what the model could not read ------------------------------------------------
+
+
+class _Owned:
+    """Address ranges of one VM's objects, to attribute model Problems to it."""
+
+    def __init__(self, kernel: Kernel, vg: VMGraph) -> None:
+        self.points = {vg.vm.addr}
+        ranges = []
+        try:
+            ranges.append((vg.vm.addr, kernel.prog.type("struct kvm").size))
+            vsize = kernel.prog.type("struct kvm_vcpu").size
+        except (LookupError, drgn.FaultError):
+            vsize = 0
+        for v in vg.vcpus:
+            ranges.append((v.addr, vsize))
+            for r in [v.root, *v.prev_roots]:
+                if r is not None and r.hpa is not None:
+                    self.points.add(r.hpa)
+        spsize = kernel.layout.sp.size
+        ranges.extend((a, spsize) for a in vg.graph.nodes)
+        ranges.sort()
+        self.starts = [a for a, _ in ranges]
+        self.ends = [a + n for a, n in ranges]
+
+    def __contains__(self, addr: int) -> bool:
+        if addr in self.points:
+            return True
+        i = bisect.bisect_right(self.starts, addr) - 1
+        return i >= 0 and addr < self.ends[i]
+
+
+def vm_problems(kernel: Kernel, vg: VMGraph) -> list[Problem]:
+    """The model's Problems that concern this VM (all of them on a one-VM target)."""
+    if len(kernel.vms()) <= 1:
+        return list(kernel.problems)
+    owned = _Owned(kernel, vg)
+    return [p for p in kernel.problems if p.addr is not None and p.addr in owned]
+
+
+def check_problems(kernel: Kernel, vg: VMGraph) -> list[Finding]:
+    """Each Problem the model recorded (unreadable, impossible level, bad child level)."""
+    return [Finding("model", "error", [] if p.addr is None else [p.addr], str(p))
+            for p in vm_problems(kernel, vg)]
+
+
+# -- all of it ----------------------------------------------------------------------
+
+
+def check_vm(kernel: Kernel, vg: VMGraph) -> list[Finding]:
+    """Every check on one VM's graph; errors first, then warnings, then info."""
+    findings = [
+        *check_problems(kernel, vg),
+        *check_unsync_count(vg),
+        *check_bitmap_bits(kernel, vg),
+        *check_parent_bits(vg),
+        *check_unsync_pages(vg),
+        *check_root_counts(vg),
+        *check_obsolete_roots(vg),
+        *check_orphans(vg),
+    ]
+    order = {s: i for i, s in enumerate(SEVERITIES)}
+    return sorted(findings, key=lambda f: order[f.severity])

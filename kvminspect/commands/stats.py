@@ -1,0 +1,123 @@
+"""stats: the MMU counters of kvm->stat and of each vcpu->stat."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import drgn
+from drgn import Program
+from drgn.commands import command
+from rich.table import Table
+
+from kvminspect.commands import JSON_ARG, NAMESPACE, VM_ARG, finish, session_of
+from kvminspect.layout import _bare
+from kvminspect.model import VM, Kernel, VCpu
+from kvminspect.render import console, hx
+
+# struct kvm_vm_stat (arch/x86/include/asm/kvm_host.h) and its generic part
+VM_PREFIXES = ("mmu_", "nx_", "pages_", "lpages", "max_mmu_", "remote_tlb_flush")
+# struct kvm_vcpu_stat: page faults (pf_*), guest TLB flushes, INVLPG
+VCPU_PREFIXES = ("pf_",)
+VCPU_NAMES = ("tlb_flush", "invlpg")
+
+
+def vm_mmu_stat(stat: dict[str, int]) -> dict[str, int]:
+    """The MMU counters of kvm->stat (struct kvm_vm_stat), in the kernel's order."""
+    return {k: v for k, v in stat.items() if k.startswith(VM_PREFIXES)}
+
+
+def vcpu_mmu_stat(stat: dict[str, int]) -> dict[str, int]:
+    """The MMU counters of vcpu->stat (struct kvm_vcpu_stat), in the kernel's order."""
+    return {k: v for k, v in stat.items() if k.startswith(VCPU_PREFIXES) or k in VCPU_NAMES}
+
+
+def _atomics(obj: drgn.Object, t: drgn.Type | None = None) -> dict[str, int]:
+    """atomic_t / atomic64_t members of a stats struct, also inside anonymous unions.
+
+    struct kvm_vm_stat keeps pages_4k/2m/1g (5.15+) as atomic64_t in an anonymous
+    union with pages[]; Kernel's generic counter flattening skips those.
+    """
+    out: dict[str, int] = {}
+    for m in _bare(t if t is not None else obj.type_).members or ():
+        mt = _bare(m.type)
+        if mt.kind not in (drgn.TypeKind.STRUCT, drgn.TypeKind.UNION):
+            continue
+        if m.name is None:  # anonymous struct/union: drgn reaches its members from obj
+            out.update(_atomics(obj, mt))
+        elif [x.name for x in mt.members or ()] == ["counter"]:
+            out[m.name] = getattr(obj, m.name).counter.value_()
+        elif mt.kind == drgn.TypeKind.STRUCT:
+            out.update(_atomics(getattr(obj, m.name)))
+    return out
+
+
+def vm_counters(k: Kernel, vm: VM) -> dict[str, int]:
+    """kvm->stat's MMU counters: the model's, plus the atomic64_t page counts."""
+    stat = dict(vm.stat)
+    try:
+        for name, v in _atomics(k.kvm_object(vm).stat).items():
+            stat.setdefault(name, v)
+    except (drgn.FaultError, LookupError) as e:
+        k.problem("kvm->stat", vm.addr, f"atomic counters unreadable ({e})")
+    return vm_mmu_stat(stat)
+
+
+def vm_table(stat: dict[str, int]) -> Table:
+    """kvm->stat: one counter per row."""
+    t = Table(box=None, header_style="bold")
+    t.add_column("COUNTER")
+    t.add_column("VALUE", justify="right")
+    for k, v in stat.items():
+        t.add_row(k, str(v))
+    return t
+
+
+def vcpu_table(rows: list[tuple[VCpu, dict[str, int]]]) -> Table:
+    """vcpu->stat: one vCPU per row, one counter per column."""
+    t = Table(box=None, header_style="bold")
+    t.add_column("VCPU")
+    names: list[str] = []
+    for _, st in rows:
+        names.extend(k for k in st if k not in names)
+    for n in names:
+        t.add_column(n, justify="right")
+    for v, st in rows:
+        t.add_row(f"vcpu[{v.vcpu_idx if v.vcpu_idx >= 0 else v.vcpu_id}]",
+                  *(str(st.get(n, "-")) for n in names))
+    return t
+
+
+@command(
+    description="MMU counters: kvm->stat and per vCPU vcpu->stat",
+    long_description="The MMU counters of each VM's kvm->stat (mmu_*, nx_*, pages_*/lpages, "
+    "max_mmu_*, remote_tlb_flush*) and of each vCPU's vcpu->stat (pf_* page faults, "
+    "tlb_flush, invlpg), as the kernel holds them: cumulative since the VM or vCPU was "
+    "created.",
+    arguments=(VM_ARG, JSON_ARG),
+    namespace=NAMESPACE,
+)
+def _cmd_stats(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
+    s = session_of(kwargs)
+    start = len(s.problems())
+    vms = s.vms(args.vm)
+    data: list[tuple[VM, dict[str, int], list[tuple[VCpu, dict[str, int]]]]] = []
+    for vm in vms:
+        vcpus = [(v, vcpu_mmu_stat(v.stat)) for v in s.kernel.vcpus(vm)]
+        data.append((vm, vm_counters(s.kernel, vm), vcpus))
+
+    def human() -> None:
+        c = console()
+        if not vms:
+            c.print("no VMs (vm_list is empty)")
+        for vm, stat, vcpus in data:
+            c.print(f"VM {vm.index}  kvm {vm.addr:#x}  pid {vm.pid}  {vm.mmu}  "
+                    f"mmu pages {vm.n_used_mmu_pages}/{vm.n_max_mmu_pages}", markup=False)
+            c.print(vm_table(stat) if stat else "  kvm->stat: no MMU counters", markup=False)
+            if vcpus:
+                c.print(vcpu_table(vcpus), markup=False)
+
+    doc = {"vms": [{"kvm": hx(vm.addr), "pid": vm.pid, "stat": stat,
+                    "vcpus": [{"vcpu_id": v.vcpu_id, "stat": st} for v, st in vcpus]}
+                   for vm, stat, vcpus in data]}
+    finish(s, args, doc, human, start)

@@ -1,0 +1,328 @@
+"""check: consistency checks on every fixture, and on edited copies of the model.
+
+The real kernel states are consistent, so the fixtures must give no errors.
+To prove each check fires, a copy of a fixture's VMGraph gets one edited
+struct kvm_mmu_page (dataclasses.replace) or one edited edge; the corrupted
+vmcore copies of tests/corrupt.py give the model's structural problems.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import networkx as nx
+import pytest
+
+from kvminspect import check
+from kvminspect.check import Finding, check_vm
+from kvminspect.cli import run_one
+from kvminspect.graph import VMGraph
+from kvminspect.model import Kernel, ShadowPage
+from kvminspect.session import Session
+from kvminspect.target import open_core
+from tests import corrupt
+from tests.conftest import FIXTURES, fixtures, open_fixture, truth
+
+SHADOW = fixtures(lambda t: t["mmu"] == "shadow" and not t["zapped"])
+ZAPPED = fixtures(lambda t: t["zapped"])
+HEX = re.compile(r"^0x[0-9a-f]+$")
+
+
+def run_check(session: Session, capsys, *argv: str) -> dict:
+    capsys.readouterr()
+    run_one(session, ["check", *argv, "--json"])
+    return json.loads(capsys.readouterr().out)
+
+
+def copied(name: str) -> tuple[Kernel, VMGraph]:
+    """The kernel and an independent copy of the VM graph of fixture *name*."""
+    s = Session(open_fixture(name))
+    vg = s.graph(s.kernel.vms()[0])
+    g = vg.graph.copy()  # new node/edge attribute dicts: editing them leaves vg alone
+    for a, b in g.edges:
+        g.edges[a, b]["indexes"] = list(vg.graph.edges[a, b]["indexes"])
+    return s.kernel, VMGraph(vg.vm, vg.vcpus, g, {a: list(h) for a, h in vg.roots.items()},
+                             set(vg.active))
+
+
+def edit(vg: VMGraph, addr: int, **changes) -> ShadowPage:
+    """Replace one page of the copy by an edited ShadowPage."""
+    sp = dataclasses.replace(vg.sp(addr), **changes)
+    vg.graph.nodes[addr]["sp"] = sp
+    return sp
+
+
+def only(findings: list[Finding], check_id: str) -> Finding:
+    """The single finding of *check_id*, and nothing else of error/warning severity."""
+    (f,) = [f for f in findings if f.check == check_id]
+    others = [x for x in findings if x is not f and x.severity != "info"]
+    assert others == [], others
+    return f
+
+
+def unsync_leaf(vg: VMGraph) -> tuple[ShadowPage, int, int]:
+    """An unsync level-1 page, one parent and the parent's SPTE index."""
+    sp = next(s for s in vg.pages() if s.unsync)
+    ((parent, (i, *_)), *_) = vg.parents(sp.addr)
+    return sp, parent, i
+
+
+# -- the fixtures as they are ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_fixtures_are_consistent(name: str, capsys) -> None:
+    doc = run_check(Session(open_fixture(name)), capsys)
+    assert doc["errors"] == []
+    (vm,) = doc["vms"]
+    assert vm["pid"] == truth(name)["vmm_pid"] and HEX.match(vm["kvm"])
+    assert vm["summary"]["error"] == 0, vm["findings"]
+    if not truth(name)["zapped"]:
+        assert vm["findings"] == [] and vm["summary"] == {"error": 0, "warning": 0, "info": 0}
+    for f in vm["findings"]:
+        assert f["severity"] in check.SEVERITIES and all(HEX.match(a) for a in f["objects"])
+    n = {s: sum(f["severity"] == s for f in vm["findings"]) for s in check.SEVERITIES}
+    assert vm["summary"] == n
+
+
+@pytest.mark.parametrize("name", ZAPPED)
+def test_zapped_obsolete_roots_in_use_warn(name: str, capsys) -> None:
+    s = Session(open_fixture(name))
+    (vm,) = run_check(s, capsys)["vms"]
+    vg = s.graph(s.kernel.vms()[0])
+    current = {hex(v.root.sp.addr) for v in vg.vcpus}
+    warned = {f["objects"][0] for f in vm["findings"]
+              if f["check"] == "obsolete-root" and f["severity"] == "warning"}
+    assert warned == current and len(current) == 3  # vcpu0 and vcpu3 share a root
+    for f in vm["findings"]:
+        if f["severity"] == "warning":
+            assert "fast zap" in f["message"] and "role.invalid" in f["message"]
+            assert "mmu_valid_gen 0 != kvm->arch.mmu_valid_gen 1" in f["message"]
+    # the fourth root is only in prev_roots[]: info
+    (cached,) = [f for f in vm["findings"] if f["severity"] == "info"]
+    assert cached["check"] == "obsolete-root" and "prev_roots[0]" in cached["message"]
+    capsys.readouterr()
+    run_one(s, ["check"])
+    out = capsys.readouterr().out
+    assert "0 errors, 3 warnings, 1 info" in out and "obsolete-root" in out
+
+
+def test_clean_human_output(capsys) -> None:
+    capsys.readouterr()
+    run_one(Session(open_fixture("6.1-shadow")), ["check", "--vm", "0"])
+    out = capsys.readouterr().out
+    assert "0 errors, 0 warnings, 0 info" in out and "no findings" in out
+    assert "\x1b[" not in out
+
+
+# -- unsync_children and the bitmap ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["6.1-shadow", "6.12-shadow"])
+def test_wrong_unsync_children(name: str) -> None:
+    k, vg = copied(name)
+    pd = next(s for s in vg.pages() if s.level == 2 and s.unsync_children)
+    edit(vg, pd.addr, unsync_children=pd.unsync_children + 1)
+    f = only(check_vm(k, vg), "unsync-children")
+    assert f.severity == "error" and f.objects == [pd.addr]
+    assert f"{pd.addr:#x}" in f.message
+    assert f"unsync_children {pd.unsync_children + 1} but {pd.unsync_children} bits" in f.message
+
+
+def test_stale_bit_on_shared_child_is_info() -> None:
+    """spt[0] of every PD is the guest's shared page table: other parents keep bits."""
+    k, vg = copied("6.1-shadow")
+    pd = next(s for s in vg.pages() if s.level == 2 and s.unsync_children)
+    assert not pd.unsync_child_bitmap & 1
+    (child,) = [c for c in vg.graph.successors(pd.addr)
+                if 0 in vg.graph.edges[pd.addr, c]["indexes"]]
+    assert len(vg.parents(child)) > 1 and not vg.sp(child).unsync
+    edit(vg, pd.addr, unsync_child_bitmap=pd.unsync_child_bitmap | 1,
+         unsync_children=pd.unsync_children + 1)
+    f = only(check_vm(k, vg), "stale-bit")
+    assert f.severity == "info" and f.objects == [pd.addr, child]
+    assert "bit 0" in f.message and "other" in f.message
+
+
+def test_stale_bit_on_only_child_is_warning() -> None:
+    k, vg = copied("6.12-shadow")
+    parent, child, i = next(
+        (p, c, idx[0]) for p, c, d in vg.graph.edges(data=True) for idx in [d["indexes"]]
+        if len(idx) == 1 and len(vg.parents(c)) == 1 and not vg.sp(c).unsync
+        and not vg.sp(c).unsync_children)
+    sp = vg.sp(parent)
+    edit(vg, parent, unsync_child_bitmap=sp.unsync_child_bitmap | 1 << i,
+         unsync_children=sp.unsync_children + 1)
+    (f,) = [f for f in check_vm(k, vg) if f.check == "stale-bit"]
+    assert f.severity == "warning" and f.objects == [parent, child]
+    assert f"bit {i}" in f.message and f"{child:#x}" in f.message
+
+
+def test_bit_over_non_present_spte_is_info() -> None:
+    k, vg = copied("6.1-shadow")
+    pd = next(s for s in vg.pages() if s.level == 2)
+    spt = k.sptes(pd)
+    i = next(i for i, v in enumerate(spt) if not k.spte_present(v))
+    edit(vg, pd.addr, unsync_child_bitmap=pd.unsync_child_bitmap | 1 << i,
+         unsync_children=pd.unsync_children + 1)
+    findings = check_vm(k, vg)
+    (f,) = [f for f in findings if f.check == "bit-not-present"]
+    assert f.severity == "info" and f.objects == [pd.addr]
+    assert f"bit {i}" in f.message and "__mmu_unsync_walk" in f.message
+    assert [x for x in findings if x.severity != "info"] == []
+
+
+def test_bit_on_level1_page() -> None:
+    k, vg = copied("6.1-shadow")
+    leaf, _, _ = unsync_leaf(vg)
+    edit(vg, leaf.addr, unsync_child_bitmap=1 << 7, unsync_children=1)
+    f = only(check_vm(k, vg), "bit-on-leaf")
+    assert f.severity == "error" and f.objects == [leaf.addr] and "(7)" in f.message
+
+
+@pytest.mark.parametrize("name", ["6.1-shadow", "6.12-shadow-6x6"])
+def test_missing_parent_bit(name: str) -> None:
+    k, vg = copied(name)
+    leaf, parent, i = unsync_leaf(vg)
+    p = vg.sp(parent)
+    assert p.unsync_child_bitmap >> i & 1
+    edit(vg, parent, unsync_child_bitmap=p.unsync_child_bitmap & ~(1 << i),
+         unsync_children=p.unsync_children - 1)
+    f = only(check_vm(k, vg), "missing-bit")
+    assert f.severity == "error" and f.objects == [parent, leaf.addr]
+    assert f"bit {i}" in f.message and "is unsync" in f.message
+
+
+def test_missing_bit_for_unsync_children() -> None:
+    """A page with unsync_children whose parent lost its bit (one level up)."""
+    k, vg = copied("6.1-shadow")
+    pd = next(s for s in vg.pages() if s.level == 2 and s.unsync_children)
+    ((parent, (i, *_)),) = vg.parents(pd.addr)
+    p = vg.sp(parent)
+    edit(vg, parent, unsync_child_bitmap=p.unsync_child_bitmap & ~(1 << i),
+         unsync_children=p.unsync_children - 1)
+    findings = check_vm(k, vg)
+    (f,) = [f for f in findings if f.severity == "error"]
+    assert f.check == "missing-bit" and f.objects == [parent, pd.addr]
+    assert f"unsync_children {pd.unsync_children}" in f.message
+    # the level-3 parent now has no unsync children, so the root's bit over it is stale
+    (root,) = vg.parents(parent)
+    (stale,) = [f for f in findings if f.check == "stale-bit"]
+    assert stale.objects == [root[0], parent] and stale.severity == "warning"
+
+
+def test_unsync_page_not_level1() -> None:
+    k, vg = copied("6.1-shadow")
+    pd = next(s for s in vg.pages() if s.level == 2)
+    edit(vg, pd.addr, unsync=True)
+    found = [f for f in check_vm(k, vg) if f.check == "unsync-page"]
+    assert [f.objects for f in found] == [[pd.addr]] and "level 2" in found[0].message
+
+
+def test_unsync_tdp_page() -> None:
+    k, vg = copied("6.1-tdp")
+    leaf = next(s for s in vg.pages() if s.level == 1)
+    edit(vg, leaf.addr, unsync=True)
+    root = next(iter(vg.roots))
+    edit(vg, root, unsync_children=1, unsync_child_bitmap=1)
+    found = {tuple(f.objects): f for f in check_vm(k, vg) if f.check == "unsync-page"}
+    assert set(found) == {(leaf.addr,), (root,)}
+    assert "TDP MMU page" in found[(leaf.addr,)].message
+    assert "unsync_children 1" in found[(root,)].message
+
+
+# -- roots ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,delta", [("6.1-shadow", 1), ("6.12-shadow-6x6", -1),
+                                        ("6.1-tdp-legacy", 1)])
+def test_root_count_off_by_one(name: str, delta: int) -> None:
+    k, vg = copied(name)
+    root = next(a for a, h in vg.roots.items() if any(x.endswith(".root") for x in h))
+    sp = vg.sp(root)
+    edit(vg, root, root_count=sp.root_count + delta)
+    f = only(check_vm(k, vg), "root-count")
+    assert f.severity == "error" and f.objects == [root]
+    assert f"root_count {sp.root_count + delta} but expected {sp.root_count}" in f.message
+    assert f"{len(vg.roots[root])} vCPU reference(s)" in f.message
+
+
+@pytest.mark.parametrize("name", fixtures(lambda t: t["mmu"] == "tdp_mmu"))
+def test_tdp_root_count_includes_the_list(name: str) -> None:
+    k, vg = copied(name)
+    (root,) = vg.roots
+    assert vg.sp(root).root_count == 5 and len(vg.vcpus) == 4
+    edit(vg, root, root_count=4)  # one reference per vCPU only: the list's is missing
+    f = only(check_vm(k, vg), "root-count")
+    assert "expected 5" in f.message and "+ 1 for tdp_mmu_roots" in f.message
+
+
+def test_unheld_root() -> None:
+    k, vg = copied("6.1-shadow")
+    pd = next(s for s in vg.pages() if s.level == 2)
+    edit(vg, pd.addr, root_count=1)
+    vg.roots[pd.addr] = ["root_count"]
+    f = only(check_vm(k, vg), "unheld-root")
+    assert f.severity == "info" and f.objects == [pd.addr] and "root_count 1" in f.message
+
+
+def test_obsolete_current_root() -> None:
+    k, vg = copied("6.12-shadow")
+    v0 = vg.vcpus[0]
+    edit(vg, v0.root.sp.addr, obsolete=True, mmu_valid_gen=7)
+    f = only(check_vm(k, vg), "obsolete-root")
+    assert f.severity == "warning" and f.objects == [v0.root.sp.addr]
+    assert "vcpu0.root" in f.message and "mmu_valid_gen 7 != kvm->arch.mmu_valid_gen 0" in f.message
+
+
+def test_orphans() -> None:
+    """Unlink a level-3 page from its root: its subtree becomes unreachable.
+
+    (Except the guest's shared page table, which the other roots still reach.)
+    """
+    k, vg = copied("6.1-shadow")
+    root = next(a for a in vg.roots if vg.sp(a).unsync_children == 0)
+    (l3,) = vg.graph.successors(root)
+    vg.graph.remove_edge(root, l3)
+    reach = set(vg.roots)
+    for r in vg.roots:
+        reach |= nx.descendants(vg.graph, r)
+    for n in vg.graph:
+        vg.graph.nodes[n]["orphan"] = n not in reach
+    lost = ({l3} | nx.descendants(vg.graph, l3)) - reach
+    assert l3 in lost and len(lost) >= 3  # level 3, 2 and the set's own page tables
+    f = only(check_vm(k, vg), "orphans")
+    assert f.severity == "info" and set(f.objects) == lost
+    assert f.message.startswith(f"{len(lost)} shadow page(s)") and f"{min(lost):#x}" in f.message
+    if len(lost) > check.MAX_LISTED:
+        assert f"and {len(lost) - check.MAX_LISTED} more" in f.message
+
+
+# -- the model's problems --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["wrong-child-level", "level-zero", "unsync-children-huge"])
+def test_model_problems_are_errors(case: str, tmp_path, capsys) -> None:
+    patches = corrupt.make("6.1-shadow", case, tmp_path)
+    damaged = re.search(r"0x[0-9a-f]+", patches[0].what).group(0)
+    s = Session(open_core(str(tmp_path), []))
+    (vm,) = run_check(s, capsys)["vms"]
+    model = [f for f in vm["findings"] if f["check"] == "model"]
+    assert model and all(f["severity"] == "error" for f in model)
+    assert {str(p) for p in s.kernel.problems} == {f["message"] for f in model}
+    assert any(damaged in f["message"] for f in model)
+    if case == "unsync-children-huge":
+        (f,) = [f for f in vm["findings"] if f["check"] == "unsync-children"]
+        assert f["objects"] == [damaged] and "unsync_children 1000" in f["message"]
+
+
+def test_problems_attributed_to_their_vm() -> None:
+    k, vg = copied("6.1-shadow")
+    owned = check._Owned(k, vg)
+    sp = next(iter(vg.graph))
+    assert sp in owned and sp + k.layout.sp.link in owned
+    assert vg.vm.addr + 8 in owned and vg.vcpus[1].addr in owned
+    assert vg.vcpus[0].root.hpa in owned
+    assert 0xFFFF_FFFF_8000_0000 not in owned and 0 not in owned
