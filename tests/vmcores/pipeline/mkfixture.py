@@ -316,7 +316,7 @@ def filter_dump(dump: Path, out: Path, level: int, vmlinux: Path) -> None:
 
 
 def debug_set(work: Path, dbg: Path, release: str, outdir: Path, shared: Path | None) -> None:
-    """The small debug-info set (mkdebug.py), made once per kernel."""
+    """The small debug-info set (mkdebug.py, xz -9), made once per kernel."""
     cache = work / "debug" / release
     cache.mkdir(parents=True, exist_ok=True)
     src = dbg / "usr/lib/debug"
@@ -326,16 +326,17 @@ def debug_set(work: Path, dbg: Path, release: str, outdir: Path, shared: Path | 
         "kvm-amd.ko": ("module", src / "lib/modules" / release / "kernel/arch/x86/kvm/kvm-amd.ko"),
     }
     for name, (kind, path) in jobs.items():
-        z = cache / f"{name}.zst"
+        z = cache / f"{name}.xz"
         if not z.exists():
             small = cache / name
             run([sys.executable, str(HERE / "mkdebug.py"), kind, str(path), str(small)])
-            run(["zstd", "-q", "-f", "-19", "-T2", str(small), "-o", str(z)])
+            with open(z, "wb") as f:
+                run(["xz", "-9", "-T2", "-c", str(small)], stdout=f)
             small.unlink()
-        target = outdir / f"{name}.zst"
+        target = outdir / f"{name}.xz"
         target.unlink(missing_ok=True)
         if shared is not None:
-            target.symlink_to(os.path.relpath(shared / f"{name}.zst", outdir))
+            target.symlink_to(os.path.relpath(shared / f"{name}.xz", outdir))
         else:
             shutil.copy(z, target)
 
