@@ -2,7 +2,8 @@
 
 ``check_vm(kernel, vg)`` compares what the shadow pages say about themselves
 with what the rest of the model shows, the way the kernel maintains it
-(arch/x86/kvm/mmu/mmu.c, tdp_mmu.c; Debian 6.1.192 and 6.12.117):
+(arch/x86/kvm/mmu/mmu.c and tdp_mmu.c of 6.1.y and 6.12; the unsync walk is
+the same algorithm back to 4.19):
 
 * unsync_children is the number of set bits of unsync_child_bitmap
   (mark_unsync() and clear_unsync_child_bit() change both together);
@@ -13,9 +14,10 @@ with what the rest of the model shows, the way the kernel maintains it
   bit of its SPTE set: kvm_mmu_mark_parents_unsync() and link_shadow_page();
 * only indirect level-1 shadow pages become unsync (mmu_try_to_unsync_pages);
 * root_count is one reference per vCPU root, prev_roots[] and pae_root[]
-  entry (mmu_alloc_root, kvm_mmu_get_page; dropped by mmu_free_root_page), plus
-  one for a valid TDP MMU root on tdp_mmu_roots (kvm_tdp_mmu_get_vcpu_root_hpa
-  sets the refcount to 2: the vCPU's and the TDP MMU's own);
+  entry (mmu_alloc_root; dropped by mmu_free_root_page), plus one for a valid
+  TDP MMU root on tdp_mmu_roots (kvm_tdp_mmu_get_vcpu_root_hpa sets the
+  refcount to 2: the vCPU's and the TDP MMU's own; upstream since about 6.4,
+  and in 6.1.y as the 6.1.192 fixtures show);
 * obsolete roots (is_obsolete_sp) still in use, orphans, roots nobody holds;
 * every Problem the model recorded while reading (unreadable objects, levels
   out of range, a child whose level is not its parent's minus one).
@@ -235,16 +237,44 @@ def _expected_refs(sp: ShadowPage, holders: list[str]) -> tuple[set[int], str]:
     what = f"{n} vCPU reference(s)"
     if sp.tdp_mmu_page and "tdp_mmu_roots" in holders:
         if sp.role.invalid:
-            # kvm_tdp_mmu_zap_invalidated_roots() puts the list's reference after zapping
+            # the list's (or, before it had one, the zap worker's) reference is put
+            # once the invalid root is zapped (kvm_tdp_mmu_zap_invalidated_roots)
             return {n, n + 1}, what + " (+1 for tdp_mmu_roots until the invalid root is zapped)"
         return {n + 1}, what + " + 1 for tdp_mmu_roots"
     return {n}, what
 
 
+def _old_tdp_refcount(sp: ShadowPage, holders: list[str]) -> bool:
+    """A valid TDP MMU root counted the old way: no reference for tdp_mmu_roots.
+
+    "KVM: x86: Preserve TDP MMU roots until they are explicitly invalidated"
+    made kvm_tdp_mmu_get_vcpu_root_hpa() start a new root at 2 (upstream in 2023,
+    about 6.4; backported to 6.1.y, as the 6.1.192 fixtures show); before, at 1.
+    """
+    return (sp.tdp_mmu_page and not sp.role.invalid and "tdp_mmu_roots" in holders
+            and sp.root_count == len(_vcpu_holders(holders)))
+
+
+def _uncounted(vg: VMGraph) -> list[str]:
+    """vCPU root references the model could not see, which root_count may include."""
+    out = []
+    for v in vg.vcpus:
+        name = f"vcpu{v.vcpu_idx if v.vcpu_idx >= 0 else v.vcpu_id}"
+        if v.root is None:
+            out.append(f"{name}: MMU unreadable")
+            continue
+        if v.mmu_name == "guest_mmu":
+            out.append(f"{name}: runs a nested guest, the roots of its root_mmu")
+        bad = [r for r in [v.root, *v.prev_roots] if r.special == "unreadable"]
+        if bad:
+            out.append(f"{name}: {len(bad)} root(s) whose hpa has no readable struct page")
+    return out
+
+
 def check_root_counts(vg: VMGraph) -> list[Finding]:
     """root_count against the references the model sees (and roots nobody holds)."""
     out = []
-    nested = [v for v in vg.vcpus if v.mmu_name != "root_mmu"]
+    uncounted = _uncounted(vg)
     for addr, holders in vg.roots.items():
         sp = vg.sp(addr)
         want, how = _expected_refs(sp, holders)
@@ -259,10 +289,13 @@ def check_root_counts(vg: VMGraph) -> list[Finding]:
             continue
         severity = "error"
         note = ""
-        if nested and sp.root_count > max(want):
+        if _old_tdp_refcount(sp, holders):
             severity = "warning"
-            note = (" (vCPU(s) " + ", ".join(str(v.vcpu_id) for v in nested) + " run a "
-                    "nested guest; the roots of their other MMU are not counted)")
+            note = (" (unless the kernel predates 'Preserve TDP MMU roots until they are "
+                    "explicitly invalidated', when the list held no reference)")
+        elif uncounted and sp.root_count > max(want):
+            severity = "warning"
+            note = f" (not counted: {'; '.join(uncounted)})"
         expected = " or ".join(str(w) for w in sorted(want))
         out.append(Finding(
             "root-count", severity, [addr],

@@ -175,16 +175,26 @@ def _struct_int(data: bytes, off: int, size: int, signed: bool = False) -> int:
     return int.from_bytes(data[off:off + size], "little", signed=signed)
 
 
-def _counters(obj: drgn.Object) -> dict[str, int]:
-    """Integer members of a stats struct (kvm->stat / vcpu->stat), flattened."""
+def _counters(obj: drgn.Object, type_: drgn.Type | None = None) -> dict[str, int]:
+    """Integer members of a stats struct (kvm->stat / vcpu->stat), flattened.
+
+    Unnamed structs/unions are looked through (5.15 put pages_4k/2m/1g in
+    one), and a one-member wrapper such as atomic64_t takes the member's name.
+    """
     out: dict[str, int] = {}
-    t = _bare(obj.type_)
-    for m in t.members or ():
+    for m in _bare(type_ if type_ is not None else obj.type_).members or ():
         mt = _bare(m.type)
-        if mt.kind == drgn.TypeKind.STRUCT:
-            out.update(_counters(getattr(obj, m.name) if m.name else obj))
-        elif mt.kind in (drgn.TypeKind.INT, drgn.TypeKind.BOOL) and m.name:
+        if m.name is None:
+            if mt.kind in (drgn.TypeKind.STRUCT, drgn.TypeKind.UNION):
+                out.update(_counters(obj, mt))  # members reachable by name from obj
+        elif mt.kind in (drgn.TypeKind.INT, drgn.TypeKind.BOOL):
             out[m.name] = getattr(obj, m.name).value_()
+        elif mt.kind == drgn.TypeKind.STRUCT:
+            inner = _counters(getattr(obj, m.name))
+            if len(mt.members) == 1 and len(inner) == 1:
+                out[m.name] = next(iter(inner.values()))
+            else:
+                out.update(inner)
     return out
 
 

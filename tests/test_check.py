@@ -62,6 +62,13 @@ def only(findings: list[Finding], check_id: str) -> Finding:
     return f
 
 
+def invalid_role(k: Kernel, sp: ShadowPage):
+    """sp's role with role.invalid set."""
+    (fld,) = [f for f in k.layout.sp.role_fields if f.name == "invalid"]
+    word = sp.role.word | 1 << fld.shift
+    return dataclasses.replace(sp.role, word=word, fields={**sp.role.fields, "invalid": 1})
+
+
 def unsync_leaf(vg: VMGraph) -> tuple[ShadowPage, int, int]:
     """An unsync level-1 page, one parent and the parent's SPTE index."""
     sp = next(s for s in vg.pages() if s.unsync)
@@ -254,9 +261,19 @@ def test_tdp_root_count_includes_the_list(name: str) -> None:
     k, vg = copied(name)
     (root,) = vg.roots
     assert vg.sp(root).root_count == 5 and len(vg.vcpus) == 4
-    edit(vg, root, root_count=4)  # one reference per vCPU only: the list's is missing
+    edit(vg, root, root_count=6)
     f = only(check_vm(k, vg), "root-count")
-    assert "expected 5" in f.message and "+ 1 for tdp_mmu_roots" in f.message
+    assert f.severity == "error" and "root_count 6 but expected 5" in f.message
+    assert "4 vCPU reference(s) + 1 for tdp_mmu_roots" in f.message
+    # one reference per vCPU only: how kernels counted before the list held one
+    edit(vg, root, root_count=4)
+    f = only(check_vm(k, vg), "root-count")
+    assert f.severity == "warning" and "expected 5" in f.message
+    assert "Preserve TDP MMU roots" in f.message
+    # an invalid root may have dropped the list's reference already
+    for n in (4, 5):
+        edit(vg, root, root_count=n, role=invalid_role(k, vg.sp(root)), obsolete=True)
+        assert [f.check for f in check_vm(k, vg) if f.check == "root-count"] == []
 
 
 def test_unheld_root() -> None:
@@ -326,3 +343,21 @@ def test_problems_attributed_to_their_vm() -> None:
     assert vg.vm.addr + 8 in owned and vg.vcpus[1].addr in owned
     assert vg.vcpus[0].root.hpa in owned
     assert 0xFFFF_FFFF_8000_0000 not in owned and 0 not in owned
+
+
+def test_root_count_with_uncounted_references(tmp_path, capsys) -> None:
+    """A reference the model cannot resolve makes a root_count surplus a warning."""
+    corrupt.make("6.1-shadow", "prev-root-unmapped", tmp_path)
+    (vm,) = run_check(Session(open_core(str(tmp_path), [])), capsys)["vms"]
+    (f,) = [f for f in vm["findings"] if f["check"] == "root-count"]
+    assert f["severity"] == "warning" and "root_count 4 but expected 3" in f["message"]
+    assert "not counted: vcpu0: 1 root(s) whose hpa has no readable struct page" in f["message"]
+
+
+def test_root_count_with_nested_vcpu() -> None:
+    k, vg = copied("6.1-shadow")
+    root = vg.vcpus[0].root.sp.addr
+    edit(vg, root, root_count=vg.sp(root).root_count + 1)
+    vg.vcpus = [dataclasses.replace(vg.vcpus[0], mmu_name="guest_mmu"), *vg.vcpus[1:]]
+    f = only(check_vm(k, vg), "root-count")
+    assert f.severity == "warning" and "vcpu0: runs a nested guest" in f.message

@@ -26,7 +26,8 @@ MODULES = ("vms", "vm", "vcpus", "roots", "tree", "sp", "unsync", "stats", "chec
 
 JSON_ARG = argument("--json", action="store_true", help="print one JSON document")
 VM_ARG = argument("--vm", metavar="ID",
-                  help="VM index, pid:PID or struct kvm address (default: selected VM, else all)")
+                  help="VM index, pid:PID or struct kvm address (default: the selected VM, else "
+                  "all VMs; export: else the only VM)")
 
 
 def load_all() -> CommandNamespace:

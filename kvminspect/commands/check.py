@@ -8,6 +8,7 @@ from typing import Any
 from drgn import Program
 from drgn.commands import command
 from rich.table import Table
+from rich.text import Text
 
 from kvminspect.check import Finding, check_vm, summary
 from kvminspect.commands import JSON_ARG, NAMESPACE, VM_ARG, finish, session_of
@@ -23,7 +24,7 @@ def findings_table(findings: list[Finding]) -> Table:
     for col in ("SEVERITY", "CHECK", "MESSAGE"):
         t.add_column(col, overflow="fold")
     for f in findings:
-        t.add_row(f.severity, f.check, f.message, style=STYLE.get(f.severity))
+        t.add_row(f.severity, f.check, Text(f.message), style=STYLE.get(f.severity))
     return t
 
 

@@ -13,7 +13,7 @@ from drgn.commands import argument, command
 
 from kvminspect.commands import JSON_ARG, NAMESPACE, VM_ARG, finish, session_of
 from kvminspect.commands.vms import vm_json
-from kvminspect.errors import KvminspectError, UsageError
+from kvminspect.errors import KvminspectError, LookupFailed, UsageError
 from kvminspect.graph import VMGraph
 from kvminspect.model import VM
 from kvminspect.render import console, hx
@@ -135,7 +135,7 @@ def one_vm(s: Session, ident: str | None) -> VM:
     """The VM to export: --vm, the selected VM, or the only one."""
     vms = s.vms(ident)
     if not vms:
-        raise UsageError("no VMs (vm_list is empty): nothing to export")
+        raise LookupFailed("no VMs (vm_list is empty): nothing to export")
     if len(vms) > 1:
         raise UsageError(f"{len(vms)} VMs: choose one with --vm ID (or select it with 'vm ID')")
     return vms[0]

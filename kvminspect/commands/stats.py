@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import drgn
 from drgn import Program
 from drgn.commands import command
 from rich.table import Table
 
 from kvminspect.commands import JSON_ARG, NAMESPACE, VM_ARG, finish, session_of
-from kvminspect.layout import _bare
-from kvminspect.model import VM, Kernel, VCpu
+from kvminspect.model import VM, VCpu
 from kvminspect.render import console, hx
 
 # struct kvm_vm_stat (arch/x86/include/asm/kvm_host.h) and its generic part
@@ -30,37 +28,6 @@ def vm_mmu_stat(stat: dict[str, int]) -> dict[str, int]:
 def vcpu_mmu_stat(stat: dict[str, int]) -> dict[str, int]:
     """The MMU counters of vcpu->stat (struct kvm_vcpu_stat), in the kernel's order."""
     return {k: v for k, v in stat.items() if k.startswith(VCPU_PREFIXES) or k in VCPU_NAMES}
-
-
-def _atomics(obj: drgn.Object, t: drgn.Type | None = None) -> dict[str, int]:
-    """atomic_t / atomic64_t members of a stats struct, also inside anonymous unions.
-
-    struct kvm_vm_stat keeps pages_4k/2m/1g (5.15+) as atomic64_t in an anonymous
-    union with pages[]; Kernel's generic counter flattening skips those.
-    """
-    out: dict[str, int] = {}
-    for m in _bare(t if t is not None else obj.type_).members or ():
-        mt = _bare(m.type)
-        if mt.kind not in (drgn.TypeKind.STRUCT, drgn.TypeKind.UNION):
-            continue
-        if m.name is None:  # anonymous struct/union: drgn reaches its members from obj
-            out.update(_atomics(obj, mt))
-        elif [x.name for x in mt.members or ()] == ["counter"]:
-            out[m.name] = getattr(obj, m.name).counter.value_()
-        elif mt.kind == drgn.TypeKind.STRUCT:
-            out.update(_atomics(getattr(obj, m.name)))
-    return out
-
-
-def vm_counters(k: Kernel, vm: VM) -> dict[str, int]:
-    """kvm->stat's MMU counters: the model's, plus the atomic64_t page counts."""
-    stat = dict(vm.stat)
-    try:
-        for name, v in _atomics(k.kvm_object(vm).stat).items():
-            stat.setdefault(name, v)
-    except (drgn.FaultError, LookupError) as e:
-        k.problem("kvm->stat", vm.addr, f"atomic counters unreadable ({e})")
-    return vm_mmu_stat(stat)
 
 
 def vm_table(stat: dict[str, int]) -> Table:
@@ -104,7 +71,7 @@ def _cmd_stats(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
     data: list[tuple[VM, dict[str, int], list[tuple[VCpu, dict[str, int]]]]] = []
     for vm in vms:
         vcpus = [(v, vcpu_mmu_stat(v.stat)) for v in s.kernel.vcpus(vm)]
-        data.append((vm, vm_counters(s.kernel, vm), vcpus))
+        data.append((vm, vm_mmu_stat(vm.stat), vcpus))
 
     def human() -> None:
         c = console()

@@ -411,7 +411,9 @@ def main() -> None:
 
     outdir = VMCORES / args.name
     outdir.mkdir(parents=True, exist_ok=True)
-    level = args.dump_level if args.dump_level is not None else (17 if args.kernel == "6.12" else 31)
+    level = args.dump_level
+    if level is None:  # see README: makedumpfile 1.7.2 mis-marks 6.12's slab pages
+        level = 17 if args.kernel == "6.12" else 31
     vmlinux = dbg / "usr/lib/debug/boot" / f"vmlinux-{release}"
     filter_dump(dump, outdir / "vmcore.xz", level, vmlinux)
     dump.unlink()
