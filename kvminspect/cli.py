@@ -104,7 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         session = Session(_open(args))
         if args.vm:
             session.select(args.vm)
-        run_one(session, [args.command, *args.args])
+        try:
+            run_one(session, [args.command, *args.args])
+        except SystemExit as e:  # rich exits when the reader of a pipe goes away
+            if isinstance(e.__context__, BrokenPipeError):
+                return 0
+            raise
         return 0
     except KvminspectError as e:
         print(f"kvminspect: error: {e}", file=sys.stderr)

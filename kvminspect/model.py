@@ -272,11 +272,12 @@ class Kernel:
         if self._vms is None:
             head = self.prog.symbol("vm_list").address
             off = drgn.offsetof(self.prog.type("struct kvm"), "vm_list")
-            self._vms = []
+            vms = []  # cached only when complete (Ctrl-C may interrupt the walk)
             for i, node in enumerate(self.list_nodes(head, "vm_list")):
                 vm = self._read_vm(i, node - off)
                 if vm is not None:
-                    self._vms.append(vm)
+                    vms.append(vm)
+            self._vms = vms
         return self._vms
 
     def kvm_object(self, vm: VM) -> drgn.Object:
