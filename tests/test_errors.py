@@ -176,3 +176,28 @@ def test_live_without_access() -> None:
     # some sandboxes have no /proc/kcore at all: then that is the one line
     one_line_error(r.stderr, "/proc/kcore",
                    "root" if os.path.exists("/proc/kcore") else "does not exist")
+
+
+@pytest.mark.parametrize("fmt", ["gz", "zst", "plain"])
+def test_compressed_and_plain_cores(fmt: str, tmp_path: Path, capsys) -> None:
+    """A vmcore as .gz, .zst or plain ELF, with -s pointing at the debug files."""
+    import gzip
+
+    import zstandard
+
+    from kvminspect.target import decompressed
+
+    plain = decompressed(VMCORES / "6.1-shadow" / "vmcore.xz").read_bytes()
+    core = tmp_path / {"gz": "vmcore.gz", "zst": "vmcore.zst", "plain": "vmcore"}[fmt]
+    if fmt == "gz":
+        core.write_bytes(gzip.compress(plain, compresslevel=1))
+    elif fmt == "zst":
+        core.write_bytes(zstandard.ZstdCompressor(level=1).compress(plain))
+    else:
+        core.write_bytes(plain)
+    debug = [str(p) for p in (VMCORES / "6.1-shadow").iterdir() if ".ko" in p.name
+             or p.name.startswith("vmlinux")]
+    argv = ["-c", str(core)] + [a for d in debug for a in ("-s", d)] + ["vms", "--json"]
+    status, out, err = run(argv, capsys)
+    assert status == 0, err
+    assert json.loads(out)["vms"][0]["online_vcpus"] == 4
