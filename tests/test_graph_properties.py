@@ -1,0 +1,92 @@
+"""Property tests: the graph builder, unsync replay and checks on random kernel data.
+
+The target is a real fixture; hypothesis replaces what the Kernel read for some
+shadow pages (their spt[] contents, counters, bitmaps, levels) with random
+values before the graph is built. SPTEs may point at real shadow pages (making
+cycles and level mismatches), at random frames, or be garbage. Nothing may raise,
+every walk must finish, and the results must stay within bounds.
+"""
+
+from __future__ import annotations
+
+import array
+import dataclasses
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvminspect import graph
+from kvminspect.check import check_vm
+from kvminspect.commands.unsync import walk_pages, walk_roots
+from kvminspect.model import Kernel, Role
+from kvminspect.unsync import replay_sync
+from tests.conftest import open_fixture
+
+PROG = open_fixture("6.1-shadow").prog
+BASE = Kernel(PROG)
+VM = BASE.vms()[0]
+PAGES = sorted(graph.build(BASE, VM).graph.nodes)
+HPAS = [(BASE.shadow_page(a).spt - BASE.layout.page_offset_base) for a in PAGES]
+
+spte = st.one_of(
+    st.just(0),
+    st.just(1 << 63),  # 6.12's non-present value
+    st.sampled_from(HPAS).map(lambda h: h | 0x827),  # a real page table: may make a cycle
+    st.integers(0, 2**64 - 1),  # garbage
+    st.integers(0, 2**40).map(lambda p: (p << 12) | 0x827),  # a random frame
+)
+
+
+@st.composite
+def damage(draw):
+    pages = draw(st.lists(st.sampled_from(PAGES), min_size=1, max_size=6, unique=True))
+    out = []
+    for a in pages:
+        slots = draw(st.dictionaries(st.integers(0, 511), spte, max_size=24))
+        fields = draw(st.fixed_dictionaries({}, optional={
+            "unsync": st.booleans(),
+            "unsync_children": st.integers(0, 2**32 - 1),
+            "unsync_child_bitmap": st.integers(0, 2**512 - 1),
+            "root_count": st.integers(-5, 100),
+            "level": st.integers(0, 15),
+        }))
+        out.append((a, slots, fields))
+    return out
+
+
+def damaged_kernel(changes) -> Kernel:
+    k = Kernel(PROG)
+    for addr, slots, fields in changes:
+        sp = k.shadow_page(addr)
+        spt = array.array("Q", k.sptes(sp))
+        for i, v in slots.items():
+            spt[i] = v
+        k._spt_cache[addr] = spt
+        level = fields.pop("level", None)
+        if level is not None:
+            fields["role"] = Role(sp.role.word, {**sp.role.fields, "level": level})
+        k._sp_cache[addr] = dataclasses.replace(sp, **fields)
+    return k
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(damage())
+def test_graph_unsync_check_survive_random_state(changes) -> None:
+    k = damaged_kernel(changes)
+    vm = k.vms()[0]
+    g = graph.build(k, vm)
+    assert len(g.graph) <= graph.MAX_PAGES
+    for p, c in g.graph.edges:  # only level-consistent edges are kept: no cycles
+        assert g.sp(c).level == g.sp(p).level - 1
+    pages = walk_pages(k, g)
+    for root in walk_roots(g, None):
+        r = replay_sync(root, pages, max_batches=200)
+        assert len(r.batches) <= 200
+        assert all(len(b.pages) <= 16 for b in r.batches)
+        for b in r.batches:
+            for leaf in b.leaves:
+                assert pages[leaf.sp].level == 1 and pages[leaf.sp].unsync
+    findings = check_vm(k, g)
+    assert all(f.severity in ("error", "warning", "info") for f in findings)
+    for p in k.problems:
+        assert str(p)
