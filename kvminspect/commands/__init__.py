@@ -52,6 +52,19 @@ def parse_int(text: str, what: str) -> int:
         raise UsageError(f"bad {what}: {text!r}") from None
 
 
+def sp_scope(session: Session, vm_ident: str | None, sp_text: str | None
+             ) -> tuple[list, int | None]:
+    """The VMs a command with an optional SP argument covers, and that SP.
+
+    With SP: only the VM that owns it (LookupFailed if none does).
+    """
+    vms = session.vms(vm_ident)
+    if sp_text is None:
+        return vms, None
+    top = parse_int(sp_text, "shadow page address")
+    return [session.find_sp(top, vms)[0]], top
+
+
 def finish(session: Session, args: argparse.Namespace, doc: dict[str, Any],
            human: Callable[[], None], start: int = 0) -> None:
     """Print a command's result: JSON, or rich output plus warnings on stderr.
@@ -68,4 +81,4 @@ def finish(session: Session, args: argparse.Namespace, doc: dict[str, Any],
 
 
 __all__ = ["NAMESPACE", "JSON_ARG", "VM_ARG", "Program", "finish", "load_all",
-           "parse_int", "session_of"]
+           "parse_int", "session_of", "sp_scope"]

@@ -10,7 +10,7 @@ from drgn import Program
 from drgn.commands import argument, command
 from rich.tree import Tree
 
-from kvminspect.commands import JSON_ARG, NAMESPACE, VM_ARG, finish, parse_int, session_of
+from kvminspect.commands import JSON_ARG, NAMESPACE, VM_ARG, finish, session_of, sp_scope
 from kvminspect.graph import VMGraph
 from kvminspect.model import ShadowPage
 from kvminspect.render import console, hx
@@ -131,11 +131,7 @@ def start_pages(g: VMGraph, sp: int | None) -> list[int]:
 def _cmd_tree(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
     s = session_of(kwargs)
     start = len(s.problems())
-    vms = s.vms(args.vm)
-    top = None
-    if args.sp is not None:
-        top = parse_int(args.sp, "shadow page address")
-        vms = [s.find_sp(top, vms)[0]]
+    vms, top = sp_scope(s, args.vm, args.sp)
     out = []
     for vm in vms:
         g = s.graph(vm)
