@@ -201,3 +201,26 @@ def test_compressed_and_plain_cores(fmt: str, tmp_path: Path, capsys) -> None:
     status, out, err = run(argv, capsys)
     assert status == 0, err
     assert json.loads(out)["vms"][0]["online_vcpus"] == 4
+
+
+@pytest.mark.slow
+def test_kdump_compressed_core(tmp_path: Path, capsys) -> None:
+    """The same dump as makedumpfile's kdump-compressed format (read by libkdumpfile)."""
+    exe = shutil.which("makedumpfile")
+    if exe is None:
+        pytest.skip("makedumpfile is not installed (CI installs it)")
+    from kvminspect.target import decompressed
+
+    plain = decompressed(VMCORES / "6.1-shadow" / "vmcore.xz")
+    fx = tmp_path / "kdump"
+    fx.mkdir()
+    subprocess.run([exe, "-c", "-d", "31", str(plain), str(fx / "vmcore")], check=True,
+                   capture_output=True, timeout=120)
+    assert (fx / "vmcore").read_bytes()[:8] == b"KDUMP   "
+    for p in (VMCORES / "6.1-shadow").iterdir():
+        if p.name != "vmcore.xz":
+            shutil.copy(p, fx / p.name)
+    status, out, err = run(["-c", str(fx), "roots", "--json"], capsys)
+    assert status == 0, err
+    (vm,) = json.loads(out)["vms"]
+    assert [v["cr3"] for v in vm["vcpus"]] == ["0x101000", "0x118000", "0x11c000", "0x101000"]
