@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             if isinstance(e.__context__, BrokenPipeError):
                 return 0
             raise
+        k = session.target._kernel
+        if k is not None and k._vms == [] and k.problems:
+            return 1  # nothing could be read: the VM list itself is damaged
         return 0
     except KvminspectError as e:
         print(f"kvminspect: error: {e}", file=sys.stderr)

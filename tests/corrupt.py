@@ -111,6 +111,12 @@ def vm_list_loop(k: Kernel) -> list[Patch]:
     return [Patch(node, u64(node), "vm_list")]
 
 
+def vm_list_unmapped(k: Kernel) -> list[Patch]:
+    """vm_list's head points into unmapped memory: no VM can be read."""
+    head = k.prog.symbol("vm_list").address
+    return [Patch(head, u64(UNMAPPED), "vm_list")]
+
+
 def tdp_roots_loop(k: Kernel) -> list[Patch]:
     """kvm->arch.tdp_mmu_roots: the root's link points at itself."""
     node = k.tdp_roots(_vm(k))[0] + k.layout.sp.link
@@ -181,6 +187,7 @@ CASES: dict[str, Callable[[Kernel], list[Patch]]] = {
     "garbage-page-table": garbage_page_table,
     "active-list-loop": active_list_loop,
     "vm-list-loop": vm_list_loop,
+    "vm-list-unmapped": vm_list_unmapped,
     "tdp-roots-loop": tdp_roots_loop,
     "vcpu-mmu-unmapped": vcpu_mmu_unmapped,
     "spt-unmapped": spt_unmapped,

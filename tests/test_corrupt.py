@@ -37,7 +37,7 @@ CASES = {
 
 @cache
 def damaged(case: str, root: str) -> tuple[Path, list]:
-    fixture, _ = CASES[case]
+    fixture = CASES[case][0] if case in CASES else "6.1-shadow"
     out = Path(root) / case
     return out, make(fixture, case, out)
 
@@ -82,3 +82,14 @@ def test_everything_else_still_read(workdir: str, capsys) -> None:
     bad = [r for v in vm["vcpus"] for r in [v["root"], *v["prev_roots"]] if r["sp"] is None]
     good = [r for v in vm["vcpus"] for r in [v["root"], *v["prev_roots"]] if r["sp"]]
     assert len(bad) == 1 and bad[0]["special"] == "unreadable" and len(good) == 15
+
+
+def test_nothing_readable_exits_nonzero(workdir: str, capsys) -> None:
+    """vm_list itself unreadable: the error is named and the exit status is 1."""
+    path, _ = damaged("vm-list-unmapped", workdir)
+    capsys.readouterr()
+    assert main(["-c", str(path), "roots", "--json"]) == 1
+    out, err = capsys.readouterr()
+    doc = json.loads(out)
+    assert doc["vms"] == [] and doc["errors"][0]["object"] == "struct kvm"
+    assert "Traceback" not in err
