@@ -9,6 +9,7 @@ is for. See ``shared/reference/kvm-mmu-layouts.md`` for the history.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import drgn
 
@@ -19,6 +20,76 @@ PAGE_SHIFT = 12
 SPTE_PRESENT_BIT = 1 << 11  # SPTE_MMU_PRESENT_MASK (5.13+)
 SPTE_LARGE_BIT = 1 << 7  # PT_PAGE_SIZE_MASK
 PT_PRESENT_MASK = 1  # bit 0: present in pae_root[] entries and old SPTEs
+
+
+class Unknown:
+    """A field this kernel's debug info lacks: shown as "unknown", never a number.
+
+    Distinct from INVALID_PAGE (a root the kernel marked invalid) and from an
+    unreadable object (null in JSON, named in "errors"). There is one
+    instance, UNKNOWN; formatting it with any spec gives "unknown".
+    """
+
+    _instance: Unknown | None = None
+
+    def __new__(cls) -> Unknown:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "unknown"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return "unknown"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNKNOWN = Unknown()
+
+
+def known(v: Any) -> bool:
+    """Whether *v* is a value read from the kernel (not UNKNOWN)."""
+    return v is not UNKNOWN
+
+
+@dataclass(frozen=True)
+class MissingMember:
+    """A struct member kvminspect reads that this kernel's debug info lacks."""
+
+    struct: str  # "struct kvm_arch"
+    member: str  # "n_used_mmu_pages"
+    release: str  # the kernel release, "?" if unknown
+    effect: str  # what is shown instead
+
+    def __str__(self) -> str:
+        return (f"{self.struct} has no member {self.member} in kernel {self.release}: "
+                f"{self.effect}")
+
+    def to_json(self) -> dict[str, str]:
+        return {"member": f"{self.struct}.{self.member}", "kernel": self.release,
+                "warning": str(self)}
+
+
+# Members the model reads as plain values. A kernel without one of them gets a
+# MissingMember warning and the field is UNKNOWN; nothing else changes.
+VALUE_MEMBERS: dict[str, tuple[str, ...]] = {
+    "struct kvm": ("userspace_pid", "online_vcpus", "created_vcpus", "stat"),
+    "struct kvm_arch": ("n_requested_mmu_pages", "n_max_mmu_pages", "mmu_valid_gen",
+                        "indirect_shadow_pages"),
+    "struct kvm_vcpu": ("vcpu_id", "cpu", "mode", "pid", "stat"),
+    "struct kvm_vcpu_arch": ("mp_state", "cr3"),
+}
+# struct kvm_mmu_page members without which no shadow page can be read: the
+# hierarchy, the unsync walk and the checks are then skipped, with a warning
+SP_STRUCTURAL = ("link", "role", "gfn", "spt")
+# struct kvm_mmu_page members read as values (UNKNOWN when missing)
+SP_VALUES = ("unsync", "unsync_children", "unsync_child_bitmap", "root_count",
+             "mmu_valid_gen")
 
 
 def _bare(t: drgn.Type) -> drgn.Type:
@@ -81,19 +152,22 @@ def role_bitfields(role_type: drgn.Type) -> list[Bitfield]:
 
 @dataclass(frozen=True)
 class SpLayout:
-    """Offsets of the struct kvm_mmu_page fields kvminspect reads."""
+    """Offsets of the struct kvm_mmu_page fields kvminspect reads.
+
+    A value field is None when the kernel lacks that member (read as UNKNOWN).
+    """
 
     size: int
     link: int
     gfn: int
     spt: int
     role: int
-    unsync: int
-    unsync_children: int
-    unsync_child_bitmap: int
+    unsync: int | None
+    unsync_children: int | None
+    unsync_child_bitmap: int | None
     bitmap_bytes: int
-    root_count: int
-    mmu_valid_gen: int
+    root_count: int | None
+    mmu_valid_gen: int | None
     mmu_valid_gen_size: int
     tdp_mmu_page: int | None  # 5.10+
     role_fields: tuple[Bitfield, ...] = field(default=())
@@ -103,7 +177,7 @@ class SpLayout:
 class Layout:
     """Everything about this kernel's KVM layout that kvminspect needs."""
 
-    sp: SpLayout
+    sp: SpLayout | None  # None: struct kvm_mmu_page lacks a structural member
     vcpu_array: bool  # kvm->vcpu_array xarray (5.16/5.17+) vs kvm->vcpus[]
     mmu_is_pointer: bool  # vcpu->arch.mmu is a pointer (4.20+) vs embedded
     root_info: bool  # mmu->root.{hpa,pgd} (5.18+) vs mmu->root_hpa
@@ -120,11 +194,30 @@ class Layout:
     page_private: int  # offsetof(struct page, private)
     vmemmap_base: int
     page_offset_base: int
+    # where kvm->arch.n_used_mmu_pages lives: "arch.n_used_mmu_pages" to 7.2,
+    # "stat.mmu_shadow_pages" from 7.3, None if neither exists
+    used_pages_path: str | None = None
+    # KVM_X86_TDX_VM and friends: kvm->arch.vm_type (6.8+), else None
+    vm_type: bool = False
+    mirror_root: bool = False  # mmu->mirror_root_hpa (6.14+, TDX)
+    missing: tuple[MissingMember, ...] = ()
+    absent: frozenset[tuple[str, str]] = frozenset()  # (struct, member) of missing
+
+    def lacks(self, struct: str, member: str) -> bool:
+        """Whether this kernel's *struct* lacks *member* (a MissingMember)."""
+        return (struct, member) in self.absent
 
 
-def _sp_layout(prog: drgn.Program) -> SpLayout:
-    """Offsets in struct kvm_mmu_page (kvm.ko DWARF)."""
+def _opt_offset(t: drgn.Type, name: str) -> int | None:
+    """offsetof(t, name), or None when the member is not there."""
+    return member_offset(t, name) if has_member(t, name) else None
+
+
+def _sp_layout(prog: drgn.Program) -> SpLayout | None:
+    """Offsets in struct kvm_mmu_page (kvm.ko DWARF); None without a structural member."""
     t = prog.type("struct kvm_mmu_page")
+    if not all(has_member(t, m) for m in SP_STRUCTURAL):
+        return None
     # mmu_valid_gen: unsigned long in 4.19/4.20, u8 from 5.4, in a union with
     # tdp_mmu_scheduled_root_to_zap from 6.6 (and in Debian's 6.1.192)
     return SpLayout(
@@ -133,18 +226,53 @@ def _sp_layout(prog: drgn.Program) -> SpLayout:
         gfn=member_offset(t, "gfn"),
         spt=member_offset(t, "spt"),
         role=member_offset(t, "role"),
-        unsync=member_offset(t, "unsync"),
-        unsync_children=member_offset(t, "unsync_children"),
-        unsync_child_bitmap=member_offset(t, "unsync_child_bitmap"),
-        bitmap_bytes=member_size(t, "unsync_child_bitmap"),
+        unsync=_opt_offset(t, "unsync"),
+        unsync_children=_opt_offset(t, "unsync_children"),
+        unsync_child_bitmap=_opt_offset(t, "unsync_child_bitmap"),
+        bitmap_bytes=member_size(t, "unsync_child_bitmap")
+        if has_member(t, "unsync_child_bitmap") else 0,
         # root_count: int to 5.12, union with refcount_t tdp_mmu_root_count
         # from 5.14 (same offset, the int view is what the kernel prints)
-        root_count=member_offset(t, "root_count"),
-        mmu_valid_gen=member_offset(t, "mmu_valid_gen"),
-        mmu_valid_gen_size=member_size(t, "mmu_valid_gen"),
-        tdp_mmu_page=member_offset(t, "tdp_mmu_page") if has_member(t, "tdp_mmu_page") else None,
+        root_count=_opt_offset(t, "root_count"),
+        mmu_valid_gen=_opt_offset(t, "mmu_valid_gen"),
+        mmu_valid_gen_size=member_size(t, "mmu_valid_gen")
+        if has_member(t, "mmu_valid_gen") else 0,
+        tdp_mmu_page=_opt_offset(t, "tdp_mmu_page"),  # 5.10+
         role_fields=tuple(role_bitfields(t.member("role").type)),
     )
+
+
+def _missing_members(prog: drgn.Program, release: str, used_pages_path: str | None
+                     ) -> list[MissingMember]:
+    """Every member the model reads that this kernel lacks, with what is shown instead."""
+    out = []
+    for struct, members in VALUE_MEMBERS.items():
+        t = prog.type(struct)
+        out.extend(MissingMember(struct, m, release, f"{m} shown as unknown")
+                   for m in members if not has_member(t, m))
+    if used_pages_path is None:
+        out.append(MissingMember("struct kvm_arch", "n_used_mmu_pages", release,
+                                 "n_used_mmu_pages shown as unknown (nor is there "
+                                 "kvm->stat.mmu_shadow_pages)"))
+    sp = prog.type("struct kvm_mmu_page")
+    for m in SP_STRUCTURAL:
+        if not has_member(sp, m):
+            out.append(MissingMember("struct kvm_mmu_page", m, release,
+                                     "shadow pages cannot be read (no hierarchy, unsync "
+                                     "walk or checks)"))
+    for m in SP_VALUES:
+        if not has_member(sp, m):
+            out.append(MissingMember("struct kvm_mmu_page", m, release,
+                                     f"{m} shown as unknown; what needs it is skipped"))
+    return out
+
+
+def kernel_release(prog: drgn.Program) -> str:
+    """UTS_RELEASE of the target (from VMCOREINFO), or "?"."""
+    try:
+        return prog["UTS_RELEASE"].string_().decode(errors="replace")
+    except (LookupError, drgn.FaultError, ValueError, TypeError):
+        return "?"
 
 
 def _symbol_u64(prog: drgn.Program, name: str, default: int | None = None) -> int:
@@ -157,10 +285,12 @@ def _symbol_u64(prog: drgn.Program, name: str, default: int | None = None) -> in
         return default
 
 
-def probe(prog: drgn.Program) -> Layout:
+def probe(prog: drgn.Program, release: str | None = None) -> Layout:
     """Probe the DWARF and symbols of *prog* for KVM's MMU layout.
 
     Raises KvmNotFound when kvm.ko (its types or vm_list) is not there.
+    Members the model reads but this kernel lacks are listed in
+    ``Layout.missing`` (named with *release*), never an error.
     """
     try:
         prog.symbol("vm_list")
@@ -181,6 +311,15 @@ def probe(prog: drgn.Program) -> Layout:
     # CONFIG_DYNAMIC_PHYSICAL_MASK (SME), else bits 12..51
     physical_mask = _symbol_u64(prog, "physical_mask", (1 << 52) - 1)
     mmu_member = vcpu_arch.member("mmu")
+    if has_member(kvm_arch, "n_used_mmu_pages"):
+        used_pages_path: str | None = "arch.n_used_mmu_pages"
+    elif has_member(_bare(kvm.member("stat").type), "mmu_shadow_pages"):
+        # 7.3 (kvm_account_mmu_page): the count moved to kvm->stat.mmu_shadow_pages
+        used_pages_path = "stat.mmu_shadow_pages"
+    else:
+        used_pages_path = None
+    release = release or kernel_release(prog)
+    missing = _missing_members(prog, release, used_pages_path)
     return Layout(
         sp=_sp_layout(prog),
         # 5.16: kvm->vcpus[KVM_MAX_VCPUS] became the vcpu_array xarray
@@ -211,4 +350,11 @@ def probe(prog: drgn.Program) -> Layout:
         page_private=page_private,
         vmemmap_base=_symbol_u64(prog, "vmemmap_base", 0xFFFFEA0000000000),
         page_offset_base=_symbol_u64(prog, "page_offset_base", 0xFFFF888000000000),
+        used_pages_path=used_pages_path,
+        # 6.8 (confidential VMs): kvm->arch.vm_type, KVM_X86_TDX_VM from 6.16
+        vm_type=has_member(kvm_arch, "vm_type"),
+        # 6.14 (TDX): mirror roots beside mmu->root
+        mirror_root=has_member(mmu, "mirror_root_hpa"),
+        missing=tuple(missing),
+        absent=frozenset((m.struct, m.member) for m in missing),
     )

@@ -23,8 +23,12 @@ from kvminspect.layout import (
     PT_PRESENT_MASK,
     SPTE_LARGE_BIT,
     SPTE_PRESENT_BIT,
+    UNKNOWN,
     Layout,
+    MissingMember,
+    Unknown,
     _bare,
+    known,
     probe,
 )
 
@@ -38,6 +42,11 @@ MP_STATES = {  # KVM_MP_STATE_* (include/uapi/linux/kvm.h)
 }
 VCPU_MODES = ("OUTSIDE_GUEST_MODE", "IN_GUEST_MODE", "EXITING_GUEST_MODE",
               "READING_SHADOW_PAGE_TABLES")
+VM_TYPES = {  # kvm->arch.vm_type: KVM_X86_*_VM (arch/x86/include/uapi/asm/kvm.h)
+    0: "default", 1: "sw_protected", 2: "sev", 3: "sev_es", 4: "snp", 5: "tdx",
+}
+VENDOR_MODULES = ("kvm_amd", "kvm_intel")
+Int = int | Unknown  # a counter or id that this kernel may lack (UNKNOWN)
 
 
 @dataclass(frozen=True)
@@ -71,11 +80,11 @@ class ShadowPage:
     gfn: int
     role: Role
     spt: int
-    unsync: bool
-    unsync_children: int
-    unsync_child_bitmap: int  # 512 bits, bit i = spt[i]
-    root_count: int
-    mmu_valid_gen: int
+    unsync: bool | Unknown
+    unsync_children: Int
+    unsync_child_bitmap: Int  # 512 bits, bit i = spt[i]
+    root_count: Int
+    mmu_valid_gen: Int
     tdp_mmu_page: bool
     obsolete: bool = False  # role.invalid or an old mmu_valid_gen (is_obsolete_sp)
 
@@ -84,8 +93,8 @@ class ShadowPage:
         return self.role.level
 
     def bitmap_indexes(self) -> list[int]:
-        """Set bits of unsync_child_bitmap, ascending."""
-        b, out = self.unsync_child_bitmap, []
+        """Set bits of unsync_child_bitmap, ascending (none when unknown)."""
+        b, out = self.unsync_child_bitmap or 0, []
         while b:
             low = b & -b
             out.append(low.bit_length() - 1)
@@ -122,14 +131,14 @@ class VCpu:
     """struct kvm_vcpu with its current MMU."""
 
     addr: int
-    vcpu_id: int
+    vcpu_id: Int
     vcpu_idx: int
     tid: int | None
     comm: str | None
-    cpu: int
-    mode: str
-    mp_state: str
-    cr3: int
+    cpu: Int
+    mode: str | Unknown
+    mp_state: str | Unknown
+    cr3: Int
     mmu_name: str  # root_mmu / guest_mmu
     root_level: int
     direct: bool
@@ -156,19 +165,28 @@ class VM:
 
     index: int
     addr: int
-    pid: int
+    pid: Int
     comm: str | None
     task_state: str | None
-    online_vcpus: int
-    created_vcpus: int
+    online_vcpus: Int
+    created_vcpus: Int
     mmu: str  # shadow | tdp_mmu | tdp_legacy
-    n_used_mmu_pages: int
-    n_requested_mmu_pages: int
-    n_max_mmu_pages: int
-    mmu_valid_gen: int
-    indirect_shadow_pages: int
+    n_used_mmu_pages: Int
+    n_requested_mmu_pages: Int
+    n_max_mmu_pages: Int
+    mmu_valid_gen: Int
+    indirect_shadow_pages: Int
     memslots: list[Memslot]
     stat: dict[str, int]
+    vendor: str | None = None  # kvm_amd / kvm_intel: the vendor module loaded
+    vm_type: str | None = None  # kvm->arch.vm_type (6.8+): default, sev, ..., tdx
+
+    @property
+    def unsupported(self) -> str | None:
+        """Why kvminspect cannot read this VM's MMU, or None."""
+        if self.vm_type == "tdx":
+            return "TDX VMs (mirror and external roots) are not supported"
+        return None
 
 
 def _struct_int(data: bytes, off: int, size: int, signed: bool = False) -> int:
@@ -201,9 +219,9 @@ def _counters(obj: drgn.Object, type_: drgn.Type | None = None) -> dict[str, int
 class Kernel:
     """KVM state of one target, read on demand and cached per target."""
 
-    def __init__(self, prog: drgn.Program) -> None:
+    def __init__(self, prog: drgn.Program, release: str | None = None) -> None:
         self.prog = prog
-        self.layout: Layout = probe(prog)
+        self.layout: Layout = probe(prog, release)
         self.problems: list[Problem] = []
         self._sp_cache: dict[int, ShadowPage | None] = {}
         self._spt_cache: dict[int, array.array | None] = {}
@@ -211,6 +229,17 @@ class Kernel:
         self._vcpus: dict[int, list[VCpu]] = {}
 
     # -- problems -----------------------------------------------------------
+
+    @property
+    def missing(self) -> tuple[MissingMember, ...]:
+        """Members the model reads that this kernel lacks (shown as unknown)."""
+        return self.layout.missing
+
+    def value(self, obj: drgn.Object, struct: str, member: str) -> Int:
+        """obj.member's integer value, or UNKNOWN when *struct* lacks *member*."""
+        if self.layout.lacks(struct, member):
+            return UNKNOWN
+        return obj.member_(member).value_()
 
     def problem(self, kind: str, addr: int | None, what: str) -> None:
         """Record an unreadable or inconsistent object (once)."""
@@ -254,6 +283,34 @@ class Kernel:
         except (LookupError, drgn.FaultError):
             return False
 
+    def vendor(self) -> str | None:
+        """The vendor module loaded (kvm_amd or kvm_intel), None if neither."""
+        if not hasattr(self, "_vendor"):
+            self._vendor = None
+            try:
+                for mod, _ in self.prog.loaded_modules():
+                    if mod.name in VENDOR_MODULES:
+                        self._vendor = mod.name
+                        break
+            except (drgn.FaultError, LookupError, ValueError):
+                pass
+        return self._vendor
+
+    def _vm_type(self, kvm: drgn.Object) -> str | None:
+        """kvm->arch.vm_type by name (6.8+), None before."""
+        if not self.layout.vm_type:
+            return None
+        t = kvm.arch.vm_type.value_()
+        return VM_TYPES.get(t, str(t))
+
+    def _used_pages(self, kvm: drgn.Object) -> Int:
+        """MMU pages in use: kvm->arch.n_used_mmu_pages, kvm->stat.mmu_shadow_pages in 7.3."""
+        path = self.layout.used_pages_path
+        if path is None:
+            return UNKNOWN
+        outer, inner = path.split(".")
+        return kvm.member_(outer).member_(inner).value_()
+
     def _mmu_kind(self, kvm: drgn.Object) -> str:
         """shadow, tdp_mmu or tdp_legacy for one struct kvm."""
         if not self.tdp_enabled():
@@ -286,11 +343,12 @@ class Kernel:
     def _read_vm(self, index: int, addr: int) -> VM | None:
         """One struct kvm; None (and a problem) when it cannot be read."""
         kvm = drgn.Object(self.prog, "struct kvm *", addr)
+        v = self.value
         try:
-            pid = kvm.userspace_pid.value_()
+            pid = v(kvm, "struct kvm", "userspace_pid")
             comm = state = None
             try:
-                task = find_task(self.prog, pid)
+                task = find_task(self.prog, pid) if known(pid) else None
                 if task:
                     comm = task.comm.string_().decode(errors="replace")
                     from drgn.helpers.linux.sched import task_state_to_char
@@ -298,18 +356,23 @@ class Kernel:
             except (LookupError, drgn.FaultError, ValueError):
                 pass
             arch = kvm.arch
+            online = (UNKNOWN if self.layout.lacks("struct kvm", "online_vcpus")
+                      else kvm.online_vcpus.counter.value_())
             return VM(
                 index=index, addr=addr, pid=pid, comm=comm, task_state=state,
-                online_vcpus=kvm.online_vcpus.counter.value_(),
-                created_vcpus=kvm.created_vcpus.value_(),
+                online_vcpus=online,
+                created_vcpus=v(kvm, "struct kvm", "created_vcpus"),
                 mmu=self._mmu_kind(kvm),
-                n_used_mmu_pages=arch.n_used_mmu_pages.value_(),
-                n_requested_mmu_pages=arch.n_requested_mmu_pages.value_(),
-                n_max_mmu_pages=arch.n_max_mmu_pages.value_(),
-                mmu_valid_gen=arch.mmu_valid_gen.value_(),
-                indirect_shadow_pages=arch.indirect_shadow_pages.value_(),
+                n_used_mmu_pages=self._used_pages(kvm),
+                n_requested_mmu_pages=v(arch, "struct kvm_arch", "n_requested_mmu_pages"),
+                n_max_mmu_pages=v(arch, "struct kvm_arch", "n_max_mmu_pages"),
+                mmu_valid_gen=v(arch, "struct kvm_arch", "mmu_valid_gen"),
+                indirect_shadow_pages=v(arch, "struct kvm_arch", "indirect_shadow_pages"),
                 memslots=self._memslots(kvm),
-                stat=self._stat(kvm.stat, "kvm->stat", addr),
+                stat=({} if self.layout.lacks("struct kvm", "stat")
+                      else self._stat(kvm.stat, "kvm->stat", addr)),
+                vendor=self.vendor(),
+                vm_type=self._vm_type(kvm),
             )
         except drgn.FaultError as e:
             self.problem("struct kvm", addr, f"unreadable ({e})")
@@ -383,6 +446,8 @@ class Kernel:
     def vcpu_objects(self, vm: VM) -> list[drgn.Object]:
         """struct kvm_vcpu * for index 0..online_vcpus-1."""
         kvm = self.kvm_object(vm)
+        if not known(vm.online_vcpus):
+            return []
         n = min(vm.online_vcpus, 4096)
         out = []
         for i in range(n):
@@ -414,16 +479,20 @@ class Kernel:
 
     def _read_vcpu(self, vm: VM, v: drgn.Object) -> VCpu | None:
         addr = v.value_()
+        lacks = self.layout.lacks
         try:
             tid = comm = None
             try:
-                task = pid_task(v.pid.read_(), 0) if v.pid else None  # PIDTYPE_PID
+                task = None
+                if not lacks("struct kvm_vcpu", "pid") and v.pid:
+                    task = pid_task(v.pid.read_(), 0)  # PIDTYPE_PID
                 if task:
                     tid = task.pid.value_()
                     comm = task.comm.string_().decode(errors="replace")
             except (drgn.FaultError, LookupError):
                 pass
-            mode = v.mode.value_()
+            mode = self.value(v, "struct kvm_vcpu", "mode")
+            mp_state = self.value(v.arch, "struct kvm_vcpu_arch", "mp_state")
             arch = v.arch
             mmu = arch.mmu if self.layout.mmu_is_pointer else arch.mmu.address_of_()
             mmu_addr = mmu.value_()
@@ -432,14 +501,17 @@ class Kernel:
                              and getattr(arch, n).address_of_().value_() == mmu_addr), "mmu")
             root, prev, level, direct = self._read_mmu(vm, mmu)
             return VCpu(
-                addr=addr, vcpu_id=v.vcpu_id.value_(),
+                addr=addr, vcpu_id=self.value(v, "struct kvm_vcpu", "vcpu_id"),
                 vcpu_idx=v.vcpu_idx.value_() if self._has(v, "vcpu_idx") else -1,
-                tid=tid, comm=comm, cpu=v.cpu.value_(),
-                mode=VCPU_MODES[mode] if 0 <= mode < len(VCPU_MODES) else str(mode),
-                mp_state=MP_STATES.get(arch.mp_state.value_(), str(arch.mp_state.value_())),
-                cr3=arch.cr3.value_(), mmu_name=mmu_name, root_level=level, direct=direct,
-                root=root, prev_roots=prev,
-                stat=self._stat(v.stat, "vcpu->stat", addr),
+                tid=tid, comm=comm, cpu=self.value(v, "struct kvm_vcpu", "cpu"),
+                mode=UNKNOWN if not known(mode)
+                else VCPU_MODES[mode] if 0 <= mode < len(VCPU_MODES) else str(mode),
+                mp_state=UNKNOWN if not known(mp_state)
+                else MP_STATES.get(mp_state, str(mp_state)),
+                cr3=self.value(arch, "struct kvm_vcpu_arch", "cr3"), mmu_name=mmu_name,
+                root_level=level, direct=direct, root=root, prev_roots=prev,
+                stat=({} if lacks("struct kvm_vcpu", "stat")
+                      else self._stat(v.stat, "vcpu->stat", addr)),
             )
         except drgn.FaultError as e:
             self.problem("struct kvm_vcpu", addr, f"unreadable ({e})")
@@ -548,6 +620,8 @@ class Kernel:
         if addr in self._sp_cache:
             return self._sp_cache[addr]
         lay = self.layout.sp
+        if lay is None:  # a structural member is missing (a MissingMember says which)
+            return None
         sp: ShadowPage | None = None
         try:
             if addr < KERNEL_MIN:
@@ -555,21 +629,25 @@ class Kernel:
             d = self.prog.read(addr, lay.size)
             word = _struct_int(d, lay.role, 4)
             role = Role(word, {f.name: f.get(word) for f in lay.role_fields})
+            def opt(off: int | None, size: int, signed: bool = False) -> Int:
+                return UNKNOWN if off is None else _struct_int(d, off, size, signed)
+
+            unsync = opt(lay.unsync, 1)
             sp = ShadowPage(
                 addr=addr,
                 gfn=_struct_int(d, lay.gfn, 8),
                 role=role,
                 spt=_struct_int(d, lay.spt, 8),
-                unsync=bool(d[lay.unsync]),
-                unsync_children=_struct_int(d, lay.unsync_children, 4),
-                unsync_child_bitmap=_struct_int(d, lay.unsync_child_bitmap, lay.bitmap_bytes),
-                root_count=_struct_int(d, lay.root_count, 4, signed=True),
-                mmu_valid_gen=_struct_int(d, lay.mmu_valid_gen, lay.mmu_valid_gen_size),
+                unsync=bool(unsync) if known(unsync) else UNKNOWN,
+                unsync_children=opt(lay.unsync_children, 4),
+                unsync_child_bitmap=opt(lay.unsync_child_bitmap, lay.bitmap_bytes),
+                root_count=opt(lay.root_count, 4, signed=True),
+                mmu_valid_gen=opt(lay.mmu_valid_gen, lay.mmu_valid_gen_size),
                 tdp_mmu_page=bool(d[lay.tdp_mmu_page]) if lay.tdp_mmu_page is not None else False,
             )
             if not 1 <= role.level <= 5:
                 self.problem("struct kvm_mmu_page", addr, f"impossible level {role.level}")
-            if sp.unsync_children > 512:
+            if known(sp.unsync_children) and sp.unsync_children > 512:
                 self.problem("struct kvm_mmu_page", addr,
                              f"impossible unsync_children {sp.unsync_children}")
         except drgn.FaultError as e:
@@ -580,7 +658,8 @@ class Kernel:
     def mark_obsolete(self, sp: ShadowPage, vm: VM) -> None:
         """is_obsolete_sp(): role.invalid, or an old generation (not TDP MMU)."""
         sp.obsolete = sp.role.invalid or (
-            not sp.tdp_mmu_page and sp.mmu_valid_gen != vm.mmu_valid_gen)
+            not sp.tdp_mmu_page and known(sp.mmu_valid_gen) and known(vm.mmu_valid_gen)
+            and sp.mmu_valid_gen != vm.mmu_valid_gen)
 
     def sptes(self, sp: ShadowPage) -> array.array | None:
         """sp->spt[0..511] as one 4 KiB read; None if unreadable."""
@@ -632,6 +711,8 @@ class Kernel:
 
     def active_pages(self, vm: VM) -> list[int]:
         """Shadow pages on kvm->arch.active_mmu_pages (and 6.1's tdp_mmu_pages)."""
+        if self.layout.sp is None:
+            return []
         kvm = self.kvm_object(vm)
         link = self.layout.sp.link
         heads = [("active_mmu_pages", kvm.arch.active_mmu_pages.address_of_().value_())]
@@ -644,7 +725,7 @@ class Kernel:
 
     def tdp_roots(self, vm: VM) -> list[int]:
         """TDP MMU roots on kvm->arch.tdp_mmu_roots (invalid roots stay listed)."""
-        if not self.layout.tdp_mmu_roots:
+        if not self.layout.tdp_mmu_roots or self.layout.sp is None:
             return []
         kvm = self.kvm_object(vm)
         head = kvm.arch.tdp_mmu_roots.address_of_().value_()

@@ -10,11 +10,21 @@ from typing import Any
 from rich.console import Console
 
 from kvminspect.errors import Problem
+from kvminspect.layout import MissingMember, Unknown
 
 
-def hx(v: int | None) -> str | None:
-    """An address-like value as JSON: a "0x…" string (64-bit safe), or null."""
-    return None if v is None else hex(v)
+def hx(v: int | Unknown | None) -> str | None:
+    """An address-like value as JSON: a "0x…" string (64-bit safe), null, or "unknown"."""
+    if v is None or isinstance(v, Unknown):
+        return None if v is None else "unknown"
+    return hex(v)
+
+
+def _json_default(o: object) -> object:
+    """UNKNOWN (a member this kernel lacks) is the string "unknown" in JSON."""
+    if isinstance(o, Unknown):
+        return "unknown"
+    raise TypeError(f"{type(o).__name__} is not JSON serializable")
 
 
 def console() -> Console:
@@ -30,15 +40,24 @@ def console() -> Console:
                    width=width, soft_wrap=not tty, emoji=False)
 
 
-def emit_json(doc: dict[str, Any], problems: list[Problem]) -> None:
-    """One JSON document on stdout, with an "errors" list of skipped objects."""
+def emit_json(doc: dict[str, Any], problems: list[Problem],
+              missing: tuple[MissingMember, ...] = ()) -> None:
+    """One JSON document on stdout, with an "errors" list of skipped objects.
+
+    With *missing*, a "warnings" list names each member this kernel lacks
+    (those fields are "unknown" in the document).
+    """
     doc = dict(doc)
     doc["errors"] = [p.to_json() for p in problems]
-    sys.stdout.write(json.dumps(doc, indent=1) + "\n")
+    if missing:
+        doc["warnings"] = [m.to_json() for m in missing]
+    sys.stdout.write(json.dumps(doc, indent=1, default=_json_default) + "\n")
 
 
-def warn_problems(problems: list[Problem]) -> None:
-    """Each skipped or inconsistent object as one warning line on stderr."""
+def warn_problems(problems: list[Problem], missing: tuple[MissingMember, ...] = ()) -> None:
+    """Each missing member, then each skipped or inconsistent object, on stderr."""
+    for m in missing:
+        print(f"kvminspect: warning: {m}", file=sys.stderr)
     for p in problems:
         print(f"kvminspect: warning: {p}", file=sys.stderr)
 

@@ -133,8 +133,16 @@ class Target:
     def kernel(self) -> Kernel:
         """The KVM model (probes the layout on first use)."""
         if self._kernel is None:
-            self._kernel = Kernel(self.prog)
+            self._kernel = Kernel(self.prog, self.release)
         return self._kernel
+
+
+def _check_arch(prog: drgn.Program, what: str) -> None:
+    """kvminspect reads x86-64 KVM only: any other kernel is one clear line."""
+    arch = prog.platform.arch if prog.platform is not None else None
+    if arch is not None and arch != drgn.Architecture.X86_64:
+        raise TargetError(f"{what}: a {arch.name.lower()} kernel is not supported "
+                          "(kvminspect reads x86-64 KVM only)")
 
 
 def _quiet_drgn() -> None:
@@ -191,6 +199,7 @@ def open_core(path: str, debug: list[str]) -> Target:
         prog.set_core_dump(str(real))
     except (ValueError, OSError, drgn.FaultError) as e:
         raise TargetError(f"{core}: not a usable vmcore ({e})") from None
+    _check_arch(prog, str(core))
     release = core_release(real)
     _load_debug_info(prog, files, release)
     return Target(prog, core.name if not p.is_dir() else p.name, release)

@@ -73,11 +73,12 @@ def finish(session: Session, args: argparse.Namespace, doc: dict[str, Any],
     since *start* (the count before the command ran) are repeated.
     """
     problems = session.problems()
+    missing = session.kernel.missing
     if getattr(args, "json", False):
-        emit_json(doc, problems)
+        emit_json(doc, problems, missing)
     else:
         human()
-        warn_problems(problems[start:])
+        warn_problems(problems[start:], missing)
 
 
 __all__ = ["NAMESPACE", "JSON_ARG", "VM_ARG", "Program", "finish", "load_all",

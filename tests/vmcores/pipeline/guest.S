@@ -9,6 +9,10 @@
  * until every vCPU has done the same, and writes one PTE into each window
  * page table of its final set: KVM then marks those shadow pages unsync.
  * It reports with OUT 0x10 (the VMM reads its registers) and halts forever.
+ *
+ * guest32_start is the same program in 32-bit protected mode with PAE paging
+ * (vmm -p): edi = vCPU index, esi = GPA of struct guest_params; the u64
+ * fields of the parameters are read by their low half (all below 4 GiB).
  */
 #define P_NVCPUS   0
 #define P_NSETS    8
@@ -84,6 +88,66 @@ load_set:
 	mov	(%rbx), %rax
 	add	$0x200000, %rbx
 	dec	%rcx
+	jmp	8b
+9:	ret
+
+	.code32
+	.globl guest32_start
+guest32_start:
+	mov	P_ROUNDS(%esi), %ebp
+1:	xor	%ebx, %ebx			/* set index */
+2:	call	load_set32
+	inc	%ebx
+	cmp	P_NSETS(%esi), %ebx
+	jb	2b
+	dec	%ebp
+	jnz	1b
+
+	mov	P_FINAL(%esi,%edi,8), %ebx	/* final set of this vCPU */
+	call	load_set32
+
+	lock incl P_BARRIER(%esi)		/* barrier, as in 64-bit mode */
+3:	pause
+	mov	P_BARRIER(%esi), %eax
+	cmp	P_NVCPUS(%esi), %eax
+	jb	3b
+
+	imul	$S_SIZE, %ebx, %edx
+	lea	P_SETS(%esi,%edx), %edx		/* edx = &sets[final] */
+	mov	S_NWIN(%edx), %ecx
+	push	%ebx
+	xor	%ebp, %ebp
+4:	cmp	%ecx, %ebp
+	jae	5f
+	mov	S_WINPT(%edx,%ebp,8), %eax	/* GPA == VA (identity map) */
+	mov	P_NEWPTE(%esi), %ebx
+	mov	%ebx, 800(%eax,%edi,8)		/* slot 100 + vCPU, low half */
+	inc	%ebp
+	jmp	4b
+5:	pop	%ebx
+	mov	$0x10, %dx
+	mov	%ebx, %eax
+	out	%eax, (%dx)
+	cmpl	$0, P_BUSY(%esi)
+	jne	7f
+6:	hlt
+	jmp	6b
+7:	pause
+	jmp	7b
+
+/* load_set32: CR3 <- sets[ebx].cr3 (a PDPT), then read one word of every window */
+load_set32:
+	imul	$S_SIZE, %ebx, %edx
+	lea	P_SETS(%esi,%edx), %edx
+	mov	S_CR3(%edx), %eax
+	mov	%eax, %cr3
+	mov	S_NWIN(%edx), %ecx
+	mov	S_WINVA(%edx), %edx
+8:	test	%ecx, %ecx
+	jz	9f
+	mov	(%edx), %eax
+	add	$0x200000, %edx
+	dec	%ecx
 	jmp	8b
 9:	ret
 guest_end:

@@ -31,14 +31,25 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 VMCORES = HERE.parent
 KERNELS = {
-    # short name -> (image package, -dbg package); the newest of each series in
-    # Debian 12 when the fixtures were made
-    "6.1": ("linux-image-6.1.0-56-amd64", "linux-image-6.1.0-56-amd64-dbg"),
-    "6.12": ("linux-image-6.12.117+deb12-amd64-unsigned", "linux-image-6.12.117+deb12-amd64-dbg"),
+    # short name -> (packages holding the image and modules, -dbg package): the
+    # newest of each series in Debian's archive when the fixtures were made
+    # (5.10: bullseye; 7.3: trixie-backports; see tests/vmcores/README.md)
+    "5.10": (("linux-image-5.10.0-32-amd64-unsigned",), "linux-image-5.10.0-32-amd64-dbg"),
+    "6.1": (("linux-image-6.1.0-56-amd64",), "linux-image-6.1.0-56-amd64-dbg"),
+    "6.12": (("linux-image-6.12.117+deb12-amd64-unsigned",),
+             "linux-image-6.12.117+deb12-amd64-dbg"),
+    # 7.x splits the image: linux-image-KV is a metapackage, the kernel is in
+    # linux-binary-KV (usr/lib/modules/KV/vmlinuz), the modules in linux-modules-KV
+    "7.3": (("linux-binary-7.3.4+deb13-amd64", "linux-modules-7.3.4+deb13-amd64"),
+            "linux-image-7.3.4+deb13-amd64-dbg"),
 }
+# makedumpfile -d per kernel: 1.7.2 does not know the slab marking of 6.12 and
+# later (page_type), and -d 31 can drop slab pages such as kvm->vcpu_array's xa_node
+DUMP_LEVEL = {"5.10": 31, "6.1": 31, "6.12": 17, "7.3": 17}
 MODULES = [  # load order; kvm-amd needs kvm and ccp, kvm needs irqbypass
     "kernel/virt/lib/irqbypass.ko",
     "kernel/arch/x86/kvm/kvm.ko",
+    "kernel/drivers/char/hw_random/rng-core.ko",  # 5.10: ccp needs it (built in later)
     "kernel/drivers/crypto/ccp/ccp.ko",
     "kernel/arch/x86/kvm/kvm-amd.ko",
     "kernel/drivers/firmware/qemu_fw_cfg.ko",
@@ -54,25 +65,46 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 
 def fetch_kernel(work: Path, kernel: str) -> tuple[Path, Path, str]:
-    """apt-get download + dpkg-deb -x the image and -dbg packages (cached)."""
-    image_pkg, dbg_pkg = KERNELS[kernel]
+    """apt-get download + dpkg-deb -x the image and -dbg packages (cached).
+
+    Returns the image tree (every image package extracted into one directory),
+    the -dbg tree and the kernel release.
+    """
+    image_pkgs, dbg_pkg = KERNELS[kernel]
     dl = work / "debs"
     dl.mkdir(parents=True, exist_ok=True)
-    trees = []
-    for pkg in (image_pkg, dbg_pkg):
-        tree = work / "trees" / pkg
-        if not (tree / ".done").exists():
+    image_tree = work / "trees" / image_pkgs[0]
+    dbg_tree = work / "trees" / dbg_pkg
+    for pkgs, tree in ((image_pkgs, image_tree), ((dbg_pkg,), dbg_tree)):
+        if (tree / ".done").exists():
+            continue
+        tree.mkdir(parents=True, exist_ok=True)
+        for pkg in pkgs:
             if not glob.glob(str(dl / f"{pkg}_*.deb")):
                 log(f"apt-get download {pkg}")
                 run(["apt-get", "download", pkg], cwd=dl)
             deb = glob.glob(str(dl / f"{pkg}_*.deb"))[0]
             log(f"extracting {deb}")
-            tree.mkdir(parents=True, exist_ok=True)
             run(["dpkg-deb", "-x", deb, str(tree)])
-            (tree / ".done").touch()
-        trees.append(tree)
-    release = os.listdir(trees[0] / "lib/modules")[0]
-    return trees[0], trees[1], release
+        (tree / ".done").touch()
+    release = os.listdir(modules_dir(image_tree))[0]
+    return image_tree, dbg_tree, release
+
+
+def modules_dir(tree: Path) -> Path:
+    """lib/modules, or usr/lib/modules in 7.x packages (merged /usr)."""
+    for d in ("lib/modules", "usr/lib/modules"):
+        if (tree / d).is_dir():
+            return tree / d
+    raise FileNotFoundError(f"{tree}: no lib/modules")
+
+
+def kernel_image(tree: Path, release: str) -> Path:
+    """boot/vmlinuz-KV, or usr/lib/modules/KV/vmlinuz in 7.x packages."""
+    for p in (tree / "boot" / f"vmlinuz-{release}", modules_dir(tree) / release / "vmlinuz"):
+        if p.exists():
+            return p
+    raise FileNotFoundError(f"{tree}: no vmlinuz for {release}")
 
 
 def build_vmm(work: Path) -> Path:
@@ -84,12 +116,16 @@ def build_vmm(work: Path) -> Path:
     return out
 
 
-def module_bytes(tree: Path, release: str, rel: str) -> bytes:
-    """A module's bytes; 6.12 ships .ko.xz, which busybox insmod cannot load."""
-    base = tree / "lib/modules" / release / rel
+def module_bytes(tree: Path, release: str, rel: str) -> bytes | None:
+    """A module's bytes (None if this kernel has it built in or lacks it);
+    6.12 and 7.x ship .ko.xz, which busybox insmod cannot load."""
+    base = modules_dir(tree) / release / rel
     if base.exists():
         return base.read_bytes()
-    return lzma.decompress((base.parent / (base.name + ".xz")).read_bytes())
+    xz = base.parent / (base.name + ".xz")
+    if xz.exists():
+        return lzma.decompress(xz.read_bytes())
+    return None
 
 
 def build_initramfs(work: Path, tree: Path, release: str, vmm: Path, init: str) -> Path:
@@ -101,7 +137,9 @@ def build_initramfs(work: Path, tree: Path, release: str, vmm: Path, init: str) 
     shutil.copy(shutil.which("busybox") or "/bin/busybox", root / "bin/busybox")
     shutil.copy(vmm, root / "bin/vmm")
     for rel in MODULES:
-        (root / "mods" / Path(rel).name).write_bytes(module_bytes(tree, release, rel))
+        data = module_bytes(tree, release, rel)
+        if data is not None:
+            (root / "mods" / Path(rel).name).write_bytes(data)
     (root / "init").write_text(init)
     (root / "init").chmod(0o755)
     out = work / "initramfs.cpio"
@@ -117,11 +155,12 @@ def init_script(args: argparse.Namespace) -> str:
     npt = 0 if args.mmu == "shadow" else 1
     tdp = "tdp_mmu=N" if args.mmu == "tdp_legacy" else ""
     vmm = f"/bin/vmm -v {args.vcpus} -s {args.sets} -w {args.windows} -r {args.rounds}"
-    vmm += " -z" * args.zap + " -b" * args.busy
+    vmm += " -z" * args.zap + " -b" * args.busy + " -p" * args.pae
     if args.special:  # a host without a VM, or without kvm at all
         vmm = "echo 'KVMINSPECT-RECORD {}'; echo KVMINSPECT-READY"
     kvm = "" if args.special == "no-kvm" else f"""insmod irqbypass.ko
 insmod kvm.ko {tdp}
+[ -e rng-core.ko ] && insmod rng-core.ko
 insmod ccp.ko
 insmod kvm-amd.ko npt={npt}
 """
@@ -170,7 +209,7 @@ class QMP:
 def boot_and_dump(work: Path, tree: Path, release: str, initrd: Path, args: argparse.Namespace
                   ) -> tuple[Path, dict, str]:
     """Boot the host, wait for the VMM's record, dump memory over QMP."""
-    kernel = tree / "boot" / f"vmlinuz-{release}"
+    kernel = kernel_image(tree, release)
     qmp_path = work / "qmp.sock"
     console = work / "console.log"
     dump = work / "vmcore.elf"
@@ -304,8 +343,14 @@ def filter_dump(dump: Path, out: Path, level: int, vmlinux: Path) -> None:
     filtered = dump.with_suffix(".filtered")
     notext = dump.with_suffix(".notext")
     filtered.unlink(missing_ok=True)
-    run(["makedumpfile", "-E", "-d", str(level), str(dump), str(filtered)],
-        stdout=subprocess.DEVNULL)
+    # its progress meter floods stderr: keep only the lines that say something
+    r = subprocess.run(["makedumpfile", "-E", "-d", str(level), str(dump), str(filtered)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in r.stderr.replace("\r", "\n").splitlines():
+        if line.strip() and "%]" not in line:
+            log(f"makedumpfile: {line.strip()}")
+    if r.returncode:
+        sys.exit(f"mkfixture: makedumpfile failed ({r.returncode})")
     lo, hi = kernel_text_range(filtered, vmlinux)
     n = drop_range(filtered, notext, lo, hi)
     log(f"dropped {n >> 10} KiB of kernel text at {lo:#x}-{hi:#x}")
@@ -363,6 +408,7 @@ def truth(record: dict, release: str, args: argparse.Namespace, params: str) -> 
         "zapped": args.zap,
         "busy": args.busy,
         "paging_levels": 5 if args.la57 else 4,
+        "guest_paging": record["paging"],  # long (4-level) or pae (32-bit, 3-level)
         "vmm_pid": record["vmm_pid"],
         "vcpus": [{"vcpu_id": v["vcpu_id"], "tid": v["tid"], "cr3": v["cr3"],
                    "final_set": v["final_set"]} for v in record["vcpus"]],
@@ -383,6 +429,8 @@ def main() -> None:
     ap.add_argument("--special", choices=["no-vm", "no-kvm"],
                     help="a host with kvm loaded but no VM, or without kvm")
     ap.add_argument("--la57", action="store_true", help="5-level paging in the host")
+    ap.add_argument("--pae", action="store_true",
+                    help="the guest runs in 32-bit mode with PAE paging (pae_root roots)")
     ap.add_argument("--vcpus", type=int, default=4)
     ap.add_argument("--sets", type=int, default=4)
     ap.add_argument("--windows", default="20,1,2,1",
@@ -391,7 +439,7 @@ def main() -> None:
     ap.add_argument("--host-mem", type=int, default=256, help="MiB")
     ap.add_argument("--host-cpus", type=int, default=2)
     ap.add_argument("--dump-level", type=int, default=None,
-                    help="makedumpfile -d (default 31; 17 on 6.12, see README)")
+                    help="makedumpfile -d (default: DUMP_LEVEL of the kernel, see README)")
     ap.add_argument("--share-debug", metavar="FIXTURE",
                     help="symlink the debug files of this fixture instead of copying")
     ap.add_argument("--skip-debug", action="store_true",
@@ -411,9 +459,7 @@ def main() -> None:
 
     outdir = VMCORES / args.name
     outdir.mkdir(parents=True, exist_ok=True)
-    level = args.dump_level
-    if level is None:  # see README: makedumpfile 1.7.2 mis-marks 6.12's slab pages
-        level = 17 if args.kernel == "6.12" else 31
+    level = args.dump_level if args.dump_level is not None else DUMP_LEVEL[args.kernel]
     vmlinux = dbg / "usr/lib/debug/boot" / f"vmlinux-{release}"
     filter_dump(dump, outdir / "vmcore.xz", level, vmlinux)
     dump.unlink()

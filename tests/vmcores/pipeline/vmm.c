@@ -5,8 +5,9 @@
  * did as one line "KVMINSPECT-RECORD {json}" followed by "KVMINSPECT-READY".
  * It then sleeps so that the host's memory can be dumped.
  *
- * Usage: vmm [-v VCPUS] [-s SETS] [-w WIN,WIN,...] [-r ROUNDS] [-z] [-b]
+ * Usage: vmm [-v VCPUS] [-s SETS] [-w WIN,WIN,...] [-r ROUNDS] [-z] [-b] [-p]
  *   -w  windows (level-1 page tables written by the guest) per set
+ *   -p  the guest runs in 32-bit protected mode with PAE paging (3 levels)
  *   -z  after the workload, add and delete a memslot (fast zap: roots invalid)
  *   -b  busy: vCPUs spin in guest mode instead of halting
  *
@@ -49,9 +50,9 @@ struct guest_params {         /* layout shared with guest.S (P_*) */
 	uint64_t final_set[MAX_VCPUS];
 };
 
-extern const uint8_t guest_start[], guest_end[];
+extern const uint8_t guest_start[], guest32_start[], guest_end[];
 
-static int kvm_fd, vm_fd, nvcpus = 4, nsets = 4, rounds = 3, zap, busy;
+static int kvm_fd, vm_fd, nvcpus = 4, nsets = 4, rounds = 3, zap, busy, pae;
 static int nwin[MAX_SETS] = {1, 1, 1, 1, 1, 1, 1, 1};
 static uint8_t *mem;
 static uint64_t next_pt = PT_GPA;
@@ -100,17 +101,28 @@ static uint64_t *pt(uint64_t gpa) { return (uint64_t *)(mem + gpa); }
  */
 static void build_set(struct guest_params *p, int k)
 {
-	uint64_t pml4 = alloc_pt(), pdpt = alloc_pt(), pd = alloc_pt();
 	struct set_params *s = &p->sets[k];
+	uint64_t pd;
 
-	pt(pml4)[0] = pdpt | PTE_P | PTE_W;
-	pt(pdpt)[0] = pd | PTE_P | PTE_W;
+	set_npts[k] = 0;
+	if (pae) {
+		/* PAE: CR3 -> PDPT (4 entries; only P may be set) -> PD */
+		uint64_t pdpt = alloc_pt();
+		pd = alloc_pt();
+		pt(pdpt)[0] = pd | PTE_P;
+		set_pts[k][set_npts[k]++] = pdpt;
+		s->cr3 = pdpt;
+	} else {
+		uint64_t pml4 = alloc_pt(), pdpt = alloc_pt();
+		pd = alloc_pt();
+		pt(pml4)[0] = pdpt | PTE_P | PTE_W;
+		pt(pdpt)[0] = pd | PTE_P | PTE_W;
+		set_pts[k][set_npts[k]++] = pml4;
+		set_pts[k][set_npts[k]++] = pdpt;
+		s->cr3 = pml4;
+	}
 	pt(pd)[0] = shared_pt | PTE_P | PTE_W;
-	set_pts[k][0] = pml4;
-	set_pts[k][1] = pdpt;
-	set_pts[k][2] = pd;
-	set_npts[k] = 3;
-	s->cr3 = pml4;
+	set_pts[k][set_npts[k]++] = pd;
 	s->nwin = nwin[k];
 	s->winva = WIN_VA;
 	for (int j = 0; j < nwin[k]; j++) {
@@ -173,7 +185,7 @@ static void setup_vcpu(struct vcpu *v, struct guest_params *p, struct kvm_cpuid2
 		die("KVM_GET_SREGS");
 	struct kvm_segment cs = {
 		.base = 0, .limit = 0xffffffff, .selector = 8, .type = 11,
-		.present = 1, .dpl = 0, .db = 0, .s = 1, .l = 1, .g = 1,
+		.present = 1, .dpl = 0, .db = pae, .s = 1, .l = !pae, .g = 1,
 	};
 	struct kvm_segment ds = cs;
 	ds.selector = 16;
@@ -184,12 +196,12 @@ static void setup_vcpu(struct vcpu *v, struct guest_params *p, struct kvm_cpuid2
 	sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = ds;
 	sregs.cr0 = 0x80050033;    /* PG | WP | NE | ET | MP | PE */
 	sregs.cr4 = 0x20;          /* PAE */
-	sregs.efer = 0x500;        /* LMA | LME */
+	sregs.efer = pae ? 0 : 0x500;  /* LMA | LME in long mode */
 	sregs.cr3 = p->sets[v->idx % nsets].cr3;
 	if (ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0)
 		die("KVM_SET_SREGS");
 	memset(&regs, 0, sizeof(regs));
-	regs.rip = CODE_GPA;
+	regs.rip = CODE_GPA + (pae ? guest32_start - guest_start : 0);
 	regs.rsp = STACK_GPA + (v->idx + 1) * 0x1000;
 	regs.rdi = v->idx;
 	regs.rsi = PARAMS_GPA;
@@ -252,9 +264,10 @@ static void parse_windows(char *arg)
 static void print_record(struct guest_params *p)
 {
 	printf("KVMINSPECT-RECORD {\"vmm_pid\": %d, \"nvcpus\": %d, \"rounds\": %d, "
-	       "\"zapped\": %s, \"busy\": %s, \"shared_pt\": \"0x%lx\", \"vcpus\": [",
+	       "\"zapped\": %s, \"busy\": %s, \"paging\": \"%s\", \"shared_pt\": \"0x%lx\", "
+	       "\"vcpus\": [",
 	       getpid(), nvcpus, rounds, zap ? "true" : "false", busy ? "true" : "false",
-	       shared_pt);
+	       pae ? "pae" : "long", shared_pt);
 	for (int i = 0; i < nvcpus; i++)
 		printf("%s{\"vcpu_id\": %d, \"tid\": %d, \"cr3\": \"0x%lx\", \"final_set\": %d}",
 		       i ? ", " : "", vcpus[i].idx, vcpus[i].tid, vcpus[i].cr3, vcpus[i].final_set);
@@ -278,7 +291,7 @@ static void print_record(struct guest_params *p)
 int main(int argc, char **argv)
 {
 	int opt;
-	while ((opt = getopt(argc, argv, "v:s:w:r:zb")) != -1) {
+	while ((opt = getopt(argc, argv, "v:s:w:r:zbp")) != -1) {
 		switch (opt) {
 		case 'v': nvcpus = atoi(optarg); break;
 		case 's': nsets = atoi(optarg); break;
@@ -286,8 +299,9 @@ int main(int argc, char **argv)
 		case 'r': rounds = atoi(optarg); break;
 		case 'z': zap = 1; break;
 		case 'b': busy = 1; break;
+		case 'p': pae = 1; break;
 		default:
-			fprintf(stderr, "usage: vmm [-v VCPUS] [-s SETS] [-w N,N,..] [-r ROUNDS] [-z] [-b]\n");
+			fprintf(stderr, "usage: vmm [-v VCPUS] [-s SETS] [-w N,N,..] [-r ROUNDS] [-z] [-b] [-p]\n");
 			return 2;
 		}
 	}
