@@ -36,6 +36,7 @@ import drgn
 
 from kvminspect.errors import Problem
 from kvminspect.graph import VMGraph
+from kvminspect.layout import known
 from kvminspect.model import Kernel, ShadowPage
 
 SEVERITIES = ("error", "warning", "info")
@@ -82,12 +83,14 @@ def _sp_of(kernel: Kernel, vg: VMGraph, addr: int) -> ShadowPage | None:
 
 
 def _skip_unsync_fields(sp: ShadowPage) -> bool:
-    """Pages whose unsync fields mean nothing: bad levels, 6.14's mirror pages.
+    """Pages whose unsync fields mean nothing: bad levels, 6.14's mirror pages,
+    and every page of a kernel that lacks one of them (UNKNOWN).
 
     From 6.14 unsync_children shares a union with external_spt, used by
     mirror (TDX) roots and their pages (role.is_mirror).
     """
-    return not 1 <= sp.level <= 5 or bool(sp.role.get("is_mirror"))
+    return (not 1 <= sp.level <= 5 or bool(sp.role.get("is_mirror"))
+            or not all(map(known, (sp.unsync, sp.unsync_children, sp.unsync_child_bitmap))))
 
 
 # -- unsync_children and unsync_child_bitmap ------------------------------------
@@ -231,10 +234,17 @@ def _vcpu_holders(holders: list[str]) -> list[str]:
     return [h for h in holders if h.startswith("vcpu")]
 
 
-def _expected_refs(sp: ShadowPage, holders: list[str]) -> tuple[set[int], str]:
-    """root_count values the holders explain, and how they were counted."""
+def _expected_refs(sp: ShadowPage, holders: list[str], list_ref: bool = True
+                   ) -> tuple[set[int], str]:
+    """root_count values the holders explain, and how they were counted.
+
+    *list_ref*: whether tdp_mmu_roots may hold a reference of its own (never
+    while the TDP MMU root count was the plain int root_count, 5.10-5.12).
+    """
     n = len(_vcpu_holders(holders))
     what = f"{n} vCPU reference(s)"
+    if sp.tdp_mmu_page and "tdp_mmu_roots" in holders and not list_ref:
+        return {n}, what + " (tdp_mmu_roots holds none before tdp_mmu_root_count)"
     if sp.tdp_mmu_page and "tdp_mmu_roots" in holders:
         if sp.role.invalid:
             # the list's (or, before it had one, the zap worker's) reference is put
@@ -271,13 +281,18 @@ def _uncounted(vg: VMGraph) -> list[str]:
     return out
 
 
-def check_root_counts(vg: VMGraph) -> list[Finding]:
-    """root_count against the references the model sees (and roots nobody holds)."""
+def check_root_counts(vg: VMGraph, list_ref: bool = True) -> list[Finding]:
+    """root_count against the references the model sees (and roots nobody holds).
+
+    *list_ref*: see _expected_refs.
+    """
     out = []
     uncounted = _uncounted(vg)
     for addr, holders in vg.roots.items():
         sp = vg.sp(addr)
-        want, how = _expected_refs(sp, holders)
+        if not known(sp.root_count):
+            continue
+        want, how = _expected_refs(sp, holders, list_ref)
         if sp.root_count in want:
             continue
         held = _vcpu_holders(holders)
@@ -302,7 +317,7 @@ def check_root_counts(vg: VMGraph) -> list[Finding]:
             f"{_page(sp)}: root_count {sp.root_count} but expected {expected}: {how}"
             + (f" ({', '.join(held)})" if held else "") + note))
     for sp in vg.pages():
-        if sp.root_count < 0 and sp.addr not in vg.roots:
+        if known(sp.root_count) and sp.root_count < 0 and sp.addr not in vg.roots:
             out.append(Finding("root-count", "error", [sp.addr],
                                f"{_page(sp)}: negative root_count {sp.root_count}"))
     return out
@@ -415,7 +430,9 @@ def check_vm(kernel: Kernel, vg: VMGraph) -> list[Finding]:
         *check_bitmap_bits(kernel, vg),
         *check_parent_bits(vg),
         *check_unsync_pages(vg),
-        *check_root_counts(vg),
+        # 5.13 made the TDP MMU root count a refcount_t (tdp_mmu_root_count);
+        # before it tdp_mmu_roots held no reference of its own
+        *check_root_counts(vg, kernel.layout.tdp_root_refcount),
         *check_obsolete_roots(vg),
         *check_orphans(vg),
     ]

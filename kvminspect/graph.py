@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
+from kvminspect.layout import known
 from kvminspect.model import VM, Kernel, RootRef, ShadowPage, VCpu
 
 MAX_PAGES = 1 << 20
@@ -133,7 +134,8 @@ def build(k: Kernel, vm: VM) -> VMGraph:
     vg.active = set(active)
     for a in active:
         sp = _add_page(k, vm, g, a)
-        if sp is not None and sp.root_count > 0 and a not in vg.roots:
+        if sp is not None and known(sp.root_count) and sp.root_count > 0 \
+                and a not in vg.roots:
             vg.roots[a] = ["root_count"]
     _expand(k, vm, g, list(g.nodes))
     reach = set(vg.roots)

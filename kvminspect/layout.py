@@ -200,8 +200,19 @@ class Layout:
     # KVM_X86_TDX_VM and friends: kvm->arch.vm_type (6.8+), else None
     vm_type: bool = False
     mirror_root: bool = False  # mmu->mirror_root_hpa (6.14+, TDX)
+    # 5.13: the TDP MMU root count became refcount_t tdp_mmu_root_count (in a
+    # union with root_count); before it tdp_mmu_roots held no reference
+    tdp_root_refcount: bool = False
     missing: tuple[MissingMember, ...] = ()
     absent: frozenset[tuple[str, str]] = frozenset()  # (struct, member) of missing
+
+    @property
+    def unsync_known(self) -> bool:
+        """Whether the unsync walk can be replayed: unsync, unsync_children and
+        unsync_child_bitmap are all there."""
+        sp = self.sp
+        return sp is not None and None not in (sp.unsync, sp.unsync_children,
+                                               sp.unsync_child_bitmap)
 
     def lacks(self, struct: str, member: str) -> bool:
         """Whether this kernel's *struct* lacks *member* (a MissingMember)."""
@@ -355,6 +366,7 @@ def probe(prog: drgn.Program, release: str | None = None) -> Layout:
         vm_type=has_member(kvm_arch, "vm_type"),
         # 6.14 (TDX): mirror roots beside mmu->root
         mirror_root=has_member(mmu, "mirror_root_hpa"),
+        tdp_root_refcount=has_member(prog.type("struct kvm_mmu_page"), "tdp_mmu_root_count"),
         missing=tuple(missing),
         absent=frozenset((m.struct, m.member) for m in missing),
     )

@@ -74,10 +74,16 @@ class Role:
 
 @dataclass
 class ShadowPage:
-    """struct kvm_mmu_page: one shadow (or TDP) page table and its state."""
+    """struct kvm_mmu_page: one shadow (or TDP) page table and its state.
+
+    ``level`` is the page table's level: role.level, except for the child
+    pages of 5.10's TDP MMU, whose role.level is one too high (see
+    Kernel.tdp_child_level_is_parents).
+    """
 
     addr: int
     gfn: int
+    level: int
     role: Role
     spt: int
     unsync: bool | Unknown
@@ -87,10 +93,6 @@ class ShadowPage:
     mmu_valid_gen: Int
     tdp_mmu_page: bool
     obsolete: bool = False  # role.invalid or an old mmu_valid_gen (is_obsolete_sp)
-
-    @property
-    def level(self) -> int:
-        return self.role.level
 
     def bitmap_indexes(self) -> list[int]:
         """Set bits of unsync_child_bitmap, ascending (none when unknown)."""
@@ -185,7 +187,7 @@ class VM:
     def unsupported(self) -> str | None:
         """Why kvminspect cannot read this VM's MMU, or None."""
         if self.vm_type == "tdx":
-            return "TDX VMs (mirror and external roots) are not supported"
+            return "TDX VM (mirror and external roots)"
         return None
 
 
@@ -226,6 +228,7 @@ class Kernel:
         self._sp_cache: dict[int, ShadowPage | None] = {}
         self._spt_cache: dict[int, array.array | None] = {}
         self._vms: list[VM] | None = None
+        self._tdp_quirk: bool | None = None
         self._vcpus: dict[int, list[VCpu]] = {}
 
     # -- problems -----------------------------------------------------------
@@ -633,17 +636,23 @@ class Kernel:
                 return UNKNOWN if off is None else _struct_int(d, off, size, signed)
 
             unsync = opt(lay.unsync, 1)
+            root_count = opt(lay.root_count, 4, signed=True)
+            tdp = bool(d[lay.tdp_mmu_page]) if lay.tdp_mmu_page is not None else False
+            level = role.level
+            if tdp and root_count == 0 and self.tdp_child_level_is_parents():
+                level -= 1
             sp = ShadowPage(
                 addr=addr,
                 gfn=_struct_int(d, lay.gfn, 8),
+                level=level,
                 role=role,
                 spt=_struct_int(d, lay.spt, 8),
                 unsync=bool(unsync) if known(unsync) else UNKNOWN,
                 unsync_children=opt(lay.unsync_children, 4),
                 unsync_child_bitmap=opt(lay.unsync_child_bitmap, lay.bitmap_bytes),
-                root_count=opt(lay.root_count, 4, signed=True),
+                root_count=root_count,
                 mmu_valid_gen=opt(lay.mmu_valid_gen, lay.mmu_valid_gen_size),
-                tdp_mmu_page=bool(d[lay.tdp_mmu_page]) if lay.tdp_mmu_page is not None else False,
+                tdp_mmu_page=tdp,
             )
             if not 1 <= role.level <= 5:
                 self.problem("struct kvm_mmu_page", addr, f"impossible level {role.level}")
@@ -654,6 +663,47 @@ class Kernel:
             self.problem("struct kvm_mmu_page", addr, f"unreadable ({e})")
         self._sp_cache[addr] = sp
         return sp
+
+    def tdp_child_level_is_parents(self) -> bool:
+        """Whether TDP MMU child pages carry their parent's level in role.level.
+
+        5.10's kvm_tdp_mmu_map() allocated each child page table with
+        alloc_tdp_mmu_page(vcpu, iter.gfn, iter.level): the level of the SPTE
+        pointing at it, one above its own (fixed by "KVM: x86/mmu: Fix TDP MMU
+        page table level", 5.13); roots were right. Decided once, from the
+        first TDP MMU root with a child: is the child's role.level the root's?
+        Read raw, without the shadow-page cache (whose levels depend on it).
+        """
+        if self._tdp_quirk is None:
+            self._tdp_quirk = False  # also while deciding: no recursion
+            try:
+                self._tdp_quirk = self._first_tdp_child_level_equal()
+            except (drgn.FaultError, LookupError, ValueError):
+                pass
+        return self._tdp_quirk
+
+    def _first_tdp_child_level_equal(self) -> bool:
+        """See tdp_child_level_is_parents (struct kvm_mmu_page, raw reads)."""
+        lay = self.layout
+        if lay.sp is None or lay.sp.tdp_mmu_page is None or not lay.tdp_mmu_roots:
+            return False
+        level_of = next((f for f in lay.sp.role_fields if f.name == "level"), None)
+        if level_of is None:
+            return False
+        off = drgn.offsetof(self.prog.type("struct kvm"), "arch") + drgn.offsetof(
+            self.prog.type("struct kvm_arch"), "tdp_mmu_roots")
+        vm_off = drgn.offsetof(self.prog.type("struct kvm"), "vm_list")
+        for node in self.list_nodes(self.prog.symbol("vm_list").address, "vm_list"):
+            for root in self.list_nodes(node - vm_off + off, "kvm->arch.tdp_mmu_roots"):
+                root -= lay.sp.link
+                level = level_of.get(self.prog.read_u32(root + lay.sp.role))
+                spt = self.prog.read_u64(root + lay.sp.spt)
+                for value in array.array("Q", self.prog.read(spt, 4096)):
+                    if self.spte_present(value) and not value & SPTE_LARGE_BIT:
+                        child = self.page_to_sp((value & lay.addr_mask) >> PAGE_SHIFT)
+                        if child:
+                            return level_of.get(self.prog.read_u32(child + lay.sp.role)) == level
+        return False
 
     def mark_obsolete(self, sp: ShadowPage, vm: VM) -> None:
         """is_obsolete_sp(): role.invalid, or an old generation (not TDP MMU)."""

@@ -20,6 +20,18 @@ def hx(v: int | Unknown | None) -> str | None:
     return hex(v)
 
 
+def hexs(v: int | Unknown | None) -> str:
+    """An address-like value for people: 0x…, "unknown", or "?" when unreadable."""
+    if v is None or isinstance(v, Unknown):
+        return "?" if v is None else "unknown"
+    return hex(v)
+
+
+def plain(v: Any) -> Any:
+    """*v*, or the string "unknown" for UNKNOWN (for writers without a JSON hook)."""
+    return "unknown" if isinstance(v, Unknown) else v
+
+
 def _json_default(o: object) -> object:
     """UNKNOWN (a member this kernel lacks) is the string "unknown" in JSON."""
     if isinstance(o, Unknown):
@@ -40,6 +52,11 @@ def console() -> Console:
                    width=width, soft_wrap=not tty, emoji=False)
 
 
+def dumps(doc: Any) -> str:
+    """JSON text of *doc* (indent 1), UNKNOWN as "unknown"."""
+    return json.dumps(doc, indent=1, default=_json_default)
+
+
 def emit_json(doc: dict[str, Any], problems: list[Problem],
               missing: tuple[MissingMember, ...] = ()) -> None:
     """One JSON document on stdout, with an "errors" list of skipped objects.
@@ -51,7 +68,7 @@ def emit_json(doc: dict[str, Any], problems: list[Problem],
     doc["errors"] = [p.to_json() for p in problems]
     if missing:
         doc["warnings"] = [m.to_json() for m in missing]
-    sys.stdout.write(json.dumps(doc, indent=1, default=_json_default) + "\n")
+    sys.stdout.write(dumps(doc) + "\n")
 
 
 def warn_problems(problems: list[Problem], missing: tuple[MissingMember, ...] = ()) -> None:

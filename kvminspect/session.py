@@ -38,9 +38,18 @@ class Session:
         return self.kernel.vms()
 
     def graph(self, vm: VM) -> graph.VMGraph:
-        """The shadow-page graph of *vm* (built once per session)."""
+        """The shadow-page graph of *vm* (built once per session).
+
+        A VM whose MMU kvminspect cannot read (VM.unsupported: TDX) gets an
+        empty graph and a one-line problem saying so.
+        """
         if vm.addr not in self._graphs:
-            self._graphs[vm.addr] = graph.build(self.kernel, vm)
+            if vm.unsupported:
+                self.kernel.problem("struct kvm", vm.addr,
+                                    f"{vm.unsupported} not supported: its MMU is not read")
+                self._graphs[vm.addr] = graph.VMGraph(vm, [], graph.nx.DiGraph())
+            else:
+                self._graphs[vm.addr] = graph.build(self.kernel, vm)
         return self._graphs[vm.addr]
 
     def find_sp(self, addr: int, vms: list[VM]) -> tuple[VM, ShadowPage]:

@@ -141,7 +141,7 @@ def _check_arch(prog: drgn.Program, what: str) -> None:
     """kvminspect reads x86-64 KVM only: any other kernel is one clear line."""
     arch = prog.platform.arch if prog.platform is not None else None
     if arch is not None and arch != drgn.Architecture.X86_64:
-        raise TargetError(f"{what}: a {arch.name.lower()} kernel is not supported "
+        raise TargetError(f"{what}: {arch.name.lower()} kernels are not supported "
                           "(kvminspect reads x86-64 KVM only)")
 
 

@@ -224,3 +224,24 @@ def test_kdump_compressed_core(tmp_path: Path, capsys) -> None:
     assert status == 0, err
     (vm,) = json.loads(out)["vms"]
     assert [v["cr3"] for v in vm["vcpus"]] == ["0x101000", "0x118000", "0x11c000", "0x101000"]
+
+
+def _elf_core(path: Path, machine: int) -> None:
+    """A minimal ELF core of another architecture: one 4 KiB PT_LOAD of zeros."""
+    import struct
+
+    ehdr = struct.pack("<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01" + bytes(9), 4, machine, 1,
+                       0, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 1, 6, 4096, 0xFFFF000000000000, 0, 4096, 4096, 4096)
+    path.write_bytes((ehdr + phdr).ljust(8192, b"\0"))
+
+
+@pytest.mark.parametrize("machine,arch", [(183, "aarch64"), (22, "s390x")])
+def test_other_architecture_not_supported(tmp_path: Path, machine: int, arch: str,
+                                          capsys) -> None:
+    """An arm64 or s390 kernel: one line "not supported", exit 1 (EM_AARCH64, EM_S390)."""
+    core = tmp_path / "vmcore"
+    _elf_core(core, machine)
+    status, out, err = run(["-c", str(core), "roots"], capsys)
+    assert status == 1 and out == ""
+    one_line_error(err, arch, "not supported", "x86-64")

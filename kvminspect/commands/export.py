@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from kvminspect.commands.vms import vm_json
 from kvminspect.errors import KvminspectError, LookupFailed, UsageError
 from kvminspect.graph import VMGraph
 from kvminspect.model import VM
-from kvminspect.render import console, hx
+from kvminspect.render import console, dumps, hx, plain
 from kvminspect.session import Session
 
 FORMATS = ("dot", "graphml", "json")
@@ -26,8 +25,9 @@ def node_attrs(g: VMGraph, addr: int) -> dict[str, Any]:
     """One struct kvm_mmu_page as plain attributes (lists for holders)."""
     sp = g.sp(addr)
     return {"addr": hx(addr), "gfn": hx(sp.gfn), "level": sp.level,
-            "direct": sp.role.direct, "tdp_mmu_page": sp.tdp_mmu_page, "unsync": sp.unsync,
-            "unsync_children": sp.unsync_children, "root_count": sp.root_count,
+            "direct": sp.role.direct, "tdp_mmu_page": sp.tdp_mmu_page,
+            "unsync": plain(sp.unsync), "unsync_children": plain(sp.unsync_children),
+            "root_count": plain(sp.root_count),
             "invalid": sp.role.invalid, "obsolete": sp.obsolete,
             "orphan": bool(g.graph.nodes[addr].get("orphan")), "root": addr in g.roots,
             "holders": list(g.roots.get(addr, []))}
@@ -45,8 +45,8 @@ def plain_graph(g: VMGraph) -> nx.DiGraph:
 
 def graph_info(vm: VM) -> dict[str, Any]:
     """Graph-level attributes: which VM this is."""
-    return {"kvm": hx(vm.addr), "pid": vm.pid, "index": vm.index, "mmu": vm.mmu,
-            "mmu_valid_gen": vm.mmu_valid_gen}
+    return {"kvm": hx(vm.addr), "pid": plain(vm.pid), "index": vm.index, "mmu": vm.mmu,
+            "mmu_valid_gen": plain(vm.mmu_valid_gen)}
 
 
 def dot_quote(text: str) -> str:
@@ -128,7 +128,7 @@ def write(g: nx.DiGraph, vm: VM, fmt: str, path: Path) -> None:
     elif fmt == "graphml":
         nx.write_graphml(to_graphml_graph(g), path)
     else:
-        path.write_text(json.dumps(to_json(g, vm), indent=1) + "\n")
+        path.write_text(dumps(to_json(g, vm)) + "\n")
 
 
 def one_vm(s: Session, ident: str | None) -> VM:

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from kvminspect.commands import JSON_ARG, NAMESPACE, VM_ARG, finish, session_of
 from kvminspect.model import RootRef, ShadowPage
-from kvminspect.render import console, hx
+from kvminspect.render import console, hexs, hx
 
 
 def sp_brief(sp: ShadowPage | None) -> dict[str, Any]:
@@ -87,7 +87,7 @@ def _cmd_roots(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
             for col in ("VCPU", "CR3", "ROOT", "PGD", "HPA", "SP", "GFN/LVL", ""):
                 t.add_column(col)
             for v in vcpus:
-                t.add_row(f"vcpu[{v.vcpu_idx}]", hex(v.cr3), "root",
+                t.add_row(f"vcpu[{v.vcpu_idx}]", hexs(v.cr3), "root",
                           *root_cells(v.root, current))
                 for i, r in enumerate(v.prev_roots):
                     t.add_row("", "", f"prev[{i}]", *root_cells(r, Counter()))

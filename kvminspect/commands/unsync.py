@@ -37,8 +37,14 @@ def walk_pages(k: Kernel, g: VMGraph) -> dict[int, WalkPage]:
     return pages
 
 
-def walk_roots(g: VMGraph, top: int | None) -> list[int]:
-    """Pages to replay from: SP, or every root with unsync_children."""
+def walk_roots(k: Kernel, g: VMGraph, top: int | None) -> list[int]:
+    """Pages to replay from: SP, or every root with unsync_children.
+
+    None when this kernel lacks a member the walk reads (a MissingMember
+    warning says which): the walk is not guessed.
+    """
+    if not k.layout.unsync_known:
+        return []
     if top is not None:
         return [top]
     return [a for a in sorted(g.roots, key=lambda a: (g.roots[a], a))
@@ -101,7 +107,7 @@ def _cmd_unsync(prog: Program, name: str, args: argparse.Namespace, **kwargs: An
     for vm in vms:
         g = s.graph(vm)
         pages = walk_pages(s.kernel, g)
-        replays = [replay_json(replay_sync(a, pages), g) for a in walk_roots(g, top)]
+        replays = [replay_json(replay_sync(a, pages), g) for a in walk_roots(s.kernel, g, top)]
         out.append((vm, replays))
 
     def human() -> None:

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from kvminspect.commands import JSON_ARG, NAMESPACE, VM_ARG, finish, session_of
 from kvminspect.model import VCpu
-from kvminspect.render import console, hx
+from kvminspect.render import console, hexs, hx
 
 
 def vcpu_json(v: VCpu) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def _cmd_vcpus(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
                 root = "-" if v.root is None else (
                     "INVALID" if v.root.hpa is None else hex(v.root.hpa))
                 t.add_row(str(v.vcpu_idx), str(v.vcpu_id), hex(v.addr), str(v.tid or "?"),
-                          str(v.cpu), v.mode, v.mp_state, hex(v.cr3), v.mmu_name, root)
+                          str(v.cpu), str(v.mode), str(v.mp_state), hexs(v.cr3), v.mmu_name, root)
             c.print(t)
 
     doc = {"vms": [{"kvm": hx(vm.addr), "pid": vm.pid, "mmu": vm.mmu,

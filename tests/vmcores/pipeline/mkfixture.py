@@ -153,7 +153,8 @@ def build_initramfs(work: Path, tree: Path, release: str, vmm: Path, init: str) 
 def init_script(args: argparse.Namespace) -> str:
     """The host's /init: load KVM with the requested MMU, run the VMM."""
     npt = 0 if args.mmu == "shadow" else 1
-    tdp = "tdp_mmu=N" if args.mmu == "tdp_legacy" else ""
+    # kvm's tdp_mmu parameter: off by default in 5.10, on from 5.15
+    tdp = {"tdp_legacy": "tdp_mmu=N", "tdp_mmu": "tdp_mmu=Y"}.get(args.mmu, "")
     vmm = f"/bin/vmm -v {args.vcpus} -s {args.sets} -w {args.windows} -r {args.rounds}"
     vmm += " -z" * args.zap + " -b" * args.busy + " -p" * args.pae
     if args.special:  # a host without a VM, or without kvm at all
