@@ -3,7 +3,7 @@
 Every layout difference between kernel versions that kvminspect handles is
 decided here, once per program, by looking for struct members and symbols;
 nothing branches on a version string. Each probe names the kernel change it
-is for. See ``shared/reference/kvm-mmu-layouts.md`` for the history.
+is for; docs/kernel-layouts.md lists them all, with how each is verified.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from kvminspect.errors import KvmNotFound
 
 INVALID_PAGE = 2**64 - 1
 PAGE_SHIFT = 12
-SPTE_PRESENT_BIT = 1 << 11  # SPTE_MMU_PRESENT_MASK (5.13+)
-SPTE_LARGE_BIT = 1 << 7  # PT_PAGE_SIZE_MASK
 PT_PRESENT_MASK = 1  # bit 0: present in pae_root[] entries and old SPTEs
 
 
@@ -330,6 +328,7 @@ def probe(prog: drgn.Program, release: str | None = None) -> Layout:
     else:
         used_pages_path = None
     release = release or kernel_release(prog)
+    sp_type = prog.type("struct kvm_mmu_page")
     missing = _missing_members(prog, release, used_pages_path)
     return Layout(
         sp=_sp_layout(prog),
@@ -355,7 +354,7 @@ def probe(prog: drgn.Program, release: str | None = None) -> Layout:
         and _bare(kvm_arch.member("tdp_mmu_pages").type).tag == "list_head",
         # 5.13 introduced SPTE_MMU_PRESENT_MASK (bit 11) together with the
         # TDP MMU root refcount union; before it presence was "!= 0 && !mmio"
-        present_bit=has_member(prog.type("struct kvm_mmu_page"), "tdp_mmu_root_count"),
+        present_bit=has_member(sp_type, "tdp_mmu_root_count"),
         addr_mask=physical_mask & ~0xFFF & ((1 << 52) - 1),
         page_size=page_size,
         page_private=page_private,
@@ -366,7 +365,7 @@ def probe(prog: drgn.Program, release: str | None = None) -> Layout:
         vm_type=has_member(kvm_arch, "vm_type"),
         # 6.14 (TDX): mirror roots beside mmu->root
         mirror_root=has_member(mmu, "mirror_root_hpa"),
-        tdp_root_refcount=has_member(prog.type("struct kvm_mmu_page"), "tdp_mmu_root_count"),
+        tdp_root_refcount=has_member(sp_type, "tdp_mmu_root_count"),
         missing=tuple(missing),
         absent=frozenset((m.struct, m.member) for m in missing),
     )

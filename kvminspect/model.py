@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 import drgn
 from drgn.helpers.linux.pid import find_task, pid_task
 
+from kvminspect import spte
 from kvminspect.errors import LookupFailed, Problem
 from kvminspect.layout import (
     INVALID_PAGE,
     PAGE_SHIFT,
     PT_PRESENT_MASK,
-    SPTE_LARGE_BIT,
-    SPTE_PRESENT_BIT,
     UNKNOWN,
     Layout,
     MissingMember,
@@ -229,6 +228,7 @@ class Kernel:
         self._spt_cache: dict[int, array.array | None] = {}
         self._vms: list[VM] | None = None
         self._tdp_quirk: bool | None = None
+        self._spte_format: spte.SpteFormat | None = None
         self._vcpus: dict[int, list[VCpu]] = {}
 
     # -- problems -----------------------------------------------------------
@@ -699,7 +699,7 @@ class Kernel:
                 level = level_of.get(self.prog.read_u32(root + lay.sp.role))
                 spt = self.prog.read_u64(root + lay.sp.spt)
                 for value in array.array("Q", self.prog.read(spt, 4096)):
-                    if self.spte_present(value) and not value & SPTE_LARGE_BIT:
+                    if self.spte_present(value) and not spte.is_large_pte(value):
                         child = self.page_to_sp((value & lay.addr_mask) >> PAGE_SHIFT)
                         if child:
                             return level_of.get(self.prog.read_u32(child + lay.sp.role)) == level
@@ -727,24 +727,24 @@ class Kernel:
             self._spt_cache[sp.addr] = out
         return self._spt_cache[sp.addr]
 
+    @property
+    def spte_format(self) -> spte.SpteFormat:
+        """This release's SPTE decoding rules (kvminspect.spte)."""
+        if self._spte_format is None:
+            self._spte_format = spte.SpteFormat(self.layout.present_bit, self.layout.addr_mask)
+        return self._spte_format
+
     def spte_present(self, value: int) -> bool:
-        """is_shadow_present_pte()."""
-        if self.layout.present_bit:
-            # 5.13: SPTE_MMU_PRESENT_MASK; 6.12's non-present SPTEs have bit 63 set
-            return bool(value & SPTE_PRESENT_BIT)
-        # before 5.13: any non-zero SPTE that is not an MMIO SPTE
-        return value != 0 and (value & (3 << 52)) != (3 << 52)
+        """is_shadow_present_pte() of this release (kvminspect.spte)."""
+        return spte.is_shadow_present_pte(value, self.spte_format)
 
     def decode(self, sp: ShadowPage, index: int, value: int, resolve: bool = True) -> Spte:
         """One SPTE of *sp*: presence, leaf-ness and the child shadow page."""
-        present = self.spte_present(value)
-        large = present and sp.level > 1 and bool(value & SPTE_LARGE_BIT)
-        leaf = present and (sp.level == 1 or large)
-        pfn = (value & self.layout.addr_mask) >> PAGE_SHIFT
+        d = spte.decode(value, sp.level, self.spte_format)
         child = None
-        if present and not leaf and resolve:
-            child = self.page_to_sp(pfn)
-        return Spte(index, value, present, large, leaf, pfn, child)
+        if d.present and not d.leaf and resolve:
+            child = self.page_to_sp(d.pfn)
+        return Spte(index, value, d.present, d.large, d.leaf, d.pfn, child)
 
     def children(self, sp: ShadowPage) -> list[Spte]:
         """Present non-leaf SPTEs of *sp* with their child shadow pages."""
@@ -753,11 +753,9 @@ class Kernel:
         spt = self.sptes(sp)
         if spt is None:
             return []
-        out = []
-        for i, value in enumerate(spt):
-            if value and self.spte_present(value) and not value & SPTE_LARGE_BIT:
-                out.append(self.decode(sp, i, value))
-        return out
+        fmt, present = self.spte_format, spte.is_shadow_present_pte
+        return [self.decode(sp, i, value) for i, value in enumerate(spt)
+                if value and present(value, fmt) and not spte.is_large_pte(value)]
 
     def active_pages(self, vm: VM) -> list[int]:
         """Shadow pages on kvm->arch.active_mmu_pages (and 6.1's tdp_mmu_pages)."""

@@ -63,10 +63,26 @@ def the_vm(prog: drgn.Program) -> drgn.Object:
     return vms[0]
 
 
+def has(obj: drgn.Object, member: str) -> bool:
+    try:
+        obj.member_(member)
+    except LookupError:
+        return False
+    return True
+
+
 def vcpus_of(kvm: drgn.Object) -> list[drgn.Object]:
+    """kvm->vcpu_array (5.16+) or kvm->vcpus[] (5.10)."""
     n = kvm.online_vcpus.counter.value_()
+    if not has(kvm, "vcpu_array"):
+        return [kvm.vcpus[i] for i in range(n)]
     return [drgn.cast("struct kvm_vcpu *", xa_load(kvm.vcpu_array.address_of_(), i))
             for i in range(n)]
+
+
+def root_hpa(mmu: drgn.Object) -> int:
+    """mmu->root.hpa (5.18+) or mmu->root_hpa (5.10)."""
+    return (mmu.root.hpa if has(mmu, "root") else mmu.root_hpa).value_()
 
 
 def to_sp(prog: drgn.Program, hpa: int) -> drgn.Object:
@@ -99,7 +115,12 @@ def test_vm_owner_and_vcpus(name: str) -> None:
         assert task.pid.value_() == tv["tid"]
 
 
-@pytest.mark.parametrize("name", fixtures(lambda t: t["mmu"] == "shadow" and not t["zapped"]))
+def long_mode(t: dict) -> bool:
+    return t.get("guest_paging", "long") == "long"
+
+
+@pytest.mark.parametrize("name", fixtures(lambda t: t["mmu"] == "shadow" and not t["zapped"]
+                                          and long_mode(t)))
 def test_shadow_roots_follow_cr3(name: str) -> None:
     t = truth(name)
     prog = prog_of(name)
@@ -109,9 +130,9 @@ def test_shadow_roots_follow_cr3(name: str) -> None:
     for v in vcpus:
         mmu = v.arch.mmu
         cr3 = v.arch.cr3.value_()
-        sp = to_sp(prog, mmu.root.hpa.value_())
+        sp = to_sp(prog, root_hpa(mmu))
         assert sp.gfn.value_() == cr3 >> 12  # each root shadows the guest's CR3
-        assert sp.role.level.value_() == t["paging_levels"] or sp.role.level.value_() == 4
+        assert sp.role.level.value_() == 4  # the guest's paging, whatever the host's
         assert not sp.role.direct and not sp.role.invalid
         # vCPUs that ended on one CR3 share one root
         assert root_by_cr3.setdefault(cr3, sp.value_()) == sp.value_()
@@ -138,10 +159,37 @@ def test_unsync_leaves_are_the_written_page_tables(name: str) -> None:
     # every ancestor on the way from a root has unsync_children set
     uc = {sp.gfn.value_(): sp.unsync_children.value_() for sp in pages}
     for s in t["sets"]:
-        if s["unsync_gfns"]:
+        if s["unsync_gfns"] and long_mode(t):
             pml4, pdpt, pd = (int(g, 16) >> 12 for g in s["pt_gpas"][:3])
             assert uc[pml4] == 1 and uc[pdpt] == 1
             assert uc[pd] == len(s["unsync_gfns"])
+        elif s["unsync_gfns"]:  # PAE: the PDPT is not shadowed, the PD is the top
+            pdpt, pd = (int(g, 16) >> 12 for g in s["pt_gpas"][:2])
+            assert pdpt not in uc
+            assert uc[pd] == len(s["unsync_gfns"])
+
+
+@pytest.mark.parametrize("name", fixtures(lambda t: not long_mode(t)))
+def test_pae_roots(name: str) -> None:
+    """A 32-bit PAE guest: mmu->root is __pa(mmu->pae_root); pae_root[0] holds the
+    level-2 shadow page of the PD that PDPT entry 0 points to; no prev_roots."""
+    t = truth(name)
+    prog = prog_of(name)
+    pd_of = {int(s["cr3"], 16): int(s["pt_gpas"][1], 16) >> 12 for s in t["sets"]}
+    users: dict[int, int] = {}
+    for v in vcpus_of(the_vm(prog)):
+        mmu = v.arch.mmu
+        pae = mmu.pae_root.value_()
+        assert root_hpa(mmu) == pae - prog["page_offset_base"].value_()
+        entries = [prog.read_u64(pae + 8 * i) for i in range(4)]
+        assert entries[0] & 1 and entries[1:] == [0, 0, 0]  # empty slots are 0 (5.14+)
+        sp = to_sp(prog, entries[0] & ~0xFFF & ((1 << 52) - 1))
+        assert sp.gfn.value_() == pd_of[v.arch.cr3.value_()]
+        assert sp.role.level.value_() == 2 and not sp.role.has_4_byte_gpte
+        users[sp.value_()] = users.get(sp.value_(), 0) + 1
+        assert all(r.hpa.value_() == INVALID_PAGE for r in mmu.prev_roots)
+    for sp, n in users.items():  # one reference per vCPU on that PD
+        assert drgn.Object(prog, "struct kvm_mmu_page *", sp).root_count.value_() == n
 
 
 @pytest.mark.parametrize("name", fixtures(lambda t: t["mmu"] == "tdp_mmu"))
@@ -153,7 +201,7 @@ def test_tdp_mmu_roots(name: str) -> None:
     assert roots and all(r.role.direct and r.tdp_mmu_page for r in roots)
     assert not active_pages(kvm)  # the TDP MMU does not use active_mmu_pages
     for v in vcpus_of(kvm):
-        sp = to_sp(prog, v.arch.mmu.root.hpa.value_())
+        sp = to_sp(prog, root_hpa(v.arch.mmu))
         assert sp.value_() in {r.value_() for r in roots}
 
 
@@ -164,7 +212,7 @@ def test_tdp_legacy_roots(name: str) -> None:
     pages = active_pages(kvm)
     assert pages and all(sp.role.direct and not sp.tdp_mmu_page for sp in pages)
     for v in vcpus_of(kvm):
-        sp = to_sp(prog, v.arch.mmu.root.hpa.value_())
+        sp = to_sp(prog, root_hpa(v.arch.mmu))
         assert sp.value_() in {p.value_() for p in pages} and sp.role.level.value_() == 4
 
 
@@ -175,7 +223,7 @@ def test_zapped_roots_are_invalid(name: str) -> None:
     assert kvm.arch.mmu_valid_gen.value_() == 1  # one fast zap
     for v in vcpus_of(kvm):
         mmu = v.arch.mmu
-        for hpa in [mmu.root.hpa.value_()] + [r.hpa.value_() for r in mmu.prev_roots]:
+        for hpa in [root_hpa(mmu)] + [r.hpa.value_() for r in mmu.prev_roots]:
             if hpa != INVALID_PAGE:
                 sp = to_sp(prog, hpa)
                 assert sp.role.invalid and sp.mmu_valid_gen.value_() != 1
@@ -210,3 +258,19 @@ def test_small_debug_set_reads_tasks_and_stacks(name: str) -> None:
     names = [f.name for f in list(trace)[:20]]
     if not t["busy"]:
         assert "kvm_vcpu_block" in names or "kvm_vcpu_halt" in names, names
+
+
+@pytest.mark.parametrize("name", fixtures(lambda t: t["mmu"] == "tdp_mmu"))
+def test_tdp_child_page_levels(name: str) -> None:
+    """role.level of a TDP MMU root's child: 3, but 4 on 5.10, whose kvm_tdp_mmu_map()
+    gave a child page table the level of the SPTE pointing at it (fixed in 5.13)."""
+    prog = prog_of(name)
+    kvm = the_vm(prog)
+    (root,) = list_for_each_entry("struct kvm_mmu_page", kvm.arch.tdp_mmu_roots.address_of_(),
+                                  "link")
+    assert root.role.level.value_() == 4
+    child_spte = next(v for v in (root.spt[i].value_() for i in range(512)) if v & 1)
+    child = to_sp(prog, child_spte & ~0xFFF & ((1 << 52) - 1))
+    assert child.tdp_mmu_page and child.root_count.value_() == 0
+    old = truth(name)["kernel_release"].startswith("5.10.")
+    assert child.role.level.value_() == (4 if old else 3)

@@ -73,7 +73,7 @@ def release_prog(tmp_path_factory):
     return get
 
 
-# What probe() must decide, per release (shared/reference/kvm-mmu-layouts.md).
+# What probe() must decide, per release (docs/kernel-layouts.md).
 DECISIONS = {
     "4.19": dict(
         vcpu_array=False,  # kvm->vcpus[]

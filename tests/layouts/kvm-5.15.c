@@ -20,7 +20,7 @@
  *   tdp_mmu_root_count union, no mmio_cached, tdp_mmu_page + rcu_head under
  *   CONFIG_X86_64, parent_ptes not yet in a union with ptep), which the index
  *   does not attribute to a repository; it agrees with the 5.15.135 row of
- *   shared/reference/kvm-mmu-layouts.md.
+ *   the layout notes this project was started from.
  * - struct kvm_lpage_info / kvm_arch_memory_slot (asm/kvm_host.h) are the
  *   4.19/5.4 ones; no probe looks inside them.
  * struct page is deliberately left out: probe() must fall back to its x86-64
