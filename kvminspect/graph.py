@@ -126,7 +126,7 @@ def build(k: Kernel, vm: VM) -> VMGraph:
     for ref, who in _holders(vcpus):
         if ref.sp is not None:
             hold(ref.sp.addr, who)
-        for i, a in enumerate(ref.pae_roots):
+        for i, a in ref.pae_roots:
             hold(a, f"{who}.pae_root[{i}]")
     for a in k.tdp_roots(vm):
         hold(a, "tdp_mmu_roots")

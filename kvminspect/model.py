@@ -124,7 +124,8 @@ class RootRef:
     pgd: int
     sp: ShadowPage | None
     special: str | None = None  # pae_root / pml4_root / pml5_root / dummy
-    pae_roots: list[int] = field(default_factory=list)  # level-2 sps under a PAE root
+    # (i, struct kvm_mmu_page) of each present mmu->pae_root[i] under a PAE root
+    pae_roots: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -577,8 +578,8 @@ class Kernel:
             return RootRef(hpa, pgd, None, special="dummy")
         return RootRef(hpa, pgd, self.shadow_page(sp_addr))
 
-    def _pae_roots(self, mmu: drgn.Object) -> list[int]:
-        """Shadow pages under mmu->pae_root[0..3] (PAE and 32-bit guests)."""
+    def _pae_roots(self, mmu: drgn.Object) -> list[tuple[int, int]]:
+        """(i, shadow page) of each present mmu->pae_root[i], i < 4 (PAE and 32-bit guests)."""
         out = []
         try:
             pae = mmu.pae_root.value_()
@@ -591,7 +592,7 @@ class Kernel:
                     continue
                 sp = self.page_to_sp((e & self.layout.addr_mask) >> PAGE_SHIFT)
                 if sp:
-                    out.append(sp)
+                    out.append((i, sp))
         except (drgn.FaultError, LookupError) as e:
             self.problem("struct kvm_mmu", mmu.value_(), f"pae_root unreadable ({e})")
         return out

@@ -29,6 +29,11 @@ def is_hex(v) -> bool:
     return isinstance(v, str) and v.startswith("0x") and int(v, 16) >= 0
 
 
+def long_shadow(t: dict) -> bool:
+    """A shadow-MMU fixture whose guest runs 4-level long mode, not zapped."""
+    return t["mmu"] == "shadow" and not t["zapped"] and t.get("guest_paging", "long") == "long"
+
+
 @pytest.mark.parametrize("name", FIXTURES)
 def test_vms(name: str, capsys) -> None:
     t = truth(name)
@@ -37,7 +42,7 @@ def test_vms(name: str, capsys) -> None:
     (vm,) = doc["vms"]
     assert vm["pid"] == t["vmm_pid"] and vm["comm"] == "vmm"
     assert vm["online_vcpus"] == vm["created_vcpus"] == len(t["vcpus"])
-    assert vm["mmu"] == t["mmu"]
+    assert vm["mmu"] == t["mmu"] and vm["vendor"] == "kvm_amd"
     assert is_hex(vm["kvm"]) and int(vm["kvm"], 16) >> 56 == 0xFF
     assert 0 < vm["n_used_mmu_pages"] <= vm["n_max_mmu_pages"] or t["mmu"] == "tdp_mmu"
     assert vm["memslots"][0]["npages"] == 1024  # the VMM's 4 MiB memslot
@@ -59,7 +64,7 @@ def test_vcpus(name: str, capsys) -> None:
         assert "IN_GUEST_MODE" in {v["mode"] for v in vm["vcpus"]}
 
 
-@pytest.mark.parametrize("name", fixtures(lambda t: t["mmu"] == "shadow" and not t["zapped"]))
+@pytest.mark.parametrize("name", fixtures(long_shadow))
 def test_roots_shadow(name: str, capsys) -> None:
     t = truth(name)
     (vm,) = run_json(name, "roots", capsys=capsys)["vms"]
@@ -115,7 +120,53 @@ def walk(node: dict):
         yield from walk(c)
 
 
-@pytest.mark.parametrize("name", fixtures(lambda t: t["mmu"] == "shadow" and not t["zapped"]))
+@pytest.mark.parametrize("name", fixtures(lambda t: t.get("guest_paging") == "pae"))
+def test_roots_pae(name: str, capsys) -> None:
+    """A PAE guest: the root is pae_root; pae_root[0] is the set's PD, one reference per
+    vCPU on it; no prev_roots (fast_pgd_switch caches 4- and 5-level roots only)."""
+    t = truth(name)
+    (vm,) = run_json(name, "roots", capsys=capsys)["vms"]
+    pd = {s["cr3"]: hex(int(s["pt_gpas"][1], 16) >> 12) for s in t["sets"]}
+    written = {s["cr3"] for s in t["sets"] if s["unsync_gfns"]}
+    users: dict[str, int] = {}
+    for tv in t["vcpus"]:
+        users[tv["cr3"]] = users.get(tv["cr3"], 0) + 1
+    for v, tv in zip(vm["vcpus"], t["vcpus"], strict=True):
+        r = v["root"]
+        assert r["special"] == "pae_root" and r["sp"] is None and r["pgd"] == tv["cr3"]
+        (e,) = r["pae_roots"]
+        assert e["index"] == 0 and e["gfn"] == pd[tv["cr3"]] and e["level"] == 2
+        assert e["root_count"] == users[tv["cr3"]]
+        n = len(next(s for s in t["sets"] if s["cr3"] == tv["cr3"])["unsync_gfns"])
+        assert e["unsync_children"] == (n if tv["cr3"] in written else 0)
+        assert all(p["hpa"] is None for p in v["prev_roots"])
+    text = run_text(name, "roots", capsys=capsys)
+    assert text.count("pae_root[0]") == len(t["vcpus"])
+
+
+@pytest.mark.parametrize("name", fixtures(lambda t: t.get("guest_paging") == "pae"))
+def test_tree_and_unsync_pae(name: str, capsys) -> None:
+    """Each final set's PD is a root (held through pae_root[0]) with its windows at slots
+    1..n; the unsync walk starts at that level-2 page and syncs the written windows."""
+    t = truth(name)
+    (vm,) = run_json(name, "tree", capsys=capsys)["vms"]
+    tops = {n["gfn"]: n for n in vm["trees"]}
+    for k in {tv["final_set"] for tv in t["vcpus"]}:
+        s = t["sets"][k]
+        pd = tops[hex(int(s["pt_gpas"][1], 16) >> 12)]
+        assert pd["level"] == 2 and all(".pae_root[0]" in h for h in pd["holders"])
+        slots = {c["index"]: c["gfn"] for c in pd["children"]}
+        assert slots[0] == hex(int(t["shared_pt"], 16) >> 12)
+        assert [slots[1 + j] for j in range(len(s["window_pts"]))] == [
+            hex(int(w, 16) >> 12) for w in s["window_pts"]]
+    (vm,) = run_json(name, "unsync", capsys=capsys)["vms"]
+    synced = [leaf["gfn"] for r in vm["roots"] for b in r["batches"] for leaf in b["leaves"]]
+    assert sorted(synced) == sorted(g for s in t["sets"] for g in s["unsync_gfns"])
+    for r in vm["roots"]:
+        assert r["batches"][0]["pages"][0] == {"sp": r["sp"], "level": 2, "idx": -1}
+
+
+@pytest.mark.parametrize("name", fixtures(long_shadow))
 def test_tree_matches_page_tables(name: str, capsys) -> None:
     t = truth(name)
     (vm,) = run_json(name, "tree", capsys=capsys)["vms"]

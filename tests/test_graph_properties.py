@@ -62,7 +62,7 @@ def damaged_kernel(changes) -> Kernel:
         for i, v in slots.items():
             spt[i] = v
         k._spt_cache[addr] = spt
-        level = fields.pop("level", None)
+        level = fields.get("level")
         if level is not None:
             fields["role"] = Role(sp.role.word, {**sp.role.fields, "level": level})
         k._sp_cache[addr] = dataclasses.replace(sp, **fields)
@@ -79,7 +79,7 @@ def test_graph_unsync_check_survive_random_state(changes) -> None:
     for p, c in g.graph.edges:  # only level-consistent edges are kept: no cycles
         assert g.sp(c).level == g.sp(p).level - 1
     pages = walk_pages(k, g)
-    for root in walk_roots(g, None):
+    for root in walk_roots(k, g, None):
         r = replay_sync(root, pages, max_batches=200)
         assert len(r.batches) <= 200
         assert all(len(b.pages) <= 16 for b in r.batches)
