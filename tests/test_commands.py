@@ -256,3 +256,18 @@ def test_human_output_is_plain_when_piped(capsys) -> None:
     out = run_text("6.1-shadow", "roots", capsys=capsys)
     assert "\x1b[" not in out
     assert "vcpu[3]" in out and "prev[2]" in out and "shared x2" in out
+
+
+SWEEP = ["vms", "vcpus", "roots", "tree", "unsync", "stats", "check", "vm 0"]
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_every_command_runs_clean(name: str, capsys) -> None:
+    """Every kernel release: each command's document has no errors and no warnings (no
+    member the model reads is missing), and check finds no error."""
+    for command in SWEEP:
+        doc = run_json(name, *command.split(), capsys=capsys)
+        assert doc["errors"] == [], (command, doc["errors"])
+        assert "warnings" not in doc, (command, doc["warnings"])
+    for vm in run_json(name, "check", capsys=capsys)["vms"]:
+        assert vm["summary"]["error"] == 0
