@@ -20,8 +20,15 @@ def fixtures(pred=lambda t: True) -> list[str]:
     return [n for n in FIXTURES if pred(truth(n))]
 
 
-# fixtures with a VM; the others ("special": "no-vm" / "no-kvm") test the edges
-FIXTURES = [n for n in ALL if not truth(n).get("special")]
+def _nvms(t: dict) -> int:
+    """VMs the fixture's VMM made: truth["vms"] lists them when there are several."""
+    return len(t.get("vms", [None]))
+
+
+# fixtures with one VM; the others ("special": "no-vm" / "no-kvm") test the edges
+FIXTURES = [n for n in ALL if not truth(n).get("special") and _nvms(truth(n)) == 1]
+# fixtures with several VMs in one VMM process (truth["vms"], creation order)
+MULTI_VM = [n for n in ALL if not truth(n).get("special") and _nvms(truth(n)) > 1]
 
 
 @cache

@@ -19,7 +19,7 @@ from drgn.helpers.linux.list import list_for_each_entry
 from drgn.helpers.linux.pid import find_task
 from drgn.helpers.linux.xarray import xa_load
 
-from tests.conftest import FIXTURES, VMCORES, fixtures, truth
+from tests.conftest import FIXTURES, MULTI_VM, VMCORES, fixtures, truth
 
 INVALID_PAGE = 2**64 - 1
 CACHE = Path(os.environ.get("KVMINSPECT_TEST_CACHE", "/tmp/kvminspect-test-cache"))
@@ -57,8 +57,13 @@ def prog_of(name: str) -> drgn.Program:
     return prog
 
 
+def all_vms(prog: drgn.Program) -> list[drgn.Object]:
+    """Every struct kvm on vm_list, head first."""
+    return list(list_for_each_entry("struct kvm", prog["vm_list"].address_of_(), "vm_list"))
+
+
 def the_vm(prog: drgn.Program) -> drgn.Object:
-    vms = list(list_for_each_entry("struct kvm", prog["vm_list"].address_of_(), "vm_list"))
+    vms = all_vms(prog)
     assert len(vms) == 1
     return vms[0]
 
@@ -274,3 +279,157 @@ def test_tdp_child_page_levels(name: str) -> None:
     assert child.tdp_mmu_page and child.root_count.value_() == 0
     old = truth(name)["kernel_release"].startswith("5.10.")
     assert child.role.level.value_() == (4 if old else 3)
+
+
+# Fixtures with several VMs in one VMM process: truth["vms"] in creation order.
+
+
+def vms_by_creation(prog: drgn.Program, t: dict) -> list[drgn.Object]:
+    """The dump's VMs in truth["vms"] order, each recognised by its vCPU threads
+    (all VMs of the VMM have the same userspace_pid)."""
+    index = {frozenset(v["tid"] for v in tv["vcpus"]): i for i, tv in enumerate(t["vms"])}
+    found: dict[int, drgn.Object] = {}
+    for kvm in all_vms(prog):
+        tids = frozenset(drgn.helpers.linux.pid.pid_task(v.pid, 0).pid.value_()
+                         for v in vcpus_of(kvm))
+        assert tids in index, f"VM {kvm.value_():#x}: vCPU tids {sorted(tids)} not in truth"
+        found[index[tids]] = kvm
+    assert sorted(found) == list(range(len(t["vms"])))
+    return [found[i] for i in range(len(t["vms"]))]
+
+
+@pytest.mark.parametrize("name", MULTI_VM)
+def test_multi_vm_truth_shape(name: str) -> None:
+    """The top level describes the first VM created, as in a one-VM fixture."""
+    t = truth(name)
+    assert len(t["vms"]) > 1
+    assert [tv["index_created"] for tv in t["vms"]] == list(range(len(t["vms"])))
+    for key, value in t["vms"][0].items():
+        if key != "index_created":
+            assert t[key] == value, key
+    assert len({tv["vmm_pid"] for tv in t["vms"]}) == 1
+    assert sorted(t["vm_list_order"]) == list(range(len(t["vms"])))
+
+
+@pytest.mark.parametrize("name", MULTI_VM)
+def test_multi_vm_list_order_and_owner(name: str) -> None:
+    """Every VM is on vm_list, owned by the one VMM process; kvm_create_vm()
+    adds a VM at the head of vm_list, so the newest comes first."""
+    t = truth(name)
+    prog = prog_of(name)
+    assert prog["UTS_RELEASE"].string_().decode() == t["kernel_release"]
+    vms = all_vms(prog)
+    assert len(vms) == len(t["vms"])
+    assert all(kvm.userspace_pid.value_() == t["vmm_pid"] for kvm in vms)
+    assert find_task(prog, t["vmm_pid"]).comm.string_() == b"vmm"
+    by_creation = vms_by_creation(prog, t)
+    order = [by_creation.index(kvm) for kvm in vms]
+    assert order == t["vm_list_order"] == list(reversed(range(len(vms))))
+
+
+@pytest.mark.parametrize("name", MULTI_VM)
+def test_multi_vm_vcpus(name: str) -> None:
+    """Each VM has its own vCPUs: ids, threads of the VMM and final CR3s as recorded."""
+    t = truth(name)
+    prog = prog_of(name)
+    for kvm, tv in zip(vms_by_creation(prog, t), t["vms"], strict=True):
+        vcpus = vcpus_of(kvm)
+        assert len(vcpus) == len(tv["vcpus"])
+        for v, rec in zip(vcpus, tv["vcpus"], strict=True):
+            assert v.kvm == kvm
+            assert v.vcpu_id.value_() == rec["vcpu_id"]
+            assert v.arch.cr3.value_() == int(rec["cr3"], 16)
+            task = drgn.helpers.linux.pid.pid_task(v.pid, 0)
+            assert task.pid.value_() == rec["tid"] and task.tgid.value_() == t["vmm_pid"]
+
+
+@pytest.mark.parametrize("name", [n for n in MULTI_VM
+                                  if truth(n)["mmu"] in ("shadow", "tdp_legacy")])
+def test_multi_vm_mmu_pages_are_per_vm(name: str) -> None:
+    """active_mmu_pages of different VMs are disjoint; each VM counts its own."""
+    t = truth(name)
+    prog = prog_of(name)
+    seen: set[int] = set()
+    for kvm in vms_by_creation(prog, t):
+        pages = {sp.value_() for sp in active_pages(kvm)}
+        assert pages and not pages & seen
+        seen |= pages
+        if has(kvm.arch, "n_used_mmu_pages"):
+            assert kvm.arch.n_used_mmu_pages.value_() == len(pages)
+
+
+@pytest.mark.parametrize("name", [n for n in MULTI_VM
+                                  if truth(n)["mmu"] == "shadow" and not truth(n)["zapped"]
+                                  and long_mode(truth(n))])
+def test_multi_vm_shadow_roots(name: str) -> None:
+    """Each VM's roots shadow its own vCPUs' CR3s and sit on its own
+    active_mmu_pages, even where two VMs use the same guest CR3; a root's
+    root_count is the number of its VM's vCPUs holding it (current or previous)."""
+    t = truth(name)
+    prog = prog_of(name)
+    vms = vms_by_creation(prog, t)
+    pages_of = [{sp.value_() for sp in active_pages(kvm)} for kvm in vms]
+    root_of_cr3: list[dict[int, int]] = []
+    for i, (kvm, tv) in enumerate(zip(vms, t["vms"], strict=True)):
+        set_cr3s = {int(s["cr3"], 16) for s in tv["sets"]}
+        refs: dict[int, int] = {}
+        by_cr3: dict[int, int] = {}
+        for v, rec in zip(vcpus_of(kvm), tv["vcpus"], strict=True):
+            mmu = v.arch.mmu
+            cr3 = int(rec["cr3"], 16)
+            sp = to_sp(prog, root_hpa(mmu))
+            assert sp.gfn.value_() == cr3 >> 12 and sp.role.level.value_() == 4
+            assert not sp.role.direct and not sp.role.invalid
+            assert by_cr3.setdefault(cr3, sp.value_()) == sp.value_()
+            prev = [r for r in mmu.prev_roots if r.hpa.value_() != INVALID_PAGE]
+            # prev_roots: the other CR3s this vCPU loaded last; all S - 1 if S <= 4
+            prev_cr3s = {r.pgd.value_() for r in prev}
+            assert prev_cr3s <= set_cr3s - {cr3} and len(prev_cr3s) == min(3, len(set_cr3s) - 1)
+            for hpa in [root_hpa(mmu)] + [r.hpa.value_() for r in prev]:
+                root = to_sp(prog, hpa).value_()
+                assert root in pages_of[i]
+                assert all(root not in pages for j, pages in enumerate(pages_of) if j != i)
+                refs[root] = refs.get(root, 0) + 1
+        for root, n in refs.items():
+            assert drgn.Object(prog, "struct kvm_mmu_page *", root).root_count.value_() == n
+        root_of_cr3.append(by_cr3)
+    # a guest CR3 used in several VMs has a root in each
+    for cr3 in set.intersection(*(set(d) for d in root_of_cr3)):
+        roots = [d[cr3] for d in root_of_cr3]
+        assert len(set(roots)) == len(roots)
+
+
+@pytest.mark.parametrize("name", [n for n in MULTI_VM
+                                  if truth(n)["mmu"] == "shadow" and not truth(n)["zapped"]])
+def test_multi_vm_unsync_leaves(name: str) -> None:
+    """Each VM's unsync shadow pages are the page tables its own guest wrote."""
+    t = truth(name)
+    prog = prog_of(name)
+    for kvm, tv in zip(vms_by_creation(prog, t), t["vms"], strict=True):
+        expected = {int(g, 16) for s in tv["sets"] for g in s["unsync_gfns"]}
+        pages = active_pages(kvm)
+        assert {sp.gfn.value_() for sp in pages if sp.unsync} == expected
+        assert all(sp.role.level.value_() == 1 for sp in pages if sp.unsync)
+        uc = {sp.gfn.value_(): sp.unsync_children.value_() for sp in pages
+              if not sp.role.direct and sp.role.level.value_() > 1}
+        for s in tv["sets"]:
+            if s["unsync_gfns"] and long_mode(tv):
+                pml4, pdpt, pd = (int(g, 16) >> 12 for g in s["pt_gpas"][:3])
+                assert uc[pml4] == 1 and uc[pdpt] == 1
+                assert uc[pd] == len(s["unsync_gfns"])
+
+
+@pytest.mark.parametrize("name", MULTI_VM)
+def test_multi_vm_vcpu_threads_block(name: str) -> None:
+    """Every VM's vCPU threads are the VMM's and (unless busy) halted in KVM."""
+    t = truth(name)
+    prog = prog_of(name)
+    from drgn.helpers.linux.sched import task_state_to_char
+
+    for tv in t["vms"]:
+        for rec in tv["vcpus"]:
+            task = find_task(prog, rec["tid"])
+            assert task.comm.string_() == b"vmm" and task_state_to_char(task) in "RS"
+            names = [f.name for f in list(prog.stack_trace(task))[:20]]
+            if not tv["busy"]:
+                assert "kvm_vcpu_block" in names or "kvm_vcpu_halt" in names, names

@@ -6,6 +6,7 @@ The emulated host (L1) boots a Debian stock kernel under qemu-system-x86_64
 runs our VMM (vmm.c + guest.S). When the VMM prints its record, the host's
 memory is dumped through QMP dump-guest-memory, filtered with makedumpfile,
 compressed, and written next to the small debug-info set and truth.json.
+With --vms 2 the VMM runs two VMs in one process.
 
     tests/vmcores/pipeline/mkfixture.py --kernel 6.1 --mmu shadow --name 6.1-shadow
 
@@ -157,6 +158,8 @@ def init_script(args: argparse.Namespace) -> str:
     tdp = {"tdp_legacy": "tdp_mmu=N", "tdp_mmu": "tdp_mmu=Y"}.get(args.mmu, "")
     vmm = f"/bin/vmm -v {args.vcpus} -s {args.sets} -w {args.windows} -r {args.rounds}"
     vmm += " -z" * args.zap + " -b" * args.busy + " -p" * args.pae
+    if args.vms > 1:  # a second VM in the same process, with its own shape
+        vmm += f" -n {args.vms} -V {args.vm2_vcpus} -S {args.vm2_sets} -W {args.vm2_windows}"
     if args.special:  # a host without a VM, or without kvm at all
         vmm = "echo 'KVMINSPECT-RECORD {}'; echo KVMINSPECT-READY"
     kvm = "" if args.special == "no-kvm" else f"""insmod irqbypass.ko
@@ -338,8 +341,12 @@ def drop_range(src: Path, dst: Path, lo: int, hi: int) -> int:
     return dropped
 
 
-def filter_dump(dump: Path, out: Path, level: int, vmlinux: Path) -> None:
-    """makedumpfile -E -d LEVEL (ELF output), kernel text dropped, then xz -9e."""
+def filter_dump(dump: Path, out: Path, level: int, vmlinux: Path) -> Path:
+    """makedumpfile -E -d LEVEL (ELF output), kernel text dropped, then xz -9e.
+
+    Returns the uncompressed ELF that was compressed into *out* (the caller
+    may read it and then deletes it).
+    """
     fix_elf_phdrs(dump)
     filtered = dump.with_suffix(".filtered")
     notext = dump.with_suffix(".notext")
@@ -358,11 +365,56 @@ def filter_dump(dump: Path, out: Path, level: int, vmlinux: Path) -> None:
     with open(out, "wb") as f:
         run(["xz", "-9e", "-T2", "-c", str(notext)], stdout=f)
     filtered.unlink()
-    notext.unlink()
+    return notext
+
+
+def vm_list_order(elf: Path, vmlinux: Path, kvm_ko: Path, record: dict) -> list[int]:
+    """The VMs on the dump's vm_list, head first, as creation indices.
+
+    kvm_create_vm() adds a VM at the head of vm_list, so the newest comes
+    first; this reads the order from the dump instead of assuming it. A VM
+    is recognised by its vCPU threads (every VM of the VMM has the same
+    userspace_pid). Exits if the VMs on vm_list are not the record's.
+    """
+    import drgn
+    from drgn.helpers.linux.list import list_for_each_entry
+    from drgn.helpers.linux.pid import pid_task
+    from drgn.helpers.linux.xarray import xa_load
+
+    prog = drgn.Program()
+    prog.set_core_dump(str(elf))
+    prog.load_debug_info([str(vmlinux), str(kvm_ko)])
+    by_tids = {frozenset(v["tid"] for v in vm["vcpus"]): vm["index_created"]
+               for vm in record["vms"]}
+    order = []
+    for kvm in list_for_each_entry("struct kvm", prog["vm_list"].address_of_(), "vm_list"):
+        n = kvm.online_vcpus.counter.value_()
+        try:
+            vcpus = [drgn.cast("struct kvm_vcpu *", xa_load(kvm.vcpu_array.address_of_(), i))
+                     for i in range(n)]
+        except AttributeError:  # 5.10: kvm->vcpus[]
+            vcpus = [kvm.vcpus[i] for i in range(n)]
+        tids = frozenset(pid_task(v.pid, 0).pid.value_() for v in vcpus)
+        if kvm.userspace_pid.value_() != record["vmm_pid"] or tids not in by_tids:
+            sys.exit(f"mkfixture: VM {kvm.value_():#x} on vm_list is not the VMM's "
+                     f"(pid {kvm.userspace_pid.value_()}, vCPU tids {sorted(tids)})")
+        order.append(by_tids[tids])
+    if sorted(order) != sorted(by_tids.values()):
+        sys.exit(f"mkfixture: vm_list holds VMs {order}, the VMM made {len(by_tids)}")
+    return order
 
 
 def debug_set(work: Path, dbg: Path, release: str, outdir: Path, shared: Path | None) -> None:
-    """The small debug-info set (mkdebug.py, xz -9), made once per kernel."""
+    """The small debug-info set (mkdebug.py, xz -9), made once per kernel;
+    with *shared*, symlinks to that fixture's set (nothing is built)."""
+    if shared is not None:
+        for name in ("vmlinux", "kvm.ko", "kvm-amd.ko"):
+            if not (shared / f"{name}.xz").exists():
+                sys.exit(f"mkfixture: {shared / name}.xz does not exist")
+            target = outdir / f"{name}.xz"
+            target.unlink(missing_ok=True)
+            target.symlink_to(os.path.relpath(shared / f"{name}.xz", outdir))
+        return
     cache = work / "debug" / release
     cache.mkdir(parents=True, exist_ok=True)
     src = dbg / "usr/lib/debug"
@@ -381,21 +433,13 @@ def debug_set(work: Path, dbg: Path, release: str, outdir: Path, shared: Path | 
             small.unlink()
         target = outdir / f"{name}.xz"
         target.unlink(missing_ok=True)
-        if shared is not None:
-            target.symlink_to(os.path.relpath(shared / f"{name}.xz", outdir))
-        else:
-            shutil.copy(z, target)
+        shutil.copy(z, target)
 
 
-def truth(record: dict, release: str, args: argparse.Namespace, params: str) -> dict:
-    """truth.json: the VMM's record in the shape the tests expect."""
-    if args.special:
-        return {"kernel_release": release, "special": args.special, "mmu": None,
-                "zapped": False, "busy": False, "paging_levels": 5 if args.la57 else 4,
-                "vmm_pid": None, "vcpus": [], "sets": [], "module_params": params,
-                "made_with": " ".join(sys.argv[1:])}
+def vm_truth(rec: dict, vmm_pid: int, args: argparse.Namespace) -> dict:
+    """One VM's part of truth.json, from its part of the VMM's record."""
     sets = []
-    for s in record["sets"]:
+    for s in rec["sets"]:
         sets.append({
             "cr3": s["cr3"],
             "pt_gpas": s["pt_gpas"],
@@ -404,20 +448,44 @@ def truth(record: dict, release: str, args: argparse.Namespace, params: str) -> 
             if s["written"] and args.mmu == "shadow" and not args.zap else [],
         })
     return {
-        "kernel_release": release,
         "mmu": args.mmu,
         "zapped": args.zap,
         "busy": args.busy,
         "paging_levels": 5 if args.la57 else 4,
-        "guest_paging": record["paging"],  # long (4-level) or pae (32-bit, 3-level)
-        "vmm_pid": record["vmm_pid"],
+        "guest_paging": rec["paging"],  # long (4-level) or pae (32-bit, 3-level)
+        "vmm_pid": vmm_pid,
         "vcpus": [{"vcpu_id": v["vcpu_id"], "tid": v["tid"], "cr3": v["cr3"],
-                   "final_set": v["final_set"]} for v in record["vcpus"]],
+                   "final_set": v["final_set"]} for v in rec["vcpus"]],
         "sets": sets,
-        "shared_pt": record["shared_pt"],
+        "shared_pt": rec["shared_pt"],
+    }
+
+
+def truth(record: dict, release: str, args: argparse.Namespace, params: str,
+          vm_order: list[int] | None = None) -> dict:
+    """truth.json: the VMM's record in the shape the tests expect.
+
+    The top level describes the first VM created; with several VMs, "vms"
+    holds each VM's truth in creation order (the first is the top level's)
+    and "vm_list_order" their creation indices in vm_list order, as read
+    from the dump.
+    """
+    if args.special:
+        return {"kernel_release": release, "special": args.special, "mmu": None,
+                "zapped": False, "busy": False, "paging_levels": 5 if args.la57 else 4,
+                "vmm_pid": None, "vcpus": [], "sets": [], "module_params": params,
+                "made_with": " ".join(sys.argv[1:])}
+    t = {
+        "kernel_release": release,
+        **vm_truth(record, record["vmm_pid"], args),
         "module_params": params,
         "made_with": " ".join(sys.argv[1:]),
     }
+    if "vms" in record:
+        t["vms"] = [{"index_created": vm["index_created"],
+                     **vm_truth(vm, record["vmm_pid"], args)} for vm in record["vms"]]
+        t["vm_list_order"] = vm_order
+    return t
 
 
 def main() -> None:
@@ -437,6 +505,11 @@ def main() -> None:
     ap.add_argument("--windows", default="20,1,2,1",
                     help="level-1 page tables the guest writes, per set")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--vms", type=int, choices=[1, 2], default=1,
+                    help="VMs in the VMM process (VMM -n)")
+    ap.add_argument("--vm2-vcpus", type=int, default=2, help="vCPUs of the second VM")
+    ap.add_argument("--vm2-sets", type=int, default=2, help="page-table sets of the second VM")
+    ap.add_argument("--vm2-windows", default="1,3", help="windows per set of the second VM")
     ap.add_argument("--host-mem", type=int, default=256, help="MiB")
     ap.add_argument("--host-cpus", type=int, default=2)
     ap.add_argument("--dump-level", type=int, default=None,
@@ -462,12 +535,18 @@ def main() -> None:
     outdir.mkdir(parents=True, exist_ok=True)
     level = args.dump_level if args.dump_level is not None else DUMP_LEVEL[args.kernel]
     vmlinux = dbg / "usr/lib/debug/boot" / f"vmlinux-{release}"
-    filter_dump(dump, outdir / "vmcore.xz", level, vmlinux)
+    elf = filter_dump(dump, outdir / "vmcore.xz", level, vmlinux)
     dump.unlink()
+    vm_order = None
+    if "vms" in record:
+        kvm_ko = dbg / "usr/lib/debug/lib/modules" / release / "kernel/arch/x86/kvm/kvm.ko"
+        vm_order = vm_list_order(elf, vmlinux, kvm_ko, record)
+        log(f"vm_list, head first: VMs {vm_order} (creation order)")
+    elf.unlink()
     shared = VMCORES / args.share_debug if args.share_debug else None
     if not args.skip_debug:
         debug_set(work, dbg, release, outdir, shared)
-    t = truth(record, release, args, params)
+    t = truth(record, release, args, params, vm_order)
     t["dump_level"] = level
     (outdir / "truth.json").write_text(json.dumps(t, indent=1) + "\n")
     sizes = {p.name: p.stat().st_size for p in outdir.iterdir() if not p.is_symlink()}

@@ -1,15 +1,22 @@
 /*
  * vmm: the fixture VMM. Runs inside the emulated KVM host (L1), creates one
- * VM whose vCPUs switch CR3 among several page-table sets and then write into
- * shadowed page tables (see guest.S), and prints a record of everything it
- * did as one line "KVMINSPECT-RECORD {json}" followed by "KVMINSPECT-READY".
- * It then sleeps so that the host's memory can be dumped.
+ * VM (or two) whose vCPUs switch CR3 among several page-table sets and then
+ * write into shadowed page tables (see guest.S), and prints a record of
+ * everything it did as one line "KVMINSPECT-RECORD {json}" followed by
+ * "KVMINSPECT-READY". It then sleeps so that the host's memory can be dumped.
  *
  * Usage: vmm [-v VCPUS] [-s SETS] [-w WIN,WIN,...] [-r ROUNDS] [-z] [-b] [-p]
- *   -w  windows (level-1 page tables written by the guest) per set
+ *            [-n VMS] [-V VCPUS] [-S SETS] [-W WIN,WIN,...]
+ *   -v, -s  vCPUs (default 4) and page-table sets (default 4) of the first VM
+ *   -w  windows (level-1 page tables written by the guest) per set (default 1)
  *   -p  the guest runs in 32-bit protected mode with PAE paging (3 levels)
  *   -z  after the workload, add and delete a memslot (fast zap: roots invalid)
  *   -b  busy: vCPUs spin in guest mode instead of halting
+ *   -n  VMs in this process, 1 (default) or 2: the second VM has its own VM fd,
+ *       memory, memslot, irqchip and vCPU threads and runs the same guest
+ *   -V, -S, -W  vCPUs, sets and windows of the second VM (default 2, 2, 1,3)
+ * -r, -p, -z and -b apply to every VM. With -n 1 the record is the one-VM
+ * record; with -n 2 it also has "vms": every VM's fields in creation order.
  *
  * Built static (gcc -static) so that it runs from a busybox initramfs.
  */
@@ -28,7 +35,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define MAX_VCPUS 8
+#define MAX_VMS 2
+#define MAX_VCPUS 8          /* per VM */
 #define MAX_SETS 8
 #define MAX_WIN 32
 #define MEM_SIZE (4ul << 20)
@@ -52,24 +60,34 @@ struct guest_params {         /* layout shared with guest.S (P_*) */
 
 extern const uint8_t guest_start[], guest32_start[], guest_end[];
 
-static int kvm_fd, vm_fd, nvcpus = 4, nsets = 4, rounds = 3, zap, busy, pae;
-static int nwin[MAX_SETS] = {1, 1, 1, 1, 1, 1, 1, 1};
-static uint8_t *mem;
-static uint64_t next_pt = PT_GPA;
-static uint64_t set_pts[MAX_SETS][3 + MAX_WIN];  /* every page-table GPA of a set */
-static int set_npts[MAX_SETS];
-static uint64_t shared_pt;
-
+struct vm;
 struct vcpu {
 	int idx, fd, tid, final_set, exit_reason;
 	uint64_t cr3;
 	struct kvm_run *run;
 	pthread_t thread;
+	struct vm *vm;
 };
-static struct vcpu vcpus[MAX_VCPUS];
+
+/* One VM: its own VM fd, memory, memslot, irqchip, page-table sets and vCPUs */
+struct vm {
+	int index, fd, nvcpus, nsets, nwin[MAX_SETS];
+	int reported;                 /* vCPUs that reported; < 0 on a failure */
+	uint8_t *mem;
+	uint64_t next_pt, shared_pt;
+	uint64_t set_pts[MAX_SETS][3 + MAX_WIN];  /* every page-table GPA of a set */
+	int set_npts[MAX_SETS];
+	struct guest_params *p;
+	struct vcpu vcpus[MAX_VCPUS];
+};
+
+static int kvm_fd, nvms = 1, rounds = 3, zap, busy, pae;
+static struct vm vms[MAX_VMS] = {
+	{ .nvcpus = 4, .nsets = 4, .nwin = {1, 1, 1, 1, 1, 1, 1, 1} },
+	{ .nvcpus = 2, .nsets = 2, .nwin = {1, 3, 3, 3, 3, 3, 3, 3} },
+};
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cond = PTHREAD_COND_INITIALIZER;
-static int reported;
 
 static void die(const char *fmt, ...)
 {
@@ -82,98 +100,113 @@ static void die(const char *fmt, ...)
 	exit(1);
 }
 
-static uint64_t alloc_pt(void)
+static uint64_t alloc_pt(struct vm *vm)
 {
-	uint64_t gpa = next_pt;
-	next_pt += 0x1000;
-	if (next_pt > DATA_GPA)
+	uint64_t gpa = vm->next_pt;
+	vm->next_pt += 0x1000;
+	if (vm->next_pt > DATA_GPA)
 		die("out of page-table space");
-	memset(mem + gpa, 0, 0x1000);
+	memset(vm->mem + gpa, 0, 0x1000);
 	return gpa;
 }
 
-static uint64_t *pt(uint64_t gpa) { return (uint64_t *)(mem + gpa); }
+static uint64_t *pt(struct vm *vm, uint64_t gpa) { return (uint64_t *)(vm->mem + gpa); }
 
 /*
  * One 4-level page-table set: PML4 -> PDPT -> PD; PD[0] is the identity map
  * of the first 2 MiB (one level-1 table shared by all sets), PD[1 + j] is
  * window j's own level-1 table, mapping the window onto the data pages.
  */
-static void build_set(struct guest_params *p, int k)
+static void build_set(struct vm *vm, int k)
 {
-	struct set_params *s = &p->sets[k];
+	struct set_params *s = &vm->p->sets[k];
+	uint64_t *pts = vm->set_pts[k];
+	int *n = &vm->set_npts[k];
 	uint64_t pd;
 
-	set_npts[k] = 0;
+	*n = 0;
 	if (pae) {
 		/* PAE: CR3 -> PDPT (4 entries; only P may be set) -> PD */
-		uint64_t pdpt = alloc_pt();
-		pd = alloc_pt();
-		pt(pdpt)[0] = pd | PTE_P;
-		set_pts[k][set_npts[k]++] = pdpt;
+		uint64_t pdpt = alloc_pt(vm);
+		pd = alloc_pt(vm);
+		pt(vm, pdpt)[0] = pd | PTE_P;
+		pts[(*n)++] = pdpt;
 		s->cr3 = pdpt;
 	} else {
-		uint64_t pml4 = alloc_pt(), pdpt = alloc_pt();
-		pd = alloc_pt();
-		pt(pml4)[0] = pdpt | PTE_P | PTE_W;
-		pt(pdpt)[0] = pd | PTE_P | PTE_W;
-		set_pts[k][set_npts[k]++] = pml4;
-		set_pts[k][set_npts[k]++] = pdpt;
+		uint64_t pml4 = alloc_pt(vm), pdpt = alloc_pt(vm);
+		pd = alloc_pt(vm);
+		pt(vm, pml4)[0] = pdpt | PTE_P | PTE_W;
+		pt(vm, pdpt)[0] = pd | PTE_P | PTE_W;
+		pts[(*n)++] = pml4;
+		pts[(*n)++] = pdpt;
 		s->cr3 = pml4;
 	}
-	pt(pd)[0] = shared_pt | PTE_P | PTE_W;
-	set_pts[k][set_npts[k]++] = pd;
-	s->nwin = nwin[k];
+	pt(vm, pd)[0] = vm->shared_pt | PTE_P | PTE_W;
+	pts[(*n)++] = pd;
+	s->nwin = vm->nwin[k];
 	s->winva = WIN_VA;
-	for (int j = 0; j < nwin[k]; j++) {
-		uint64_t w = alloc_pt();
+	for (int j = 0; j < vm->nwin[k]; j++) {
+		uint64_t w = alloc_pt(vm);
 		for (int e = 0; e < 16; e++)
-			pt(w)[e] = (DATA_GPA + e * 0x1000) | PTE_P | PTE_W;
-		pt(pd)[1 + j] = w | PTE_P | PTE_W;
+			pt(vm, w)[e] = (DATA_GPA + e * 0x1000) | PTE_P | PTE_W;
+		pt(vm, pd)[1 + j] = w | PTE_P | PTE_W;
 		s->winpt[j] = w;
-		set_pts[k][set_npts[k]++] = w;
+		pts[(*n)++] = w;
 	}
 }
 
-static void setup_memory(struct guest_params **pp)
+static void setup_memory(struct vm *vm)
 {
-	mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE,
-		   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-	if (mem == MAP_FAILED)
+	vm->mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (vm->mem == MAP_FAILED)
 		die("mmap");
 	struct kvm_userspace_memory_region r = {
 		.slot = 0, .guest_phys_addr = 0, .memory_size = MEM_SIZE,
-		.userspace_addr = (uint64_t)mem,
+		.userspace_addr = (uint64_t)vm->mem,
 	};
-	if (ioctl(vm_fd, KVM_SET_USER_MEMORY_REGION, &r) < 0)
+	if (ioctl(vm->fd, KVM_SET_USER_MEMORY_REGION, &r) < 0)
 		die("KVM_SET_USER_MEMORY_REGION");
-	memcpy(mem + CODE_GPA, guest_start, guest_end - guest_start);
+	memcpy(vm->mem + CODE_GPA, guest_start, guest_end - guest_start);
 
-	struct guest_params *p = (struct guest_params *)(mem + PARAMS_GPA);
-	p->nvcpus = nvcpus;
-	p->nsets = nsets;
+	struct guest_params *p = (struct guest_params *)(vm->mem + PARAMS_GPA);
+	vm->p = p;
+	p->nvcpus = vm->nvcpus;
+	p->nsets = vm->nsets;
 	p->rounds = rounds;
 	p->busy = busy;
 	p->newpte = (DATA_GPA + 0x10000) | PTE_P | PTE_W;
-	shared_pt = alloc_pt();
+	vm->next_pt = PT_GPA;
+	vm->shared_pt = alloc_pt(vm);
 	for (uint64_t a = 0; a < 0x200000; a += 0x1000)
-		pt(shared_pt)[a >> 12] = a | PTE_P | PTE_W;
-	for (int k = 0; k < nsets; k++)
-		build_set(p, k);
+		pt(vm, vm->shared_pt)[a >> 12] = a | PTE_P | PTE_W;
+	for (int k = 0; k < vm->nsets; k++)
+		build_set(vm, k);
 	/* vCPU i ends on set i % (sets - 1): the last set is only ever a
 	 * previous root, and vCPUs that end on one set share its root. */
-	for (int i = 0; i < nvcpus; i++)
-		p->final_set[i] = nsets > 1 ? i % (nsets - 1) : 0;
-	*pp = p;
+	for (int i = 0; i < vm->nvcpus; i++)
+		p->final_set[i] = vm->nsets > 1 ? i % (vm->nsets - 1) : 0;
 }
 
-static void setup_vcpu(struct vcpu *v, struct guest_params *p, struct kvm_cpuid2 *cpuid)
+/* KVM_CREATE_VM, the in-kernel irqchip, memory slot 0 and the guest's tables */
+static void create_vm(struct vm *vm)
 {
+	vm->fd = ioctl(kvm_fd, KVM_CREATE_VM, 0);
+	if (vm->fd < 0)
+		die("KVM_CREATE_VM");
+	if (ioctl(vm->fd, KVM_CREATE_IRQCHIP, 0) < 0)
+		die("KVM_CREATE_IRQCHIP");
+	setup_memory(vm);
+}
+
+static void setup_vcpu(struct vcpu *v, struct kvm_cpuid2 *cpuid)
+{
+	struct vm *vm = v->vm;
 	struct kvm_sregs sregs;
 	struct kvm_regs regs;
 	int mmap_size = ioctl(kvm_fd, KVM_GET_VCPU_MMAP_SIZE, 0);
 
-	v->fd = ioctl(vm_fd, KVM_CREATE_VCPU, v->idx);
+	v->fd = ioctl(vm->fd, KVM_CREATE_VCPU, v->idx);
 	if (v->fd < 0)
 		die("KVM_CREATE_VCPU %d", v->idx);
 	v->run = mmap(NULL, mmap_size, PROT_READ | PROT_WRITE, MAP_SHARED, v->fd, 0);
@@ -197,7 +230,7 @@ static void setup_vcpu(struct vcpu *v, struct guest_params *p, struct kvm_cpuid2
 	sregs.cr0 = 0x80050033;    /* PG | WP | NE | ET | MP | PE */
 	sregs.cr4 = 0x20;          /* PAE */
 	sregs.efer = pae ? 0 : 0x500;  /* LMA | LME in long mode */
-	sregs.cr3 = p->sets[v->idx % nsets].cr3;
+	sregs.cr3 = vm->p->sets[v->idx % vm->nsets].cr3;
 	if (ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0)
 		die("KVM_SET_SREGS");
 	memset(&regs, 0, sizeof(regs));
@@ -237,22 +270,27 @@ static void *vcpu_thread(void *arg)
 			pthread_mutex_lock(&lock);
 			v->cr3 = sregs.cr3;
 			v->final_set = *(uint32_t *)((uint8_t *)v->run + v->run->io.data_offset);
-			reported++;
+			v->vm->reported++;
 			pthread_cond_broadcast(&cond);
 			pthread_mutex_unlock(&lock);
 			continue;
 		}
 		pthread_mutex_lock(&lock);
 		v->exit_reason = v->run->exit_reason;
-		reported = -1000;
+		v->vm->reported = -1000;
 		pthread_cond_broadcast(&cond);
 		pthread_mutex_unlock(&lock);
-		fprintf(stderr, "vmm: vcpu %d: unexpected exit %d\n", v->idx, v->run->exit_reason);
+		if (nvms > 1)
+			fprintf(stderr, "vmm: vm %d vcpu %d: unexpected exit %d\n",
+				v->vm->index, v->idx, v->run->exit_reason);
+		else
+			fprintf(stderr, "vmm: vcpu %d: unexpected exit %d\n", v->idx,
+				v->run->exit_reason);
 		return NULL;
 	}
 }
 
-static void parse_windows(char *arg)
+static void parse_windows(int *nwin, char *arg)
 {
 	int k = 0;
 	for (char *t = strtok(arg, ","); t && k < MAX_SETS; t = strtok(NULL, ","))
@@ -261,89 +299,166 @@ static void parse_windows(char *arg)
 		nwin[k] = nwin[k - 1];
 }
 
-static void print_record(struct guest_params *p)
+static int check_vm(const struct vm *vm)
 {
-	printf("KVMINSPECT-RECORD {\"vmm_pid\": %d, \"nvcpus\": %d, \"rounds\": %d, "
+	if (vm->nvcpus < 1 || vm->nvcpus > MAX_VCPUS || vm->nsets < 1 || vm->nsets > MAX_SETS) {
+		fprintf(stderr, "vmm: bad arguments\n");
+		return 0;
+	}
+	for (int k = 0; k < vm->nsets; k++)
+		if (vm->nwin[k] < 0 || vm->nwin[k] > MAX_WIN) {
+			fprintf(stderr, "vmm: bad window count\n");
+			return 0;
+		}
+	return 1;
+}
+
+/* The record's fields of one VM (after "vmm_pid" at the top level) */
+static void print_vm(const struct vm *vm)
+{
+	const struct guest_params *p = vm->p;
+
+	printf("\"nvcpus\": %d, \"rounds\": %d, "
 	       "\"zapped\": %s, \"busy\": %s, \"paging\": \"%s\", \"shared_pt\": \"0x%lx\", "
 	       "\"vcpus\": [",
-	       getpid(), nvcpus, rounds, zap ? "true" : "false", busy ? "true" : "false",
-	       pae ? "pae" : "long", shared_pt);
-	for (int i = 0; i < nvcpus; i++)
+	       vm->nvcpus, rounds, zap ? "true" : "false", busy ? "true" : "false",
+	       pae ? "pae" : "long", vm->shared_pt);
+	for (int i = 0; i < vm->nvcpus; i++) {
+		const struct vcpu *v = &vm->vcpus[i];
 		printf("%s{\"vcpu_id\": %d, \"tid\": %d, \"cr3\": \"0x%lx\", \"final_set\": %d}",
-		       i ? ", " : "", vcpus[i].idx, vcpus[i].tid, vcpus[i].cr3, vcpus[i].final_set);
+		       i ? ", " : "", v->idx, v->tid, v->cr3, v->final_set);
+	}
 	printf("], \"sets\": [");
-	for (int k = 0; k < nsets; k++) {
+	for (int k = 0; k < vm->nsets; k++) {
 		int is_final = 0;
-		for (int i = 0; i < nvcpus; i++)
-			is_final |= vcpus[i].final_set == k;
+		for (int i = 0; i < vm->nvcpus; i++)
+			is_final |= vm->vcpus[i].final_set == k;
 		printf("%s{\"cr3\": \"0x%lx\", \"pt_gpas\": [", k ? ", " : "", p->sets[k].cr3);
-		for (int j = 0; j < set_npts[k]; j++)
-			printf("%s\"0x%lx\"", j ? ", " : "", set_pts[k][j]);
+		for (int j = 0; j < vm->set_npts[k]; j++)
+			printf("%s\"0x%lx\"", j ? ", " : "", vm->set_pts[k][j]);
 		printf("], \"window_pts\": [");
-		for (int j = 0; j < nwin[k]; j++)
+		for (int j = 0; j < vm->nwin[k]; j++)
 			printf("%s\"0x%lx\"", j ? ", " : "", p->sets[k].winpt[j]);
 		printf("], \"written\": %s}", is_final ? "true" : "false");
 	}
-	printf("]}\n");
+	printf("]");
+}
+
+/*
+ * One JSON line: the first VM's fields at the top level (the one-VM record);
+ * with -n 2 also "vms", every VM's fields in creation order.
+ */
+static void print_record(void)
+{
+	printf("KVMINSPECT-RECORD {\"vmm_pid\": %d, ", getpid());
+	print_vm(&vms[0]);
+	if (nvms > 1) {
+		printf(", \"vms\": [");
+		for (int n = 0; n < nvms; n++) {
+			printf("%s{\"index_created\": %d, ", n ? ", " : "", vms[n].index);
+			print_vm(&vms[n]);
+			printf("}");
+		}
+		printf("]");
+	}
+	printf("}\n");
 	fflush(stdout);
 }
+
+/* Wait until every vCPU of every VM has reported; 0 if one of them failed */
+static int wait_reports(void)
+{
+	int ok = 1, done = 0;
+
+	pthread_mutex_lock(&lock);
+	while (ok && !done) {
+		done = 1;
+		for (int n = 0; n < nvms; n++) {
+			ok &= vms[n].reported >= 0;
+			done &= vms[n].reported >= vms[n].nvcpus;
+		}
+		if (ok && !done)
+			pthread_cond_wait(&cond, &lock);
+	}
+	pthread_mutex_unlock(&lock);
+	return ok;
+}
+
+/* A memslot delete zaps all shadow pages (kvm_mmu_zap_all_fast) */
+static void zap_vm(struct vm *vm)
+{
+	void *m2 = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE,
+			MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	struct kvm_userspace_memory_region r = {
+		.slot = 1, .guest_phys_addr = 0x10000000, .memory_size = 1 << 20,
+		.userspace_addr = (uint64_t)m2,
+	};
+	if (ioctl(vm->fd, KVM_SET_USER_MEMORY_REGION, &r) < 0)
+		die("add memslot");
+	r.memory_size = 0;
+	if (ioctl(vm->fd, KVM_SET_USER_MEMORY_REGION, &r) < 0)
+		die("delete memslot");
+}
+
+static const char usage[] =
+	"usage: vmm [-v VCPUS] [-s SETS] [-w N,N,..] [-r ROUNDS] [-z] [-b] [-p]\n"
+	"           [-n VMS] [-V VCPUS] [-S SETS] [-W N,N,..]\n";
 
 int main(int argc, char **argv)
 {
 	int opt;
-	while ((opt = getopt(argc, argv, "v:s:w:r:zbp")) != -1) {
+	while ((opt = getopt(argc, argv, "v:s:w:r:zbpn:V:S:W:")) != -1) {
 		switch (opt) {
-		case 'v': nvcpus = atoi(optarg); break;
-		case 's': nsets = atoi(optarg); break;
-		case 'w': parse_windows(optarg); break;
+		case 'v': vms[0].nvcpus = atoi(optarg); break;
+		case 's': vms[0].nsets = atoi(optarg); break;
+		case 'w': parse_windows(vms[0].nwin, optarg); break;
 		case 'r': rounds = atoi(optarg); break;
 		case 'z': zap = 1; break;
 		case 'b': busy = 1; break;
 		case 'p': pae = 1; break;
+		case 'n': nvms = atoi(optarg); break;
+		case 'V': vms[1].nvcpus = atoi(optarg); break;
+		case 'S': vms[1].nsets = atoi(optarg); break;
+		case 'W': parse_windows(vms[1].nwin, optarg); break;
 		default:
-			fprintf(stderr, "usage: vmm [-v VCPUS] [-s SETS] [-w N,N,..] [-r ROUNDS] [-z] [-b] [-p]\n");
+			fputs(usage, stderr);
 			return 2;
 		}
 	}
-	if (nvcpus < 1 || nvcpus > MAX_VCPUS || nsets < 1 || nsets > MAX_SETS || rounds < 1) {
+	if (nvms < 1 || nvms > MAX_VMS || rounds < 1) {
 		fprintf(stderr, "vmm: bad arguments\n");
 		return 2;
 	}
-	for (int k = 0; k < nsets; k++)
-		if (nwin[k] < 0 || nwin[k] > MAX_WIN) {
-			fprintf(stderr, "vmm: bad window count\n");
+	for (int n = 0; n < nvms; n++)
+		if (!check_vm(&vms[n]))
 			return 2;
-		}
 
 	kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
 	if (kvm_fd < 0)
 		die("open /dev/kvm");
-	vm_fd = ioctl(kvm_fd, KVM_CREATE_VM, 0);
-	if (vm_fd < 0)
-		die("KVM_CREATE_VM");
-	if (ioctl(vm_fd, KVM_CREATE_IRQCHIP, 0) < 0)
-		die("KVM_CREATE_IRQCHIP");
-
-	struct guest_params *p;
-	setup_memory(&p);
+	for (int n = 0; n < nvms; n++) {
+		vms[n].index = n;
+		create_vm(&vms[n]);
+	}
 
 	struct kvm_cpuid2 *cpuid = calloc(1, sizeof(*cpuid) + 256 * sizeof(struct kvm_cpuid_entry2));
 	cpuid->nent = 256;
 	if (ioctl(kvm_fd, KVM_GET_SUPPORTED_CPUID, cpuid) < 0)
 		die("KVM_GET_SUPPORTED_CPUID");
-	for (int i = 0; i < nvcpus; i++) {
-		vcpus[i].idx = i;
-		setup_vcpu(&vcpus[i], p, cpuid);
-	}
-	for (int i = 0; i < nvcpus; i++)
-		if (pthread_create(&vcpus[i].thread, NULL, vcpu_thread, &vcpus[i]))
-			die("pthread_create");
+	for (int n = 0; n < nvms; n++)
+		for (int i = 0; i < vms[n].nvcpus; i++) {
+			struct vcpu *v = &vms[n].vcpus[i];
+			v->idx = i;
+			v->vm = &vms[n];
+			setup_vcpu(v, cpuid);
+		}
+	for (int n = 0; n < nvms; n++)
+		for (int i = 0; i < vms[n].nvcpus; i++)
+			if (pthread_create(&vms[n].vcpus[i].thread, NULL, vcpu_thread,
+					   &vms[n].vcpus[i]))
+				die("pthread_create");
 
-	pthread_mutex_lock(&lock);
-	while (reported >= 0 && reported < nvcpus)
-		pthread_cond_wait(&cond, &lock);
-	pthread_mutex_unlock(&lock);
-	if (reported < 0) {
+	if (!wait_reports()) {
 		printf("KVMINSPECT-FAILED\n");
 		fflush(stdout);
 		pause();
@@ -352,21 +467,11 @@ int main(int argc, char **argv)
 	usleep(200 * 1000);
 
 	if (zap) {
-		/* a memslot delete zaps all shadow pages (kvm_mmu_zap_all_fast) */
-		void *m2 = mmap(NULL, 1 << 20, PROT_READ | PROT_WRITE,
-				MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-		struct kvm_userspace_memory_region r = {
-			.slot = 1, .guest_phys_addr = 0x10000000, .memory_size = 1 << 20,
-			.userspace_addr = (uint64_t)m2,
-		};
-		if (ioctl(vm_fd, KVM_SET_USER_MEMORY_REGION, &r) < 0)
-			die("add memslot");
-		r.memory_size = 0;
-		if (ioctl(vm_fd, KVM_SET_USER_MEMORY_REGION, &r) < 0)
-			die("delete memslot");
+		for (int n = 0; n < nvms; n++)
+			zap_vm(&vms[n]);
 		usleep(200 * 1000);
 	}
-	print_record(p);
+	print_record();
 	printf("KVMINSPECT-READY\n");
 	fflush(stdout);
 	for (;;)
