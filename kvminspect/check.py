@@ -28,14 +28,11 @@ anything the model has not already read, apart from sp->spt[].
 
 from __future__ import annotations
 
-import bisect
 from collections import Counter
 from dataclasses import dataclass, field
 
-import drgn
-
 from kvminspect.errors import Problem
-from kvminspect.graph import VMGraph
+from kvminspect.graph import Holder, VMGraph
 from kvminspect.layout import known
 from kvminspect.model import Kernel, ShadowPage
 
@@ -229,12 +226,20 @@ def check_unsync_pages(vg: VMGraph) -> list[Finding]:
 # -- roots ------------------------------------------------------------------------
 
 
-def _vcpu_holders(holders: list[str]) -> list[str]:
+def _vcpu_holders(holders: list[Holder]) -> list[Holder]:
     """Holders that are vCPU references: mmu->root, prev_roots[i], pae_root[i]."""
-    return [h for h in holders if h.startswith("vcpu")]
+    return [h for h in holders if h.is_vcpu]
 
 
-def _expected_refs(sp: ShadowPage, holders: list[str], list_ref: bool = True
+def _on_tdp_list(holders: list[Holder]) -> bool:
+    return any(h.kind == "tdp_mmu_roots" for h in holders)
+
+
+def _names(holders: list[Holder]) -> str:
+    return ", ".join(map(str, holders))
+
+
+def _expected_refs(sp: ShadowPage, holders: list[Holder], list_ref: bool = True
                    ) -> tuple[set[int], str]:
     """root_count values the holders explain, and how they were counted.
 
@@ -243,9 +248,9 @@ def _expected_refs(sp: ShadowPage, holders: list[str], list_ref: bool = True
     """
     n = len(_vcpu_holders(holders))
     what = f"{n} vCPU reference(s)"
-    if sp.tdp_mmu_page and "tdp_mmu_roots" in holders and not list_ref:
+    if sp.tdp_mmu_page and _on_tdp_list(holders) and not list_ref:
         return {n}, what + " (tdp_mmu_roots holds none before tdp_mmu_root_count)"
-    if sp.tdp_mmu_page and "tdp_mmu_roots" in holders:
+    if sp.tdp_mmu_page and _on_tdp_list(holders):
         if sp.role.invalid:
             # the list's (or, before it had one, the zap worker's) reference is put
             # once the invalid root is zapped (kvm_tdp_mmu_zap_invalidated_roots)
@@ -254,14 +259,14 @@ def _expected_refs(sp: ShadowPage, holders: list[str], list_ref: bool = True
     return {n}, what
 
 
-def _old_tdp_refcount(sp: ShadowPage, holders: list[str]) -> bool:
+def _old_tdp_refcount(sp: ShadowPage, holders: list[Holder]) -> bool:
     """A valid TDP MMU root counted the old way: no reference for tdp_mmu_roots.
 
     "KVM: x86: Preserve TDP MMU roots until they are explicitly invalidated"
     made kvm_tdp_mmu_get_vcpu_root_hpa() start a new root at 2 (upstream in 2023,
     about 6.4; backported to 6.1.y, as the 6.1.192 fixtures show); before, at 1.
     """
-    return (sp.tdp_mmu_page and not sp.role.invalid and "tdp_mmu_roots" in holders
+    return (sp.tdp_mmu_page and not sp.role.invalid and _on_tdp_list(holders)
             and sp.root_count == len(_vcpu_holders(holders)))
 
 
@@ -288,7 +293,8 @@ def check_root_counts(vg: VMGraph, list_ref: bool = True) -> list[Finding]:
     """
     out = []
     uncounted = _uncounted(vg)
-    for addr, holders in vg.roots.items():
+    for addr in vg.root_order():
+        holders = vg.roots[addr]
         sp = vg.sp(addr)
         if not known(sp.root_count):
             continue
@@ -315,7 +321,7 @@ def check_root_counts(vg: VMGraph, list_ref: bool = True) -> list[Finding]:
         out.append(Finding(
             "root-count", severity, [addr],
             f"{_page(sp)}: root_count {sp.root_count} but expected {expected}: {how}"
-            + (f" ({', '.join(held)})" if held else "") + note))
+            + (f" ({_names(held)})" if held else "") + note))
     for sp in vg.pages():
         if known(sp.root_count) and sp.root_count < 0 and sp.addr not in vg.roots:
             out.append(Finding("root-count", "error", [sp.addr],
@@ -340,24 +346,25 @@ def check_obsolete_roots(vg: VMGraph) -> list[Finding]:
     Only cached in prev_roots[]: info, freed at the same point.
     """
     out = []
-    for addr, holders in vg.roots.items():
+    for addr in vg.root_order():
+        holders = vg.roots[addr]
         sp = vg.sp(addr)
         held = _vcpu_holders(holders)
-        if not sp.obsolete or not held:
+        if not vg.obsolete(sp) or not held:
             continue
-        current = [h for h in held if ".root" in h and "prev_roots" not in h]
+        current = [h for h in held if h.kind == "root"]
         why = _obsolete_why(sp, vg.vm.mmu_valid_gen)
         if current:
             out.append(Finding(
                 "obsolete-root", "warning", [addr],
                 f"{_page(sp)} is obsolete ({why}) but is still in use as "
-                f"{', '.join(current)}: normal right after a fast zap (memslot change, "
+                f"{_names(current)}: normal right after a fast zap (memslot change, "
                 "kvm_mmu_zap_all_fast) until those vCPUs handle "
                 "KVM_REQ_MMU_FREE_OBSOLETE_ROOTS and reload their MMU"))
         else:
             out.append(Finding(
                 "obsolete-root", "info", [addr],
-                f"{_page(sp)} is obsolete ({why}) and still cached in {', '.join(held)}; "
+                f"{_page(sp)} is obsolete ({why}) and still cached in {_names(held)}; "
                 "freed when the vCPUs handle KVM_REQ_MMU_FREE_OBSOLETE_ROOTS"))
     return out
 
@@ -376,41 +383,9 @@ def check_orphans(vg: VMGraph) -> list[Finding]:
 # -- what the model could not read ------------------------------------------------
 
 
-class _Owned:
-    """Address ranges of one VM's objects, to attribute model Problems to it."""
-
-    def __init__(self, kernel: Kernel, vg: VMGraph) -> None:
-        self.points = {vg.vm.addr}
-        ranges = []
-        try:
-            ranges.append((vg.vm.addr, kernel.prog.type("struct kvm").size))
-            vsize = kernel.prog.type("struct kvm_vcpu").size
-        except (LookupError, drgn.FaultError):
-            vsize = 0
-        for v in vg.vcpus:
-            ranges.append((v.addr, vsize))
-            for r in [v.root, *v.prev_roots]:
-                if r is not None and r.hpa is not None:
-                    self.points.add(r.hpa)
-        spsize = kernel.layout.sp.size
-        ranges.extend((a, spsize) for a in vg.graph.nodes)
-        ranges.sort()
-        self.starts = [a for a, _ in ranges]
-        self.ends = [a + n for a, n in ranges]
-
-    def __contains__(self, addr: int) -> bool:
-        if addr in self.points:
-            return True
-        i = bisect.bisect_right(self.starts, addr) - 1
-        return i >= 0 and addr < self.ends[i]
-
-
 def vm_problems(kernel: Kernel, vg: VMGraph) -> list[Problem]:
-    """The model's Problems that concern this VM (all of them on a one-VM target)."""
-    if len(kernel.vms()) <= 1:
-        return list(kernel.problems)
-    owned = _Owned(kernel, vg)
-    return [p for p in kernel.problems if p.addr is not None and p.addr in owned]
+    """The model's Problems met while reading this VM (and the VM list's own)."""
+    return kernel.problems.of([vg.vm.addr])
 
 
 def check_problems(kernel: Kernel, vg: VMGraph) -> list[Finding]:

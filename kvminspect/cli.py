@@ -13,12 +13,9 @@ import shlex
 import sys
 import traceback
 
-import drgn
-from drgn.commands import CommandArgumentError, CommandError, CommandNotFoundError
-
 from kvminspect import __version__
-from kvminspect.commands import load_all
-from kvminspect.errors import KvminspectError, UsageError
+from kvminspect.commands import asks_help, load_all
+from kvminspect.errors import UsageError, describe
 from kvminspect.session import Session
 from kvminspect.target import Target, open_core, open_live, open_sample
 
@@ -68,14 +65,9 @@ def _open(args: argparse.Namespace) -> Target:
 def run_one(session: Session, argv: list[str]) -> None:
     """Run one command (argv[0] with its arguments) in *session*."""
     ns = load_all()
-    if len(argv) > 1 and ("-h" in argv[1:] or "--help" in argv[1:]):
-        argv = ["help", argv[0]]
-    try:
-        ns.run(session.target.prog, shlex.join(argv), globals={"session": session})
-    except CommandNotFoundError as e:
-        raise UsageError(f"unknown command '{e.name}' (see kvminspect --help)") from None
-    except CommandArgumentError as e:  # argparse already printed the usage
-        raise UsageError(str(e) or f"bad arguments for {argv[0]}") from None
+    if (cmd := asks_help(argv)) is not None:
+        argv = ["help", cmd]
+    ns.run(session.target.prog, shlex.join(argv), globals={"session": session})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,22 +106,17 @@ def main(argv: list[str] | None = None) -> int:
         if k is not None and k._vms == [] and k.problems:
             return 1  # nothing could be read: the VM list itself is damaged
         return 0
-    except KvminspectError as e:
-        print(f"kvminspect: error: {e}", file=sys.stderr)
-        return e.status
-    except CommandError as e:
-        print(f"kvminspect: error: {e}", file=sys.stderr)
-        return 1
-    except drgn.FaultError as e:
-        print(f"kvminspect: error: cannot read the target: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 0
-    except Exception as e:  # a bug: still one line, the traceback on request
+    except Exception as e:  # one line, as in the REPL (errors.describe)
+        kind, text, status = describe(e, "see kvminspect --help")
+        if kind == "error":
+            print(f"kvminspect: error: {text}", file=sys.stderr)
+            return status
         if os.environ.get("KVMINSPECT_DEBUG"):
             traceback.print_exc()
-        print(f"kvminspect: internal error: {type(e).__name__}: {e} "
-              "(KVMINSPECT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"kvminspect: internal error: {text} (KVMINSPECT_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
         return 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 
@@ -54,3 +56,76 @@ class Problem:
             "addr": None if self.addr is None else hex(self.addr),
             "error": self.what,
         }
+
+
+class Problems:
+    """Every Problem met on a target, in the order met, each once, with its owner.
+
+    The owner is the struct kvm address of the VM whose objects were being
+    read when the problem was met (None: the kernel's VM list itself), so a
+    document shows the problems of the VMs it shows, wherever in the session
+    they were first met. Adding is O(1).
+    """
+
+    def __init__(self) -> None:
+        self._owner: dict[Problem, int | None] = {}
+
+    def add(self, p: Problem, owner: int | None) -> None:
+        self._owner.setdefault(p, owner)
+
+    def __iter__(self) -> Iterator[Problem]:
+        return iter(self._owner)
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+    def __contains__(self, p: object) -> bool:
+        return p in self._owner
+
+    def of(self, owners: Iterable[int]) -> list[Problem]:
+        """The problems of VMs *owners* and of the VM list, in the order met."""
+        want = set(owners)
+        return [p for p, o in self._owner.items() if o is None or o in want]
+
+    def disown(self, owner: int) -> None:
+        """Give one VM's problems to the VM list (the VM itself could not be read)."""
+        self._owner = {p: (None if o == owner else o) for p, o in self._owner.items()}
+
+    def discard(self, owner: int) -> None:
+        """Forget the problems of one VM (a test that made them up)."""
+        self._owner = {p: o for p, o in self._owner.items() if o != owner}
+
+
+def _argument_error_text(e: BaseException) -> str:
+    """argparse's "PROG: error: MSG" as "PROG: MSG" (the usage line is already out)."""
+    text = str(e).strip()
+    return re.sub(r"^(\S+): error: ", r"\1: ", text) or "bad arguments"
+
+
+def describe(e: BaseException, help_hint: str = "try help") -> tuple[str, str, int]:
+    """(kind, one-line message, exit status) for an exception a command raised.
+
+    kind is "error" (the user's or the target's) or "internal" (a bug). The
+    one mapping the CLI and the REPL share; *help_hint* says where the list
+    of commands is.
+    """
+    import drgn
+    from drgn.commands import CommandArgumentError, CommandError, CommandNotFoundError
+
+    if isinstance(e, CommandNotFoundError):
+        return "error", f"unknown command '{e.name}' ({help_hint})", UsageError.status
+    if isinstance(e, CommandArgumentError):
+        return "error", _argument_error_text(e), UsageError.status
+    if isinstance(e, KvminspectError):
+        return "error", str(e), e.status
+    if isinstance(e, CommandError):
+        return "error", str(e), 1
+    if isinstance(e, drgn.FaultError):
+        return "error", f"cannot read the target: {e}", 1
+    if isinstance(e, SyntaxError):
+        return "error", f"syntax error: {e.msg}", UsageError.status
+    if isinstance(e, NotImplementedError):  # e.g. a '3> file' redirect
+        return "error", str(e), UsageError.status
+    if isinstance(e, OSError) and e.filename is not None:
+        return "error", f"{e.filename}: {e.strerror or e}", 1
+    return "internal", f"{type(e).__name__}: {e}", 1

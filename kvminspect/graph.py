@@ -10,33 +10,89 @@ root_count > 0. Pages on active_mmu_pages that no root reaches are orphans.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import networkx as nx
 
 from kvminspect.layout import known
-from kvminspect.model import VM, Kernel, RootRef, ShadowPage, VCpu
+from kvminspect.model import VM, Kernel, RootRef, ShadowPage, VCpu, is_obsolete_sp
 
 MAX_PAGES = 1 << 20
 
 
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a shadow page as a root.
+
+    *kind*: ``root`` (vcpu->arch.mmu->root), ``prev_root`` (mmu->prev_roots[index]),
+    ``tdp_mmu_roots`` (on kvm->arch.tdp_mmu_roots) or ``root_count`` (a page on the VM's
+    lists with root_count > 0 that nothing above names). *pae*: the mmu->pae_root[]
+    entry of that vCPU root through which the page is held (PAE guests).
+    """
+
+    kind: str
+    vcpu: int | None = None  # vcpu_idx (vcpu_id before 5.11)
+    index: int | None = None  # prev_roots[index]
+    pae: int | None = None
+
+    KINDS = ("root", "prev_root", "tdp_mmu_roots", "root_count")
+
+    def __str__(self) -> str:
+        if self.vcpu is None:
+            return self.kind
+        s = f"vcpu{self.vcpu}." + ("root" if self.kind == "root" else f"prev_roots[{self.index}]")
+        return s + (f".pae_root[{self.pae}]" if self.pae is not None else "")
+
+    @property
+    def is_vcpu(self) -> bool:
+        """A vCPU reference (counted in root_count): root, prev_roots[i], pae_root[i]."""
+        return self.vcpu is not None
+
+    def order(self) -> tuple:
+        """Current roots by vCPU, then cached ones, then the VM's own references."""
+        return (self.KINDS.index(self.kind), self.vcpu or 0, self.index or 0, self.pae or 0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"holder": str(self), "kind": self.kind, "vcpu_idx": self.vcpu,
+                "index": self.index, "pae_root": self.pae}
+
+
 @dataclass
 class VMGraph:
-    """One VM's shadow pages, their hierarchy, and who holds which root."""
+    """One VM's shadow pages, their hierarchy, and who holds which root.
+
+    Everything here is derived from the read-only model: which pages are
+    roots (and who holds them), which are obsolete, which are orphans.
+    """
 
     vm: VM
     vcpus: list[VCpu]
     graph: nx.DiGraph
-    roots: dict[int, list[str]] = field(default_factory=dict)  # sp -> holders
+    roots: dict[int, list[Holder]] = field(default_factory=dict)  # sp -> holders
     active: set[int] = field(default_factory=set)  # on active_mmu_pages / tdp lists
 
     def sp(self, addr: int) -> ShadowPage:
         return self.graph.nodes[addr]["sp"]
 
     def pages(self) -> list[ShadowPage]:
-        """Every shadow page, roots first then by level (high to low) and gfn."""
+        """Every shadow page: the roots in root_order(), then by level (high to
+        low), gfn and address."""
+        first = {a: i for i, a in enumerate(self.root_order())}
         return sorted((d["sp"] for _, d in self.graph.nodes(data=True)),
-                      key=lambda s: (s.addr not in self.roots, -s.level, s.gfn, s.addr))
+                      key=lambda s: (first.get(s.addr, len(first)), -s.level, s.gfn, s.addr))
+
+    def root_order(self) -> list[int]:
+        """Every root, in the one order all commands use: by its first holder
+        (vCPU roots by vCPU, then prev_roots, then the VM's), then address."""
+        return sorted(self.roots, key=lambda a: (min(h.order() for h in self.roots[a]), a))
+
+    def obsolete(self, sp: ShadowPage) -> bool:
+        """is_obsolete_sp() against this VM's mmu_valid_gen."""
+        return is_obsolete_sp(sp, self.vm)
+
+    def is_orphan(self, addr: int) -> bool:
+        return bool(self.graph.nodes[addr].get("orphan"))
 
     def orphans(self) -> list[int]:
         return [n for n, d in self.graph.nodes(data=True) if d.get("orphan")]
@@ -49,24 +105,24 @@ class VMGraph:
         return [s for s in self.pages() if s.gfn == gfn]
 
 
-def _holders(vcpus: list[VCpu]) -> list[tuple[RootRef, str]]:
+def _holders(vcpus: list[VCpu]) -> list[tuple[RootRef, Holder]]:
     """Every (root, holder) pair of the vCPUs: root and prev_roots[]."""
     out = []
     for v in vcpus:
+        n = v.vcpu_idx if v.vcpu_idx >= 0 else v.vcpu_id
         if v.root is not None:
-            out.append((v.root, f"vcpu{v.vcpu_idx if v.vcpu_idx >= 0 else v.vcpu_id}.root"))
-        for i, r in enumerate(v.prev_roots):
-            out.append((r, f"vcpu{v.vcpu_idx if v.vcpu_idx >= 0 else v.vcpu_id}.prev_roots[{i}]"))
+            out.append((v.root, Holder("root", n)))
+        out.extend((r, Holder("prev_root", n, i)) for i, r in enumerate(v.prev_roots))
     return out
 
 
-def _add_page(k: Kernel, vm: VM, g: nx.DiGraph, addr: int) -> ShadowPage | None:
+def _add_page(k: Kernel, g: nx.DiGraph, addr: int) -> ShadowPage | None:
+    """The struct kvm_mmu_page at *addr* as a node of *g* (None if unreadable)."""
     if addr in g:
         return g.nodes[addr]["sp"]
     sp = k.shadow_page(addr)
     if sp is None:
         return None
-    k.mark_obsolete(sp, vm)
     g.add_node(addr, sp=sp, orphan=False)
     return sp
 
@@ -92,7 +148,7 @@ def _expand(k: Kernel, vm: VM, g: nx.DiGraph, start: list[int]) -> None:
                               f"spt[{e.index}] = {e.value:#x} points at a page with no "
                               "shadow page")
                 continue
-            child = _add_page(k, vm, g, e.child)
+            child = _add_page(k, g, e.child)
             if child is None:
                 continue
             if child.level != parent.level - 1:
@@ -115,28 +171,34 @@ def _expand(k: Kernel, vm: VM, g: nx.DiGraph, start: list[int]) -> None:
 
 def build(k: Kernel, vm: VM) -> VMGraph:
     """Rebuild *vm*'s shadow-page graph from its roots and page lists."""
+    with k.reading(vm):
+        return _build(k, vm)
+
+
+def _build(k: Kernel, vm: VM) -> VMGraph:
+    """build(), its problems recorded against *vm*."""
     vcpus = k.vcpus(vm)
     g: nx.DiGraph = nx.DiGraph()
     vg = VMGraph(vm, vcpus, g)
 
-    def hold(addr: int, who: str) -> None:
-        if _add_page(k, vm, g, addr) is not None:
+    def hold(addr: int, who: Holder) -> None:
+        if _add_page(k, g, addr) is not None:
             vg.roots.setdefault(addr, []).append(who)
 
     for ref, who in _holders(vcpus):
         if ref.sp is not None:
             hold(ref.sp.addr, who)
         for i, a in ref.pae_roots:
-            hold(a, f"{who}.pae_root[{i}]")
+            hold(a, replace(who, pae=i))
     for a in k.tdp_roots(vm):
-        hold(a, "tdp_mmu_roots")
+        hold(a, Holder("tdp_mmu_roots"))
     active = k.active_pages(vm)
     vg.active = set(active)
     for a in active:
-        sp = _add_page(k, vm, g, a)
+        sp = _add_page(k, g, a)
         if sp is not None and known(sp.root_count) and sp.root_count > 0 \
                 and a not in vg.roots:
-            vg.roots[a] = ["root_count"]
+            vg.roots[a] = [Holder("root_count")]
     _expand(k, vm, g, list(g.nodes))
     reach = set(vg.roots)
     todo = list(reach)

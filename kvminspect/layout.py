@@ -20,39 +20,47 @@ PAGE_SHIFT = 12
 PT_PRESENT_MASK = 1  # bit 0: present in pae_root[] entries and old SPTEs
 
 
-class Unknown:
-    """A field this kernel's debug info lacks: shown as "unknown", never a number.
+class NoValue:
+    """A field with no value to show, and why: one instance per reason.
 
-    Distinct from INVALID_PAGE (a root the kernel marked invalid) and from an
-    unreadable object (null in JSON, named in "errors"). There is one
-    instance, UNKNOWN; formatting it with any spec gives "unknown".
+    UNKNOWN: this kernel's debug info lacks the member ("unknown").
+    UNREADABLE: the member exists but its memory could not be read
+    ("unreadable"; a problem names the object). Both are distinct from
+    INVALID_PAGE (a root the kernel marked invalid) and from None (nothing
+    there, e.g. a vCPU without a thread yet). Formatting one with any spec
+    gives its name; it is false, and never a number.
     """
 
-    _instance: Unknown | None = None
+    _instances: dict[str, NoValue] = {}
 
-    def __new__(cls) -> Unknown:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
+    def __new__(cls, name: str) -> NoValue:
+        if name not in cls._instances:
+            inst = super().__new__(cls)
+            inst.name = name
+            cls._instances[name] = inst
+        return cls._instances[name]
+
+    name: str
 
     def __repr__(self) -> str:
-        return "unknown"
+        return self.name
 
     __str__ = __repr__
 
     def __format__(self, spec: str) -> str:
-        return "unknown"
+        return self.name
 
     def __bool__(self) -> bool:
         return False
 
 
-UNKNOWN = Unknown()
+UNKNOWN = NoValue("unknown")
+UNREADABLE = NoValue("unreadable")
 
 
 def known(v: Any) -> bool:
-    """Whether *v* is a value read from the kernel (not UNKNOWN)."""
-    return v is not UNKNOWN
+    """Whether *v* is a value read from the kernel (not UNKNOWN or UNREADABLE)."""
+    return not isinstance(v, NoValue)
 
 
 @dataclass(frozen=True)
@@ -176,7 +184,7 @@ class Layout:
     """Everything about this kernel's KVM layout that kvminspect needs."""
 
     sp: SpLayout | None  # None: struct kvm_mmu_page lacks a structural member
-    vcpu_array: bool  # kvm->vcpu_array xarray (5.16/5.17+) vs kvm->vcpus[]
+    vcpu_array: bool  # kvm->vcpu_array xarray (5.16) vs kvm->vcpus[]
     mmu_is_pointer: bool  # vcpu->arch.mmu is a pointer (4.20+) vs embedded
     root_info: bool  # mmu->root.{hpa,pgd} (5.18+) vs mmu->root_hpa
     root_pgd_name: str | None  # root_pgd (5.8+) / root_cr3 (4.20-5.4) / None
@@ -241,7 +249,7 @@ def _sp_layout(prog: drgn.Program) -> SpLayout | None:
         bitmap_bytes=member_size(t, "unsync_child_bitmap")
         if has_member(t, "unsync_child_bitmap") else 0,
         # root_count: int to 5.12, union with refcount_t tdp_mmu_root_count
-        # from 5.14 (same offset, the int view is what the kernel prints)
+        # from 5.13 (same offset, the int view is what the kernel prints)
         root_count=_opt_offset(t, "root_count"),
         mmu_valid_gen=_opt_offset(t, "mmu_valid_gen"),
         mmu_valid_gen_size=member_size(t, "mmu_valid_gen")

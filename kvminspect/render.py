@@ -10,32 +10,33 @@ from typing import Any
 from rich.console import Console
 
 from kvminspect.errors import Problem
-from kvminspect.layout import MissingMember, Unknown
+from kvminspect.layout import MissingMember, NoValue
 
 
-def hx(v: int | Unknown | None) -> str | None:
-    """An address-like value as JSON: a "0x…" string (64-bit safe), null, or "unknown"."""
-    if v is None or isinstance(v, Unknown):
-        return None if v is None else "unknown"
+def hx(v: int | NoValue | None) -> str | None:
+    """An address-like value as JSON: a "0x…" string (64-bit safe), null (none),
+    or the NoValue's name ("unknown", "unreadable")."""
+    if v is None or isinstance(v, NoValue):
+        return None if v is None else v.name
     return hex(v)
 
 
-def hexs(v: int | Unknown | None) -> str:
-    """An address-like value for people: 0x…, "unknown", or "?" when unreadable."""
-    if v is None or isinstance(v, Unknown):
-        return "?" if v is None else "unknown"
+def hexs(v: int | NoValue | None) -> str:
+    """An address-like value for people: 0x…, "-" (none), "unknown" or "unreadable"."""
+    if v is None or isinstance(v, NoValue):
+        return "-" if v is None else v.name
     return hex(v)
 
 
 def plain(v: Any) -> Any:
-    """*v*, or the string "unknown" for UNKNOWN (for writers without a JSON hook)."""
-    return "unknown" if isinstance(v, Unknown) else v
+    """*v*, or a NoValue's name (for writers without a JSON hook)."""
+    return v.name if isinstance(v, NoValue) else v
 
 
 def _json_default(o: object) -> object:
-    """UNKNOWN (a member this kernel lacks) is the string "unknown" in JSON."""
-    if isinstance(o, Unknown):
-        return "unknown"
+    """UNKNOWN and UNREADABLE are the strings "unknown" and "unreadable" in JSON."""
+    if isinstance(o, NoValue):
+        return o.name
     raise TypeError(f"{type(o).__name__} is not JSON serializable")
 
 
@@ -61,13 +62,12 @@ def emit_json(doc: dict[str, Any], problems: list[Problem],
               missing: tuple[MissingMember, ...] = ()) -> None:
     """One JSON document on stdout, with an "errors" list of skipped objects.
 
-    With *missing*, a "warnings" list names each member this kernel lacks
-    (those fields are "unknown" in the document).
+    A "warnings" list names each member this kernel lacks (those fields are
+    "unknown" in the document).
     """
     doc = dict(doc)
     doc["errors"] = [p.to_json() for p in problems]
-    if missing:
-        doc["warnings"] = [m.to_json() for m in missing]
+    doc["warnings"] = [m.to_json() for m in missing]
     sys.stdout.write(dumps(doc) + "\n")
 
 
@@ -78,6 +78,3 @@ def warn_problems(problems: list[Problem], missing: tuple[MissingMember, ...] = 
     for p in problems:
         print(f"kvminspect: warning: {p}", file=sys.stderr)
 
-
-def flag(b: bool, text: str) -> str:
-    return text if b else ""

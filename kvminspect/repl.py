@@ -26,8 +26,6 @@ from typing import Any, TextIO
 
 import drgn
 from drgn.commands import (
-    CommandArgumentError,
-    CommandError,
     CommandExitStatusError,
     CommandNotFoundError,
 )
@@ -39,13 +37,12 @@ from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.input import Input
 from prompt_toolkit.output import Output
 
-from kvminspect.commands import NAMESPACE, load_all
-from kvminspect.errors import KvminspectError
+from kvminspect.commands import NAMESPACE, asks_help, load_all
+from kvminspect.errors import KvminspectError, describe
 from kvminspect.model import VM
 from kvminspect.session import Session
 
 EXIT_WORDS = ("quit", "exit")
-HELP_FLAGS = ("-h", "--help")
 # commands whose positional argument is a shadow page (struct kvm_mmu_page address)
 SP_COMMANDS = ("sp", "tree", "unsync")
 SP_METAVARS = ("SP", "ADDR")
@@ -109,37 +106,12 @@ def _is_tty(f: TextIO | None) -> bool:
         return False
 
 
-def _argument_error_text(e: CommandArgumentError) -> str:
-    """argparse's "PROG: error: MSG" as "PROG: MSG" (the usage line is already out)."""
-    text = str(e).strip()
-    return re.sub(r"^(\S+): error: ", r"\1: ", text) or "bad arguments"
-
-
-def error_text(e: BaseException) -> tuple[str, str]:
-    """(kind, message) for an exception a command raised; kind is "error" or "internal"."""
-    if isinstance(e, CommandNotFoundError):
-        return "error", f"unknown command '{e.name}' (try help)"
-    if isinstance(e, CommandArgumentError):
-        return "error", _argument_error_text(e)
-    if isinstance(e, KvminspectError | CommandError):
-        return "error", str(e)
-    if isinstance(e, drgn.FaultError):
-        return "error", f"cannot read the target: {e}"
-    if isinstance(e, SyntaxError):
-        return "error", f"syntax error: {e.msg}"
-    if isinstance(e, NotImplementedError):  # e.g. a '3> file' redirect
-        return "error", str(e)
-    if isinstance(e, OSError) and e.filename is not None:
-        return "error", f"{e.filename}: {e.strerror or e}"
-    return "internal", f"{type(e).__name__}: {e}"
-
-
 def report_error(e: BaseException) -> None:
     """Print what went wrong as one line (a traceback only with KVMINSPECT_DEBUG)."""
     if isinstance(e, CommandExitStatusError) and e.exit_status in (-signal.SIGINT, 130):
         _err("interrupted", newline=_is_tty(sys.stderr))
         return
-    kind, text = error_text(e)
+    kind, text, _ = describe(e)
     if kind == "error":
         _err(f"error: {text}")
         return
@@ -170,9 +142,9 @@ def _builtin_help(prog: drgn.Program) -> None:
 
 def rewrite(prog: drgn.Program, line: str) -> str:
     """'CMD ... -h' / '--help' becomes 'help CMD' (drgn commands have no -h)."""
-    words = line.split("|", 1)[0].split()
-    if len(words) > 1 and any(w in HELP_FLAGS for w in words[1:]) and "help" in _commands(prog):
-        return f"help {words[0]}"
+    cmd = asks_help(line.split("|", 1)[0].split())
+    if cmd is not None and "help" in _commands(prog):
+        return f"help {cmd}"
     return line
 
 
@@ -255,7 +227,8 @@ def _matching(word: str, candidates: Iterable[tuple[str, str]]) -> Iterator[Comp
 
 
 class ReplCompleter(Completer):
-    """Tab completion for the REPL: never raises, only reads cached or cheap state."""
+    """Tab completion for the REPL: never raises. Completing a shadow-page address
+    builds that VM's graph once (the session keeps it); everything else is cheap."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
@@ -369,7 +342,7 @@ def banner(session: Session) -> str:
         n = len(session.kernel.vms())
         vms = f"{n} VM" if n == 1 else f"{n} VMs"
     except Exception as e:  # the greeting must not stop the REPL; commands say more
-        vms = f"VMs unreadable ({error_text(e)[1]})"
+        vms = f"VMs unreadable ({describe(e)[1]})"
     return (f"kvminspect on {t.name} ({t.release or 'unknown release'}): {vms}; "
             "'help' lists commands, Ctrl-D exits")
 

@@ -16,14 +16,12 @@ class Session:
 
     target: Target
     selected: VM | None = None
+    printed: set[Problem] = field(default_factory=set)  # warned on stderr already
     _graphs: dict[int, graph.VMGraph] = field(default_factory=dict)
 
     @property
     def kernel(self) -> Kernel:
         return self.target.kernel
-
-    def problems(self) -> list[Problem]:
-        return list(self.kernel.problems)
 
     def select(self, ident: str) -> VM:
         self.selected = self.kernel.vm_by_id(ident)
@@ -45,8 +43,9 @@ class Session:
         """
         if vm.addr not in self._graphs:
             if vm.unsupported:
-                self.kernel.problem("struct kvm", vm.addr,
-                                    f"{vm.unsupported} not supported: its MMU is not read")
+                with self.kernel.reading(vm):
+                    self.kernel.problem("struct kvm", vm.addr,
+                                        f"{vm.unsupported} not supported: its MMU is not read")
                 self._graphs[vm.addr] = graph.VMGraph(vm, [], graph.nx.DiGraph())
             else:
                 self._graphs[vm.addr] = graph.build(self.kernel, vm)

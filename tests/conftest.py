@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from functools import cache
 from pathlib import Path
 
@@ -37,3 +40,19 @@ def open_fixture(name: str):
     from kvminspect.target import open_core
 
     return open_core(str(VMCORES / name), [])
+
+
+def pytest_configure(config) -> None:
+    """Decompressed cores go to a temporary directory, never into ~/.cache: set
+    before collection, as some test modules open a fixture at import time."""
+    config._kvminspect_cache = tempfile.mkdtemp(prefix="kvminspect-cache-")
+    config._kvminspect_old_cache = os.environ.get("KVMINSPECT_CACHE")
+    os.environ["KVMINSPECT_CACHE"] = config._kvminspect_cache
+
+
+def pytest_unconfigure(config) -> None:
+    shutil.rmtree(config._kvminspect_cache, ignore_errors=True)
+    if config._kvminspect_old_cache is None:
+        os.environ.pop("KVMINSPECT_CACHE", None)
+    else:
+        os.environ["KVMINSPECT_CACHE"] = config._kvminspect_old_cache

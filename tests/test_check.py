@@ -18,12 +18,12 @@ import pytest
 from kvminspect import check
 from kvminspect.check import Finding, check_vm
 from kvminspect.cli import run_one
-from kvminspect.graph import VMGraph
+from kvminspect.graph import Holder, VMGraph
 from kvminspect.model import Kernel, ShadowPage
 from kvminspect.session import Session
 from kvminspect.target import open_core
 from tests import corrupt
-from tests.conftest import FIXTURES, fixtures, open_fixture, truth
+from tests.conftest import FIXTURES, MULTI_VM, fixtures, open_fixture, truth
 
 SHADOW = fixtures(lambda t: t["mmu"] == "shadow" and not t["zapped"])
 ZAPPED = fixtures(lambda t: t["zapped"])
@@ -258,7 +258,7 @@ def test_unsync_tdp_page() -> None:
                                         ("6.1-tdp-legacy", 1)])
 def test_root_count_off_by_one(name: str, delta: int) -> None:
     k, vg = copied(name)
-    root = next(a for a, h in vg.roots.items() if any(x.endswith(".root") for x in h))
+    root = next(a for a, h in vg.roots.items() if any(x.kind == "root" for x in h))
     sp = vg.sp(root)
     edit(vg, root, root_count=sp.root_count + delta)
     f = only(check_vm(k, vg), "root-count")
@@ -290,7 +290,7 @@ def test_tdp_root_count_includes_the_list(name: str) -> None:
     assert "Preserve TDP MMU roots" in f.message
     # an invalid root may have dropped the list's reference already
     for n in (4, 5):
-        edit(vg, root, root_count=n, role=invalid_role(k, vg.sp(root)), obsolete=True)
+        edit(vg, root, root_count=n, role=invalid_role(k, vg.sp(root)))
         assert [f.check for f in check_vm(k, vg) if f.check == "root-count"] == []
 
 
@@ -298,7 +298,7 @@ def test_unheld_root() -> None:
     k, vg = copied("6.1-shadow")
     pd = next(s for s in vg.pages() if s.level == 2)
     edit(vg, pd.addr, root_count=1)
-    vg.roots[pd.addr] = ["root_count"]
+    vg.roots[pd.addr] = [Holder("root_count")]
     f = only(check_vm(k, vg), "unheld-root")
     assert f.severity == "info" and f.objects == [pd.addr] and "root_count 1" in f.message
 
@@ -306,7 +306,7 @@ def test_unheld_root() -> None:
 def test_obsolete_current_root() -> None:
     k, vg = copied("6.12-shadow")
     v0 = vg.vcpus[0]
-    edit(vg, v0.root.sp.addr, obsolete=True, mmu_valid_gen=7)
+    edit(vg, v0.root.sp.addr, mmu_valid_gen=7)  # an old generation: obsolete
     f = only(check_vm(k, vg), "obsolete-root")
     assert f.severity == "warning" and f.objects == [v0.root.sp.addr]
     assert "vcpu0.root" in f.message and "mmu_valid_gen 7 != kvm->arch.mmu_valid_gen 0" in f.message
@@ -353,14 +353,30 @@ def test_model_problems_are_errors(case: str, tmp_path, capsys) -> None:
         assert f["objects"] == [damaged] and "unsync_children 1000" in f["message"]
 
 
-def test_problems_attributed_to_their_vm() -> None:
-    k, vg = copied("6.1-shadow")
-    owned = check._Owned(k, vg)
-    sp = next(iter(vg.graph))
-    assert sp in owned and sp + k.layout.sp.link in owned
-    assert vg.vm.addr + 8 in owned and vg.vcpus[1].addr in owned
-    assert vg.vcpus[0].root.hpa in owned
-    assert 0xFFFF_FFFF_8000_0000 not in owned and 0 not in owned
+@pytest.mark.parametrize("name", MULTI_VM)
+def test_problems_attributed_to_their_vm(name: str, capsys) -> None:
+    """Two VMs: a problem met while reading one VM is in its documents only, whichever
+    command met it first; each VM's findings name only its own pages."""
+    s = Session(open_fixture(name))
+    a, b = s.kernel.vms()
+    ga, gb = s.graph(a), s.graph(b)
+    assert not set(ga.graph) & set(gb.graph)
+    sp = next(iter(ga.graph))
+    with s.kernel.reading(a):
+        s.kernel.problem("struct kvm_mmu_page", sp, "made up by the test")
+    try:
+        for cmd in ("roots", "tree", "check"):
+            capsys.readouterr()
+            run_one(s, [cmd, "--vm", "0", "--json"])
+            assert [e["addr"] for e in json.loads(capsys.readouterr().out)["errors"]] == [hex(sp)]
+            run_one(s, [cmd, "--vm", "1", "--json"])
+            assert json.loads(capsys.readouterr().out)["errors"] == []
+        run_one(s, ["check", "--json"])
+        doc = json.loads(capsys.readouterr().out)
+        (f,) = [f for f in doc["vms"][0]["findings"] if f["check"] == "model"]
+        assert f["objects"] == [hex(sp)] and doc["vms"][1]["findings"] == []
+    finally:
+        s.kernel.problems.discard(a.addr)
 
 
 def test_root_count_with_uncounted_references(tmp_path, capsys) -> None:

@@ -79,9 +79,9 @@ def test_everything_else_still_read(workdir: str, capsys) -> None:
     capsys.readouterr()
     assert main(["-c", str(path), "roots", "--json"]) == 0
     (vm,) = json.loads(capsys.readouterr().out)["vms"]
-    bad = [r for v in vm["vcpus"] for r in [v["root"], *v["prev_roots"]] if r["sp"] is None]
-    good = [r for v in vm["vcpus"] for r in [v["root"], *v["prev_roots"]] if r["sp"]]
-    assert len(bad) == 1 and bad[0]["special"] == "unreadable" and len(good) == 15
+    bad = [r for v in vm["vcpus"] for r in [v["root"], *v["prev_roots"]] if r["page"] is None]
+    good = [r for v in vm["vcpus"] for r in [v["root"], *v["prev_roots"]] if r["page"]]
+    assert len(bad) == 1 and bad[0]["state"] == "unreadable" and len(good) == 15
 
 
 def test_nothing_readable_exits_nonzero(workdir: str, capsys) -> None:
@@ -91,5 +91,5 @@ def test_nothing_readable_exits_nonzero(workdir: str, capsys) -> None:
     assert main(["-c", str(path), "roots", "--json"]) == 1
     out, err = capsys.readouterr()
     doc = json.loads(out)
-    assert doc["vms"] == [] and doc["errors"][0]["object"] == "struct kvm"
+    assert doc["vms"] == [] and "struct kvm" in {e["object"] for e in doc["errors"]}
     assert "Traceback" not in err

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvminspect.cli import main
-from tests.conftest import VMCORES
+from tests.conftest import VMCORES, truth
 
 
 def run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -74,8 +74,9 @@ def test_truncated_elf_vmcore(tmp_path: Path, capsys) -> None:
         if f.name.startswith(("vmlinux", "kvm")):
             shutil.copy(f, tmp_path / f.name)
     status, out, err = run(["-c", str(tmp_path), "roots"], capsys)
-    assert status != 0 or "warning" in err
-    assert "Traceback" not in err
+    # the modules list lies beyond the cut: nothing can be read, one line says so
+    assert status == 1 and out == ""
+    one_line_error(err)
 
 
 def test_debug_info_missing(capsys) -> None:
@@ -223,7 +224,7 @@ def test_kdump_compressed_core(tmp_path: Path, capsys) -> None:
     status, out, err = run(["-c", str(fx), "roots", "--json"], capsys)
     assert status == 0, err
     (vm,) = json.loads(out)["vms"]
-    assert [v["cr3"] for v in vm["vcpus"]] == ["0x101000", "0x118000", "0x11c000", "0x101000"]
+    assert [v["cr3"] for v in vm["vcpus"]] == [v["cr3"] for v in truth("6.1-shadow")["vcpus"]]
 
 
 def _elf_core(path: Path, machine: int) -> None:

@@ -88,5 +88,12 @@ def test_graph_unsync_check_survive_random_state(changes) -> None:
                 assert pages[leaf.sp].level == 1 and pages[leaf.sp].unsync
     findings = check_vm(k, g)
     assert all(f.severity in ("error", "warning", "info") for f in findings)
+    # unsync_children vs the bitmap: a finding exactly for the pages that disagree
+    named = {f.objects[0] for f in findings if f.check == "unsync-children"}
+    assert named == {s.addr for s in g.pages() if 1 <= s.level <= 5
+                     and s.unsync_children != s.unsync_child_bitmap.bit_count()}
+    # every model problem met for this VM is an error finding, and only those
+    model = {f.message for f in findings if f.check == "model"}
+    assert model == {str(p) for p in k.problems.of([vm.addr])}
     for p in k.problems:
         assert str(p)

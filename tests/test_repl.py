@@ -19,11 +19,10 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output.plain_text import PlainTextOutput
 
 from kvminspect.commands import NAMESPACE, load_all
-from kvminspect.errors import LookupFailed
+from kvminspect.errors import LookupFailed, describe
 from kvminspect.repl import (
     ReplCompleter,
     _QuietFileHistory,
-    error_text,
     history_path,
     open_history,
     run_repl,
@@ -235,9 +234,10 @@ def test_ctrl_c_cancels_the_running_command(session: Session, interrupting: None
 
 
 def test_error_text() -> None:
-    assert error_text(CommandNotFoundError("x")) == ("error", "unknown command 'x' (try help)")
-    assert error_text(LookupFailed("no VM '3'")) == ("error", "no VM '3'")
-    assert error_text(KeyError("k")) == ("internal", "KeyError: 'k'")
+    """One mapping (errors.describe) for the REPL and the CLI, exit status included."""
+    assert describe(CommandNotFoundError("x")) == ("error", "unknown command 'x' (try help)", 2)
+    assert describe(LookupFailed("no VM '3'")) == ("error", "no VM '3'", 1)
+    assert describe(KeyError("k")) == ("internal", "KeyError: 'k'", 1)
 
 
 def test_piped_stdin_without_a_terminal(session: Session, monkeypatch: pytest.MonkeyPatch,
@@ -246,7 +246,8 @@ def test_piped_stdin_without_a_terminal(session: Session, monkeypatch: pytest.Mo
     assert run_repl(session) == 0
     out, err = capfd.readouterr()
     # nothing but the two documents on stdout
-    assert [list(d) for d in json_docs(out)] == [["vms", "errors"], ["vms", "errors"]]
+    keys = ["schema_version", "command", "vms", "errors", "warnings"]
+    assert [list(d) for d in json_docs(out)] == [keys, keys]
     assert err.startswith("kvminspect on 6.1-shadow")  # the banner stays off stdout
     assert error_lines(err)[-1] == "kvminspect: error: unknown command 'bogus' (try help)"
 
@@ -262,7 +263,8 @@ def test_history_persists(session: Session, history_file: Path,
     capfd.readouterr()
     drive(session, later=UP + UP + ENTER)  # a new REPL recalls "vms --json" from the file
     out, _ = capfd.readouterr()
-    assert list(json.loads(out.split("\n", 1)[1])) == ["vms", "errors"]
+    assert list(json.loads(out.split("\n", 1)[1])) == [
+        "schema_version", "command", "vms", "errors", "warnings"]
 
 
 def test_history_falls_back_to_memory(session: Session, tmp_path: Path,

@@ -22,7 +22,7 @@ def test_tdx_vm_is_named_not_read() -> None:
     msgs = [str(p) for p in target.kernel.problems if p.addr == vm.addr]
     assert msgs == ["struct kvm 0x1: TDX VM (mirror and external roots) not supported: "
                     "its MMU is not read"]
-    target.kernel.problems[:] = [p for p in target.kernel.problems if p.addr != vm.addr]
+    target.kernel.problems.discard(vm.addr)
 
 
 def test_other_vm_types_are_read() -> None:

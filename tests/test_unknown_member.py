@@ -18,6 +18,7 @@ import pytest
 
 from kvminspect.cli import main
 from tests.conftest import VMCORES, truth
+from tests.test_schema import validate
 
 FIXTURE = VMCORES / "6.1-shadow"
 RELEASE = truth("6.1-shadow")["kernel_release"]
@@ -83,6 +84,7 @@ def test_json_names_each_missing_member(hidden_debug: Path, command: str, capsys
     assert status == 0, err
     doc = json.loads(out)
     assert doc["errors"] == []
+    validate(doc)  # "unknown" where the schema allows it, nowhere else
     named = {(w["member"], w["kernel"]) for w in doc["warnings"]}
     for struct, member in HIDDEN:
         assert (f"{struct}.{member}", RELEASE) in named
@@ -101,16 +103,18 @@ def test_unknown_values_in_json(hidden_debug: Path, capsys) -> None:
 
     roots = json.loads(one_shot(hidden_debug, "roots", capsys, True)[1])["vms"][0]["vcpus"]
     for v, want in zip(roots, t["vcpus"], strict=True):
-        assert v["root"]["root_count"] == "unknown"
-        assert v["root"]["gfn"] == hex(int(want["cr3"], 16) >> 12)
-        assert v["root"]["unsync_children"] >= 0  # still read: only the bitmap is hidden
+        page = v["root"]["page"]
+        assert page["root_count"] == "unknown"
+        assert page["gfn"] == hex(int(want["cr3"], 16) >> 12)
+        assert page["unsync_children"] >= 0  # still read: only the bitmap is hidden
 
 
 def test_unknown_is_not_unreadable_nor_invalid(hidden_debug: Path, capsys) -> None:
     """"unknown" (a member the kernel lacks) vs null (unreadable / INVALID_PAGE)."""
     doc = json.loads(one_shot(hidden_debug, "roots", capsys, True)[1])
     prev = [p for v in doc["vms"][0]["vcpus"] for p in v["prev_roots"]]
-    assert all(p["hpa"] is not None and p["root_count"] == "unknown" for p in prev)
+    assert all(p["hpa"] not in ("INVALID_PAGE", "unreadable") and p["state"] == "page"
+               and p["page"]["root_count"] == "unknown" for p in prev)
 
 
 def test_text_shows_unknown(hidden_debug: Path, capsys) -> None:

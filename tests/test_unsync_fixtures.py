@@ -36,9 +36,10 @@ def test_hand_worked_two_batches(capsys) -> None:
     t = truth("6.1-shadow")
     (vm,) = unsync_doc("6.1-shadow", capsys)["vms"]
     s0 = t["sets"][0]
-    roots = {r["holders"][0]: r for r in vm["roots"]}
-    root = next(r for r in vm["roots"] if "vcpu0.root" in r["holders"])
-    assert "vcpu3.root" in root["holders"] and len(roots) == 3
+    names = [[h["holder"] for h in r["holders"]] for r in vm["roots"]]
+    roots = {n[0]: r for n, r in zip(names, vm["roots"], strict=True)}
+    root = next(r for n, r in zip(names, vm["roots"], strict=True) if "vcpu0.root" in n)
+    assert "vcpu3.root" in [h["holder"] for h in root["holders"]] and len(roots) == 3
     b1, b2 = root["batches"]
     head = [(e["level"], e["idx"]) for e in b1["pages"][:3]]
     assert head == [(4, -1), (3, 0), (2, 0)]
@@ -75,3 +76,21 @@ def test_no_unsync_on_tdp_and_zapped(capsys) -> None:
     for name in fixtures(lambda t: t["mmu"] != "shadow" or t["zapped"]):
         (vm,) = unsync_doc(name, capsys)["vms"]
         assert vm["roots"] == []
+
+
+@pytest.mark.parametrize("name", ["6.1-shadow", "7.3-shadow-pae"])
+def test_zap_replay_walks_like_sync(name: str, capsys) -> None:
+    """unsync --zap (mmu_zap_unsync_children): the same batches and leaves as the sync
+    walk on these roots, each leaf zapped instead of synced."""
+    s = Session(open_fixture(name))
+    capsys.readouterr()
+    run_one(s, ["unsync", "--json"])
+    sync = json.loads(capsys.readouterr().out)["vms"][0]["roots"]
+    run_one(s, ["unsync", "--zap", "--json"])
+    zap = json.loads(capsys.readouterr().out)["vms"][0]["roots"]
+    assert [r["batches"] for r in zap] == [r["batches"] for r in sync] and sync
+    assert all(r["zap"] for r in zap) and not any(r["zap"] for r in sync)
+    run_one(s, ["unsync", "--zap"])
+    text = capsys.readouterr().out
+    assert text.count("  zap sp ") == sum(len(b["leaves"]) for r in zap for b in r["batches"])
+    assert "  sync sp " not in text

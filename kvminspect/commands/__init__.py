@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 from drgn import Program
-from drgn.commands import CommandNamespace, argument
+from drgn.commands import CommandNamespace, argument, command
 
 from kvminspect.errors import UsageError
-from kvminspect.render import emit_json, warn_problems
+from kvminspect.model import VM
+from kvminspect.render import console, emit_json, warn_problems
 from kvminspect.session import Session
+from kvminspect.shapes import SCHEMA_VERSION, vm_ref
+
+NO_VMS = "no VMs (vm_list is empty)"
 
 NAMESPACE = CommandNamespace(func_name_prefix="_cmd_")
 MODULES = ("vms", "vm", "vcpus", "roots", "tree", "sp", "unsync", "stats", "check",
@@ -30,11 +35,39 @@ VM_ARG = argument("--vm", metavar="ID",
                   "all VMs; export: else the only VM)")
 
 
+def kvm_command(*arguments: Any, vm: bool = True, json: bool = True) -> Callable:
+    """Register a kvminspect command in NAMESPACE (drgn.commands.command).
+
+    The description is the first line of the function's docstring, the long
+    description the rest; --vm ID and --json follow the command's own
+    *arguments* unless *vm* / *json* is False.
+    """
+    extra = ((VM_ARG,) if vm else ()) + ((JSON_ARG,) if json else ())
+
+    def register(func: Callable) -> Callable:
+        first, _, rest = inspect.cleandoc(func.__doc__ or "").partition("\n")
+        return command(description=first.strip(), long_description=" ".join(rest.split()) or None,
+                       arguments=(*arguments, *extra), namespace=NAMESPACE)(func)
+
+    return register
+
+
 def load_all() -> CommandNamespace:
     """Import every command module (each registers itself)."""
     for m in MODULES:
         importlib.import_module(f"kvminspect.commands.{m}")
     return NAMESPACE
+
+
+HELP_FLAGS = ("-h", "--help")
+
+
+def asks_help(words: list[str]) -> str | None:
+    """The command of 'CMD ... -h' / '--help' (shown as 'help CMD': drgn commands
+    have no -h), else None. The CLI and the REPL both ask this."""
+    if len(words) > 1 and any(w in HELP_FLAGS for w in words[1:]):
+        return words[0]
+    return None
 
 
 def session_of(kwargs: dict[str, Any]) -> Session:
@@ -65,21 +98,80 @@ def sp_scope(session: Session, vm_ident: str | None, sp_text: str | None
     return [session.find_sp(top, vms)[0]], top
 
 
-def finish(session: Session, args: argparse.Namespace, doc: dict[str, Any],
-           human: Callable[[], None], start: int = 0) -> None:
+def finish(session: Session, args: argparse.Namespace, command: str, doc: dict[str, Any],
+           human: Callable[[], None], vms: list[VM]) -> None:
     """Print a command's result: JSON, or rich output plus warnings on stderr.
 
-    JSON lists every problem the session has met; on stderr only those met
-    since *start* (the count before the command ran) are repeated.
+    The document (and stderr) carries the problems of the VMs it shows,
+    wherever in the session they were first met, and no others; stderr
+    repeats none already printed in this session.
     """
-    problems = session.problems()
+    problems = session.kernel.problems.of(vm.addr for vm in vms)
     missing = session.kernel.missing
     if getattr(args, "json", False):
-        emit_json(doc, problems, missing)
+        emit_json({"schema_version": SCHEMA_VERSION, "command": command, **doc}, problems,
+                  missing)
     else:
         human()
-        warn_problems(problems[start:], missing)
+        new = [p for p in problems if p not in session.printed]
+        session.printed.update(new)
+        warn_problems(new, missing)
 
 
-__all__ = ["NAMESPACE", "JSON_ARG", "VM_ARG", "Program", "finish", "load_all",
-           "parse_int", "session_of", "sp_scope"]
+def sp_flags(d: dict[str, Any]) -> list[str]:
+    """A shadow page's state (shapes.sp_json) as words, for every text renderer."""
+    flags = [w for k, w in (("direct", "direct"), ("tdp_mmu_page", "tdp"), ("unsync", "UNSYNC"))
+             if d[k] is True]
+    if d["unsync_children"]:
+        flags.append(f"unsync_children={d['unsync_children']}")
+    if d["invalid"]:
+        flags.append("invalid")
+    elif d["obsolete"]:
+        flags.append("obsolete")
+    if d["root_count"]:
+        flags.append(f"root_count={d['root_count']}")
+    if d["orphan"]:
+        flags.append("ORPHAN")
+    return flags
+
+
+def vm_header(vm: VM, what: str = "") -> str:
+    """The line that opens one VM's part of a command's text output."""
+    return f"VM {vm.index}  kvm {vm.addr:#x}  pid {vm.pid}  {vm.mmu}" + (
+        f": {what}" if what else "")
+
+
+def per_vm(kwargs: dict[str, Any], args: argparse.Namespace, command: str, *,
+           collect: Callable[[Session, VM], Any],
+           to_json: Callable[[VM, Any], dict[str, Any]],
+           show: Callable[[VM, Any], None],
+           header: Callable[[VM, Any], str] = lambda vm, data: vm_header(vm),
+           vms: list[VM] | None = None) -> None:
+    """What every per-VM command does around its own part.
+
+    The VMs are --vm ID, the selected one, or all (unless *vms* is given);
+    *collect* reads each VM's data (its problems recorded against it);
+    the JSON document is {"vms": [{vm_ref..., **to_json(vm, data)}]}; the
+    text says when there are no VMs, and prints *header* then *show* per VM.
+    """
+    s = session_of(kwargs)
+    vms = s.vms(getattr(args, "vm", None)) if vms is None else vms
+    items = []
+    for vm in vms:
+        with s.kernel.reading(vm):
+            items.append((vm, collect(s, vm)))
+
+    def human() -> None:
+        c = console()
+        if not vms:
+            c.print(NO_VMS)
+        for vm, data in items:
+            c.print(header(vm, data), markup=False)
+            show(vm, data)
+
+    doc = {"vms": [{**vm_ref(vm), **to_json(vm, data)} for vm, data in items]}
+    finish(s, args, command, doc, human, vms)
+
+
+__all__ = ["NAMESPACE", "JSON_ARG", "NO_VMS", "VM_ARG", "Program", "finish", "load_all",
+           "parse_int", "per_vm", "session_of", "sp_flags", "sp_scope", "vm_header"]

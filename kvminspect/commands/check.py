@@ -6,14 +6,14 @@ import argparse
 from typing import Any
 
 from drgn import Program
-from drgn.commands import command
 from rich.table import Table
 from rich.text import Text
 
 from kvminspect.check import Finding, check_vm, summary
-from kvminspect.commands import JSON_ARG, NAMESPACE, VM_ARG, finish, session_of
+from kvminspect.commands import kvm_command, per_vm, vm_header
 from kvminspect.model import VM
-from kvminspect.render import console, hx
+from kvminspect.render import console
+from kvminspect.shapes import finding_json
 
 STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
@@ -28,42 +28,30 @@ def findings_table(findings: list[Finding]) -> Table:
     return t
 
 
-@command(
-    description="consistency checks: unsync bitmaps, root_count, obsolete roots, orphans",
-    long_description="Checks each VM's shadow pages the way the kernel maintains them: "
-    "unsync_children against the bits of unsync_child_bitmap; each set bit against "
-    "spt[i] and its child (stale bits, bits over non-present SPTEs: info, the kernel "
-    "clears them lazily in __mmu_unsync_walk); every parent of an unsync page has its bit "
-    "set; only indirect level-1 pages are unsync; root_count against the vCPU references "
-    "(root, prev_roots[], pae_root[]; +1 for a valid TDP MMU root on tdp_mmu_roots); "
-    "obsolete roots still in use (a warning, normal right after a fast zap); orphan pages; "
-    "and every object the model could not read or found impossible (errors).",
-    arguments=(VM_ARG, JSON_ARG),
-    namespace=NAMESPACE,
-)
+@kvm_command()
 def _cmd_check(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
-    s = session_of(kwargs)
-    start = len(s.problems())
-    vms = s.vms(args.vm)
-    data: list[tuple[VM, list[Finding]]] = []
-    for vm in vms:
-        data.append((vm, check_vm(s.kernel, s.graph(vm))))
+    """consistency checks: unsync bitmaps, root_count, obsolete roots, orphans
 
-    def human() -> None:
-        c = console()
-        if not vms:
-            c.print("no VMs (vm_list is empty)")
-        for vm, findings in data:
-            n = summary(findings)
-            c.print(f"VM {vm.index}  kvm {vm.addr:#x}  pid {vm.pid}  {vm.mmu}: "
-                    f"{n['error']} errors, {n['warning']} warnings, {n['info']} info",
-                    markup=False)
-            if findings:
-                c.print(findings_table(findings), markup=False)
-            else:
-                c.print("  no findings")
+    Checks each VM's shadow pages the way the kernel maintains them: unsync_children
+    against the bits of unsync_child_bitmap; each set bit against spt[i] and its child
+    (stale bits, bits over non-present SPTEs: info, the kernel clears them lazily in
+    __mmu_unsync_walk); every parent of an unsync page has its bit set; only indirect
+    level-1 pages are unsync; root_count against the vCPU references (root,
+    prev_roots[], pae_root[]; +1 for a valid TDP MMU root on tdp_mmu_roots); obsolete
+    roots still in use (a warning, normal right after a fast zap); orphan pages; and
+    every object the model could not read or found impossible (errors).
+    """
+    def show(vm: VM, findings: list[Finding]) -> None:
+        if findings:
+            console().print(findings_table(findings), markup=False)
+        else:
+            console().print("  no findings")
 
-    doc = {"vms": [{"kvm": hx(vm.addr), "pid": vm.pid,
-                    "findings": [f.to_json() for f in findings],
-                    "summary": summary(findings)} for vm, findings in data]}
-    finish(s, args, doc, human, start)
+    def header(vm: VM, findings: list[Finding]) -> str:
+        n = summary(findings)
+        return vm_header(vm, f"{n['error']} errors, {n['warning']} warnings, {n['info']} info")
+
+    per_vm(kwargs, args, "check", collect=lambda s, vm: check_vm(s.kernel, s.graph(vm)),
+           show=show, header=header,
+           to_json=lambda vm, findings: {"findings": [finding_json(f) for f in findings],
+                                         "summary": summary(findings)})

@@ -8,29 +8,24 @@ from typing import Any
 
 import networkx as nx
 from drgn import Program
-from drgn.commands import argument, command
+from drgn.commands import argument
 
-from kvminspect.commands import JSON_ARG, NAMESPACE, VM_ARG, finish, session_of
-from kvminspect.commands.vms import vm_json
+from kvminspect.commands import finish, kvm_command, session_of
 from kvminspect.errors import KvminspectError, LookupFailed, UsageError
 from kvminspect.graph import VMGraph
 from kvminspect.model import VM
-from kvminspect.render import console, dumps, hx, plain
+from kvminspect.render import console, dumps
 from kvminspect.session import Session
+from kvminspect.shapes import sp_json, vm_json, vm_ref
 
 FORMATS = ("dot", "graphml", "json")
 
 
 def node_attrs(g: VMGraph, addr: int) -> dict[str, Any]:
-    """One struct kvm_mmu_page as plain attributes (lists for holders)."""
-    sp = g.sp(addr)
-    return {"addr": hx(addr), "gfn": hx(sp.gfn), "level": sp.level,
-            "direct": sp.role.direct, "tdp_mmu_page": sp.tdp_mmu_page,
-            "unsync": plain(sp.unsync), "unsync_children": plain(sp.unsync_children),
-            "root_count": plain(sp.root_count),
-            "invalid": sp.role.invalid, "obsolete": sp.obsolete,
-            "orphan": bool(g.graph.nodes[addr].get("orphan")), "root": addr in g.roots,
-            "holders": list(g.roots.get(addr, []))}
+    """One struct kvm_mmu_page (shapes.sp_json) as plain attributes: holders as names."""
+    d = sp_json(g.sp(addr), g)
+    return {**d, "addr": d.pop("sp"), "root": addr in g.roots,
+            "holders": [h["holder"] for h in d["holders"]]}
 
 
 def plain_graph(g: VMGraph) -> nx.DiGraph:
@@ -44,9 +39,8 @@ def plain_graph(g: VMGraph) -> nx.DiGraph:
 
 
 def graph_info(vm: VM) -> dict[str, Any]:
-    """Graph-level attributes: which VM this is."""
-    return {"kvm": hx(vm.addr), "pid": plain(vm.pid), "index": vm.index, "mmu": vm.mmu,
-            "mmu_valid_gen": plain(vm.mmu_valid_gen)}
+    """Graph-level attributes: which VM this is (shapes.vm_ref)."""
+    return {k: v for k, v in vm_ref(vm).items() if v is not None}
 
 
 def dot_quote(text: str) -> str:
@@ -141,25 +135,22 @@ def one_vm(s: Session, ident: str | None) -> VM:
     return vms[0]
 
 
-@command(
-    description="write one VM's shadow-page graph as DOT, GraphML or JSON",
-    long_description="Nodes are struct kvm_mmu_page (id: the address as 0x…) with addr, gfn, "
-    "level, direct, tdp_mmu_page, unsync, unsync_children, root_count, invalid, obsolete, "
-    "orphan, root and holders (who holds it as a root); edges parent -> child carry the "
-    "spt[] indexes. One VM per file: --vm ID, else the selected VM, else the only VM (with "
-    "several VMs, run it once per VM). dot: Graphviz, roots blue, unsync pages orange, "
-    "pages with unsync children yellow, obsolete/orphan dashed. graphml: lists as "
-    "comma-separated strings. json: networkx node-link data (nodes, edges) plus the VM.",
-    arguments=(
-        argument("--format", "-f", choices=FORMATS, required=True, help="output format"),
-        argument("file", metavar="FILE", help="file to write (replaced if it exists)"),
-        VM_ARG, JSON_ARG,
-    ),
-    namespace=NAMESPACE,
+@kvm_command(
+    argument("--format", "-f", choices=FORMATS, required=True, help="output format"),
+    argument("file", metavar="FILE", help="file to write (replaced if it exists)"),
 )
 def _cmd_export(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
+    """write one VM's shadow-page graph as DOT, GraphML or JSON
+
+    Nodes are struct kvm_mmu_page (id: the address as 0x…) with addr, gfn, level,
+    direct, tdp_mmu_page, unsync, unsync_children, root_count, invalid, obsolete,
+    orphan, root and holders (who holds it as a root); edges parent -> child carry the
+    spt[] indexes. One VM per file: --vm ID, else the selected VM, else the only VM
+    (with several VMs, run it once per VM). dot: Graphviz, roots blue, unsync pages
+    orange, pages with unsync children yellow, obsolete/orphan dashed. graphml: lists as
+    comma-separated strings. json: networkx node-link data (nodes, edges) plus the VM.
+    """
     s = session_of(kwargs)
-    start = len(s.problems())
     vm = one_vm(s, args.vm)
     g = plain_graph(s.graph(vm))
     g.graph.update(graph_info(vm))
@@ -174,6 +165,6 @@ def _cmd_export(prog: Program, name: str, args: argparse.Namespace, **kwargs: An
         console().print(f"wrote {n} shadow pages and {m} edges of VM {vm.index} "
                         f"(kvm {vm.addr:#x}) to {path} ({args.format})", markup=False)
 
-    doc = {"file": str(path), "format": args.format, "nodes": n, "edges": m,
-           "kvm": hx(vm.addr), "pid": vm.pid}
-    finish(s, args, doc, human, start)
+    doc = {"vms": [{**vm_ref(vm), "file": str(path), "format": args.format, "nodes": n,
+                    "edges": m}]}
+    finish(s, args, "export", doc, human, [vm])

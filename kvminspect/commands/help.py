@@ -6,19 +6,20 @@ import argparse
 from typing import Any
 
 from drgn import Program
-from drgn.commands import CommandNotFoundError, argument, command
+from drgn.commands import CommandNotFoundError, argument
 
-from kvminspect.commands import NAMESPACE
+from kvminspect.commands import NAMESPACE, kvm_command
 from kvminspect.errors import UsageError
 from kvminspect.render import console
 
 
-@command(
-    description="list commands, or show one command's usage and options",
-    arguments=(argument("cmd", nargs="?", metavar="CMD", help="a command name"),),
-    namespace=NAMESPACE,
+@kvm_command(
+    argument("cmd", nargs="?", metavar="CMD", help="a command name"),
+    vm=False,
+    json=False,
 )
 def _cmd_help(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
+    """list commands, or show one command's usage and options"""
     c = console()
     if args.cmd:
         try:

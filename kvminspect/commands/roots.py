@@ -7,109 +7,75 @@ from collections import Counter
 from typing import Any
 
 from drgn import Program
-from drgn.commands import command
 from rich.table import Table
 
-from kvminspect.commands import JSON_ARG, NAMESPACE, VM_ARG, finish, session_of
+from kvminspect.commands import kvm_command, per_vm, sp_flags, vm_header
 from kvminspect.graph import VMGraph
-from kvminspect.model import RootRef, ShadowPage
-from kvminspect.render import console, hexs, hx
+from kvminspect.model import VM, VCpu
+from kvminspect.render import console, hx
+from kvminspect.session import Session
+from kvminspect.shapes import root_json, vcpu_ref
 
 
-def sp_brief(sp: ShadowPage | None) -> dict[str, Any]:
-    """The fields of a root's shadow page that roots and tree print."""
-    if sp is None:
-        return {"sp": None, "gfn": None, "level": None}
-    return {"sp": hx(sp.addr), "gfn": hx(sp.gfn), "level": sp.level, "direct": sp.role.direct,
-            "invalid": sp.role.invalid, "obsolete": sp.obsolete, "root_count": sp.root_count,
-            "unsync": sp.unsync, "unsync_children": sp.unsync_children}
+def page_cells(d: dict[str, Any] | None, shared: Counter) -> tuple[str, str, str]:
+    """(sp, gfn/level, flags) of a root's shadow page (shapes.sp_json) for the table."""
+    if d is None:
+        return ("-", "-", "")
+    shared_by = [f"shared x{shared[d['sp']]}"] if shared[d["sp"]] > 1 else []
+    return (d["sp"], f"{d['gfn']}/L{d['level']}", " ".join(shared_by + sp_flags(d)))
 
 
-def root_json(r: RootRef | None, g: VMGraph) -> dict[str, Any] | None:
-    """A root as JSON: hpa/sp null for INVALID_PAGE; a PAE root with its pae_root[] pages."""
-    if r is None:
-        return None
-    d = {"pgd": hx(r.pgd), "hpa": hx(r.hpa), **sp_brief(r.sp)}
-    if r.special:
-        d["special"] = r.special
-        d["pae_roots"] = [{"index": i, **sp_brief(g.sp(a) if a in g.graph else None)}
-                          for i, a in r.pae_roots]
-    return d
+def root_rows(d: dict[str, Any], shared: Counter) -> list[tuple[str, ...]]:
+    """A root (shapes.root_json) as table rows: the root, then its pae_root[i] pages."""
+    if d["state"] in ("page", "invalid_page", "unreadable"):
+        rows = [(d["pgd"], d["hpa"], *page_cells(d["page"], shared))]
+    else:  # a special root (pae_root, ...) or a dummy root: no struct kvm_mmu_page
+        rows = [(d["pgd"], d["hpa"], d["state"], "-", d["state"])]
+    rows += [(f"pae_root[{e['index']}]", "", *page_cells(e["page"], shared))
+             for e in d["pae_roots"]]
+    return rows
 
 
-def root_cells(r: RootRef | None, shared: Counter) -> tuple[str, str, str, str, str]:
-    """(pgd, hpa, sp, gfn/level, flags) of a root for the table."""
-    if r is None:
-        return ("-", "-", "-", "-", "unreadable")
-    if r.hpa is None:
-        return (hex(r.pgd), "INVALID_PAGE", "-", "-", "")
-    if r.sp is None:
-        return (hex(r.pgd), hex(r.hpa), r.special or "-", "-", r.special or "")
-    return (hex(r.pgd), hex(r.hpa), *sp_cells(r.sp, shared))
+def vcpu_roots_json(v: VCpu, g: VMGraph) -> dict[str, Any]:
+    """One vCPU's roots: mmu->root and prev_roots[]."""
+    return {**vcpu_ref(v), "cr3": hx(v.cr3), "mmu": v.mmu_name,
+            "root": root_json(v.root, g), "prev_roots": [root_json(r, g) for r in v.prev_roots]}
 
 
-def sp_cells(sp: ShadowPage, shared: Counter) -> tuple[str, str, str]:
-    """(sp, gfn/level, flags) of a root's shadow page for the table."""
-    flags = []
-    if shared[sp.addr] > 1:
-        flags.append(f"shared x{shared[sp.addr]}")
-    if sp.role.invalid:
-        flags.append("invalid")
-    elif sp.obsolete:
-        flags.append("obsolete")
-    if sp.unsync_children:
-        flags.append(f"unsync_children={sp.unsync_children}")
-    flags.append(f"root_count={sp.root_count}")
-    return (hex(sp.addr), f"{sp.gfn:#x}/L{sp.level}", " ".join(flags))
+def roots_table(vcpus: list[dict[str, Any]]) -> Table:
+    """One block of rows per vCPU: root (with pae_root[i]), then prev_roots[i]."""
+    current = Counter(p["sp"] for v in vcpus for p in
+                      [v["root"]["page"], *(e["page"] for e in v["root"]["pae_roots"])] if p)
+    t = Table(box=None, header_style="bold")
+    for col in ("VCPU", "CR3", "ROOT", "PGD", "HPA", "SP", "GFN/LVL", ""):
+        t.add_column(col)
+    for v in vcpus:
+        for j, row in enumerate(root_rows(v["root"], current)):
+            if j == 0:
+                t.add_row(f"vcpu[{v['vcpu_idx']}]", str(v["cr3"]), "root", *row)
+            else:
+                t.add_row("", "", row[0], "", "", *row[2:])
+        for i, r in enumerate(v["prev_roots"]):
+            for row in root_rows(r, Counter()):
+                t.add_row("", "", f"prev[{i}]", *row)
+    return t
 
 
-@command(
-    description="per vCPU: mmu->root and prev_roots[], shared roots marked",
-    long_description="The 'vcpu[i] root_hpa' dump: for each vCPU its guest CR3, the current "
-    "root (hpa, pgd, its struct kvm_mmu_page: gfn, level, root_count, unsync_children) and "
-    "the prev_roots[] cache. A root held by several vCPUs (or cached by them) is marked "
-    "shared; INVALID_PAGE roots show as such. A PAE guest's root is mmu->pae_root: its "
-    "present pae_root[i] entries follow, each with its level-2 shadow page.",
-    arguments=(VM_ARG, JSON_ARG),
-    namespace=NAMESPACE,
-)
+@kvm_command()
 def _cmd_roots(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
-    s = session_of(kwargs)
-    start = len(s.problems())
-    vms = s.vms(args.vm)
-    data = []
-    for vm in vms:
-        g = s.graph(vm)  # marks obsolete pages against kvm->arch.mmu_valid_gen
-        data.append((vm, g))
+    """per vCPU: mmu->root and prev_roots[], shared roots marked
 
-    def human() -> None:
-        c = console()
-        if not vms:
-            c.print("no VMs (vm_list is empty)")
-        for vm, g in data:
-            vcpus = g.vcpus
-            current = Counter(v.root.sp.addr for v in vcpus if v.root and v.root.sp)
-            current.update(a for v in vcpus if v.root for _, a in v.root.pae_roots)
-            c.print(f"VM {vm.index}  kvm {vm.addr:#x}  pid {vm.pid}  {vm.mmu}  "
-                    f"mmu_valid_gen {vm.mmu_valid_gen}")
-            t = Table(box=None, header_style="bold")
-            for col in ("VCPU", "CR3", "ROOT", "PGD", "HPA", "SP", "GFN/LVL", ""):
-                t.add_column(col)
-            for v in vcpus:
-                t.add_row(f"vcpu[{v.vcpu_idx}]", hexs(v.cr3), "root",
-                          *root_cells(v.root, current))
-                for i, a in v.root.pae_roots if v.root else ():
-                    if a in g.graph:
-                        t.add_row("", "", f"pae_root[{i}]", "", "", *sp_cells(g.sp(a), current))
-                for i, r in enumerate(v.prev_roots):
-                    t.add_row("", "", f"prev[{i}]", *root_cells(r, Counter()))
-            c.print(t)
+    The 'vcpu[i] root_hpa' dump: for each vCPU its guest CR3, the current root (hpa,
+    pgd, its struct kvm_mmu_page: gfn, level, root_count, unsync_children) and the
+    prev_roots[] cache. A root held by several vCPUs (or cached by them) is marked
+    shared; INVALID_PAGE roots show as such. A PAE guest's root is mmu->pae_root: its
+    present pae_root[i] entries follow, each with its level-2 shadow page.
+    """
+    def collect(s: Session, vm: VM) -> list[dict[str, Any]]:
+        g = s.graph(vm)
+        return [vcpu_roots_json(v, g) for v in g.vcpus]
 
-    doc = {"vms": [{"kvm": hx(vm.addr), "pid": vm.pid, "mmu": vm.mmu,
-                    "mmu_valid_gen": vm.mmu_valid_gen,
-                    "vcpus": [{"vcpu_id": v.vcpu_id, "vcpu_idx": v.vcpu_idx,
-                               "cr3": hx(v.cr3), "mmu": v.mmu_name,
-                               "root": root_json(v.root, g),
-                               "prev_roots": [root_json(r, g) for r in v.prev_roots]}
-                              for v in g.vcpus]} for vm, g in data]}
-    finish(s, args, doc, human, start)
+    per_vm(kwargs, args, "roots", collect=collect,
+           to_json=lambda vm, vcpus: {"vcpus": vcpus},
+           header=lambda vm, vcpus: vm_header(vm) + f"  mmu_valid_gen {vm.mmu_valid_gen}",
+           show=lambda vm, vcpus: console().print(roots_table(vcpus)))

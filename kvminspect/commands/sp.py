@@ -6,46 +6,38 @@ import argparse
 from typing import Any
 
 from drgn import Program
-from drgn.commands import argument, command, mutually_exclusive_group
+from drgn.commands import argument, mutually_exclusive_group
 from rich.table import Table
 
-from kvminspect.commands import JSON_ARG, NAMESPACE, VM_ARG, finish, parse_int, session_of
+from kvminspect.commands import kvm_command, parse_int, per_vm, session_of
 from kvminspect.errors import LookupFailed, UsageError
 from kvminspect.graph import VMGraph
 from kvminspect.model import VM, Kernel, ShadowPage
 from kvminspect.render import console, hx
+from kvminspect.shapes import role_json, sp_json, spte_json, value
 
 
 def spte_rows(k: Kernel, sp: ShadowPage) -> tuple[list[dict[str, Any]], int]:
-    """Present SPTEs of *sp* as dicts, and how many entries are not present."""
+    """Present SPTEs of *sp* (shapes.spte_json), and how many entries are not present."""
     spt = k.sptes(sp)
     if spt is None:
         return [], 0
     rows, absent = [], 0
-    for i, value in enumerate(spt):
-        e = k.decode(sp, i, value)
+    for i, v in enumerate(spt):
+        e = k.decode(sp, i, v)
         if not e.present:
             absent += 1
             continue
-        child = k.shadow_page(e.child) if e.child else None
-        rows.append({"index": i, "value": hx(value), "leaf": e.leaf, "large": e.large,
-                     "pfn": hx(e.pfn), "writable": bool(value & 2),
-                     "child": hx(e.child), "child_gfn": hx(child.gfn) if child else None,
-                     "child_level": child.level if child else None})
+        rows.append(spte_json(e, k.shadow_page(e.child) if e.child else None))
     return rows, absent
 
 
-def sp_json(k: Kernel, vm: VM, g: VMGraph, sp: ShadowPage) -> dict[str, Any]:
-    """Everything kvminspect knows about one shadow page."""
+def sp_detail(k: Kernel, g: VMGraph, sp: ShadowPage) -> dict[str, Any]:
+    """Everything kvminspect knows about one shadow page: shapes.sp_json and more."""
     sptes, absent = spte_rows(k, sp)
     return {
-        "kvm": hx(vm.addr), "pid": vm.pid, "sp": hx(sp.addr), "gfn": hx(sp.gfn),
-        "level": sp.level, "role": {"word": hx(sp.role.word), **sp.role.fields},
-        "spt": hx(sp.spt), "unsync": sp.unsync, "unsync_children": sp.unsync_children,
-        "unsync_child_bitmap": sp.bitmap_indexes(), "root_count": sp.root_count,
-        "mmu_valid_gen": sp.mmu_valid_gen, "obsolete": sp.obsolete,
-        "tdp_mmu_page": sp.tdp_mmu_page, "holders": g.roots.get(sp.addr, []),
-        "orphan": bool(g.graph.nodes[sp.addr].get("orphan")),
+        **sp_json(sp, g), "role": role_json(sp), "spt": hx(sp.spt),
+        "unsync_child_bitmap": sp.bitmap_indexes(), "mmu_valid_gen": value(sp.mmu_valid_gen),
         "on_active_list": sp.addr in g.active,
         "parents": [{"sp": hx(p), "level": g.sp(p).level, "indexes": idx}
                     for p, idx in g.parents(sp.addr)],
@@ -56,18 +48,17 @@ def sp_json(k: Kernel, vm: VM, g: VMGraph, sp: ShadowPage) -> dict[str, Any]:
 def render(d: dict[str, Any]) -> None:
     c = console()
     role = d["role"]
-    c.print(f"sp {d['sp']}  gfn {d['gfn']}  level {d['level']}  (VM kvm {d['kvm']}, "
-            f"pid {d['pid']})", markup=False)
+    c.print(f"sp {d['sp']}  gfn {d['gfn']}  level {d['level']}", markup=False)
     flags = [k for k in ("unsync", "obsolete", "tdp_mmu_page", "orphan") if d[k]]
     c.print(f"  spt {d['spt']}  root_count {d['root_count']}  unsync_children "
             f"{d['unsync_children']}  mmu_valid_gen {d['mmu_valid_gen']}  "
             f"{' '.join(flags)}", markup=False)
     c.print("  role " + role["word"] + ": " + " ".join(
-        f"{k}={v}" for k, v in role.items() if k != "word"), markup=False)
+        f"{k}={int(v)}" for k, v in role.items() if k != "word"), markup=False)
     if d["unsync_child_bitmap"]:
         c.print(f"  unsync_child_bitmap: {d['unsync_child_bitmap']}", markup=False)
     if d["holders"]:
-        c.print("  root of: " + ", ".join(d["holders"]), markup=False)
+        c.print("  root of: " + ", ".join(h["holder"] for h in d["holders"]), markup=False)
     for p in d["parents"]:
         c.print(f"  parent {p['sp']} (L{p['level']}) slot {p['indexes']}", markup=False)
     t = Table(box=None, header_style="bold",
@@ -83,40 +74,41 @@ def render(d: dict[str, Any]) -> None:
     c.print(t)
 
 
-@command(
-    description="one shadow page: fields, decoded role, parents and SPTEs",
-    long_description="Shows struct kvm_mmu_page at ADDR (or every page shadowing GFN): gfn, "
-    "level, the decoded role, root_count, unsync state and bitmap, which vCPUs hold it as a "
-    "root, its parents with the slots that point at it, and every present SPTE (leaf, large "
-    "or a table with its child page).",
-    arguments=(
-        mutually_exclusive_group(
-            argument("addr", nargs="?", metavar="ADDR", help="struct kvm_mmu_page address"),
-            argument("--gfn", metavar="GFN", help="every shadow page of this guest frame"),
-        ),
-        VM_ARG, JSON_ARG,
+@kvm_command(
+    mutually_exclusive_group(
+        argument("addr", nargs="?", metavar="ADDR", help="struct kvm_mmu_page address"),
+        argument("--gfn", metavar="GFN", help="every shadow page of this guest frame"),
     ),
-    namespace=NAMESPACE,
 )
 def _cmd_sp(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
+    """one shadow page: fields, decoded role, parents and SPTEs
+
+    Shows struct kvm_mmu_page at ADDR (or every page shadowing GFN): gfn, level, the
+    decoded role, root_count, unsync state and bitmap, which vCPUs hold it as a root,
+    its parents with the slots that point at it, and every present SPTE (leaf, large or
+    a table with its child page).
+    """
     s = session_of(kwargs)
-    start = len(s.problems())
     vms = s.vms(args.vm)
-    found: list[tuple[VM, ShadowPage]] = []
+    found: dict[int, list[ShadowPage]] = {}
     if args.gfn is not None:
         gfn = parse_int(args.gfn if args.gfn.startswith("0x") else "0x" + args.gfn, "gfn")
         for vm in vms:
-            found += [(vm, sp) for sp in s.graph(vm).find_gfn(gfn)]
+            if pages := s.graph(vm).find_gfn(gfn):
+                found[vm.addr] = pages
         if not found:
             raise LookupFailed(f"no shadow page shadows gfn {gfn:#x}")
     elif args.addr is not None:
-        found.append(s.find_sp(parse_int(args.addr, "shadow page address"), vms))
+        vm, sp = s.find_sp(parse_int(args.addr, "shadow page address"), vms)
+        found[vm.addr] = [sp]
     else:
         raise UsageError("sp needs ADDR or --gfn GFN")
-    pages = [sp_json(s.kernel, vm, s.graph(vm), sp) for vm, sp in found]
 
-    def human() -> None:
+    def show(vm: VM, pages: list[dict[str, Any]]) -> None:
         for d in pages:
             render(d)
 
-    finish(s, args, {"pages": pages}, human, start)
+    per_vm(kwargs, args, "sp", vms=[vm for vm in vms if vm.addr in found],
+           collect=lambda s, vm: [sp_detail(s.kernel, s.graph(vm), sp)
+                                  for sp in found[vm.addr]],
+           to_json=lambda vm, pages: {"pages": pages}, show=show)

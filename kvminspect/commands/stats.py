@@ -6,12 +6,13 @@ import argparse
 from typing import Any
 
 from drgn import Program
-from drgn.commands import command
 from rich.table import Table
 
-from kvminspect.commands import JSON_ARG, NAMESPACE, VM_ARG, finish, session_of
+from kvminspect.commands import kvm_command, per_vm, vm_header
 from kvminspect.model import VM, VCpu
-from kvminspect.render import console, hx
+from kvminspect.render import console
+from kvminspect.session import Session
+from kvminspect.shapes import vcpu_ref
 
 # struct kvm_vm_stat (arch/x86/include/asm/kvm_host.h) and its generic part
 VM_PREFIXES = ("mmu_", "nx_", "pages_", "lpages", "max_mmu_", "remote_tlb_flush")
@@ -55,36 +56,26 @@ def vcpu_table(rows: list[tuple[VCpu, dict[str, int]]]) -> Table:
     return t
 
 
-@command(
-    description="MMU counters: kvm->stat and per vCPU vcpu->stat",
-    long_description="The MMU counters of each VM's kvm->stat (mmu_*, nx_*, pages_*/lpages, "
-    "max_mmu_*, remote_tlb_flush*) and of each vCPU's vcpu->stat (pf_* page faults, "
-    "tlb_flush, invlpg), as the kernel holds them: cumulative since the VM or vCPU was "
-    "created.",
-    arguments=(VM_ARG, JSON_ARG),
-    namespace=NAMESPACE,
-)
+@kvm_command()
 def _cmd_stats(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
-    s = session_of(kwargs)
-    start = len(s.problems())
-    vms = s.vms(args.vm)
-    data: list[tuple[VM, dict[str, int], list[tuple[VCpu, dict[str, int]]]]] = []
-    for vm in vms:
-        vcpus = [(v, vcpu_mmu_stat(v.stat)) for v in s.kernel.vcpus(vm)]
-        data.append((vm, vm_mmu_stat(vm.stat), vcpus))
+    """MMU counters: kvm->stat and per vCPU vcpu->stat
 
-    def human() -> None:
+    The MMU counters of each VM's kvm->stat (mmu_*, nx_*, pages_*/lpages, max_mmu_*,
+    remote_tlb_flush*) and of each vCPU's vcpu->stat (pf_* page faults, tlb_flush,
+    invlpg), as the kernel holds them: cumulative since the VM or vCPU was created.
+    """
+    def collect(s: Session, vm: VM) -> tuple[dict[str, int], list[tuple[VCpu, dict]]]:
+        return vm_mmu_stat(vm.stat), [(v, vcpu_mmu_stat(v.stat)) for v in s.kernel.vcpus(vm)]
+
+    def show(vm: VM, data: tuple[dict[str, int], list[tuple[VCpu, dict]]]) -> None:
         c = console()
-        if not vms:
-            c.print("no VMs (vm_list is empty)")
-        for vm, stat, vcpus in data:
-            c.print(f"VM {vm.index}  kvm {vm.addr:#x}  pid {vm.pid}  {vm.mmu}  "
-                    f"mmu pages {vm.n_used_mmu_pages}/{vm.n_max_mmu_pages}", markup=False)
-            c.print(vm_table(stat) if stat else "  kvm->stat: no MMU counters", markup=False)
-            if vcpus:
-                c.print(vcpu_table(vcpus), markup=False)
+        stat, vcpus = data
+        c.print(vm_table(stat) if stat else "  kvm->stat: no MMU counters", markup=False)
+        if vcpus:
+            c.print(vcpu_table(vcpus), markup=False)
 
-    doc = {"vms": [{"kvm": hx(vm.addr), "pid": vm.pid, "stat": stat,
-                    "vcpus": [{"vcpu_id": v.vcpu_id, "stat": st} for v, st in vcpus]}
-                   for vm, stat, vcpus in data]}
-    finish(s, args, doc, human, start)
+    per_vm(kwargs, args, "stats", collect=collect, show=show,
+           header=lambda vm, data: vm_header(vm) + f"  mmu pages {vm.n_used_mmu_pages}/"
+           f"{vm.n_max_mmu_pages}",
+           to_json=lambda vm, data: {"stat": data[0], "vcpus": [
+               {**vcpu_ref(v), "stat": st} for v, st in data[1]]})

@@ -6,14 +6,16 @@ import argparse
 from typing import Any
 
 from drgn import Program
-from drgn.commands import argument, command
+from drgn.commands import argument
 from rich.table import Table
 
-from kvminspect.commands import JSON_ARG, NAMESPACE, VM_ARG, finish, session_of, sp_scope
+from kvminspect.commands import kvm_command, per_vm, session_of, sp_scope
 from kvminspect.graph import VMGraph
-from kvminspect.model import Kernel
+from kvminspect.model import VM, Kernel
 from kvminspect.render import console, hx
-from kvminspect.unsync import Replay, Slot, WalkPage, replay_sync
+from kvminspect.session import Session
+from kvminspect.shapes import holder_json
+from kvminspect.unsync import Replay, Slot, WalkPage, replay_sync, replay_zap
 
 
 def walk_pages(k: Kernel, g: VMGraph) -> dict[int, WalkPage]:
@@ -47,13 +49,13 @@ def walk_roots(k: Kernel, g: VMGraph, top: int | None) -> list[int]:
         return []
     if top is not None:
         return [top]
-    return [a for a in sorted(g.roots, key=lambda a: (g.roots[a], a))
-            if g.sp(a).unsync_children]
+    return [a for a in g.root_order() if g.sp(a).unsync_children]
 
 
-def replay_json(r: Replay, g: VMGraph) -> dict[str, Any]:
+def replay_json(r: Replay, g: VMGraph, zap: bool = False) -> dict[str, Any]:
+    """One root's replay: its batches (kvm_mmu_pages), leaves and walk errors."""
     return {
-        "sp": hx(r.root), "holders": g.roots.get(r.root, []),
+        "sp": hx(r.root), "zap": zap, "holders": [holder_json(h) for h in g.roots.get(r.root, [])],
         "batches": [{
             "pages": [{"sp": hx(e.sp), "level": e.level, "idx": e.idx} for e in b.pages],
             "leaves": [{"sp": hx(leaf.sp), "gfn": hx(leaf.gfn),
@@ -66,7 +68,8 @@ def replay_json(r: Replay, g: VMGraph) -> dict[str, Any]:
 
 def render_replay(d: dict[str, Any]) -> None:
     c = console()
-    held = ", ".join(d["holders"]) or "no vCPU"
+    held = ", ".join(h["holder"] for h in d["holders"]) or "no vCPU"
+    verb = "zap" if d["zap"] else "sync"
     nleaves = sum(len(b["leaves"]) for b in d["batches"])
     c.print(f"root sp {d['sp']} ({held}): {len(d['batches'])} batch(es), {nleaves} unsync "
             "leaves", markup=False)
@@ -81,46 +84,43 @@ def render_replay(d: dict[str, Any]) -> None:
         c.print(t)
         for leaf in b["leaves"]:
             parents = "  ".join(f"L{p['level']} {p['sp']}" for p in leaf["parents"])
-            c.print(f"  sync sp {leaf['sp']} gfn {leaf['gfn']}  parents: {parents}",
+            c.print(f"  {verb} sp {leaf['sp']} gfn {leaf['gfn']}  parents: {parents}",
                     markup=False)
     for e in d["errors"]:
         c.print(f"  walk error: {e}", markup=False)
 
 
-@command(
-    description="replay mmu_sync_children's unsync walk offline, in the kernel's order",
-    long_description="For SP, or every root with unsync_children (vCPU roots, prev_roots, "
-    "pages with root_count > 0): mmu_unsync_walk fills 16-entry kvm_mmu_pages batches "
-    "(SP Index = slot in the parent, -1 for the root), for_each_sp visits each unsync leaf "
-    "with its mmu_page_path parents, and mmu_pages_clear_parents updates a copy of the "
-    "bitmaps. Each root is replayed on its own copy of the current state; the target is "
-    "never modified.",
-    arguments=(argument("sp", nargs="?", metavar="SP", help="replay from this shadow page"),
-               VM_ARG, JSON_ARG),
-    namespace=NAMESPACE,
+@kvm_command(
+    argument("sp", nargs="?", metavar="SP", help="replay from this shadow page"),
+    argument("--zap", action="store_true",
+             help="replay mmu_zap_unsync_children (the leaves are zapped, not synced)"),
 )
 def _cmd_unsync(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
+    """replay mmu_sync_children's unsync walk offline, in the kernel's order
+
+    For SP, or every root with unsync_children (vCPU roots, prev_roots, pages with
+    root_count > 0): mmu_unsync_walk fills 16-entry kvm_mmu_pages batches (SP Index =
+    slot in the parent, -1 for the root), for_each_sp visits each unsync leaf with its
+    mmu_page_path parents, and mmu_pages_clear_parents updates a copy of the bitmaps.
+    Each root is replayed on its own copy of the current state; the target is never
+    modified. --zap replays mmu_zap_unsync_children instead (kvm_mmu_prepare_zap_page on
+    each leaf; a level-1 SP has nothing to zap).
+    """
     s = session_of(kwargs)
-    start = len(s.problems())
     vms, top = sp_scope(s, args.vm, args.sp)
-    out = []
-    for vm in vms:
+
+    def collect(s: Session, vm: VM) -> list[dict[str, Any]]:
         g = s.graph(vm)
         pages = walk_pages(s.kernel, g)
-        replays = [replay_json(replay_sync(a, pages), g) for a in walk_roots(s.kernel, g, top)]
-        out.append((vm, replays))
+        replay = replay_zap if args.zap else replay_sync
+        return [replay_json(replay(a, pages), g, args.zap)
+                for a in walk_roots(s.kernel, g, top)]
 
-    def human() -> None:
-        c = console()
-        if not vms:
-            c.print("no VMs (vm_list is empty)")
-        for vm, replays in out:
-            c.print(f"VM {vm.index}  kvm {vm.addr:#x}  pid {vm.pid}  {vm.mmu}")
-            if not replays:
-                c.print("  no root has unsync children")
-            for d in replays:
-                render_replay(d)
+    def show(vm: VM, replays: list[dict[str, Any]]) -> None:
+        if not replays:
+            console().print("  no root has unsync children")
+        for d in replays:
+            render_replay(d)
 
-    doc = {"vms": [{"kvm": hx(vm.addr), "pid": vm.pid, "mmu": vm.mmu, "roots": replays}
-                   for vm, replays in out]}
-    finish(s, args, doc, human, start)
+    per_vm(kwargs, args, "unsync", vms=vms, collect=collect, show=show,
+           to_json=lambda vm, replays: {"roots": replays})

@@ -6,25 +6,26 @@ import argparse
 from typing import Any
 
 from drgn import Program
-from drgn.commands import argument, command
+from drgn.commands import argument
 from rich.table import Table
 
-from kvminspect.commands import JSON_ARG, NAMESPACE, finish, session_of
-from kvminspect.commands.vms import vm_json
+from kvminspect.commands import finish, kvm_command, session_of
 from kvminspect.render import console
+from kvminspect.shapes import vm_json
 
 
-@command(
-    description="select a VM (index, pid:PID or struct kvm address) and show it",
-    long_description="Later commands work on the selected VM only (the prompt shows it). "
-    "'vm all' clears the selection; 'vm' alone shows the selected VM.",
-    arguments=(argument("id", nargs="?", metavar="ID",
-                        help="VM index, pid:PID, struct kvm address, or 'all'"), JSON_ARG),
-    namespace=NAMESPACE,
+@kvm_command(
+    argument("id", nargs="?", metavar="ID",
+             help="VM index, pid:PID, struct kvm address, or 'all'"),
+    vm=False,
 )
 def _cmd_vm(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
+    """select a VM (index, pid:PID or struct kvm address) and show it
+
+    Later commands work on the selected VM only (the prompt shows it). 'vm all' clears
+    the selection; 'vm' alone shows the selected VM.
+    """
     s = session_of(kwargs)
-    start = len(s.problems())
     if args.id == "all":
         s.selected = None
     elif args.id is not None:
@@ -49,4 +50,6 @@ def _cmd_vm(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -
                       hex(m.userspace_addr), hex(m.flags))
         c.print(t)
 
-    finish(s, args, {"selected": vm_json(vm) if vm else None}, human, start)
+    # the selected VM (none: commands work on all VMs)
+    finish(s, args, "vm", {"vms": [vm_json(vm)] if vm else []}, human,
+           [vm] if vm else [])

@@ -1,0 +1,214 @@
+"""What the model reads, as plain read-only data: VMs, vCPUs, roots, shadow pages.
+
+The readers (read_vms, read_vcpus, read_pages) build these from the kernel;
+nothing here reads memory or renders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import drgn
+
+from kvminspect.layout import (
+    NoValue,
+    _bare,
+    known,
+)
+
+MAX_LIST = 1 << 20  # no kernel list kvminspect walks is this long
+KERNEL_MIN = 0xFF00000000000000  # 5-level paging puts the direct map at 0xff11...
+LIST_POISON = (0xDEAD000000000100, 0xDEAD000000000122)
+MP_STATES = {  # KVM_MP_STATE_* (include/uapi/linux/kvm.h)
+    0: "RUNNABLE", 1: "UNINITIALIZED", 2: "INIT_RECEIVED", 3: "HALTED",
+    4: "SIPI_RECEIVED", 5: "STOPPED", 6: "CHECK_STOP", 7: "OPERATING",
+    8: "LOAD", 9: "AP_RESET_HOLD", 10: "SUSPENDED",
+}
+VCPU_MODES = ("OUTSIDE_GUEST_MODE", "IN_GUEST_MODE", "EXITING_GUEST_MODE",
+              "READING_SHADOW_PAGE_TABLES")
+VM_TYPES = {  # kvm->arch.vm_type: KVM_X86_*_VM (arch/x86/include/uapi/asm/kvm.h)
+    0: "default", 1: "sw_protected", 2: "sev", 3: "sev_es", 4: "snp", 5: "tdx",
+}
+VENDOR_MODULES = ("kvm_amd", "kvm_intel")
+Int = int | NoValue  # a counter or id that this kernel may lack (UNKNOWN)
+
+
+@dataclass(frozen=True)
+class Role:
+    """union kvm_mmu_page_role, decoded by its DWARF bitfields."""
+
+    word: int
+    fields: dict[str, int]
+    widths: dict[str, int] = field(default_factory=dict)  # one dict shared by all pages
+
+    def get(self, name: str, default: int = 0) -> int:
+        return self.fields.get(name, default)
+
+    def width(self, name: str) -> int:
+        """The bitfield's width in bits (0 if unknown)."""
+        return self.widths.get(name, 0)
+
+    @property
+    def level(self) -> int:
+        return self.get("level")
+
+    @property
+    def direct(self) -> bool:
+        return bool(self.get("direct"))
+
+    @property
+    def invalid(self) -> bool:
+        return bool(self.get("invalid"))
+
+
+@dataclass(frozen=True)
+class ShadowPage:
+    """struct kvm_mmu_page: one shadow (or TDP) page table and its state.
+
+    ``level`` is the page table's level: role.level, except for the child
+    pages of 5.10's TDP MMU, whose role.level is one too high (see
+    Kernel.tdp_child_level_is_parents).
+    """
+
+    addr: int
+    gfn: int
+    level: int
+    role: Role
+    spt: int
+    unsync: bool | NoValue
+    unsync_children: Int
+    unsync_child_bitmap: Int  # 512 bits, bit i = spt[i]
+    root_count: Int
+    mmu_valid_gen: Int
+    tdp_mmu_page: bool
+
+    def bitmap_indexes(self) -> list[int]:
+        """Set bits of unsync_child_bitmap, ascending (none when unknown)."""
+        b, out = self.unsync_child_bitmap or 0, []
+        while b:
+            low = b & -b
+            out.append(low.bit_length() - 1)
+            b ^= low
+        return out
+
+
+@dataclass(frozen=True)
+class Spte:
+    """One entry of a shadow page's spt[] and what it points to."""
+
+    index: int
+    value: int
+    present: bool
+    large: bool
+    leaf: bool
+    pfn: int
+    child: int | None  # struct kvm_mmu_page of a non-leaf entry
+
+
+@dataclass(frozen=True)
+class RootRef:
+    """A root of a vCPU's MMU: mmu->root or one of mmu->prev_roots[]."""
+
+    hpa: int | None  # None for INVALID_PAGE
+    pgd: int
+    sp: ShadowPage | None
+    special: str | None = None  # pae_root / pml4_root / pml5_root / dummy
+    # (i, struct kvm_mmu_page) of each present mmu->pae_root[i] under a PAE root
+    pae_roots: list[tuple[int, int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class VCpu:
+    """struct kvm_vcpu with its current MMU."""
+
+    addr: int
+    vcpu_id: Int
+    vcpu_idx: int
+    tid: int | NoValue | None  # None: no thread (vcpu->pid is NULL)
+    comm: str | NoValue | None
+    cpu: Int
+    mode: str | NoValue
+    mp_state: str | NoValue
+    cr3: Int
+    mmu_name: str  # root_mmu / guest_mmu
+    root_level: int
+    direct: bool
+    root: RootRef | None
+    prev_roots: list[RootRef]
+    stat: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Memslot:
+    """struct kvm_memory_slot."""
+
+    as_id: int
+    id: int
+    base_gfn: int
+    npages: int
+    userspace_addr: int
+    flags: int
+
+
+@dataclass(frozen=True)
+class VM:
+    """struct kvm: one VM, its owner and its MMU-wide state."""
+
+    index: int
+    addr: int
+    pid: Int
+    comm: str | None
+    task_state: str | None
+    online_vcpus: Int
+    created_vcpus: Int
+    mmu: str  # shadow | tdp_mmu | tdp_legacy
+    n_used_mmu_pages: Int
+    n_requested_mmu_pages: Int
+    n_max_mmu_pages: Int
+    mmu_valid_gen: Int
+    indirect_shadow_pages: Int
+    memslots: list[Memslot]
+    stat: dict[str, int]
+    vendor: str | None = None  # kvm_amd / kvm_intel: the vendor module loaded
+    vm_type: str | None = None  # kvm->arch.vm_type (6.8+): default, sev, ..., tdx
+
+    @property
+    def unsupported(self) -> str | None:
+        """Why kvminspect cannot read this VM's MMU, or None."""
+        if self.vm_type == "tdx":
+            return "TDX VM (mirror and external roots)"
+        return None
+
+
+def is_obsolete_sp(sp: ShadowPage, vm: VM) -> bool:
+    """is_obsolete_sp(): role.invalid, or an old mmu_valid_gen (not for TDP MMU pages)."""
+    return sp.role.invalid or (
+        not sp.tdp_mmu_page and known(sp.mmu_valid_gen) and known(vm.mmu_valid_gen)
+        and sp.mmu_valid_gen != vm.mmu_valid_gen)
+
+
+def _struct_int(data: bytes, off: int, size: int, signed: bool = False) -> int:
+    return int.from_bytes(data[off:off + size], "little", signed=signed)
+
+
+def _counters(obj: drgn.Object, type_: drgn.Type | None = None) -> dict[str, int]:
+    """Integer members of a stats struct (kvm->stat / vcpu->stat), flattened.
+
+    Unnamed structs/unions are looked through (5.15 put pages_4k/2m/1g in
+    one), and a one-member wrapper such as atomic64_t takes the member's name.
+    """
+    out: dict[str, int] = {}
+    for m in _bare(type_ if type_ is not None else obj.type_).members or ():
+        mt = _bare(m.type)
+        if m.name is None:
+            if mt.kind in (drgn.TypeKind.STRUCT, drgn.TypeKind.UNION):
+                out.update(_counters(obj, mt))  # members reachable by name from obj
+        elif mt.kind in (drgn.TypeKind.INT, drgn.TypeKind.BOOL):
+            out[m.name] = getattr(obj, m.name).value_()
+        elif mt.kind == drgn.TypeKind.STRUCT:
+            inner = _counters(getattr(obj, m.name))
+            if len(mt.members) == 1 and len(inner) == 1:
+                out[m.name] = next(iter(inner.values()))
+            else:
+                out.update(inner)
+    return out

@@ -1,0 +1,180 @@
+"""struct kvm_vcpu: vCPUs, their MMU (struct kvm_mmu), roots and prev_roots."""
+
+from __future__ import annotations
+
+import drgn
+from drgn.helpers.linux.pid import pid_task
+
+from kvminspect.layout import (
+    INVALID_PAGE,
+    PAGE_SHIFT,
+    PT_PRESENT_MASK,
+    UNKNOWN,
+    UNREADABLE,
+    known,
+)
+from kvminspect.objects import (
+    MP_STATES,
+    VCPU_MODES,
+    VM,
+    RootRef,
+    VCpu,
+)
+from kvminspect.read_base import KernelBase
+
+
+class VcpuReader(KernelBase):
+    """struct kvm_vcpu: vCPUs, their MMU (struct kvm_mmu), roots and prev_roots."""
+
+    def vcpu_objects(self, vm: VM) -> list[drgn.Object]:
+        """struct kvm_vcpu * for index 0..online_vcpus-1."""
+        kvm = self.kvm_object(vm)
+        if not known(vm.online_vcpus):
+            return []
+        n = min(vm.online_vcpus, 4096)
+        out = []
+        for i in range(n):
+            try:
+                if self.layout.vcpu_array:  # 5.16: vcpu_array xarray
+                    from drgn.helpers.linux.xarray import xa_load
+
+                    v = drgn.cast("struct kvm_vcpu *", xa_load(kvm.vcpu_array.address_of_(), i))
+                else:
+                    v = kvm.vcpus[i]
+                if not v:
+                    self.problem("struct kvm", vm.addr, f"vCPU index {i} missing")
+                    continue
+                out.append(v)
+            except drgn.FaultError as e:
+                self.problem("struct kvm", vm.addr, f"vCPU index {i} unreadable ({e})")
+        return out
+
+    def vcpus(self, vm: VM) -> list[VCpu]:
+        """Every online vCPU of *vm*, with its MMU roots."""
+        if vm.addr not in self._vcpus:
+            out = []
+            with self.reading(vm):
+                for v in self.vcpu_objects(vm):
+                    vc = self._read_vcpu(v)
+                    if vc is not None:
+                        out.append(vc)
+            self._vcpus[vm.addr] = out
+        return self._vcpus[vm.addr]
+
+    def _read_vcpu(self, v: drgn.Object) -> VCpu | None:
+        """One struct kvm_vcpu with its thread and current MMU; None if unreadable."""
+        addr = v.value_()
+        lacks = self.layout.lacks
+        try:
+            tid = comm = None
+            try:
+                task = None
+                if not lacks("struct kvm_vcpu", "pid") and v.pid:
+                    task = pid_task(v.pid.read_(), 0)  # PIDTYPE_PID
+                if task:
+                    tid = task.pid.value_()
+                    comm = task.comm.string_().decode(errors="replace")
+            except (drgn.FaultError, LookupError) as e:
+                tid = comm = UNREADABLE
+                self.problem("struct kvm_vcpu", addr, f"vCPU thread unreadable ({e})")
+            mode = self.value(v, "struct kvm_vcpu", "mode")
+            mp_state = self.value(v.arch, "struct kvm_vcpu_arch", "mp_state")
+            arch = v.arch
+            mmu = arch.mmu if self.layout.mmu_is_pointer else arch.mmu.address_of_()
+            mmu_addr = mmu.value_()
+            mmu_name = next((n for n in ("root_mmu", "guest_mmu", "nested_mmu")
+                             if self._has(arch, n)
+                             and getattr(arch, n).address_of_().value_() == mmu_addr), "mmu")
+            root, prev, level, direct = self._read_mmu(mmu)
+            return VCpu(
+                addr=addr, vcpu_id=self.value(v, "struct kvm_vcpu", "vcpu_id"),
+                vcpu_idx=v.vcpu_idx.value_() if self._has(v, "vcpu_idx") else -1,
+                tid=tid, comm=comm, cpu=self.value(v, "struct kvm_vcpu", "cpu"),
+                mode=UNKNOWN if not known(mode)
+                else VCPU_MODES[mode] if 0 <= mode < len(VCPU_MODES) else str(mode),
+                mp_state=UNKNOWN if not known(mp_state)
+                else MP_STATES.get(mp_state, str(mp_state)),
+                cr3=self.value(arch, "struct kvm_vcpu_arch", "cr3"), mmu_name=mmu_name,
+                root_level=level, direct=direct, root=root, prev_roots=prev,
+                stat=({} if lacks("struct kvm_vcpu", "stat")
+                      else self._stat(v.stat, "vcpu->stat", addr)),
+            )
+        except drgn.FaultError as e:
+            self.problem("struct kvm_vcpu", addr, f"unreadable ({e})")
+            return None
+
+    @staticmethod
+    def _has(obj: drgn.Object, name: str) -> bool:
+        try:
+            obj.member_(name)
+        except LookupError:
+            return False
+        return True
+
+    def _read_mmu(self, mmu: drgn.Object
+                  ) -> tuple[RootRef | None, list[RootRef], int, bool]:
+        """struct kvm_mmu: (root, prev_roots, root level, direct)."""
+        lay = self.layout
+        try:
+            if lay.root_info:  # 5.18: struct kvm_mmu_root_info root
+                hpa, pgd = mmu.root.hpa.value_(), mmu.root.pgd.value_()
+            else:
+                hpa = mmu.root_hpa.value_()
+                pgd = getattr(mmu, lay.root_pgd_name).value_() if lay.root_pgd_name else 0
+            if lay.root_role:  # 5.19: root_role / cpu_role
+                level, direct = mmu.root_role.level.value_(), bool(mmu.root_role.direct)
+            else:
+                level = mmu.shadow_root_level.value_()
+                direct = bool(mmu.direct_map)
+            root = self.root_ref(mmu, hpa, pgd)
+        except drgn.FaultError as e:
+            self.problem("struct kvm_mmu", mmu.value_(), f"unreadable ({e})")
+            return None, [], 0, False
+        prev = []
+        for i, pr in enumerate(mmu.prev_roots):
+            try:
+                prev.append(self.root_ref(mmu, pr.hpa.value_(),
+                                          getattr(pr, lay.prev_pgd_name).value_()))
+            except drgn.FaultError as e:
+                self.problem("struct kvm_mmu", mmu.value_(), f"prev_roots[{i}] unreadable ({e})")
+        return root, prev, level, direct
+
+    def root_ref(self, mmu: drgn.Object, hpa: int, pgd: int) -> RootRef:
+        """Resolve a root hpa: a shadow page, a special (PAE) root, or invalid."""
+        if hpa == INVALID_PAGE:
+            return RootRef(None, pgd, None)
+        for name in self.layout.special_roots:
+            try:
+                va = getattr(mmu, name).value_()
+            except drgn.FaultError:
+                continue
+            if va and va - self.layout.page_offset_base == hpa:
+                return RootRef(hpa, pgd, None, special=name, pae_roots=self._pae_roots(mmu))
+        try:
+            sp_addr = self.page_private(hpa >> PAGE_SHIFT)
+        except drgn.FaultError as e:
+            self.problem("root", hpa, f"pgd {pgd:#x}: hpa has no readable struct page ({e})")
+            return RootRef(hpa, pgd, None, special="unreadable")
+        if not sp_addr:
+            # 6.6: a root may be the zero page ("dummy root", no backing memslot)
+            return RootRef(hpa, pgd, None, special="dummy")
+        return RootRef(hpa, pgd, self.shadow_page(sp_addr))
+
+    def _pae_roots(self, mmu: drgn.Object) -> list[tuple[int, int]]:
+        """(i, shadow page) of each present mmu->pae_root[i], i < 4 (PAE and 32-bit guests)."""
+        out = []
+        try:
+            pae = mmu.pae_root.value_()
+            if not pae:
+                return out
+            for i in range(4):
+                e = self.prog.read_u64(pae + 8 * i)
+                # empty slots are 0 or INVALID_PAGE to 5.12, 0 from 5.13
+                if e in (0, INVALID_PAGE) or not e & PT_PRESENT_MASK:
+                    continue
+                sp = self.page_to_sp((e & self.layout.addr_mask) >> PAGE_SHIFT)
+                if sp:
+                    out.append((i, sp))
+        except (drgn.FaultError, LookupError) as e:
+            self.problem("struct kvm_mmu", mmu.value_(), f"pae_root unreadable ({e})")
+        return out
