@@ -1,7 +1,8 @@
 """Command line: one-shot commands, and the live / vmcore REPLs.
 
-    kvminspect [-c CORE | --live | --sample] [-s PATH]... [--vm ID] COMMAND [ARGS] [--json]
-    kvminspect live [-s PATH]...
+    kvminspect [-c CORE | --live | --qemu SOCK | --sample] [-s PATH]... [--vm ID] COMMAND
+               [ARGS] [--json]
+    kvminspect live [--qemu SOCK] [-s PATH]...
     kvminspect vmcore [PATH] [-s PATH]...
 """
 
@@ -17,7 +18,7 @@ from kvminspect import __version__
 from kvminspect.commands import asks_help, load_all
 from kvminspect.errors import UsageError, describe
 from kvminspect.session import Session
-from kvminspect.target import Target, open_core, open_live, open_sample
+from kvminspect.target import Target, open_core, open_live, open_qemu, open_sample
 
 
 def _commands_epilog() -> str:
@@ -25,6 +26,7 @@ def _commands_epilog() -> str:
     rows = [f"  {name:<8} {cmd.description()}" for name, cmd in ns.enabled(None)]
     return ("commands:\n" + "\n".join(rows) + "\n\n"
             "REPLs:\n  kvminspect live              the running kernel (root)\n"
+            "  kvminspect live --qemu SOCK  a QEMU-emulated host, live, through QMP\n"
             "  kvminspect vmcore [PATH]     a vmcore or fixture directory "
             "(no PATH: the bundled sample)\n\n"
             "'kvminspect -c CORE help CMD' shows a command's options.")
@@ -42,6 +44,8 @@ def parser() -> argparse.ArgumentParser:
     src.add_argument("-c", "--core", metavar="CORE",
                      help="vmcore (ELF or kdump; .xz/.zst/.gz) or fixture directory")
     src.add_argument("--live", action="store_true", help="the running kernel (/proc/kcore)")
+    src.add_argument("--qemu", metavar="SOCKET",
+                     help="a QEMU-emulated host, live, through its QMP unix socket")
     src.add_argument("--sample", action="store_true", help="the sample vmcore in the package")
     p.add_argument("-s", "--symbols", metavar="PATH", action="append", default=[],
                    help="debug info file or directory (repeatable); default: drgn's search")
@@ -53,13 +57,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _open(args: argparse.Namespace) -> Target:
+    if args.qemu:
+        return open_qemu(args.qemu, args.symbols)
     if args.live:
         return open_live(args.symbols)
     if args.sample:
         return open_sample()
     if args.core:
         return open_core(args.core, args.symbols)
-    raise UsageError(f"'{args.command}' needs a target: -c CORE, --live or --sample")
+    raise UsageError(f"'{args.command}' needs a target: -c CORE, --live, --qemu SOCKET "
+                     "or --sample")
 
 
 def run_one(session: Session, argv: list[str]) -> None:
@@ -67,6 +74,7 @@ def run_one(session: Session, argv: list[str]) -> None:
     ns = load_all()
     if (cmd := asks_help(argv)) is not None:
         argv = ["help", cmd]
+    session.begin()
     ns.run(session.target.prog, shlex.join(argv), globals={"session": session})
 
 
@@ -78,7 +86,14 @@ def main(argv: list[str] | None = None) -> int:
             from kvminspect.repl import run_repl
 
             if args.command == "live":
-                target = open_live(args.symbols)
+                live_args = [a for a in args.args if a != "--qemu"]
+                if args.qemu or "--qemu" in args.args:  # kvminspect live --qemu SOCKET
+                    sock = args.qemu or (live_args[0] if live_args else "")
+                    if not sock:
+                        raise UsageError("live --qemu needs the QMP socket")
+                    target = open_qemu(sock, args.symbols)
+                else:
+                    target = open_live(args.symbols)
             elif args.args:
                 target = open_core(args.args[0], args.symbols)
             else:

@@ -31,9 +31,10 @@ class KernelBase:
     """What every reader shares: the target, its probed layout, the caches, the
     problems met (each owned by the VM being read) and bounded list walks."""
 
-    def __init__(self, prog: drgn.Program, release: str | None = None) -> None:
+    def __init__(self, prog: drgn.Program, release: str | None = None,
+                 layout: Layout | None = None) -> None:
         self.prog = prog
-        self.layout: Layout = probe(prog, release)
+        self.layout: Layout = layout if layout is not None else probe(prog, release)
         self.problems = Problems()
         self.owner: int | None = None  # the VM being read (see reading())
         self._sp_cache: dict[int, ShadowPage | None] = {}

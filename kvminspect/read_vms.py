@@ -179,6 +179,27 @@ class VmReader(KernelBase):
                     break
                 yield s
 
+    def change_marks(self, vm: VM) -> tuple[int, ...]:
+        """What moves when a VM's MMU changes, read anew (no cache): mmu_valid_gen,
+        the MMU notifier sequence, the heads of active_mmu_pages and tdp_mmu_roots.
+        A live reading is torn when these differ before and after it."""
+        kvm = self.kvm_object(vm)
+        marks = [kvm.arch.mmu_valid_gen.value_(), kvm.arch.active_mmu_pages.next.value_()]
+        if self.layout.tdp_mmu_roots:
+            marks.append(kvm.arch.tdp_mmu_roots.next.value_())
+        # 6.3 renamed mmu_notifier_seq to mmu_invalidate_seq
+        for name in ("mmu_invalidate_seq", "mmu_notifier_seq"):
+            if self._has(kvm, name):
+                marks.append(kvm.member_(name).value_())
+                break
+        return tuple(marks)
+
+    def forget(self, vm: VM) -> None:
+        """Drop what was read of *vm*'s vCPUs and of every shadow page (a re-read)."""
+        self._vcpus.pop(vm.addr, None)
+        self._sp_cache.clear()
+        self._spt_cache.clear()
+
     def vm_by_id(self, ident: str) -> VM:
         """A VM by index (0, 1, ...), owner pid (pid:N) or struct kvm address."""
         vms = self.vms()

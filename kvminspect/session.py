@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import drgn
+
 from kvminspect import graph
 from kvminspect.errors import LookupFailed, Problem
 from kvminspect.model import VM, Kernel, ShadowPage
@@ -35,21 +37,59 @@ class Session:
             return [self.selected]
         return self.kernel.vms()
 
+    def begin(self) -> None:
+        """Before each command: on a live target, read the kernel anew (the layout
+        is kept); the selected VM stays selected if it still exists."""
+        if not self.target.fresh():
+            return
+        self._graphs.clear()
+        if self.selected is not None:
+            old = self.selected
+            self.selected = next((v for v in self.kernel.vms() if v.addr == old.addr), None)
+            if self.selected is None:
+                self.kernel.problem("struct kvm", old.addr,
+                                    "the selected VM is gone (destroyed since it was selected)")
+
     def graph(self, vm: VM) -> graph.VMGraph:
-        """The shadow-page graph of *vm* (built once per session).
+        """The shadow-page graph of *vm* (built once per reading).
 
         A VM whose MMU kvminspect cannot read (VM.unsupported: TDX) gets an
-        empty graph and a one-line problem saying so.
+        empty graph and a one-line problem saying so. On a live target a
+        reading torn by a change of the MMU under it is retried once, then
+        reported.
         """
         if vm.addr not in self._graphs:
+            k = self.kernel
             if vm.unsupported:
-                with self.kernel.reading(vm):
-                    self.kernel.problem("struct kvm", vm.addr,
-                                        f"{vm.unsupported} not supported: its MMU is not read")
+                with k.reading(vm):
+                    k.problem("struct kvm", vm.addr,
+                              f"{vm.unsupported} not supported: its MMU is not read")
                 self._graphs[vm.addr] = graph.VMGraph(vm, [], graph.nx.DiGraph())
+            elif not self.target.live:
+                self._graphs[vm.addr] = graph.build(k, vm)
             else:
-                self._graphs[vm.addr] = graph.build(self.kernel, vm)
+                self._graphs[vm.addr] = self._live_graph(vm)
         return self._graphs[vm.addr]
+
+    def _live_graph(self, vm: VM) -> graph.VMGraph:
+        """graph.build on a running kernel: retried once if the MMU changed meanwhile."""
+        k = self.kernel
+        for attempt in (1, 2):
+            try:
+                before = k.change_marks(vm)
+                g = graph.build(k, vm)
+                if k.change_marks(vm) == before:
+                    return g
+            except drgn.FaultError as e:  # freed under us
+                g = graph.VMGraph(vm, [], graph.nx.DiGraph())
+                before = str(e)
+            if attempt == 1:
+                k.forget(vm)
+        with k.reading(vm):
+            k.problem("struct kvm", vm.addr, "the MMU changed while it was read, twice "
+                      "(mmu_valid_gen, the notifier sequence or a page list moved): shown "
+                      "as last read")
+        return g
 
     def find_sp(self, addr: int, vms: list[VM]) -> tuple[VM, ShadowPage]:
         """The VM and shadow page at *addr*, which must be in one of *vms*' graphs."""

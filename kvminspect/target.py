@@ -20,6 +20,7 @@ from pathlib import Path
 import drgn
 
 from kvminspect.errors import DebugInfoError, KvmNotFound, TargetError
+from kvminspect.layout import kernel_release
 from kvminspect.model import Kernel
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
@@ -122,11 +123,17 @@ def _fixture_parts(d: Path) -> tuple[Path, list[Path]]:
 
 @dataclass
 class Target:
-    """An opened program and its KVM model."""
+    """An opened program and its KVM model.
+
+    A live target (/proc/kcore, or a QEMU guest over QMP) changes under us:
+    fresh() forgets everything read but the probed layout, so each command
+    reads the kernel anew. A vmcore keeps its readings for the session.
+    """
 
     prog: drgn.Program
-    name: str  # for prompts: "live" or the core's file name
+    name: str  # for prompts: "live", "qemu" or the core's file name
     release: str | None
+    live: bool = False
     _kernel: Kernel | None = field(default=None, repr=False)
 
     @property
@@ -135,6 +142,13 @@ class Target:
         if self._kernel is None:
             self._kernel = Kernel(self.prog, self.release)
         return self._kernel
+
+    def fresh(self) -> bool:
+        """On a live target, start a new reading (same layout); False on a vmcore."""
+        if not self.live or self._kernel is None:
+            return False
+        self._kernel = Kernel(self.prog, self.release, layout=self._kernel.layout)
+        return True
 
 
 def _check_arch(prog: drgn.Program, what: str) -> None:
@@ -219,7 +233,30 @@ def open_live(debug: list[str], kcore: str = "/proc/kcore") -> Target:
         raise TargetError(f"cannot open the live kernel: {e}") from None
     release = os.uname().release
     _load_debug_info(prog, _debug_files(debug), release)
-    return Target(prog, "live", release)
+    return Target(prog, "live", release, live=True)
+
+
+def open_qemu(socket: str, debug: list[str]) -> Target:
+    """A QEMU-emulated host, live, through its QMP socket (drgn's set_qemu_qmp).
+
+    QEMU must run with -device vmcoreinfo (and the host with qemu_fw_cfg) for
+    drgn to know the kernel; memory is read from the QEMU process (root).
+    """
+    _quiet_drgn()
+    if not os.path.exists(socket):
+        raise TargetError(f"{socket}: no such QMP socket")
+    prog = drgn.Program()
+    try:
+        prog.set_qemu_qmp(socket)
+    except (OSError, ValueError, drgn.FaultError) as e:
+        raise TargetError(f"{socket}: cannot attach to QEMU over QMP ({e})") from None
+    _check_arch(prog, socket)
+    if not prog.flags & drgn.ProgramFlags.IS_LINUX_KERNEL:
+        raise TargetError(f"{socket}: QEMU's guest is not a Linux kernel drgn recognizes "
+                          "(run QEMU with -device vmcoreinfo and load qemu_fw_cfg in the host)")
+    release = kernel_release(prog)
+    _load_debug_info(prog, _debug_files(debug), release)
+    return Target(prog, "live:qemu", release, live=True)
 
 
 def open_sample() -> Target:
