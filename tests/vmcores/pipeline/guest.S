@@ -8,7 +8,9 @@
  * window's level-1 page table), then loads its final set, waits at a barrier
  * until every vCPU has done the same, and writes one PTE into each window
  * page table of its final set: KVM then marks those shadow pages unsync.
- * It reports with OUT 0x10 (the VMM reads its registers) and halts forever.
+ * It reports with OUT 0x10 (the VMM reads its registers) and halts forever,
+ * or spins in guest mode (busy), or cycles CR3 through every set forever
+ * (cycle: loads each set in turn and touches its windows, as in the rounds).
  *
  * guest32_start is the same program in 32-bit protected mode with PAE paging
  * (vmm -p): edi = vCPU index, esi = GPA of struct guest_params; the u64
@@ -20,6 +22,7 @@
 #define P_BARRIER  24
 #define P_NEWPTE   32
 #define P_BUSY     40
+#define P_CYCLE    48
 #define P_SETS     64      /* struct set_params[MAX_SETS] */
 #define S_CR3      0
 #define S_NWIN     8
@@ -68,12 +71,20 @@ guest_start:
 5:	mov	$0x10, %dx
 	mov	%r10d, %eax
 	out	%eax, (%dx)			/* report: VMM reads CR3 */
+	cmpq	$0, P_CYCLE(%rsi)
+	jne	10f
 	cmpq	$0, P_BUSY(%rsi)
 	jne	7f
 6:	hlt
 	jmp	6b
 7:	pause					/* busy variant: spin in guest mode */
 	jmp	7b
+10:	xor	%r10, %r10			/* cycle variant: every set, forever */
+11:	call	load_set
+	inc	%r10
+	cmp	P_NSETS(%rsi), %r10
+	jb	11b
+	jmp	10b
 
 /* load_set: CR3 <- sets[r10].cr3, then read one word of every window */
 load_set:
@@ -128,12 +139,20 @@ guest32_start:
 	mov	$0x10, %dx
 	mov	%ebx, %eax
 	out	%eax, (%dx)
+	cmpl	$0, P_CYCLE(%esi)
+	jne	10f
 	cmpl	$0, P_BUSY(%esi)
 	jne	7f
 6:	hlt
 	jmp	6b
 7:	pause
 	jmp	7b
+10:	xor	%ebx, %ebx			/* cycle, as in 64-bit mode */
+11:	call	load_set32
+	inc	%ebx
+	cmp	P_NSETS(%esi), %ebx
+	jb	11b
+	jmp	10b
 
 /* load_set32: CR3 <- sets[ebx].cr3 (a PDPT), then read one word of every window */
 load_set32:

@@ -129,39 +129,69 @@ def module_bytes(tree: Path, release: str, rel: str) -> bytes | None:
     return None
 
 
-def build_initramfs(work: Path, tree: Path, release: str, vmm: Path, init: str) -> Path:
-    """A newc cpio with busybox, the five modules, the VMM and /init."""
-    root = work / "initramfs"
-    shutil.rmtree(root, ignore_errors=True)
-    for d in ("bin", "dev", "proc", "sys", "mods"):
-        (root / d).mkdir(parents=True)
-    shutil.copy(shutil.which("busybox") or "/bin/busybox", root / "bin/busybox")
-    shutil.copy(vmm, root / "bin/vmm")
-    for rel in MODULES:
-        data = module_bytes(tree, release, rel)
-        if data is not None:
-            (root / "mods" / Path(rel).name).write_bytes(data)
-    (root / "init").write_text(init)
-    (root / "init").chmod(0o755)
-    out = work / "initramfs.cpio"
-    files = subprocess.run(["find", "."], cwd=root, check=True, capture_output=True).stdout
-    with open(out, "wb") as f:
-        subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files,
-                       stdout=f, check=True)
+def busybox() -> str:
+    """The busybox binary to put into the initramfs (it must be static)."""
+    return shutil.which("busybox") or "/bin/busybox"
+
+
+def newc(entries: list[tuple[str, int, bytes]]) -> bytes:
+    """A newc cpio archive (what the kernel unpacks as an initramfs) of
+    (path, mode, data) entries, in order; a directory's mode is 0o40755."""
+    out = bytearray()
+
+    def pad4() -> None:
+        out.extend(b"\0" * (-len(out) % 4))
+
+    for ino, (name, mode, data) in enumerate([*entries, ("TRAILER!!!", 0, b"")], 1):
+        bname = name.encode() + b"\0"
+        nlink = 2 if mode & 0o40000 else 1
+        fields = (ino, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(bname), 0)
+        out += b"070701" + b"".join(b"%08X" % f for f in fields) + bname
+        pad4()
+        out += data
+        pad4()
+    return bytes(out)
+
+
+def write_initramfs(out: Path, vmm: Path, init: str, modules: dict[str, bytes]) -> Path:
+    """A newc cpio with busybox, the modules (/mods/NAME), the VMM and /init."""
+    entries = [(d, 0o40755, b"") for d in ("bin", "dev", "proc", "sys", "mods")]
+    entries += [("bin/busybox", 0o100755, Path(busybox()).read_bytes()),
+                ("bin/vmm", 0o100755, vmm.read_bytes()),
+                ("init", 0o100755, init.encode())]
+    entries += [(f"mods/{name}", 0o100644, data) for name, data in modules.items()]
+    out.write_bytes(newc(entries))
     return out
 
 
-def init_script(args: argparse.Namespace) -> str:
-    """The host's /init: load KVM with the requested MMU, run the VMM."""
-    npt = 0 if args.mmu == "shadow" else 1
-    # kvm's tdp_mmu parameter: off by default in 5.10, on from 5.15
-    tdp = {"tdp_legacy": "tdp_mmu=N", "tdp_mmu": "tdp_mmu=Y"}.get(args.mmu, "")
+def build_initramfs(work: Path, tree: Path, release: str, vmm: Path, init: str) -> Path:
+    """A newc cpio with busybox, the five modules, the VMM and /init."""
+    modules = {}
+    for rel in MODULES:
+        data = module_bytes(tree, release, rel)
+        if data is not None:
+            modules[Path(rel).name] = data
+    return write_initramfs(work / "initramfs.cpio", vmm, init, modules)
+
+
+def vmm_command(args: argparse.Namespace) -> str:
+    """The VMM's command line in /init (a stand-in that records nothing for
+    the special hosts)."""
     vmm = f"/bin/vmm -v {args.vcpus} -s {args.sets} -w {args.windows} -r {args.rounds}"
     vmm += " -z" * args.zap + " -b" * args.busy + " -p" * args.pae
     if args.vms > 1:  # a second VM in the same process, with its own shape
         vmm += f" -n {args.vms} -V {args.vm2_vcpus} -S {args.vm2_sets} -W {args.vm2_windows}"
     if args.special:  # a host without a VM, or without kvm at all
         vmm = "echo 'KVMINSPECT-RECORD {}'; echo KVMINSPECT-READY"
+    return vmm
+
+
+def init_head(args: argparse.Namespace) -> str:
+    """The start of the host's /init: mounts, KVM loaded with the requested
+    MMU, the module parameters printed; it ends in /, ready to run the VMM."""
+    npt = 0 if args.mmu == "shadow" else 1
+    # kvm's tdp_mmu parameter: off by default in 5.10, on from 5.15
+    tdp = {"tdp_legacy": "tdp_mmu=N", "tdp_mmu": "tdp_mmu=Y"}.get(args.mmu, "")
     kvm = "" if args.special == "no-kvm" else f"""insmod irqbypass.ko
 insmod kvm.ko {tdp}
 [ -e rng-core.ko ] && insmod rng-core.ko
@@ -178,7 +208,12 @@ cd /mods
 echo "KVMINSPECT-PARAMS npt=$(cat /sys/module/kvm_amd/parameters/npt)" \\
      "tdp_mmu=$(cat /sys/module/kvm/parameters/tdp_mmu 2>/dev/null)"
 cd /
-{vmm}
+"""
+
+
+def init_script(args: argparse.Namespace) -> str:
+    """The host's /init: load KVM with the requested MMU, run the VMM."""
+    return f"""{init_head(args)}{vmm_command(args)}
 echo KVMINSPECT-FAILED
 sleep 100000
 """

@@ -3,20 +3,28 @@
  * VM (or two) whose vCPUs switch CR3 among several page-table sets and then
  * write into shadowed page tables (see guest.S), and prints a record of
  * everything it did as one line "KVMINSPECT-RECORD {json}" followed by
- * "KVMINSPECT-READY". It then sleeps so that the host's memory can be dumped.
+ * "KVMINSPECT-READY". It then sleeps so that the host's memory can be dumped
+ * (or, with -Z, waits for zap requests from a live test harness).
  *
  * Usage: vmm [-v VCPUS] [-s SETS] [-w WIN,WIN,...] [-r ROUNDS] [-z] [-b] [-p]
- *            [-n VMS] [-V VCPUS] [-S SETS] [-W WIN,WIN,...]
+ *            [-n VMS] [-V VCPUS] [-S SETS] [-W WIN,WIN,...] [-Z] [-c]
  *   -v, -s  vCPUs (default 4) and page-table sets (default 4) of the first VM
  *   -w  windows (level-1 page tables written by the guest) per set (default 1)
  *   -p  the guest runs in 32-bit protected mode with PAE paging (3 levels)
  *   -z  after the workload, add and delete a memslot (fast zap: roots invalid)
  *   -b  busy: vCPUs spin in guest mode instead of halting
+ *   -c  cycle: after reporting, vCPUs keep loading every set's CR3 in turn,
+ *       forever, instead of halting or spinning (wins over -b; the MMU never
+ *       settles)
  *   -n  VMs in this process, 1 (default) or 2: the second VM has its own VM fd,
  *       memory, memslot, irqchip and vCPU threads and runs the same guest
  *   -V, -S, -W  vCPUs, sets and windows of the second VM (default 2, 2, 1,3)
- * -r, -p, -z and -b apply to every VM. With -n 1 the record is the one-VM
+ *   -Z  after KVMINSPECT-READY, on each SIGUSR1 zap every VM as -z does once
+ *       and print "KVMINSPECT-ZAPPED N" (N = 1, 2, ...); signals that arrive
+ *       while a zap is under way merge into one (send the next after ZAPPED)
+ * -r, -p, -z, -b, -c and -Z apply to every VM. With -n 1 the record is the one-VM
  * record; with -n 2 it also has "vms": every VM's fields in creation order.
+ * -c and -Z do not change the record.
  *
  * Built static (gcc -static) so that it runs from a busybox initramfs.
  */
@@ -25,6 +33,7 @@
 #include <fcntl.h>
 #include <linux/kvm.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -53,7 +62,7 @@ struct set_params {           /* layout shared with guest.S (S_*) */
 	uint64_t cr3, nwin, winva, winpt[MAX_WIN];
 };
 struct guest_params {         /* layout shared with guest.S (P_*) */
-	uint64_t nvcpus, nsets, rounds, barrier, newpte, busy, pad[2];
+	uint64_t nvcpus, nsets, rounds, barrier, newpte, busy, cycle, pad;
 	struct set_params sets[MAX_SETS];
 	uint64_t final_set[MAX_VCPUS];
 };
@@ -81,7 +90,7 @@ struct vm {
 	struct vcpu vcpus[MAX_VCPUS];
 };
 
-static int kvm_fd, nvms = 1, rounds = 3, zap, busy, pae;
+static int kvm_fd, nvms = 1, rounds = 3, zap, busy, pae, cycle, zap_wait;
 static struct vm vms[MAX_VMS] = {
 	{ .nvcpus = 4, .nsets = 4, .nwin = {1, 1, 1, 1, 1, 1, 1, 1} },
 	{ .nvcpus = 2, .nsets = 2, .nwin = {1, 3, 3, 3, 3, 3, 3, 3} },
@@ -175,6 +184,7 @@ static void setup_memory(struct vm *vm)
 	p->nsets = vm->nsets;
 	p->rounds = rounds;
 	p->busy = busy;
+	p->cycle = cycle;
 	p->newpte = (DATA_GPA + 0x10000) | PTE_P | PTE_W;
 	vm->next_pt = PT_GPA;
 	vm->shared_pt = alloc_pt(vm);
@@ -400,14 +410,39 @@ static void zap_vm(struct vm *vm)
 		die("delete memslot");
 }
 
+/* Zap every VM, then let the vCPUs settle */
+static void zap_all(void)
+{
+	for (int n = 0; n < nvms; n++)
+		zap_vm(&vms[n]);
+	usleep(200 * 1000);
+}
+
+/* -Z: zap every VM on each SIGUSR1 (blocked in every thread: see main) */
+static void wait_zaps(const sigset_t *usr1)
+{
+	for (int n = 1;; n++) {
+		int sig;
+
+		errno = sigwait(usr1, &sig);
+		if (errno)
+			die("sigwait");
+		zap_all();
+		printf("KVMINSPECT-ZAPPED %d\n", n);
+		fflush(stdout);
+	}
+}
+
 static const char usage[] =
 	"usage: vmm [-v VCPUS] [-s SETS] [-w N,N,..] [-r ROUNDS] [-z] [-b] [-p]\n"
-	"           [-n VMS] [-V VCPUS] [-S SETS] [-W N,N,..]\n";
+	"           [-n VMS] [-V VCPUS] [-S SETS] [-W N,N,..] [-Z] [-c]\n";
 
 int main(int argc, char **argv)
 {
+	sigset_t usr1;
 	int opt;
-	while ((opt = getopt(argc, argv, "v:s:w:r:zbpn:V:S:W:")) != -1) {
+
+	while ((opt = getopt(argc, argv, "v:s:w:r:zbpn:V:S:W:Zc")) != -1) {
 		switch (opt) {
 		case 'v': vms[0].nvcpus = atoi(optarg); break;
 		case 's': vms[0].nsets = atoi(optarg); break;
@@ -420,6 +455,8 @@ int main(int argc, char **argv)
 		case 'V': vms[1].nvcpus = atoi(optarg); break;
 		case 'S': vms[1].nsets = atoi(optarg); break;
 		case 'W': parse_windows(vms[1].nwin, optarg); break;
+		case 'Z': zap_wait = 1; break;
+		case 'c': cycle = 1; break;
 		default:
 			fputs(usage, stderr);
 			return 2;
@@ -432,6 +469,13 @@ int main(int argc, char **argv)
 	for (int n = 0; n < nvms; n++)
 		if (!check_vm(&vms[n]))
 			return 2;
+
+	/* -Z: SIGUSR1 blocked before any thread starts (they inherit the mask),
+	 * so that it stays pending until the main thread's sigwait() */
+	sigemptyset(&usr1);
+	sigaddset(&usr1, SIGUSR1);
+	if (zap_wait && pthread_sigmask(SIG_BLOCK, &usr1, NULL))
+		die("pthread_sigmask");
 
 	kvm_fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
 	if (kvm_fd < 0)
@@ -466,14 +510,13 @@ int main(int argc, char **argv)
 	/* let the vCPUs re-enter KVM_RUN and halt */
 	usleep(200 * 1000);
 
-	if (zap) {
-		for (int n = 0; n < nvms; n++)
-			zap_vm(&vms[n]);
-		usleep(200 * 1000);
-	}
+	if (zap)
+		zap_all();
 	print_record();
 	printf("KVMINSPECT-READY\n");
 	fflush(stdout);
+	if (zap_wait)
+		wait_zaps(&usr1);
 	for (;;)
 		pause();
 }

@@ -1,0 +1,293 @@
+"""An emulated KVM host with a running guest, for live tests.
+
+``EmulatedHost`` boots Debian's 6.1.0-56-amd64 kernel (tests/live/kernel/, kept in
+the repository) under qemu-system-x86_64 (TCG, a CPU with SVM), loads kvm and
+kvm_amd from a busybox initramfs and runs the fixture VMM
+(tests/vmcores/pipeline/vmm.c + guest.S) as the fixtures do, but keeps it all
+running: the host's memory stays readable over QMP (``qmp_socket``, for
+``drgn.Program.set_qemu_qmp``) until the context manager exits.
+
+    with EmulatedHost() as host:
+        prog = drgn.Program()
+        prog.set_qemu_qmp(str(host.qmp_socket))
+        prog.load_debug_info(host.debug_files, main=True)
+        ...
+        host.zap()   # the VMM adds and deletes a memslot: a fast zap
+
+``zap()`` types ``zap`` on the host's serial console (QEMU's stdin); the host's
+/init reads console lines and sends the VMM SIGUSR1, and the VMM (``-Z``) zaps
+every VM and prints ``KVMINSPECT-ZAPPED n``. The record the VMM prints is
+``record``; ``truth`` is the same record in the shape of the fixtures'
+truth.json (tests/vmcores/README.md), as of boot (``zaps`` counts the zaps since).
+
+QMP serves one client per socket at a time (a second one waits, it is not
+refused), and a drgn Program keeps its connection while it lives: ask for more
+sockets (``qmp=2``) to read the host from two programs at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import lzma
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from tests.vmcores.pipeline import mkfixture
+
+HERE = Path(__file__).resolve().parent
+HOST_FILES = HERE / "kernel"
+RELEASE = "6.1.0-56-amd64"
+KERNEL = HOST_FILES / f"vmlinuz-{RELEASE}"
+MODULES = ["irqbypass.ko", "kvm.ko", "ccp.ko", "kvm-amd.ko", "qemu_fw_cfg.ko"]  # load order
+# the small debug set of this kernel (same build ids as the files above)
+DEBUG_DIR = mkfixture.VMCORES / "6.1-shadow"
+DEBUG_FILES = ["vmlinux", "kvm.ko", "kvm-amd.ko"]
+QEMU = "qemu-system-x86_64"
+
+
+class Unavailable(Exception):
+    """This machine cannot run an emulated host (the reason is the message)."""
+
+
+class HostError(RuntimeError):
+    """The emulated host did not come up, or did not do what it was asked."""
+
+
+def _is_static(path: str) -> bool:
+    """True if the ELF file at *path* has no program interpreter."""
+    with open(path, "rb") as f:
+        ehdr = f.read(64)
+        if ehdr[:4] != b"\x7fELF" or ehdr[4] != 2:
+            return False
+        phoff, = struct.unpack_from("<Q", ehdr, 32)
+        phentsize, phnum = struct.unpack_from("<HH", ehdr, 54)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    return all(struct.unpack_from("<I", table, i * phentsize)[0] != 3  # PT_INTERP
+               for i in range(phnum))
+
+
+def check_tools() -> None:
+    """Raise Unavailable unless QEMU and a static busybox are installed (a
+    static libc is checked when the VMM is built)."""
+    if shutil.which(QEMU) is None:
+        raise Unavailable(f"{QEMU} is not installed")
+    bb = mkfixture.busybox()
+    if not os.path.exists(bb):
+        raise Unavailable("busybox is not installed (busybox-static)")
+    if not _is_static(bb):
+        raise Unavailable(f"{bb} is not statically linked (install busybox-static)")
+    if shutil.which("gcc") is None:
+        raise Unavailable("gcc is not installed")
+
+
+def _die_with_parent() -> None:
+    """In QEMU, before exec: SIGTERM when the test process dies, even killed."""
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def decompress(src: Path, dst: Path) -> Path:
+    """*src* (.xz) decompressed to *dst*."""
+    dst.write_bytes(lzma.decompress(src.read_bytes()))
+    return dst
+
+
+class EmulatedHost:
+    """A booted emulated KVM host whose VMM runs a guest (a context manager).
+
+    mmu: "shadow" (kvm_amd npt=0), "tdp_mmu" or "tdp_legacy"; busy: the vCPUs
+    spin in guest mode instead of halting; cycle: they keep loading every
+    set's CR3 after the workload (the MMU never settles; ``truth``'s final CR3s
+    are then only where they were at the report); vcpus, sets, windows,
+    rounds: the guest's shape, as mkfixture's options (default: 6.1-shadow's).
+    workdir: where the build, sockets and console log go (kept); default a
+    temporary directory, deleted on exit.
+    """
+
+    def __init__(self, *, mmu: str = "shadow", busy: bool = False, cycle: bool = False,
+                 vcpus: int = 4, sets: int = 4, windows: str = "20,1,2,1", rounds: int = 3,
+                 memory: int = 512, cpus: int = 2, qmp: int = 1, timeout: float = 240,
+                 workdir: Path | None = None) -> None:
+        if mmu not in ("shadow", "tdp_mmu", "tdp_legacy"):
+            raise ValueError(f"unknown mmu {mmu!r}")
+        self.args = argparse.Namespace(
+            mmu=mmu, busy=busy, zap=False, pae=False, la57=False, special=None, vms=1,
+            vcpus=vcpus, sets=sets, windows=windows, rounds=rounds)
+        self.cycle = cycle
+        self.memory, self.cpus, self.timeout = memory, cpus, timeout
+        self._keep = workdir is not None
+        self.workdir = Path(workdir) if workdir is not None else None
+        self._nqmp = qmp
+        self.qmp_sockets: list[Path] = []
+        self.qemu: subprocess.Popen | None = None
+        self.record: dict = {}
+        self.truth: dict = {}
+        self.params = ""
+        self.zaps = 0
+        self.boot_seconds = 0.0
+        self._debug: list[str] | None = None
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def __enter__(self) -> EmulatedHost:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Build the VMM and the initramfs, boot, wait for the VMM's record."""
+        check_tools()
+        if self.workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix="kvminspect-live-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.qmp_sockets = [self.workdir / f"qmp{i}.sock" for i in range(self._nqmp)]
+        if len(str(self.qmp_sockets[-1])) > 100:  # sun_path is 108 bytes
+            raise HostError(f"{self.workdir}: too long a path for a unix socket")
+        try:
+            vmm = mkfixture.build_vmm(self.workdir)
+        except subprocess.CalledProcessError as e:
+            raise Unavailable("gcc -static cannot build the VMM (no static libc?)") from e
+        initrd = mkfixture.write_initramfs(self.workdir / "initramfs.cpio", vmm,
+                                           self.init_script(), self._modules())
+        self._boot(initrd)
+
+    def _modules(self) -> dict[str, bytes]:
+        return {m: lzma.decompress((HOST_FILES / f"{m}.xz").read_bytes()) for m in MODULES}
+
+    def init_script(self) -> str:
+        """mkfixture's /init, but the VMM (-Z) runs in the background while a
+        loop reads the console and turns each line "zap" into a SIGUSR1."""
+        vmm = mkfixture.vmm_command(self.args) + " -Z" + " -c" * self.cycle
+        return f"""{mkfixture.init_head(self.args)}stty -echo </dev/console
+{vmm} &
+vmm=$!
+(while read -r line; do
+   case "$line" in zap) kill -USR1 $vmm ;; esac
+ done) </dev/console &
+wait $vmm
+echo KVMINSPECT-FAILED
+sleep 100000
+"""
+
+    def _boot(self, initrd: Path) -> None:
+        assert self.workdir is not None
+        console = self.workdir / "console.log"
+        cmd = [
+            QEMU, "-accel", "tcg", "-cpu", "max,la57=off", "-smp", str(self.cpus),
+            "-m", f"{self.memory}M", "-kernel", str(KERNEL), "-initrd", str(initrd),
+            "-append", "console=ttyS0 panic=-1 loglevel=4",
+            "-device", "vmcoreinfo", "-display", "none", "-no-reboot", "-monitor", "none",
+            "-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console",
+        ]
+        for sock in self.qmp_sockets:
+            cmd += ["-qmp", f"unix:{sock},server=on,wait=off"]
+        t0 = time.monotonic()
+        with open(console, "wb") as out, open(self.workdir / "qemu.log", "wb") as err:
+            self.qemu = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=err,
+                                         preexec_fn=_die_with_parent)
+        text = self._wait_for("KVMINSPECT-READY", self.timeout)
+        self.boot_seconds = time.monotonic() - t0
+        m = re.search(r"KVMINSPECT-RECORD (\{.*\})", text)
+        p = re.search(r"KVMINSPECT-PARAMS (.*)", text)
+        if not m or not p:
+            raise HostError(f"no record on the console:\n{text[-4000:]}")
+        self.record = json.loads(m.group(1))
+        self.params = p.group(1).strip()
+        self.truth = mkfixture.truth(self.record, RELEASE, self.args, self.params)
+        self.truth["made_with"] = f"tests/live/host.py {self!r}"
+
+    def stop(self) -> None:
+        """Kill QEMU and delete the temporary directory (idempotent)."""
+        if self.qemu is not None:
+            if self.qemu.poll() is None:
+                self.qemu.send_signal(signal.SIGTERM)
+                try:
+                    self.qemu.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.qemu.kill()
+                    self.qemu.wait()
+            if self.qemu.stdin:
+                try:
+                    self.qemu.stdin.close()
+                except OSError:
+                    pass
+            self.qemu = None
+        if self.workdir is not None and not self._keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    def __repr__(self) -> str:
+        a = self.args
+        return (f"EmulatedHost(mmu={a.mmu!r}, busy={a.busy}, cycle={self.cycle}, "
+                f"vcpus={a.vcpus}, sets={a.sets}, windows={a.windows!r}, rounds={a.rounds})")
+
+    # -- use ---------------------------------------------------------------
+
+    @property
+    def qmp_socket(self) -> Path:
+        """The (first) QMP socket: drgn.Program.set_qemu_qmp(str(host.qmp_socket))."""
+        return self.qmp_sockets[0]
+
+    @property
+    def debug_files(self) -> list[str]:
+        """The kernel's small debug set (vmlinux, kvm.ko, kvm-amd.ko of
+        tests/vmcores/6.1-shadow), decompressed into the work directory."""
+        if self._debug is None:
+            assert self.workdir is not None
+            d = self.workdir / "debug"
+            d.mkdir(exist_ok=True)
+            self._debug = [str(decompress(DEBUG_DIR / f"{n}.xz", d / n)) for n in DEBUG_FILES]
+        return self._debug
+
+    def console_text(self) -> str:
+        """Everything the host wrote on its serial console so far."""
+        if self.workdir is None:
+            return ""
+        return (self.workdir / "console.log").read_bytes().decode(errors="replace")
+
+    def send(self, line: str) -> None:
+        """Type *line* on the host's serial console."""
+        if self.qemu is None or self.qemu.stdin is None or self.qemu.poll() is not None:
+            raise HostError("the emulated host is not running")
+        self.qemu.stdin.write(line.encode() + b"\n")
+        self.qemu.stdin.flush()
+
+    def zap(self, timeout: float = 60) -> int:
+        """Make the VMM zap every VM once (a memslot added and deleted: fast zap,
+        kvm->arch.mmu_valid_gen toggles) and wait until it is done; returns the
+        zap count."""
+        self.send("zap")
+        self.zaps += 1
+        self._wait_for(f"KVMINSPECT-ZAPPED {self.zaps}", timeout)
+        return self.zaps
+
+    def _wait_for(self, line: str, timeout: float) -> str:
+        """Wait until the console has the line *line* (the tty ends lines with
+        CR LF); returns the console text."""
+        pattern = re.compile(rf"^{re.escape(line)}\r?$", re.M)
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.console_text()
+            if pattern.search(text):
+                return text
+            failed = "KVMINSPECT-FAILED" in text or "Kernel panic" in text
+            if failed or self.qemu is None or self.qemu.poll() is not None:
+                raise HostError(f"the host failed before {line}:\n{text[-4000:]}")
+            if time.monotonic() > deadline:
+                raise HostError(f"no {line} after {timeout:.0f} s:\n{text[-4000:]}")
+            time.sleep(0.2)
