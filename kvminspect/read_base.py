@@ -45,6 +45,7 @@ class KernelBase:
         self._role_widths = ({f.name: f.width for f in self.layout.sp.role_fields}
                              if self.layout.sp else {})
         self._vcpus: dict[int, list[VCpu]] = {}
+        self._mmu_offsets: tuple[int, ...] | None = None
 
     @property
     def missing(self) -> tuple[MissingMember, ...]:

@@ -19,6 +19,7 @@ from kvminspect.objects import (
     VM,
     RootRef,
     VCpu,
+    _struct_int,
 )
 from kvminspect.read_base import KernelBase
 
@@ -178,3 +179,38 @@ class VcpuReader(KernelBase):
         except (drgn.FaultError, LookupError) as e:
             self.problem("struct kvm_mmu", mmu.value_(), f"pae_root unreadable ({e})")
         return out
+
+    def mmu_roots(self, v: VCpu) -> tuple | None:
+        """(root (hpa, pgd), prev_roots[] (hpa, pgd)) of a vCPU's current struct kvm_mmu,
+        read as one block: on a running kernel, one reading of them all, not several.
+
+        INVALID_PAGE hpas are None. None when the MMU cannot be read, or before 5.18
+        (mmu->root_hpa: read it through vcpus() instead).
+        """
+        lay = self.layout
+        if not lay.root_info or not lay.mmu_is_pointer:
+            return None
+        try:
+            if self._mmu_offsets is None:
+                mmu_t = self.prog.type("struct kvm_mmu")
+                info_t = self.prog.type("struct kvm_mmu_root_info")
+                n = mmu_t.member("prev_roots").type.unaliased().length
+                self._mmu_offsets = (
+                    drgn.offsetof(self.prog.type("struct kvm_vcpu"), "arch.mmu"),
+                    drgn.offsetof(mmu_t, "root"), drgn.offsetof(mmu_t, "prev_roots"),
+                    drgn.sizeof(info_t), drgn.offsetof(info_t, "hpa"),
+                    drgn.offsetof(info_t, "pgd"), n)
+            mmu_off, root_off, prev_off, size, hpa, pgd, n = self._mmu_offsets
+            mmu = self.prog.read_u64(v.addr + mmu_off)
+            start = min(root_off, prev_off)
+            end = max(root_off, prev_off + n * size) + size
+            d = self.prog.read(mmu + start, end - start)
+        except (drgn.FaultError, LookupError, ValueError):
+            return None
+
+        def info(off: int) -> tuple[int | None, int]:
+            h = _struct_int(d, off - start + hpa, 8)
+            return (None if h == INVALID_PAGE else h, _struct_int(d, off - start + pgd, 8))
+
+        return info(root_off), tuple(info(prev_off + i * size) for i in range(n))
+
