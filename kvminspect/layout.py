@@ -104,7 +104,11 @@ def _bare(t: drgn.Type) -> drgn.Type:
 
 
 def has_member(type_: drgn.Type, name: str) -> bool:
-    """Whether a struct/union type has member *name* (anonymous members too)."""
+    """Whether a struct/union type (or a pointer to one) has member *name*
+    (anonymous members too)."""
+    type_ = _bare(type_)
+    if type_.kind == drgn.TypeKind.POINTER:
+        type_ = _bare(type_.type)
     try:
         type_.member(name)
     except LookupError:

@@ -11,6 +11,7 @@ from kvminspect.layout import (
     PT_PRESENT_MASK,
     UNKNOWN,
     UNREADABLE,
+    has_member,
     known,
 )
 from kvminspect.objects import (
@@ -84,12 +85,12 @@ class VcpuReader(KernelBase):
             mmu = arch.mmu if self.layout.mmu_is_pointer else arch.mmu.address_of_()
             mmu_addr = mmu.value_()
             mmu_name = next((n for n in ("root_mmu", "guest_mmu", "nested_mmu")
-                             if self._has(arch, n)
+                             if has_member(arch.type_, n)
                              and getattr(arch, n).address_of_().value_() == mmu_addr), "mmu")
             root, prev, level, direct = self._read_mmu(mmu)
             return VCpu(
                 addr=addr, vcpu_id=self.value(v, "struct kvm_vcpu", "vcpu_id"),
-                vcpu_idx=v.vcpu_idx.value_() if self._has(v, "vcpu_idx") else -1,
+                vcpu_idx=v.vcpu_idx.value_() if has_member(v.type_, "vcpu_idx") else -1,
                 tid=tid, comm=comm, cpu=self.value(v, "struct kvm_vcpu", "cpu"),
                 mode=UNKNOWN if not known(mode)
                 else VCPU_MODES[mode] if 0 <= mode < len(VCPU_MODES) else str(mode),
@@ -103,14 +104,6 @@ class VcpuReader(KernelBase):
         except drgn.FaultError as e:
             self.problem("struct kvm_vcpu", addr, f"unreadable ({e})")
             return None
-
-    @staticmethod
-    def _has(obj: drgn.Object, name: str) -> bool:
-        try:
-            obj.member_(name)
-        except LookupError:
-            return False
-        return True
 
     def _read_mmu(self, mmu: drgn.Object
                   ) -> tuple[RootRef | None, list[RootRef], int, bool]:

@@ -11,6 +11,7 @@ from kvminspect.errors import LookupFailed
 from kvminspect.layout import (
     UNKNOWN,
     _bare,
+    has_member,
     known,
 )
 from kvminspect.objects import (
@@ -189,7 +190,7 @@ class VmReader(KernelBase):
             marks.append(kvm.arch.tdp_mmu_roots.next.value_())
         # 6.3 renamed mmu_notifier_seq to mmu_invalidate_seq
         for name in ("mmu_invalidate_seq", "mmu_notifier_seq"):
-            if self._has(kvm, name):
+            if has_member(kvm.type_, name):
                 marks.append(kvm.member_(name).value_())
                 break
         return tuple(marks)

@@ -19,21 +19,14 @@ import pytest
 from kvminspect.cli import run_one
 from kvminspect.session import Session
 from kvminspect.target import open_qemu
-from tests.live.host import EmulatedHost, Unavailable
+from tests.live.host import EmulatedHost, booted
 
 pytestmark = [pytest.mark.slow, pytest.mark.live]
 
 
 @pytest.fixture(scope="module")
 def host():
-    try:
-        h = EmulatedHost(busy=True).__enter__()
-    except Unavailable as e:
-        pytest.skip(f"cannot run an emulated KVM host: {e}")
-    try:
-        yield h
-    finally:
-        h.stop()
+    yield from booted(busy=True)
 
 
 def one_shot(host: EmulatedHost, *argv: str) -> dict:

@@ -20,7 +20,7 @@ from drgn.helpers.linux.mm import pfn_to_page
 from drgn.helpers.linux.pid import pid_task
 from drgn.helpers.linux.xarray import xa_load
 
-from tests.live.host import EmulatedHost, Unavailable
+from tests.live.host import EmulatedHost, booted
 
 pytestmark = [pytest.mark.slow, pytest.mark.live]
 
@@ -36,14 +36,7 @@ STEADY = pytest.mark.parametrize("host", ["halted", "busy"], indirect=True)
 
 @pytest.fixture(scope="module")
 def host(request):
-    try:
-        h = EmulatedHost(**VARIANTS[request.param]).__enter__()
-    except Unavailable as e:
-        pytest.skip(f"cannot run an emulated KVM host: {e}")
-    try:
-        yield h
-    finally:
-        h.stop()
+    yield from booted(**VARIANTS[request.param])
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from kvminspect.errors import UsageError
 from kvminspect.session import Session
 from kvminspect.target import open_qemu
 from tests.conftest import FIXTURES, open_fixture
-from tests.live.host import EmulatedHost, Unavailable
+from tests.live.host import booted
 from tests.test_schema import VALIDATOR
 
 SHAPES = {"cached": {"sets": 4, "windows": "1,1,1,1"},
@@ -28,14 +28,8 @@ SHAPES = {"cached": {"sets": 4, "windows": "1,1,1,1"},
 
 @pytest.fixture(scope="module", params=list(SHAPES))
 def cycling(request):
-    try:
-        h = EmulatedHost(busy=True, cycle=True, **SHAPES[request.param]).__enter__()
-    except Unavailable as e:
-        pytest.skip(f"cannot run an emulated KVM host: {e}")
-    try:
-        yield request.param, h
-    finally:
-        h.stop()
+    for host in booted(busy=True, cycle=True, **SHAPES[request.param]):
+        yield request.param, host
 
 
 @pytest.mark.slow

@@ -291,3 +291,18 @@ sleep 100000
             if time.monotonic() > deadline:
                 raise HostError(f"no {line} after {timeout:.0f} s:\n{text[-4000:]}")
             time.sleep(0.2)
+
+
+def booted(**options):
+    """A pytest fixture body: one EmulatedHost(**options) for the module, or a skip
+    saying why the host cannot run here; stopped at the end."""
+    import pytest
+
+    try:
+        host = EmulatedHost(**options).__enter__()
+    except Unavailable as e:
+        pytest.skip(f"cannot run an emulated KVM host: {e}")
+    try:
+        yield host
+    finally:
+        host.stop()
