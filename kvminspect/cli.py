@@ -2,6 +2,8 @@
 
     kvminspect [-c CORE | --live | --qemu SOCK | --sample] [-s PATH]... [--vm ID] COMMAND
                [ARGS] [--json]
+    kvminspect [-s PATH]... diff A B [--vm ID] [--json]    (A is the target: -c A diff B)
+    kvminspect help [CMD]                                  (no target needed)
     kvminspect live [--qemu SOCK] [-s PATH]...
     kvminspect vmcore [PATH] [-s PATH]...
 """
@@ -14,8 +16,11 @@ import shlex
 import sys
 import traceback
 
+import drgn
+
 from kvminspect import __version__
 from kvminspect.commands import asks_help, load_all
+from kvminspect.commands.diff import split_first_core
 from kvminspect.errors import UsageError, describe
 from kvminspect.session import Session
 from kvminspect.target import Target, open_core, open_live, open_qemu, open_sample
@@ -29,7 +34,8 @@ def _commands_epilog() -> str:
             "  kvminspect live --qemu SOCK  a QEMU-emulated host, live, through QMP\n"
             "  kvminspect vmcore [PATH]     a vmcore or fixture directory "
             "(no PATH: the bundled sample)\n\n"
-            "'kvminspect -c CORE help CMD' shows a command's options.")
+            "'kvminspect diff A B' compares two vmcores of one host (A before, B after).\n"
+            "'kvminspect help CMD' shows a command's options.")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -56,6 +62,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _has_target(args: argparse.Namespace) -> bool:
+    return bool(args.core or args.live or args.qemu or args.sample)
+
+
 def _open(args: argparse.Namespace) -> Target:
     if args.qemu:
         return open_qemu(args.qemu, args.symbols)
@@ -76,6 +86,13 @@ def run_one(session: Session, argv: list[str]) -> None:
         argv = ["help", cmd]
     session.begin()
     ns.run(session.target.prog, shlex.join(argv), globals={"session": session})
+
+
+def run_help(argv: list[str]) -> None:
+    """'help [CMD]' or 'CMD ... --help' without a target: help reads no kernel."""
+    cmd = asks_help(argv)
+    load_all().run(drgn.Program(), shlex.join(["help", cmd] if cmd is not None else argv),
+                   globals={})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,11 +125,20 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         if args.command not in dict(load_all().enabled(None)):
             raise UsageError(f"unknown command '{args.command}' (see kvminspect --help)")
-        session = Session(_open(args))
+        words = [args.command, *args.args]
+        if not _has_target(args) and (args.command == "help" or asks_help(words)):
+            run_help(words)
+            return 0
+        if args.command == "diff" and not _has_target(args):  # kvminspect diff A B
+            core, rest = split_first_core(args.args)
+            target, words = open_core(core, args.symbols), ["diff", *rest]
+        else:
+            target = _open(args)
+        session = Session(target)
         if args.vm:
             session.select(args.vm)
         try:
-            run_one(session, [args.command, *args.args])
+            run_one(session, words)
         except SystemExit as e:  # rich exits when the reader of a pipe goes away
             if isinstance(e.__context__, BrokenPipeError):
                 return 0

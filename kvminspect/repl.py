@@ -46,6 +46,8 @@ EXIT_WORDS = ("quit", "exit")
 # commands whose positional argument is a shadow page (struct kvm_mmu_page address)
 SP_COMMANDS = ("sp", "tree", "unsync")
 SP_METAVARS = ("SP", "ADDR")
+# commands whose positional argument is a file (diff B: a vmcore or fixture directory)
+FILE_COMMANDS = ("diff",)
 
 
 # -- history ------------------------------------------------------------------
@@ -268,7 +270,7 @@ class ReplCompleter(Completer):
             used = set(words[1:])
             yield from _matching(word, ((o, "") for o in options if o not in used))
             return
-        yield from self._complete_positional(words, word, cmd, options)
+        yield from self._complete_positional(words, word, cmd, options, event)
 
     def _complete_path(self, word: str, event: CompleteEvent) -> Iterator[Completion]:
         """File names for a '> FILE' redirect."""
@@ -281,8 +283,10 @@ class ReplCompleter(Completer):
         yield from _matching(word, pairs + [(w, "leave") for w in EXIT_WORDS])
 
     def _complete_positional(self, words: list[str], word: str, cmd: Any,
-                             options: dict[str, bool]) -> Iterator[Completion]:
-        """The positional argument being typed: VM id, shadow page or command name."""
+                             options: dict[str, bool], event: CompleteEvent
+                             ) -> Iterator[Completion]:
+        """The positional argument being typed: VM id, shadow page, command name or
+        (diff's B) a file."""
         given, skip = 0, False
         for w in words[1:]:
             if skip:
@@ -301,6 +305,8 @@ class ReplCompleter(Completer):
             yield from _matching(word, self._vm_ids(all_=name == "vm"))
         elif name == "help" or metavar == "CMD":
             yield from self._complete_commands(word)
+        elif name in FILE_COMMANDS:
+            yield from self._complete_path(word, event)
 
     def _vm_ids(self, all_: bool) -> list[tuple[str, str]]:
         """VM indexes and pid:PID forms (and 'all' for the vm command)."""

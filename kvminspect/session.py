@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import drgn
 
 from kvminspect import graph
 from kvminspect.errors import LookupFailed, Problem
 from kvminspect.model import VM, Kernel, ShadowPage
-from kvminspect.target import Target
+from kvminspect.target import Target, open_core
 
 
 @dataclass
@@ -20,6 +21,7 @@ class Session:
     selected: VM | None = None
     printed: set[Problem] = field(default_factory=set)  # warned on stderr already
     _graphs: dict[int, graph.VMGraph] = field(default_factory=dict)
+    _others: dict[str, Session] = field(default_factory=dict)  # diff's B, by path
 
     @property
     def kernel(self) -> Kernel:
@@ -99,6 +101,14 @@ class Session:
                 return vm, g.sp(addr)
         raise LookupFailed(f"{addr:#x} is not a shadow page of "
                            + ("this VM" if len(vms) == 1 else "any VM"))
+
+    def other(self, path: str) -> Session:
+        """A session on another vmcore or fixture directory (diff's B), opened
+        with this target's -s paths; kept for this session (a vmcore is read once)."""
+        key = str(Path(path).resolve())
+        if key not in self._others:
+            self._others[key] = Session(open_core(path, list(self.target.symbols)))
+        return self._others[key]
 
     def prompt(self) -> str:
         vm = f" vm{self.selected.index}" if self.selected else ""

@@ -134,6 +134,7 @@ class Target:
     name: str  # for prompts: "live", "qemu" or the core's file name
     release: str | None
     live: bool = False
+    symbols: tuple[str, ...] = ()  # the -s paths it was opened with (diff opens B with them)
     _kernel: Kernel | None = field(default=None, repr=False)
 
     @property
@@ -216,7 +217,8 @@ def open_core(path: str, debug: list[str]) -> Target:
     _check_arch(prog, str(core))
     release = core_release(real)
     _load_debug_info(prog, files, release)
-    return Target(prog, core.name if not p.is_dir() else p.name, release)
+    return Target(prog, core.name if not p.is_dir() else p.name, release,
+                  symbols=tuple(debug))
 
 
 def open_live(debug: list[str], kcore: str = "/proc/kcore") -> Target:
@@ -233,7 +235,7 @@ def open_live(debug: list[str], kcore: str = "/proc/kcore") -> Target:
         raise TargetError(f"cannot open the live kernel: {e}") from None
     release = os.uname().release
     _load_debug_info(prog, _debug_files(debug), release)
-    return Target(prog, "live", release, live=True)
+    return Target(prog, "live", release, live=True, symbols=tuple(debug))
 
 
 def open_qemu(socket: str, debug: list[str]) -> Target:
@@ -256,7 +258,7 @@ def open_qemu(socket: str, debug: list[str]) -> Target:
                           "(run QEMU with -device vmcoreinfo and load qemu_fw_cfg in the host)")
     release = kernel_release(prog)
     _load_debug_info(prog, _debug_files(debug), release)
-    return Target(prog, "live:qemu", release, live=True)
+    return Target(prog, "live:qemu", release, live=True, symbols=tuple(debug))
 
 
 def open_sample() -> Target:

@@ -32,6 +32,7 @@ def test_every_command_leaves_the_core_untouched(tmp_path: Path, capsys) -> None
         assert main(["-c", str(tmp_path), *argv, "--json"]) == 0, argv
     assert main(["-c", str(tmp_path), "export", "--format", "json",
                  str(tmp_path.parent / "g.json")]) == 0
+    assert main(["diff", str(tmp_path), str(tmp_path), "--json"]) == 0
     capsys.readouterr()
     assert {f: digest(f) for f in files} == before
     assert digest(plain) == plain_before

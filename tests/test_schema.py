@@ -3,7 +3,8 @@
 kvminspect/schema.json (draft 2020-12) fixes every field's name and type
 wherever the same object appears; unevaluatedProperties keeps extra fields
 out. The documents of a kernel lacking members (tests/test_unknown_member.py)
-and of two VMs are checked as well.
+and of two VMs are checked as well; diff's documents (two targets) are checked
+in tests/test_diff.py, on every fixture and on a real before/after pair.
 """
 
 from __future__ import annotations

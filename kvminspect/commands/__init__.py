@@ -17,7 +17,8 @@ from typing import Any
 from drgn import Program
 from drgn.commands import CommandNamespace, argument, command
 
-from kvminspect.errors import UsageError
+from kvminspect.errors import Problem, UsageError
+from kvminspect.layout import MissingMember
 from kvminspect.model import VM
 from kvminspect.render import console, emit_json, warn_problems
 from kvminspect.session import Session
@@ -27,7 +28,7 @@ NO_VMS = "no VMs (vm_list is empty)"
 
 NAMESPACE = CommandNamespace(func_name_prefix="_cmd_")
 MODULES = ("vms", "vm", "vcpus", "roots", "tree", "sp", "unsync", "stats", "check",
-           "export", "watch", "help")
+           "export", "watch", "diff", "help")
 
 JSON_ARG = argument("--json", action="store_true", help="print one JSON document")
 VM_ARG = argument("--vm", metavar="ID",
@@ -99,15 +100,20 @@ def sp_scope(session: Session, vm_ident: str | None, sp_text: str | None
 
 
 def finish(session: Session, args: argparse.Namespace, command: str, doc: dict[str, Any],
-           human: Callable[[], None], vms: list[VM]) -> None:
+           human: Callable[[], None], vms: list[VM], *,
+           problems: list[Problem] | None = None,
+           missing: tuple[MissingMember, ...] | None = None) -> None:
     """Print a command's result: JSON, or rich output plus warnings on stderr.
 
     The document (and stderr) carries the problems of the VMs it shows,
-    wherever in the session they were first met, and no others; stderr
+    wherever in the session they were first met, and no others (*problems*
+    and *missing* instead, for a command that reads two targets); stderr
     repeats none already printed in this session.
     """
-    problems = session.kernel.problems.of(vm.addr for vm in vms)
-    missing = session.kernel.missing
+    if problems is None:
+        problems = session.kernel.problems.of(vm.addr for vm in vms)
+    if missing is None:
+        missing = session.kernel.missing
     if getattr(args, "json", False):
         emit_json({"schema_version": SCHEMA_VERSION, "command": command, **doc}, problems,
                   missing)
