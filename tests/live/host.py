@@ -28,7 +28,12 @@ sockets (``qmp=2``) to read the host from two programs at once.
 from __future__ import annotations
 
 import argparse
+import base64
 import ctypes
+import functools
+import gzip
+import hashlib
+import itertools
 import json
 import lzma
 import os
@@ -41,6 +46,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.live import pack
 from tests.vmcores.pipeline import mkfixture
 
 HERE = Path(__file__).resolve().parent
@@ -111,18 +117,28 @@ class EmulatedHost:
     rounds: the guest's shape, as mkfixture's options (default: 6.1-shadow's).
     workdir: where the build, sockets and console log go (kept); default a
     temporary directory, deleted on exit.
+
+    python: the initramfs also carries this machine's Python with kvminspect
+    and its dependencies (tests/live/pack.py, /bin/kvminspect) and the debug
+    set in /debug (``DEBUG_IN_HOST``), and ``run(command)`` runs a shell
+    command inside the host and returns its exit status and output; memory
+    then defaults to 2048 MB (the archive is ~270 MB, unpacked in RAM).
     """
 
     def __init__(self, *, mmu: str = "shadow", busy: bool = False, cycle: bool = False,
                  vcpus: int = 4, sets: int = 4, windows: str = "20,1,2,1", rounds: int = 3,
-                 memory: int = 512, cpus: int = 2, qmp: int = 1, timeout: float = 240,
-                 workdir: Path | None = None) -> None:
+                 memory: int | None = None, cpus: int = 2, qmp: int = 1,
+                 timeout: float = 240, workdir: Path | None = None,
+                 python: bool = False) -> None:
         if mmu not in ("shadow", "tdp_mmu", "tdp_legacy"):
             raise ValueError(f"unknown mmu {mmu!r}")
         self.args = argparse.Namespace(
             mmu=mmu, busy=busy, zap=False, pae=False, la57=False, special=None, vms=1,
             vcpus=vcpus, sets=sets, windows=windows, rounds=rounds)
         self.cycle = cycle
+        self.python = python
+        if memory is None:
+            memory = 2048 if python else 512
         self.memory, self.cpus, self.timeout = memory, cpus, timeout
         self._keep = workdir is not None
         self.workdir = Path(workdir) if workdir is not None else None
@@ -134,6 +150,8 @@ class EmulatedHost:
         self.params = ""
         self.zaps = 0
         self.boot_seconds = 0.0
+        self.build_seconds = 0.0
+        self._runs = itertools.count(1)
         self._debug: list[str] | None = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -162,8 +180,18 @@ class EmulatedHost:
             vmm = mkfixture.build_vmm(self.workdir)
         except subprocess.CalledProcessError as e:
             raise Unavailable("gcc -static cannot build the VMM (no static libc?)") from e
+        t0 = time.monotonic()
         initrd = mkfixture.write_initramfs(self.workdir / "initramfs.cpio", vmm,
                                            self.init_script(), self._modules())
+        if self.python:
+            try:
+                archive = pack.python_archive()
+            except pack.CannotPack as e:
+                raise Unavailable(f"cannot pack Python into the initramfs: {e}") from e
+            with open(initrd, "ab") as f:  # the kernel unpacks concatenated archives
+                f.write(archive)
+                f.write(pack.newc(_in_host_files(), first_ino=1 << 30))
+        self.build_seconds = time.monotonic() - t0
         self._boot(initrd)
 
     def _modules(self) -> dict[str, bytes]:
@@ -174,14 +202,39 @@ class EmulatedHost:
         loop reads the console and turns each line "zap" into a SIGUSR1."""
         vmm = mkfixture.vmm_command(self.args) + " -Z" + " -c" * self.cycle
         return f"""{mkfixture.init_head(self.args)}stty -echo </dev/console
-{vmm} &
+{self._run_head() if self.python else ""}{vmm} &
 vmm=$!
 (while read -r line; do
-   case "$line" in zap) kill -USR1 $vmm ;; esac
+   case "$line" in
+   zap) kill -USR1 $vmm ;;
+   "run "*) id=${{line#run }}; id=${{id%% *}}
+      (cd /; eval "${{line#run $id }}") </dev/null >/tmp/$id.out 2>/tmp/$id.err
+      echo $? >/tmp/$id.rc; dump $id ;;
+   "dump "*) dump ${{line#dump }} ;;
+   esac
  done) </dev/console &
 wait $vmm
 echo KVMINSPECT-FAILED
 sleep 100000
+"""
+
+    @staticmethod
+    def _run_head() -> str:
+        """The environment of commands run inside the host, and ``dump ID``:
+        run ID's exit status, stdout and stderr on the console, each stream
+        between markers, gzipped and in base64 lines tagged with the run's id
+        and the stream (a kernel message that lands inside a line breaks the
+        line's tag or its data: the sha256 in the BEGIN marker catches that)."""
+        env = "".join(f"export {k}={v}\n" for k, v in pack.ENV.items())
+        return f"""{env}mkdir -p /tmp/cache /root
+dump() {{
+  for s in out err; do
+    f=/tmp/$1.$s
+    echo "KVMINSPECT-BEGIN $1 $s $(cat /tmp/$1.rc) $(sha256sum <$f | cut -d' ' -f1)"
+    gzip -c $f | base64 | sed "s/^/KVMINSPECT-D $1 $s /"
+    echo "KVMINSPECT-END $1 $s"
+  done
+}}
 """
 
     def _boot(self, initrd: Path) -> None:
@@ -276,14 +329,37 @@ sleep 100000
         self._wait_for(f"KVMINSPECT-ZAPPED {self.zaps}", timeout)
         return self.zaps
 
-    def _wait_for(self, line: str, timeout: float) -> str:
+    def run(self, command: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        """Run the shell *command* inside the host (python=True hosts; from /,
+        stdin /dev/null, one command at a time) and return its exit status,
+        stdout and stderr (text). A dump that arrives damaged (the checksum
+        differs) is asked for again, up to three times."""
+        if not self.python:
+            raise HostError("run() needs EmulatedHost(python=True)")
+        if "\n" in command or len(command) > 3000:
+            raise ValueError("one line of at most 3000 characters")
+        rid = f"r{next(self._runs)}x{os.getpid()}"
+        self.send(f"run {rid} {command}")
+        for attempt in range(1, 4):
+            text = self._wait_for(f"KVMINSPECT-END {rid} err", timeout, count=attempt)
+            try:
+                rc, out = _parse_dump(text, rid, "out")
+                _, err = _parse_dump(text, rid, "err")
+            except ValueError:
+                self.send(f"dump {rid}")
+                continue
+            return subprocess.CompletedProcess(command, rc, out.decode(errors="replace"),
+                                               err.decode(errors="replace"))
+        raise HostError(f"run {command!r}: the output arrived damaged three times")
+
+    def _wait_for(self, line: str, timeout: float, count: int = 1) -> str:
         """Wait until the console has the line *line* (the tty ends lines with
-        CR LF); returns the console text."""
+        CR LF) *count* times; returns the console text."""
         pattern = re.compile(rf"^{re.escape(line)}\r?$", re.M)
         deadline = time.monotonic() + timeout
         while True:
             text = self.console_text()
-            if pattern.search(text):
+            if len(pattern.findall(text)) >= count:
                 return text
             failed = "KVMINSPECT-FAILED" in text or "Kernel panic" in text
             if failed or self.qemu is None or self.qemu.poll() is not None:
@@ -291,6 +367,43 @@ sleep 100000
             if time.monotonic() > deadline:
                 raise HostError(f"no {line} after {timeout:.0f} s:\n{text[-4000:]}")
             time.sleep(0.2)
+
+
+DEBUG_IN_HOST = "/debug"  # python=True hosts: the debug set, decompressed
+
+
+@functools.cache
+def _in_host_files() -> list[tuple[str, int, bytes, int]]:
+    """python=True hosts' extra files: /bin/kvminspect, /debug/*, /tmp."""
+    out = [("tmp", 0o41777, b"", 0), ("root", 0o40700, b"", 0),
+           (DEBUG_IN_HOST.strip("/"), 0o40755, b"", 0), pack.WRAPPER]
+    for n in DEBUG_FILES:
+        data = lzma.decompress((DEBUG_DIR / f"{n}.xz").read_bytes())
+        out.append((f"{DEBUG_IN_HOST.strip('/')}/{n}", 0o100644, data, 0))
+    return out
+
+
+def _parse_dump(text: str, rid: str, stream: str) -> tuple[int, bytes]:
+    """The last dump of run *rid*'s *stream* on the console *text*: (exit
+    status, bytes); ValueError if it is incomplete or damaged."""
+    begins = list(re.finditer(rf"^KVMINSPECT-BEGIN {rid} {stream} (\d+) ([0-9a-f]{{64}})\r?$",
+                              text, re.M))
+    if not begins:
+        raise ValueError("no BEGIN marker")
+    b = begins[-1]
+    end = re.compile(rf"^KVMINSPECT-END {rid} {stream}\r?$", re.M).search(text, b.end())
+    if end is None:
+        raise ValueError("no END marker")
+    tag = f"KVMINSPECT-D {rid} {stream} "
+    lines = [ln.rstrip("\r") for ln in text[b.end():end.start()].splitlines()]
+    data = "".join(ln[len(tag):] for ln in lines if ln.startswith(tag))
+    try:
+        raw = gzip.decompress(base64.b64decode(data, validate=True))
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"damaged: {e}") from None
+    if hashlib.sha256(raw).hexdigest() != b.group(2):
+        raise ValueError("checksum differs")
+    return int(b.group(1)), raw
 
 
 def booted(**options):

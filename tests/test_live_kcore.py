@@ -1,0 +1,82 @@
+"""kvminspect --live on /proc/kcore, run inside a running emulated KVM host.
+
+One host for the module (tests/live/host.py, ``python=True``): Debian's 6.1
+kernel under QEMU TCG, a shadow-MMU guest whose vCPUs halt (spinning ones
+would take the 2 emulated CPUs from kvminspect: 4x slower), and in the host's
+initramfs this machine's Python with kvminspect and its dependencies
+(tests/live/pack.py) and the kernel's debug set in /debug. The commands run in
+the host against its own /proc/kcore (``host.run``: typed on the serial
+console, output dumped back between markers) and must match the VMM's record.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.live.host import DEBUG_IN_HOST, EmulatedHost, Unavailable
+
+pytestmark = [pytest.mark.slow, pytest.mark.live]
+
+# what kvminspect imports, directly or through its dependencies, in any command
+MODULES = ["drgn", "_drgn", "networkx", "rich", "rich.console", "prompt_toolkit",
+           "zstandard", "pygments", "markdown_it", "mdurl", "wcwidth"]
+
+
+@pytest.fixture(scope="module")
+def host():
+    try:
+        h = EmulatedHost(python=True).__enter__()  # halted vCPUs: busy ones starve it
+    except Unavailable as e:
+        pytest.skip(f"cannot run an emulated KVM host with Python: {e}")
+    try:
+        yield h
+    finally:
+        h.stop()
+
+
+def live(host: EmulatedHost, command: str) -> dict:
+    """kvminspect --live -s /debug COMMAND --json, inside the host."""
+    r = host.run(f"kvminspect --live -s {DEBUG_IN_HOST} {command} --json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["command"] == command and out["errors"] == [], out["errors"]
+    return out
+
+
+def test_python_imports_inside_the_host(host: EmulatedHost) -> None:
+    """Every kvminspect module and its dependencies import in the packed Python,
+    from the copied package (not the source tree through an editable install)."""
+    script = ("import importlib, pkgutil, kvminspect; "
+              f"[importlib.import_module(m) for m in {MODULES!r}]; "
+              "[importlib.import_module(m.name) for m in "
+              "pkgutil.walk_packages(kvminspect.__path__, 'kvminspect.') "
+              "if m.name != 'kvminspect.__main__']; "
+              "print(kvminspect.__file__)")
+    r = host.run(f'/py/bin/python3 -c "{script}"')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "/py/lib/python3.11/site-packages/kvminspect/__init__.py"
+
+
+def test_kcore_one_shot_matches_the_record(host: EmulatedHost) -> None:
+    """vms, vcpus, roots (with prev_roots) and unsync on /proc/kcore."""
+    t = host.truth
+    (vm,) = live(host, "vms")["vms"]
+    assert vm["pid"] == t["vmm_pid"] and vm["mmu"] == "shadow" and vm["vendor"] == "kvm_amd"
+    assert vm["online_vcpus"] == len(t["vcpus"])
+    (vm,) = live(host, "vcpus")["vms"]
+    assert [v["tid"] for v in vm["vcpus"]] == [v["tid"] for v in t["vcpus"]]
+    assert [v["cr3"] for v in vm["vcpus"]] == [v["cr3"] for v in t["vcpus"]]
+    (vm,) = live(host, "roots")["vms"]
+    sets = {s["cr3"] for s in t["sets"]}
+    assert len(sets) == 4
+    for v, tv in zip(vm["vcpus"], t["vcpus"], strict=True):
+        page = v["root"]["page"]
+        assert page["gfn"] == hex(int(tv["cr3"], 16) >> 12) and not page["invalid"]
+        prev = {p["pgd"] for p in v["prev_roots"]}
+        assert prev == sets - {tv["cr3"]}  # 4 sets: the other three are cached
+    (vm,) = live(host, "unsync")["vms"]
+    synced = sorted(leaf["gfn"] for r in vm["roots"] for b in r["batches"]
+                    for leaf in b["leaves"])
+    assert synced == sorted(g for s in t["sets"] for g in s["unsync_gfns"])
