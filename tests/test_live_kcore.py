@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from tests.live.host import DEBUG_IN_HOST, EmulatedHost, Unavailable
+from tests.live.host import DEBUG_IN_HOST, EmulatedHost, booted
 
 pytestmark = [pytest.mark.slow, pytest.mark.live]
 
@@ -26,14 +26,7 @@ MODULES = ["drgn", "_drgn", "networkx", "rich", "rich.console", "prompt_toolkit"
 
 @pytest.fixture(scope="module")
 def host():
-    try:
-        h = EmulatedHost(python=True).__enter__()  # halted vCPUs: busy ones starve it
-    except Unavailable as e:
-        pytest.skip(f"cannot run an emulated KVM host with Python: {e}")
-    try:
-        yield h
-    finally:
-        h.stop()
+    yield from booted(python=True)  # halted vCPUs: busy ones starve kvminspect
 
 
 def live(host: EmulatedHost, command: str) -> dict:
@@ -41,7 +34,7 @@ def live(host: EmulatedHost, command: str) -> dict:
     r = host.run(f"kvminspect --live -s {DEBUG_IN_HOST} {command} --json")
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["command"] == command and out["errors"] == [], out["errors"]
+    assert out["command"] == command.split()[0] and out["errors"] == [], out["errors"]
     return out
 
 
@@ -80,3 +73,21 @@ def test_kcore_one_shot_matches_the_record(host: EmulatedHost) -> None:
     synced = sorted(leaf["gfn"] for r in vm["roots"] for b in r["batches"]
                     for leaf in b["leaves"])
     assert synced == sorted(g for s in t["sets"] for g in s["unsync_gfns"])
+
+
+def kprobe_events(host: EmulatedHost) -> str:
+    r = host.run("cat /sys/kernel/tracing/kprobe_events")
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_rate_zero_when_halted_and_kprobe_removed(host: EmulatedHost) -> None:
+    """rate: halted vCPUs reload no root (0 kvm_mmu_load calls a second); the kprobe
+    and its trigger are gone afterwards."""
+    assert kprobe_events(host) == ""
+    doc = live(host, "rate --seconds 2")
+    (vm,) = doc["vms"]
+    assert [v["tid"] for v in vm["vcpus"]] == [v["tid"] for v in host.truth["vcpus"]]
+    assert all(v["per_second"] == [0, 0] for v in vm["vcpus"])
+    assert all(v["histogram"]["0-9"] == 2 for v in vm["vcpus"])
+    assert kprobe_events(host) == ""

@@ -227,6 +227,7 @@ sleep 100000
         line's tag or its data: the sha256 in the BEGIN marker catches that)."""
         env = "".join(f"export {k}={v}\n" for k, v in pack.ENV.items())
         return f"""{env}mkdir -p /tmp/cache /root
+mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null
 dump() {{
   for s in out err; do
     f=/tmp/$1.$s
