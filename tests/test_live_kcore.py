@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from tests.live.host import DEBUG_IN_HOST, EmulatedHost, booted
+from tests.live.host import DEBUG_IN_HOST, EmulatedHost, booted, check_record
 
 pytestmark = [pytest.mark.slow, pytest.mark.live]
 
@@ -54,25 +54,7 @@ def test_python_imports_inside_the_host(host: EmulatedHost) -> None:
 
 def test_kcore_one_shot_matches_the_record(host: EmulatedHost) -> None:
     """vms, vcpus, roots (with prev_roots) and unsync on /proc/kcore."""
-    t = host.truth
-    (vm,) = live(host, "vms")["vms"]
-    assert vm["pid"] == t["vmm_pid"] and vm["mmu"] == "shadow" and vm["vendor"] == "kvm_amd"
-    assert vm["online_vcpus"] == len(t["vcpus"])
-    (vm,) = live(host, "vcpus")["vms"]
-    assert [v["tid"] for v in vm["vcpus"]] == [v["tid"] for v in t["vcpus"]]
-    assert [v["cr3"] for v in vm["vcpus"]] == [v["cr3"] for v in t["vcpus"]]
-    (vm,) = live(host, "roots")["vms"]
-    sets = {s["cr3"] for s in t["sets"]}
-    assert len(sets) == 4
-    for v, tv in zip(vm["vcpus"], t["vcpus"], strict=True):
-        page = v["root"]["page"]
-        assert page["gfn"] == hex(int(tv["cr3"], 16) >> 12) and not page["invalid"]
-        prev = {p["pgd"] for p in v["prev_roots"]}
-        assert prev == sets - {tv["cr3"]}  # 4 sets: the other three are cached
-    (vm,) = live(host, "unsync")["vms"]
-    synced = sorted(leaf["gfn"] for r in vm["roots"] for b in r["batches"]
-                    for leaf in b["leaves"])
-    assert synced == sorted(g for s in t["sets"] for g in s["unsync_gfns"])
+    check_record(lambda command: live(host, command), host.truth)
 
 
 def kprobe_events(host: EmulatedHost) -> str:

@@ -420,3 +420,26 @@ def booted(**options):
         yield host
     finally:
         host.stop()
+
+
+def check_record(run, truth: dict) -> None:
+    """vms, vcpus, roots (with prev_roots) and unsync of a live 4-set shadow-MMU
+    host against the VMM's record; *run*(COMMAND) returns that command's JSON."""
+    (vm,) = run("vms")["vms"]
+    assert vm["pid"] == truth["vmm_pid"] and vm["mmu"] == "shadow"
+    assert vm["vendor"] == "kvm_amd" and vm["online_vcpus"] == len(truth["vcpus"])
+    (vm,) = run("vcpus")["vms"]
+    assert [v["tid"] for v in vm["vcpus"]] == [v["tid"] for v in truth["vcpus"]]
+    assert [v["cr3"] for v in vm["vcpus"]] == [v["cr3"] for v in truth["vcpus"]]
+    (vm,) = run("roots")["vms"]
+    sets = {s["cr3"] for s in truth["sets"]}
+    assert len(sets) == 4
+    for v, tv in zip(vm["vcpus"], truth["vcpus"], strict=True):
+        page = v["root"]["page"]
+        assert page["gfn"] == hex(int(tv["cr3"], 16) >> 12) and not page["invalid"]
+        prev = {p["pgd"] for p in v["prev_roots"]}
+        assert prev == sets - {tv["cr3"]}  # 4 sets: the other three are cached
+    (vm,) = run("unsync")["vms"]
+    synced = sorted(leaf["gfn"] for r in vm["roots"] for b in r["batches"]
+                    for leaf in b["leaves"])
+    assert synced == sorted(g for s in truth["sets"] for g in s["unsync_gfns"])
