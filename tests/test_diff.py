@@ -231,16 +231,9 @@ def test_pages_match_by_gfn_and_role_not_by_address() -> None:
 
 @pytest.fixture(scope="module")
 def host():
-    from tests.live.host import EmulatedHost, Unavailable
+    from tests.live.host import booted
 
-    try:
-        h = EmulatedHost(qmp=2).__enter__()  # socket 0 stays free for other readers
-    except Unavailable as e:
-        pytest.skip(f"cannot run an emulated KVM host: {e}")
-    try:
-        yield h
-    finally:
-        h.stop()
+    yield from booted(qmp=2)  # socket 0 stays free for other readers
 
 
 def dump(host, path: Path) -> Path:
