@@ -97,10 +97,12 @@ def histogram(values: list[int]) -> dict[str, int]:
     return out
 
 
-def count(hist: Path, tids: list[int], seconds: int,
-          each: Callable[[int, dict[int, int]], None]) -> dict[int, list[int]]:
-    """Per-second kvm_mmu_load calls of each thread in *tids*, *seconds* times."""
-    per: dict[int, list[int]] = {t: [] for t in tids}
+def count(hist: Path, per: dict[int, list[int]], seconds: int,
+          each: Callable[[int, dict[int, int]], None]) -> None:
+    """Append each second's kvm_mmu_load calls of each thread of *per* (tid -> counts),
+    *seconds* times, calling *each* after every second; what was counted stays in
+    *per* if it is interrupted."""
+    tids = list(per)
     last = read_hist(hist)
     for n in range(1, seconds + 1):
         time.sleep(1)
@@ -110,7 +112,6 @@ def count(hist: Path, tids: list[int], seconds: int,
             per[t].append(sec[t])
         last = now
         each(n, sec)
-    return per
 
 
 @kvm_command(
@@ -136,7 +137,6 @@ def _cmd_rate(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any)
 
     def collect(s: Session, vm: VM) -> list[tuple[Any, list[int]]]:
         vcpus = [v for v in s.kernel.vcpus(vm) if isinstance(v.tid, int)]
-        tids = [v.tid for v in vcpus]
         text = not getattr(args, "json", False)
 
         def each(n: int, sec: dict[int, int]) -> None:
@@ -144,20 +144,16 @@ def _cmd_rate(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any)
                 console().print(f"  {n:>3}s  " + "  ".join(
                     f"vcpu[{v.vcpu_idx}] {sec[v.tid]}" for v in vcpus), markup=False)
             if text and n % 10 == 0:
-                console().print(hist_table([x for v in vcpus for x in per_so_far[v.tid]]),
+                console().print(hist_table([x for xs in per.values() for x in xs]),
                                 markup=False)
 
-        per_so_far: dict[int, list[int]] = {t: [] for t in tids}
+        per: dict[int, list[int]] = {v.tid: [] for v in vcpus}
         with kprobe(tfs) as hist:
-            def tracked(n: int, sec: dict[int, int]) -> None:
-                for t in tids:
-                    per_so_far[t].append(sec[t])
-                each(n, sec)
             try:
-                count(hist, tids, args.seconds, tracked)
+                count(hist, per, args.seconds, each)
             except KeyboardInterrupt:
                 pass  # the kprobe is removed on the way out; what was counted is shown
-        return [(v, per_so_far[v.tid]) for v in vcpus]
+        return [(v, per[v.tid]) for v in vcpus]
 
     per_vm(kwargs, args, "rate", collect=collect,
            header=lambda vm, data: vm_header(vm, "kvm_mmu_load calls per second"),
