@@ -71,16 +71,27 @@ class VMGraph:
     graph: nx.DiGraph
     roots: dict[int, list[Holder]] = field(default_factory=dict)  # sp -> holders
     active: set[int] = field(default_factory=set)  # on active_mmu_pages / tdp lists
+    _sorted: tuple[int, list[ShadowPage]] | None = field(default=None, repr=False)
 
     def sp(self, addr: int) -> ShadowPage:
-        return self.graph.nodes[addr]["sp"]
+        return self.graph._node[addr]["sp"]
 
     def pages(self) -> list[ShadowPage]:
         """Every shadow page: the roots in root_order(), then by level (high to
-        low), gfn and address."""
-        first = {a: i for i, a in enumerate(self.root_order())}
-        return sorted((d["sp"] for _, d in self.graph.nodes(data=True)),
-                      key=lambda s: (first.get(s.addr, len(first)), -s.level, s.gfn, s.addr))
+        low), gfn and address. Sorted once (again if pages were added since)."""
+        n = len(self.graph)
+        if self._sorted is None or self._sorted[0] != n:
+            first = {a: i for i, a in enumerate(self.root_order())}
+            rest = len(first)
+            pages = sorted((d["sp"] for d in self.graph._node.values()),
+                           key=lambda s: (first.get(s.addr, rest), -s.level, s.gfn, s.addr))
+            self._sorted = (n, pages)
+        return list(self._sorted[1])
+
+    def set_page(self, sp: ShadowPage) -> None:
+        """Put *sp* in place of the page at its address (a what-if edit)."""
+        self.graph.nodes[sp.addr]["sp"] = sp
+        self._sorted = None
 
     def root_order(self) -> list[int]:
         """Every root, in the one order all commands use: by its first holder
@@ -95,7 +106,7 @@ class VMGraph:
         return bool(self.graph.nodes[addr].get("orphan"))
 
     def orphans(self) -> list[int]:
-        return [n for n, d in self.graph.nodes(data=True) if d.get("orphan")]
+        return [n for n, d in self.graph._node.items() if d.get("orphan")]
 
     def parents(self, addr: int) -> list[tuple[int, list[int]]]:
         """(parent sp, spt indexes) of every parent of *addr*."""
@@ -123,7 +134,7 @@ def _add_page(k: Kernel, g: nx.DiGraph, addr: int) -> ShadowPage | None:
     sp = k.shadow_page(addr)
     if sp is None:
         return None
-    g.add_node(addr, sp=sp, orphan=False)
+    g.add_node(addr, sp=sp)
     return sp
 
 
@@ -131,37 +142,45 @@ def _expand(k: Kernel, vm: VM, g: nx.DiGraph, start: list[int]) -> None:
     """Add every page reachable from *start* through present non-leaf SPTEs."""
     queue = deque(a for a in start if a in g)
     done: set[int] = set()
+    nodes = g._node  # membership and the "sp" attribute without NodeView's overhead
     while queue and len(g) < MAX_PAGES:
         addr = queue.popleft()
         if addr in done:
             continue
         done.add(addr)
-        parent = g.nodes[addr]["sp"]
+        parent = nodes[addr]["sp"]
         if not 2 <= parent.level <= 5:
             continue
         bad = 0
-        for e in k.children(parent):
-            if e.child is None:
+        edges: dict[int, list[int]] = {}
+        for index, value, child_addr in k.links(parent):
+            if child_addr is None:
                 bad += 1
                 if bad <= 3:
                     k.problem("struct kvm_mmu_page", addr,
-                              f"spt[{e.index}] = {e.value:#x} points at a page with no "
+                              f"spt[{index}] = {value:#x} points at a page with no "
                               "shadow page")
                 continue
-            child = _add_page(k, g, e.child)
+            known_node = nodes.get(child_addr)
+            child = known_node["sp"] if known_node is not None else _add_page(k, g, child_addr)
             if child is None:
                 continue
             if child.level != parent.level - 1:
                 k.problem("struct kvm_mmu_page", addr,
-                          f"spt[{e.index}] child {child.addr:#x} has level {child.level}, "
+                          f"spt[{index}] child {child.addr:#x} has level {child.level}, "
                           f"expected {parent.level - 1}")
                 continue
-            if g.has_edge(addr, child.addr):
-                g.edges[addr, child.addr]["indexes"].append(e.index)
+            if child_addr in edges:
+                edges[child_addr].append(index)
             else:
-                g.add_edge(addr, child.addr, indexes=[e.index])
-            if child.addr not in done:
-                queue.append(child.addr)
+                edges[child_addr] = [index]
+                if child_addr not in done:
+                    queue.append(child_addr)
+        old = g._succ[addr]
+        for c, indexes in edges.items():
+            if c in old:
+                old[c]["indexes"].extend(indexes)
+        g.add_edges_from((addr, c, {"indexes": i}) for c, i in edges.items() if c not in old)
         if bad > 3:
             k.problem("struct kvm_mmu_page", addr,
                       f"{bad} SPTEs point at no shadow page (garbage page table?)")
@@ -207,6 +226,7 @@ def _build(k: Kernel, vm: VM) -> VMGraph:
             if c not in reach:
                 reach.add(c)
                 todo.append(c)
-    for n in g.nodes:
-        g.nodes[n]["orphan"] = n not in reach
+    for n in g._node.keys() - reach:
+        g.nodes[n]["orphan"] = True
+    k.drop_blocks()  # everything is decoded; the page cache is only memory now
     return vg

@@ -7,6 +7,7 @@ nothing here reads memory or renders.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import drgn
 
@@ -61,13 +62,14 @@ class Role:
         return bool(self.get("invalid"))
 
 
-@dataclass(frozen=True)
-class ShadowPage:
+class ShadowPage(NamedTuple):
     """struct kvm_mmu_page: one shadow (or TDP) page table and its state.
 
     ``level`` is the page table's level: role.level, except for the child
     pages of 5.10's TDP MMU, whose role.level is one too high (see
-    Kernel.tdp_child_level_is_parents).
+    Kernel.tdp_child_level_is_parents). A NamedTuple, not a dataclass: the
+    model makes one per shadow page (10^5 and more), and a tuple is built
+    ten times faster than a frozen dataclass; change one with ``_replace``.
     """
 
     addr: int

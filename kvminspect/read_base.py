@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import array
 import contextlib
+import struct
 from collections.abc import Iterator
+from typing import Any
 
 import drgn
 
@@ -22,9 +24,14 @@ from kvminspect.objects import (
     MAX_LIST,
     VM,
     Int,
+    Role,
     ShadowPage,
     VCpu,
 )
+
+PAGE_SIZE = 4096
+PAGE_MASK = PAGE_SIZE - 1
+_U64 = struct.Struct("<Q")
 
 
 class KernelBase:
@@ -46,6 +53,9 @@ class KernelBase:
                              if self.layout.sp else {})
         self._vcpus: dict[int, list[VCpu]] = {}
         self._mmu_offsets: tuple[int, ...] | None = None
+        self._pages: dict[int, bytes | None] = {}  # see read_block()
+        self._roles: dict[int, Role] = {}  # one Role per distinct role word
+        self._sp_decoder: Any = None  # read_pages.SpDecoder, made on first use
 
     @property
     def missing(self) -> tuple[MissingMember, ...]:
@@ -71,11 +81,56 @@ class KernelBase:
         finally:
             self.owner = outer
 
+    def read_block(self, addr: int, size: int) -> bytes:
+        """*size* bytes at *addr* through a cache of whole 4 KiB pages.
+
+        drgn's Program.read costs about the same for 8 bytes as for 4 KiB, and
+        the objects read by the thousand (struct kvm_mmu_page from its slab,
+        struct page from the vmemmap, list nodes) sit many to a page: reading
+        each page once makes a 10^5-page MMU a few thousand reads. FaultError
+        for a page that cannot be read (remembered). The cache lives as long
+        as the reading (a live target starts a new Kernel per command) and is
+        dropped by drop_blocks().
+        """
+        page = addr & ~PAGE_MASK
+        end = addr + size
+        if end <= page + PAGE_SIZE:
+            data = self._page(page)
+            return data[addr - page:end - page]
+        return b"".join(self._page(p)[max(addr - p, 0):min(end - p, PAGE_SIZE)]
+                        for p in range(page, end, PAGE_SIZE))
+
+    def read_word(self, addr: int) -> int:
+        """The u64 at *addr* (read_block's cache; FaultError if unreadable)."""
+        page = addr & ~PAGE_MASK
+        off = addr - page
+        if off > PAGE_SIZE - 8:
+            return int.from_bytes(self.read_block(addr, 8), "little")
+        return _U64.unpack_from(self._page(page), off)[0]
+
+    def _page(self, page: int) -> bytes:
+        """The 4 KiB page at *page* (cached, also when unreadable)."""
+        try:
+            data = self._pages[page]
+        except KeyError:
+            try:
+                data = self.prog.read(page, PAGE_SIZE)
+            except drgn.FaultError:
+                data = None
+            self._pages[page] = data
+        if data is None:
+            raise drgn.FaultError("could not read memory", page)
+        return data
+
+    def drop_blocks(self) -> None:
+        """Forget the pages read_block() keeps (their data is decoded by now)."""
+        self._pages.clear()
+
     def list_nodes(self, head: int, kind: str) -> Iterator[int]:
         """Addresses of the nodes of a struct list_head list, bounded and cycle-safe."""
         seen = {head}
         try:
-            node = self.prog.read_u64(head)
+            node = self.read_word(head)
         except drgn.FaultError as e:
             self.problem(kind, head, f"list head unreadable ({e})")
             return
@@ -91,7 +146,7 @@ class KernelBase:
             seen.add(node)
             yield node
             try:
-                node = self.prog.read_u64(node)
+                node = self.read_word(node)
             except drgn.FaultError as e:
                 self.problem(kind, node, f"list node unreadable ({e})")
                 return

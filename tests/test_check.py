@@ -2,7 +2,7 @@
 
 The real kernel states are consistent, so the fixtures must give no errors.
 To prove each check fires, a copy of a fixture's VMGraph gets one edited
-struct kvm_mmu_page (dataclasses.replace) or one edited edge; the corrupted
+struct kvm_mmu_page (ShadowPage._replace) or one edited edge; the corrupted
 vmcore copies of tests/corrupt.py give the model's structural problems.
 """
 
@@ -49,8 +49,8 @@ def copied(name: str) -> tuple[Kernel, VMGraph]:
 
 def edit(vg: VMGraph, addr: int, **changes) -> ShadowPage:
     """Replace one page of the copy by an edited ShadowPage."""
-    sp = dataclasses.replace(vg.sp(addr), **changes)
-    vg.graph.nodes[addr]["sp"] = sp
+    sp = vg.sp(addr)._replace(**changes)
+    vg.set_page(sp)
     return sp
 
 

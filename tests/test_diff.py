@@ -11,7 +11,6 @@ zapped, nothing added, all as the VMM's record says.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -202,7 +201,7 @@ def test_pages_match_by_gfn_and_role_not_by_address() -> None:
     def page(addr: int, gfn: int, gen: int = 0, invalid: bool = False) -> ShadowPage:
         word = real.role.word | (invalid_bit if invalid else 0)
         role = Role(word, {**real.role.fields, "invalid": int(invalid)}, real.role.widths)
-        return dataclasses.replace(real, addr=addr, gfn=gfn, role=role, mmu_valid_gen=gen)
+        return real._replace(addr=addr, gfn=gfn, role=role, mmu_valid_gen=gen)
 
     def graph(*pages: ShadowPage) -> VMGraph:
         g = VMGraph(g0.vm, [], type(g0.graph)())

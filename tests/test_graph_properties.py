@@ -10,7 +10,6 @@ every walk must finish, and the results must stay within bounds.
 from __future__ import annotations
 
 import array
-import dataclasses
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -65,7 +64,7 @@ def damaged_kernel(changes) -> Kernel:
         level = fields.get("level")
         if level is not None:
             fields["role"] = Role(sp.role.word, {**sp.role.fields, "level": level})
-        k._sp_cache[addr] = dataclasses.replace(sp, **fields)
+        k._sp_cache[addr] = sp._replace(**fields)
     return k
 
 
