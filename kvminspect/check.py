@@ -74,7 +74,7 @@ def _page(sp: ShadowPage) -> str:
 
 def _sp_of(kernel: Kernel, vg: VMGraph, addr: int) -> ShadowPage | None:
     """The graph's copy of a page (which tests may have edited), else the model's."""
-    if addr in vg.graph:
+    if addr in vg:
         return vg.sp(addr)
     return kernel.shadow_page(addr)
 
@@ -86,18 +86,27 @@ def _skip_unsync_fields(sp: ShadowPage) -> bool:
     From 6.14 unsync_children shares a union with external_spt, used by
     mirror (TDX) roots and their pages (role.is_mirror).
     """
-    return (not 1 <= sp.level <= 5 or bool(sp.role.get("is_mirror"))
-            or not all(map(known, (sp.unsync, sp.unsync_children, sp.unsync_child_bitmap))))
+    return (not 1 <= sp.level <= 5 or sp.role.is_mirror
+            or not (known(sp.unsync) and known(sp.unsync_children)
+                    and known(sp.unsync_child_bitmap)))
+
+
+def _unsync_pages(vg: VMGraph) -> list[ShadowPage]:
+    """The pages whose unsync fields the checks below read (not _skip_unsync_fields)."""
+    return [sp for sp in vg.pages() if not _skip_unsync_fields(sp)]
 
 
 # -- unsync_children and unsync_child_bitmap ------------------------------------
 
 
-def check_unsync_count(vg: VMGraph) -> list[Finding]:
-    """unsync_children == popcount(unsync_child_bitmap) (mark_unsync / clear_unsync_child_bit)."""
+def check_unsync_count(vg: VMGraph, pages: list[ShadowPage] | None = None) -> list[Finding]:
+    """unsync_children == popcount(unsync_child_bitmap) (mark_unsync / clear_unsync_child_bit).
+
+    *pages*: _unsync_pages(vg), when the caller has it already.
+    """
     out = []
-    for sp in vg.pages():
-        if _skip_unsync_fields(sp):
+    for sp in _unsync_pages(vg) if pages is None else pages:
+        if not (sp.unsync_children or sp.unsync_child_bitmap):
             continue
         n = sp.unsync_child_bitmap.bit_count()
         if sp.unsync_children != n:
@@ -144,11 +153,12 @@ def _check_bit(kernel: Kernel, vg: VMGraph, sp: ShadowPage, i: int,
         "expected to leave this (harmless: __mmu_unsync_walk clears it lazily)")
 
 
-def check_bitmap_bits(kernel: Kernel, vg: VMGraph) -> list[Finding]:
+def check_bitmap_bits(kernel: Kernel, vg: VMGraph,
+                      pages: list[ShadowPage] | None = None) -> list[Finding]:
     """Every set bit of every page's unsync_child_bitmap against its SPTE and child."""
     out = []
-    for sp in vg.pages():
-        if _skip_unsync_fields(sp) or not sp.unsync_child_bitmap:
+    for sp in _unsync_pages(vg) if pages is None else pages:
+        if not sp.unsync_child_bitmap:
             continue
         bits = sp.bitmap_indexes()
         if sp.level == 1:
@@ -169,7 +179,7 @@ def check_bitmap_bits(kernel: Kernel, vg: VMGraph) -> list[Finding]:
     return out
 
 
-def check_parent_bits(vg: VMGraph) -> list[Finding]:
+def check_parent_bits(vg: VMGraph, pages: list[ShadowPage] | None = None) -> list[Finding]:
     """Each parent SPTE of an unsync page (or one with unsync_children) has its bit set.
 
     kvm_mmu_mark_parents_unsync() marks every parent_ptes entry of a page that
@@ -177,31 +187,33 @@ def check_parent_bits(vg: VMGraph) -> list[Finding]:
     new parent of such a page.
     """
     out = []
-    for sp in vg.pages():
-        if not (sp.unsync or sp.unsync_children) or _skip_unsync_fields(sp):
-            continue
-        why = "is unsync" if sp.unsync else f"has unsync_children {sp.unsync_children}"
-        for p, indexes in vg.parents(sp.addr):
-            parent = vg.sp(p)
-            for i in indexes:
-                if not parent.unsync_child_bitmap >> i & 1:
-                    out.append(Finding(
-                        "missing-bit", "error", [parent.addr, sp.addr],
-                        f"{_page(sp)} {why} but bit {i} of the unsync_child_bitmap of its "
-                        f"parent {_page(parent)} is clear: mmu_sync_children from that "
-                        "parent will not find it"))
+    marked = {sp.addr: sp for sp in (_unsync_pages(vg) if pages is None else pages)
+              if sp.unsync or sp.unsync_children}
+    if not marked:
+        return out
+    for p, pairs in vg.links.items():  # every link into a marked page, by parent
+        parent = vg.sp(p)
+        for i, c in pairs:
+            sp = marked.get(c)
+            if sp is not None and not parent.unsync_child_bitmap >> i & 1:
+                why = "is unsync" if sp.unsync else f"has unsync_children {sp.unsync_children}"
+                out.append(Finding(
+                    "missing-bit", "error", [parent.addr, sp.addr],
+                    f"{_page(sp)} {why} but bit {i} of the unsync_child_bitmap of its "
+                    f"parent {_page(parent)} is clear: mmu_sync_children from that "
+                    "parent will not find it"))
     return out
 
 
-def check_unsync_pages(vg: VMGraph) -> list[Finding]:
+def check_unsync_pages(vg: VMGraph, pages: list[ShadowPage] | None = None) -> list[Finding]:
     """Only indirect level-1 shadow pages are unsync (mmu_try_to_unsync_pages).
 
     Direct and TDP MMU pages have only direct children, so they never have
     unsync_children either.
     """
     out = []
-    for sp in vg.pages():
-        if _skip_unsync_fields(sp):
+    for sp in _unsync_pages(vg) if pages is None else pages:
+        if not (sp.unsync or sp.unsync_children):
             continue
         kind = "TDP MMU page" if sp.tdp_mmu_page else "direct page" if sp.role.direct else None
         if sp.unsync:
@@ -399,12 +411,13 @@ def check_problems(kernel: Kernel, vg: VMGraph) -> list[Finding]:
 
 def check_vm(kernel: Kernel, vg: VMGraph) -> list[Finding]:
     """Every check on one VM's graph; errors first, then warnings, then info."""
+    pages = _unsync_pages(vg)
     findings = [
         *check_problems(kernel, vg),
-        *check_unsync_count(vg),
-        *check_bitmap_bits(kernel, vg),
-        *check_parent_bits(vg),
-        *check_unsync_pages(vg),
+        *check_unsync_count(vg, pages),
+        *check_bitmap_bits(kernel, vg, pages),
+        *check_parent_bits(vg, pages),
+        *check_unsync_pages(vg, pages),
         # 5.13 made the TDP MMU root count a refcount_t (tdp_mmu_root_count);
         # before it tdp_mmu_roots held no reference of its own
         *check_root_counts(vg, kernel.layout.tdp_root_refcount),

@@ -1,15 +1,22 @@
-"""The shadow-page graph of one VM (networkx), rebuilt from the kernel model.
+"""The shadow-page graph of one VM, rebuilt from the kernel model.
 
-Nodes are struct kvm_mmu_page addresses (attribute ``sp``: the ShadowPage);
-an edge parent -> child carries the spt[] indexes that point at the child.
-Roots are every page a vCPU or the VM holds as a root: mmu->root, its
-prev_roots[], pae_root[] entries, kvm->arch.tdp_mmu_roots, and any page with
-root_count > 0. Pages on active_mmu_pages that no root reaches are orphans.
+Nodes are struct kvm_mmu_page addresses, each with its ShadowPage; a link
+parent -> child is one present non-leaf SPTE of the parent, spt[index]
+(link_shadow_page / to_shadow_page). Roots are every page a vCPU or the VM
+holds as a root: mmu->root, its prev_roots[], pae_root[] entries,
+kvm->arch.tdp_mmu_roots, and any page with root_count > 0. Pages on
+active_mmu_pages that no root reaches are orphans.
+
+The graph is kept as plain dicts (10^5 pages build in a fraction of a
+second); ``VMGraph.graph`` is the same graph as a networkx DiGraph, made on
+first use (export, networkx algorithms): networkx alone costs about 1 s and
+0.9 KiB per page at that size.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -64,56 +71,134 @@ class VMGraph:
 
     Everything here is derived from the read-only model: which pages are
     roots (and who holds them), which are obsolete, which are orphans.
+    ``nodes``: every page by address; ``links``: each parent's (index, child)
+    pairs in spt[] order (only pages with children have an entry).
     """
 
     vm: VM
     vcpus: list[VCpu]
-    graph: nx.DiGraph
+    nodes: dict[int, ShadowPage] = field(default_factory=dict)
+    links: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     roots: dict[int, list[Holder]] = field(default_factory=dict)  # sp -> holders
     active: set[int] = field(default_factory=set)  # on active_mmu_pages / tdp lists
-    _sorted: tuple[int, list[ShadowPage]] | None = field(default=None, repr=False)
+    orphan_set: set[int] = field(default_factory=set)  # see mark_orphans()
+    _sorted: list[ShadowPage] | None = field(default=None, repr=False)
+    _parents: dict[int, list[tuple[int, int]]] | None = field(default=None, repr=False)
+    _nx: nx.DiGraph | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __contains__(self, addr: object) -> bool:
+        return addr in self.nodes
 
     def sp(self, addr: int) -> ShadowPage:
-        return self.graph._node[addr]["sp"]
+        return self.nodes[addr]
 
     def pages(self) -> list[ShadowPage]:
         """Every shadow page: the roots in root_order(), then by level (high to
-        low), gfn and address. Sorted once (again if pages were added since)."""
-        n = len(self.graph)
-        if self._sorted is None or self._sorted[0] != n:
+        low), gfn and address (sorted once)."""
+        if self._sorted is None:
             first = {a: i for i, a in enumerate(self.root_order())}
             rest = len(first)
-            pages = sorted((d["sp"] for d in self.graph._node.values()),
-                           key=lambda s: (first.get(s.addr, rest), -s.level, s.gfn, s.addr))
-            self._sorted = (n, pages)
-        return list(self._sorted[1])
-
-    def set_page(self, sp: ShadowPage) -> None:
-        """Put *sp* in place of the page at its address (a what-if edit)."""
-        self.graph.nodes[sp.addr]["sp"] = sp
-        self._sorted = None
+            self._sorted = sorted(
+                self.nodes.values(),
+                key=lambda s: (first.get(s.addr, rest), -s.level, s.gfn, s.addr))
+        return list(self._sorted)
 
     def root_order(self) -> list[int]:
         """Every root, in the one order all commands use: by its first holder
         (vCPU roots by vCPU, then prev_roots, then the VM's), then address."""
         return sorted(self.roots, key=lambda a: (min(h.order() for h in self.roots[a]), a))
 
+    def children(self, addr: int) -> list[tuple[int, int]]:
+        """(spt index, child) of every link of *addr*, by index."""
+        return self.links.get(addr, [])
+
+    def successors(self, addr: int) -> list[int]:
+        """Each child of *addr* once, in the order of its first index."""
+        return list(dict.fromkeys(c for _, c in self.links.get(addr, ())))
+
+    def parents(self, addr: int) -> list[tuple[int, list[int]]]:
+        """(parent, spt indexes) of every parent of *addr*."""
+        if self._parents is None:
+            inv: dict[int, list[tuple[int, int]]] = {}
+            for p, pairs in self.links.items():
+                for i, c in pairs:
+                    if c in inv:
+                        inv[c].append((p, i))
+                    else:
+                        inv[c] = [(p, i)]
+            self._parents = inv
+        out: dict[int, list[int]] = {}
+        for p, i in self._parents.get(addr, ()):
+            out.setdefault(p, []).append(i)
+        return list(out.items())
+
+    def predecessors(self, addr: int) -> list[int]:
+        return [p for p, _ in self.parents(addr)]
+
+    def edges(self) -> Iterator[tuple[int, int, list[int]]]:
+        """(parent, child, spt indexes) of every parent/child pair."""
+        for p, pairs in self.links.items():
+            grouped: dict[int, list[int]] = {}
+            for i, c in pairs:
+                grouped.setdefault(c, []).append(i)
+            for c, idx in grouped.items():
+                yield p, c, idx
+
     def obsolete(self, sp: ShadowPage) -> bool:
         """is_obsolete_sp() against this VM's mmu_valid_gen."""
         return is_obsolete_sp(sp, self.vm)
 
     def is_orphan(self, addr: int) -> bool:
-        return bool(self.graph.nodes[addr].get("orphan"))
+        return addr in self.orphan_set
 
     def orphans(self) -> list[int]:
-        return [n for n, d in self.graph._node.items() if d.get("orphan")]
-
-    def parents(self, addr: int) -> list[tuple[int, list[int]]]:
-        """(parent sp, spt indexes) of every parent of *addr*."""
-        return [(p, self.graph.edges[p, addr]["indexes"]) for p in self.graph.predecessors(addr)]
+        return [n for n in self.nodes if n in self.orphan_set]
 
     def find_gfn(self, gfn: int) -> list[ShadowPage]:
         return [s for s in self.pages() if s.gfn == gfn]
+
+    def mark_orphans(self) -> None:
+        """orphan_set: the pages no root reaches through links."""
+        reach = set(self.roots)
+        todo = list(reach)
+        links = self.links
+        while todo:
+            for _, c in links.get(todo.pop(), ()):
+                if c not in reach:
+                    reach.add(c)
+                    todo.append(c)
+        self.orphan_set = self.nodes.keys() - reach
+
+    # -- what-if edits (tests, diff) --------------------------------------------
+
+    def set_page(self, sp: ShadowPage) -> None:
+        """Put *sp* in place of the page at its address (or add it)."""
+        self.nodes[sp.addr] = sp
+        self._changed()
+
+    def unlink(self, parent: int, child: int) -> None:
+        """Remove every link parent -> child; orphans are marked again."""
+        self.links[parent] = [(i, c) for i, c in self.links.get(parent, ()) if c != child]
+        self.mark_orphans()
+        self._changed()
+
+    def _changed(self) -> None:
+        self._sorted = self._parents = self._nx = None
+
+    @property
+    def graph(self) -> nx.DiGraph:
+        """The graph as a networkx DiGraph (made on first use): nodes are
+        addresses with attributes ``sp`` and ``orphan``, edges carry ``indexes``."""
+        if self._nx is None:
+            g = nx.DiGraph()
+            g.add_nodes_from((a, {"sp": sp, "orphan": a in self.orphan_set})
+                             for a, sp in self.nodes.items())
+            g.add_edges_from((p, c, {"indexes": idx}) for p, c, idx in self.edges())
+            self._nx = g
+        return self._nx
 
 
 def _holders(vcpus: list[VCpu]) -> list[tuple[RootRef, Holder]]:
@@ -127,32 +212,32 @@ def _holders(vcpus: list[VCpu]) -> list[tuple[RootRef, Holder]]:
     return out
 
 
-def _add_page(k: Kernel, g: nx.DiGraph, addr: int) -> ShadowPage | None:
-    """The struct kvm_mmu_page at *addr* as a node of *g* (None if unreadable)."""
-    if addr in g:
-        return g.nodes[addr]["sp"]
-    sp = k.shadow_page(addr)
+def _add_page(k: Kernel, vg: VMGraph, addr: int) -> ShadowPage | None:
+    """The struct kvm_mmu_page at *addr* as a node of *vg* (None if unreadable)."""
+    sp = vg.nodes.get(addr)
     if sp is None:
-        return None
-    g.add_node(addr, sp=sp)
+        sp = k.shadow_page(addr)
+        if sp is not None:
+            vg.nodes[addr] = sp
     return sp
 
 
-def _expand(k: Kernel, vm: VM, g: nx.DiGraph, start: list[int]) -> None:
+def _expand(k: Kernel, vg: VMGraph, start: list[int]) -> None:
     """Add every page reachable from *start* through present non-leaf SPTEs."""
-    queue = deque(a for a in start if a in g)
+    nodes, links = vg.nodes, vg.links
+    queue = deque(a for a in start if a in nodes)
     done: set[int] = set()
-    nodes = g._node  # membership and the "sp" attribute without NodeView's overhead
-    while queue and len(g) < MAX_PAGES:
+    while queue and len(nodes) < MAX_PAGES:
         addr = queue.popleft()
         if addr in done:
             continue
         done.add(addr)
-        parent = nodes[addr]["sp"]
+        parent = nodes[addr]
         if not 2 <= parent.level <= 5:
             continue
         bad = 0
-        edges: dict[int, list[int]] = {}
+        pairs = []
+        want = parent.level - 1
         for index, value, child_addr in k.links(parent):
             if child_addr is None:
                 bad += 1
@@ -161,31 +246,24 @@ def _expand(k: Kernel, vm: VM, g: nx.DiGraph, start: list[int]) -> None:
                               f"spt[{index}] = {value:#x} points at a page with no "
                               "shadow page")
                 continue
-            known_node = nodes.get(child_addr)
-            child = known_node["sp"] if known_node is not None else _add_page(k, g, child_addr)
+            child = nodes.get(child_addr) or _add_page(k, vg, child_addr)
             if child is None:
                 continue
-            if child.level != parent.level - 1:
+            if child.level != want:
                 k.problem("struct kvm_mmu_page", addr,
-                          f"spt[{index}] child {child.addr:#x} has level {child.level}, "
-                          f"expected {parent.level - 1}")
+                          f"spt[{index}] child {child_addr:#x} has level {child.level}, "
+                          f"expected {want}")
                 continue
-            if child_addr in edges:
-                edges[child_addr].append(index)
-            else:
-                edges[child_addr] = [index]
-                if child_addr not in done:
-                    queue.append(child_addr)
-        old = g._succ[addr]
-        for c, indexes in edges.items():
-            if c in old:
-                old[c]["indexes"].extend(indexes)
-        g.add_edges_from((addr, c, {"indexes": i}) for c, i in edges.items() if c not in old)
+            pairs.append((index, child_addr))
+            if child_addr not in done:
+                queue.append(child_addr)
+        if pairs:
+            links[addr] = pairs
         if bad > 3:
             k.problem("struct kvm_mmu_page", addr,
                       f"{bad} SPTEs point at no shadow page (garbage page table?)")
     if queue:
-        k.problem("VM", vm.addr, f"more than {MAX_PAGES} shadow pages; graph truncated")
+        k.problem("VM", vg.vm.addr, f"more than {MAX_PAGES} shadow pages; graph truncated")
 
 
 def build(k: Kernel, vm: VM) -> VMGraph:
@@ -196,15 +274,13 @@ def build(k: Kernel, vm: VM) -> VMGraph:
 
 def _build(k: Kernel, vm: VM) -> VMGraph:
     """build(), its problems recorded against *vm*."""
-    vcpus = k.vcpus(vm)
-    g: nx.DiGraph = nx.DiGraph()
-    vg = VMGraph(vm, vcpus, g)
+    vg = VMGraph(vm, k.vcpus(vm))
 
     def hold(addr: int, who: Holder) -> None:
-        if _add_page(k, g, addr) is not None:
+        if _add_page(k, vg, addr) is not None:
             vg.roots.setdefault(addr, []).append(who)
 
-    for ref, who in _holders(vcpus):
+    for ref, who in _holders(vg.vcpus):
         if ref.sp is not None:
             hold(ref.sp.addr, who)
         for i, a in ref.pae_roots:
@@ -214,19 +290,11 @@ def _build(k: Kernel, vm: VM) -> VMGraph:
     active = k.active_pages(vm)
     vg.active = set(active)
     for a in active:
-        sp = _add_page(k, g, a)
+        sp = _add_page(k, vg, a)
         if sp is not None and known(sp.root_count) and sp.root_count > 0 \
                 and a not in vg.roots:
             vg.roots[a] = [Holder("root_count")]
-    _expand(k, vm, g, list(g.nodes))
-    reach = set(vg.roots)
-    todo = list(reach)
-    while todo:
-        for c in g.successors(todo.pop()):
-            if c not in reach:
-                reach.add(c)
-                todo.append(c)
-    for n in g._node.keys() - reach:
-        g.nodes[n]["orphan"] = True
+    _expand(k, vg, list(vg.nodes))
+    vg.mark_orphans()
     k.drop_blocks()  # everything is decoded; the page cache is only memory now
     return vg

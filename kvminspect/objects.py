@@ -41,6 +41,18 @@ class Role:
     word: int
     fields: dict[str, int]
     widths: dict[str, int] = field(default_factory=dict)  # one dict shared by all pages
+    # the bits every check reads, decoded once (the model shares one Role per word)
+    level: int = field(init=False, compare=False)
+    direct: bool = field(init=False, compare=False)
+    invalid: bool = field(init=False, compare=False)
+    is_mirror: bool = field(init=False, compare=False)  # 6.14+
+
+    def __post_init__(self) -> None:
+        f = self.fields
+        for name, value in (("level", f.get("level", 0)), ("direct", bool(f.get("direct"))),
+                            ("invalid", bool(f.get("invalid"))),
+                            ("is_mirror", bool(f.get("is_mirror")))):
+            object.__setattr__(self, name, value)
 
     def get(self, name: str, default: int = 0) -> int:
         return self.fields.get(name, default)
@@ -48,18 +60,6 @@ class Role:
     def width(self, name: str) -> int:
         """The bitfield's width in bits (0 if unknown)."""
         return self.widths.get(name, 0)
-
-    @property
-    def level(self) -> int:
-        return self.get("level")
-
-    @property
-    def direct(self) -> bool:
-        return bool(self.get("direct"))
-
-    @property
-    def invalid(self) -> bool:
-        return bool(self.get("invalid"))
 
 
 class ShadowPage(NamedTuple):

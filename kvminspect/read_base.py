@@ -55,6 +55,7 @@ class KernelBase:
         self._mmu_offsets: tuple[int, ...] | None = None
         self._pages: dict[int, bytes | None] = {}  # see read_block()
         self._roles: dict[int, Role] = {}  # one Role per distinct role word
+        self._by_spt: dict[int, int] = {}  # pfn of sp->spt -> sp, of decoded pages
         self._sp_decoder: Any = None  # read_pages.SpDecoder, made on first use
 
     @property
@@ -95,7 +96,7 @@ class KernelBase:
         page = addr & ~PAGE_MASK
         end = addr + size
         if end <= page + PAGE_SIZE:
-            data = self._page(page)
+            data = self._pages.get(page) or self._page(page)
             return data[addr - page:end - page]
         return b"".join(self._page(p)[max(addr - p, 0):min(end - p, PAGE_SIZE)]
                         for p in range(page, end, PAGE_SIZE))
@@ -104,9 +105,10 @@ class KernelBase:
         """The u64 at *addr* (read_block's cache; FaultError if unreadable)."""
         page = addr & ~PAGE_MASK
         off = addr - page
-        if off > PAGE_SIZE - 8:
-            return int.from_bytes(self.read_block(addr, 8), "little")
-        return _U64.unpack_from(self._page(page), off)[0]
+        data = self._pages.get(page)
+        if data is not None and off <= PAGE_SIZE - 8:
+            return _U64.unpack_from(data, off)[0]
+        return int.from_bytes(self.read_block(addr, 8), "little")
 
     def _page(self, page: int) -> bytes:
         """The 4 KiB page at *page* (cached, also when unreadable)."""

@@ -129,10 +129,11 @@ class PageReader(KernelBase):
             role = self._roles[word] = Role(
                 word, {f.name: f.get(word) for f in self.layout.sp.role_fields},
                 self._role_widths)
-        level = role.fields.get("level", 0)
+        level = role.level
         tdp = bool(tdp)
         if tdp and root_count == 0 and self.tdp_child_level_is_parents():
             level -= 1
+        self._by_spt[(spt - self.layout.page_offset_base) >> PAGE_SHIFT] = addr
         sp = ShadowPage(addr, gfn, level, role, spt,
                         unsync if unsync is UNKNOWN else bool(unsync),
                         children, bitmap, root_count, gen, tdp)
@@ -227,8 +228,10 @@ class PageReader(KernelBase):
         non-leaf SPTE of *sp* (a page above level 1): the graph's edges.
 
         is_shadow_present_pte() and !is_large_pte() as masks over the whole
-        table, and to_shadow_page() (page_private of the pfn's struct page)
-        through read_block's cache; the same rules as kvminspect.spte.
+        table (the same rules as kvminspect.spte), and to_shadow_page(): the
+        page already decoded whose sp->spt is that pfn (the kernel sets
+        page->private to the sp that owns sp->spt), else page_private of the
+        pfn's struct page.
         """
         if sp.level <= 1:
             return []
@@ -243,21 +246,44 @@ class PageReader(KernelBase):
             special, mmio = spte.SPTE_SPECIAL_MASK, spte.SPTE_MMIO_MASK
             found = [(i, v) for i, v in enumerate(spt)
                      if v and v & special != mmio and not v & large]
-        mask, to_sp = self.layout.addr_mask, self.page_to_sp
-        return [(i, v, to_sp((v & mask) >> PAGE_SHIFT)) for i, v in found]
+        mask, to_sp, by_spt = self.layout.addr_mask, self.page_to_sp, self._by_spt
+        out = []
+        for i, v in found:
+            pfn = (v & mask) >> PAGE_SHIFT
+            out.append((i, v, by_spt.get(pfn) or to_sp(pfn)))
+        return out
 
     def active_pages(self, vm: VM) -> list[int]:
         """Shadow pages on kvm->arch.active_mmu_pages (and 6.1's tdp_mmu_pages)."""
         if self.layout.sp is None:
             return []
         kvm = self.kvm_object(vm)
-        link = self.layout.sp.link
         heads = [("active_mmu_pages", kvm.arch.active_mmu_pages.address_of_().value_())]
         if self.layout.tdp_mmu_pages_list:
             heads.append(("tdp_mmu_pages", kvm.arch.tdp_mmu_pages.address_of_().value_()))
         out = []
         for name, head in heads:
-            out.extend(n - link for n in self.list_nodes(head, f"kvm->arch.{name}"))
+            out.extend(self._sp_list(head, f"kvm->arch.{name}"))
+        return out
+
+    def _sp_list(self, head: int, kind: str) -> list[int]:
+        """The struct kvm_mmu_page of each node of a list through sp->link,
+        decoded on the way (into the shadow-page cache): the list node and the
+        struct share a page of read_block's cache."""
+        lay = self.layout.sp
+        assert lay is not None
+        link, size, cache = lay.link, lay.size, self._sp_cache
+        decode, block = self._decode_sp, self.read_block
+        out = []
+        for node in self.list_nodes(head, kind):
+            addr = node - link
+            out.append(addr)
+            if addr not in cache:
+                try:
+                    cache[addr] = decode(addr, block(addr, size))
+                except drgn.FaultError as e:
+                    self.problem("struct kvm_mmu_page", addr, f"unreadable ({e})")
+                    cache[addr] = None
         return out
 
     def tdp_roots(self, vm: VM) -> list[int]:

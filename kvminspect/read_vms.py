@@ -200,6 +200,7 @@ class VmReader(KernelBase):
         self._vcpus.pop(vm.addr, None)
         self._sp_cache.clear()
         self._spt_cache.clear()
+        self._by_spt.clear()
         self.drop_blocks()
 
     def vm_by_id(self, ident: str) -> VM:

@@ -66,7 +66,7 @@ class Session:
                 with k.reading(vm):
                     k.problem("struct kvm", vm.addr,
                               f"{vm.unsupported} not supported: its MMU is not read")
-                self._graphs[vm.addr] = graph.VMGraph(vm, [], graph.nx.DiGraph())
+                self._graphs[vm.addr] = graph.VMGraph(vm, [])
             elif not self.target.live:
                 self._graphs[vm.addr] = graph.build(k, vm)
             else:
@@ -83,7 +83,7 @@ class Session:
                 if k.change_marks(vm) == before:
                     return g
             except drgn.FaultError as e:  # freed under us
-                g = graph.VMGraph(vm, [], graph.nx.DiGraph())
+                g = graph.VMGraph(vm, [])
                 before = str(e)
             if attempt == 1:
                 k.forget(vm)
@@ -97,7 +97,7 @@ class Session:
         """The VM and shadow page at *addr*, which must be in one of *vms*' graphs."""
         for vm in vms:
             g = self.graph(vm)
-            if addr in g.graph:
+            if addr in g:
                 return vm, g.sp(addr)
         raise LookupFailed(f"{addr:#x} is not a shadow page of "
                            + ("this VM" if len(vms) == 1 else "any VM"))

@@ -88,7 +88,7 @@ def sp_json(sp: ShadowPage, g: VMGraph) -> dict[str, Any]:
         "tdp_mmu_page": sp.tdp_mmu_page, "unsync": value(sp.unsync),
         "unsync_children": value(sp.unsync_children), "invalid": sp.role.invalid,
         "obsolete": g.obsolete(sp), "root_count": value(sp.root_count),
-        "orphan": g.is_orphan(sp.addr) if sp.addr in g.graph else False,
+        "orphan": g.is_orphan(sp.addr) if sp.addr in g else False,
         "holders": [holder_json(h) for h in g.roots.get(sp.addr, [])],
     }
 
@@ -109,10 +109,10 @@ def root_json(r: RootRef | None, g: VMGraph) -> dict[str, Any]:
         state = "page"
     else:
         state = r.special or "unreadable"
-    page = sp_json(r.sp, g) if r.sp is not None and r.sp.addr in g.graph else None
+    page = sp_json(r.sp, g) if r.sp is not None and r.sp.addr in g else None
     return {"pgd": hx(r.pgd), "hpa": root_hpa(r), "state": state, "page": page,
             "pae_roots": [{"index": i, "page": sp_json(g.sp(a), g)}
-                          for i, a in r.pae_roots if a in g.graph]}
+                          for i, a in r.pae_roots if a in g]}
 
 
 def role_json(sp: ShadowPage) -> dict[str, Any]:

@@ -40,11 +40,10 @@ def copied(name: str) -> tuple[Kernel, VMGraph]:
     """The kernel and an independent copy of the VM graph of fixture *name*."""
     s = Session(open_fixture(name))
     vg = s.graph(s.kernel.vms()[0])
-    g = vg.graph.copy()  # new node/edge attribute dicts: editing them leaves vg alone
-    for a, b in g.edges:
-        g.edges[a, b]["indexes"] = list(vg.graph.edges[a, b]["indexes"])
-    return s.kernel, VMGraph(vg.vm, vg.vcpus, g, {a: list(h) for a, h in vg.roots.items()},
-                             set(vg.active))
+    return s.kernel, VMGraph(vg.vm, vg.vcpus, dict(vg.nodes),
+                             {a: list(pairs) for a, pairs in vg.links.items()},
+                             {a: list(h) for a, h in vg.roots.items()}, set(vg.active),
+                             set(vg.orphan_set))
 
 
 def edit(vg: VMGraph, addr: int, **changes) -> ShadowPage:
@@ -154,8 +153,7 @@ def test_stale_bit_on_shared_child_is_info() -> None:
     k, vg = copied("6.1-shadow")
     pd = next(s for s in vg.pages() if s.level == 2 and s.unsync_children)
     assert not pd.unsync_child_bitmap & 1
-    (child,) = [c for c in vg.graph.successors(pd.addr)
-                if 0 in vg.graph.edges[pd.addr, c]["indexes"]]
+    (child,) = [c for i, c in vg.children(pd.addr) if i == 0]
     assert len(vg.parents(child)) > 1 and not vg.sp(child).unsync
     edit(vg, pd.addr, unsync_child_bitmap=pd.unsync_child_bitmap | 1,
          unsync_children=pd.unsync_children + 1)
@@ -167,7 +165,7 @@ def test_stale_bit_on_shared_child_is_info() -> None:
 def test_stale_bit_on_only_child_is_warning() -> None:
     k, vg = copied("6.12-shadow")
     parent, child, i = next(
-        (p, c, idx[0]) for p, c, d in vg.graph.edges(data=True) for idx in [d["indexes"]]
+        (p, c, idx[0]) for p, c, idx in vg.edges()
         if len(idx) == 1 and len(vg.parents(c)) == 1 and not vg.sp(c).unsync
         and not vg.sp(c).unsync_children)
     sp = vg.sp(parent)
@@ -319,14 +317,13 @@ def test_orphans() -> None:
     """
     k, vg = copied("6.1-shadow")
     root = next(a for a in vg.roots if vg.sp(a).unsync_children == 0)
-    (l3,) = vg.graph.successors(root)
-    vg.graph.remove_edge(root, l3)
+    (l3,) = vg.successors(root)
+    vg.unlink(root, l3)
     reach = set(vg.roots)
     for r in vg.roots:
         reach |= nx.descendants(vg.graph, r)
-    for n in vg.graph:
-        vg.graph.nodes[n]["orphan"] = n not in reach
     lost = ({l3} | nx.descendants(vg.graph, l3)) - reach
+    assert set(vg.orphans()) == lost
     assert l3 in lost and len(lost) >= 3  # level 3, 2 and the set's own page tables
     f = only(check_vm(k, vg), "orphans")
     assert f.severity == "info" and set(f.objects) == lost

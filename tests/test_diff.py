@@ -204,9 +204,9 @@ def test_pages_match_by_gfn_and_role_not_by_address() -> None:
         return real._replace(addr=addr, gfn=gfn, role=role, mmu_valid_gen=gen)
 
     def graph(*pages: ShadowPage) -> VMGraph:
-        g = VMGraph(g0.vm, [], type(g0.graph)())
+        g = VMGraph(g0.vm, [])
         for p in pages:
-            g.graph.add_node(p.addr, sp=p, orphan=False)
+            g.set_page(p)
         return g
 
     a = graph(page(0x1000, 0x10),                 # kept: same address, now invalid

@@ -115,8 +115,8 @@ def pair_pages(ga: VMGraph, gb: VMGraph
     first, then in address order (never an A page already invalid)."""
     def groups(g: VMGraph) -> dict[tuple, list[ShadowPage]]:
         out: dict[tuple, list[ShadowPage]] = {}
-        for _, d in g.graph.nodes(data=True):
-            out.setdefault(page_key(d["sp"]), []).append(d["sp"])
+        for sp in g.nodes.values():
+            out.setdefault(page_key(sp), []).append(sp)
         return out
 
     old, new = groups(ga), groups(gb)
@@ -242,7 +242,7 @@ def vm_diff(a: Session, va: VM | None, b: Session, vb: VM | None, how: str | Non
     pairs, zapped, added = pair_pages(ga, gb)
     changed = [c for sa, sb in pairs if (c := changed_page_json(sa, ga, sb, gb))]
     doc.update({
-        "pages": pair(len(ga.graph), len(gb.graph)), "counters": counter_changes(va, vb),
+        "pages": pair(len(ga), len(gb)), "counters": counter_changes(va, vb),
         "stat": stat_changes(va, vb), "vcpus": vcpu_changes(ga, gb),
         "pages_added": [page_json(s, gb) for s in added],
         "pages_zapped": [page_json(s, ga) for s in zapped], "pages_changed": changed})

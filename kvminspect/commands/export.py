@@ -33,8 +33,8 @@ def plain_graph(g: VMGraph) -> nx.DiGraph:
     out = nx.DiGraph()
     for sp in g.pages():  # roots first, then by level and gfn
         out.add_node(hex(sp.addr), **node_attrs(g, sp.addr))
-    for a, b, d in g.graph.edges(data=True):
-        out.add_edge(hex(a), hex(b), indexes=sorted(d["indexes"]))
+    for a, b, indexes in g.edges():
+        out.add_edge(hex(a), hex(b), indexes=sorted(indexes))
     return out
 
 

@@ -37,20 +37,14 @@ def _wanted(g: VMGraph, unsync_only: bool) -> set[int] | None:
     """With --unsync-only: pages that are unsync or lead to one; else None (all)."""
     if not unsync_only:
         return None
-    keep = {n for n, d in g.graph.nodes(data=True) if d["sp"].unsync is True}
+    keep = {sp.addr for sp in g.nodes.values() if sp.unsync is True}
     todo = list(keep)
     while todo:
-        for p in g.graph.predecessors(todo.pop()):
+        for p in g.predecessors(todo.pop()):
             if p not in keep:
                 keep.add(p)
                 todo.append(p)
     return keep
-
-
-def children_of(g: VMGraph, addr: int) -> list[tuple[int, int]]:
-    """(spt index, child) pairs of a page, by index."""
-    out = [(i, c) for c in g.graph.successors(addr) for i in g.graph.edges[addr, c]["indexes"]]
-    return sorted(out)
 
 
 def subtree(g: VMGraph, addr: int, index: int | None, depth: int | None,
@@ -58,11 +52,11 @@ def subtree(g: VMGraph, addr: int, index: int | None, depth: int | None,
     """The JSON tree under *addr*: a page shown twice is a reference ("ref")."""
     node: dict[str, Any] = {**sp_json(g.sp(addr), g), "index": index, "ref": False,
                             "children_omitted": 0, "children": []}
-    if addr in seen and g.graph.out_degree(addr):
+    if addr in seen and g.children(addr):
         node["ref"] = True
         return node
     seen.add(addr)
-    kids = [(i, c) for i, c in children_of(g, addr) if keep is None or c in keep]
+    kids = [(i, c) for i, c in g.children(addr) if keep is None or c in keep]
     if depth is not None and depth <= 0:
         node["children_omitted"] = len(kids)
         return node
@@ -88,7 +82,7 @@ def start_pages(g: VMGraph, sp: int | None) -> list[int]:
     if sp is not None:
         return [sp]
     orphan_tops = [n for n in g.orphans()
-                   if not any(g.is_orphan(p) for p in g.graph.predecessors(n))]
+                   if not any(g.is_orphan(p) for p in g.predecessors(n))]
     return g.root_order() + sorted(orphan_tops)
 
 
@@ -124,8 +118,8 @@ def _cmd_tree(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any)
             c.print(to_rich(t, None), markup=False)
 
     per_vm(kwargs, args, "tree", vms=vms, collect=collect, show=show,
-           to_json=lambda vm, data: {"pages": len(data[0].graph), "roots": len(data[0].roots),
+           to_json=lambda vm, data: {"pages": len(data[0]), "roots": len(data[0].roots),
                                      "orphans": len(data[0].orphans()), "trees": data[1]},
-           header=lambda vm, data: vm_header(vm, f"{len(data[0].graph)} shadow pages, "
+           header=lambda vm, data: vm_header(vm, f"{len(data[0])} shadow pages, "
                                              f"{len(data[0].roots)} roots, "
                                              f"{len(data[0].orphans())} orphans"))
