@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from kvminspect.errors import Problem
 from kvminspect.graph import Holder, VMGraph
-from kvminspect.layout import known
+from kvminspect.layout import NoValue, known
 from kvminspect.model import Kernel, ShadowPage
 
 SEVERITIES = ("error", "warning", "info")
@@ -79,21 +79,19 @@ def _sp_of(kernel: Kernel, vg: VMGraph, addr: int) -> ShadowPage | None:
     return kernel.shadow_page(addr)
 
 
-def _skip_unsync_fields(sp: ShadowPage) -> bool:
-    """Pages whose unsync fields mean nothing: bad levels, 6.14's mirror pages,
-    and every page of a kernel that lacks one of them (UNKNOWN).
-
-    From 6.14 unsync_children shares a union with external_spt, used by
-    mirror (TDX) roots and their pages (role.is_mirror).
-    """
-    return (not 1 <= sp.level <= 5 or sp.role.is_mirror
-            or not (known(sp.unsync) and known(sp.unsync_children)
-                    and known(sp.unsync_child_bitmap)))
-
-
 def _unsync_pages(vg: VMGraph) -> list[ShadowPage]:
-    """The pages whose unsync fields the checks below read (not _skip_unsync_fields)."""
-    return [sp for sp in vg.pages() if not _skip_unsync_fields(sp)]
+    """The pages whose unsync fields mean something, which the checks below read.
+
+    Not: bad levels, 6.14's mirror pages, and every page of a kernel that
+    lacks one of the fields (UNKNOWN). From 6.14 unsync_children shares a
+    union with external_spt, used by mirror (TDX) roots and their pages
+    (role.is_mirror).
+    """
+    return [sp for sp in vg.pages()
+            if 1 <= sp.level <= 5 and not sp.role.is_mirror
+            and not isinstance(sp.unsync, NoValue)
+            and not isinstance(sp.unsync_children, NoValue)
+            and not isinstance(sp.unsync_child_bitmap, NoValue)]
 
 
 # -- unsync_children and unsync_child_bitmap ------------------------------------

@@ -15,6 +15,8 @@ first use (export, networkx algorithms): networkx alone costs about 1 s and
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -225,7 +227,7 @@ def _add_page(k: Kernel, vg: VMGraph, addr: int) -> ShadowPage | None:
 def _expand(k: Kernel, vg: VMGraph, start: list[int]) -> None:
     """Add every page reachable from *start* through present non-leaf SPTEs."""
     nodes, links = vg.nodes, vg.links
-    queue = deque(a for a in start if a in nodes)
+    queue = deque(a for a in start if a in nodes and nodes[a].level >= 2)
     done: set[int] = set()
     while queue and len(nodes) < MAX_PAGES:
         addr = queue.popleft()
@@ -255,7 +257,7 @@ def _expand(k: Kernel, vg: VMGraph, start: list[int]) -> None:
                           f"expected {want}")
                 continue
             pairs.append((index, child_addr))
-            if child_addr not in done:
+            if want >= 2 and child_addr not in done:  # level-1 pages link nothing
                 queue.append(child_addr)
         if pairs:
             links[addr] = pairs
@@ -268,8 +270,27 @@ def _expand(k: Kernel, vg: VMGraph, start: list[int]) -> None:
 
 def build(k: Kernel, vm: VM) -> VMGraph:
     """Rebuild *vm*'s shadow-page graph from its roots and page lists."""
-    with k.reading(vm):
+    with k.reading(vm), _gc_paused():
         return _build(k, vm)
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Python's cyclic GC off while a graph is built, its objects frozen after.
+
+    A build makes a few objects per shadow page and no reference cycles, and
+    each full collection would walk every one made so far again (a third of
+    the build time at 10^5 pages); gc.freeze() keeps later collections (a
+    command's output) from walking them too. Refcounting still frees them.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.freeze()
+            gc.enable()
 
 
 def _build(k: Kernel, vm: VM) -> VMGraph:
@@ -289,10 +310,15 @@ def _build(k: Kernel, vm: VM) -> VMGraph:
         hold(a, Holder("tdp_mmu_roots"))
     active = k.active_pages(vm)
     vg.active = set(active)
-    for a in active:
-        sp = _add_page(k, vg, a)
-        if sp is not None and known(sp.root_count) and sp.root_count > 0 \
-                and a not in vg.roots:
+    nodes = vg.nodes
+    for sp in k.shadow_pages(active):
+        if sp is None:
+            continue
+        a = sp.addr
+        if a not in nodes:
+            nodes[a] = sp
+        rc = sp.root_count
+        if known(rc) and rc > 0 and a not in vg.roots:
             vg.roots[a] = [Holder("root_count")]
     _expand(k, vg, list(vg.nodes))
     vg.mark_orphans()
