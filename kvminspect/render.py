@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
 
 from rich.console import Console
 
@@ -53,9 +54,54 @@ def console() -> Console:
                    width=width, soft_wrap=not tty, emoji=False)
 
 
+class Stream:
+    """A JSON value written piece by piece: *chunks()* yields its text.
+
+    For values sized by the shadow-page count (tree's 10^5 pages): each piece
+    is made by the C encoder and written at once, so the whole value is never
+    held in memory, as objects or as text. emit_json() puts the pieces where
+    the Stream sits in the document.
+    """
+
+    def __init__(self, chunks: Callable[[], Iterator[str]]) -> None:
+        self.chunks = chunks
+
+
+def compact(value: Any) -> str:
+    """JSON text of a small *value* on one line (the C encoder), UNKNOWN as "unknown"."""
+    return json.dumps(value, default=_json_default)
+
+
 def dumps(doc: Any) -> str:
-    """JSON text of *doc* (indent 1), UNKNOWN as "unknown"."""
+    """JSON text of *doc* (indent 1), UNKNOWN as "unknown"; Streams are not expanded."""
     return json.dumps(doc, indent=1, default=_json_default)
+
+
+def _write_json(doc: Any, out: TextIO) -> None:
+    """dumps(doc) to *out*, each Stream in it replaced by its pieces."""
+    streams: list[Stream] = []
+
+    def default(o: object) -> object:
+        if isinstance(o, Stream):
+            streams.append(o)
+            return _STREAM_MARK
+        return _json_default(o)
+
+    text = json.dumps(doc, indent=1, default=default)
+    parts = text.split(json.dumps(_STREAM_MARK))
+    out.write(parts[0])
+    for stream, rest in zip(streams, parts[1:], strict=True):
+        buf: list[str] = []
+        for chunk in stream.chunks():
+            buf.append(chunk)
+            if len(buf) >= 4096:
+                out.write("".join(buf))
+                buf.clear()
+        out.write("".join(buf))
+        out.write(rest)
+
+
+_STREAM_MARK = "\x00kvminspect-stream\x00"  # never in real data (a NUL in a JSON string)
 
 
 def emit_json(doc: dict[str, Any], problems: list[Problem],
@@ -68,7 +114,8 @@ def emit_json(doc: dict[str, Any], problems: list[Problem],
     doc = dict(doc)
     doc["errors"] = [p.to_json() for p in problems]
     doc["warnings"] = [m.to_json() for m in missing]
-    sys.stdout.write(dumps(doc) + "\n")
+    _write_json(doc, sys.stdout)
+    sys.stdout.write("\n")
 
 
 def warn_problems(problems: list[Problem], missing: tuple[MissingMember, ...] = ()) -> None:

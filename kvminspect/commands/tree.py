@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from drgn import Program
@@ -19,7 +21,7 @@ from kvminspect.commands import (
 )
 from kvminspect.graph import VMGraph
 from kvminspect.model import VM
-from kvminspect.render import console
+from kvminspect.render import Stream, compact, console
 from kvminspect.session import Session
 from kvminspect.shapes import sp_json
 
@@ -65,6 +67,58 @@ def subtree(g: VMGraph, addr: int, index: int | None, depth: int | None,
     return node
 
 
+def subtree_chunks(g: VMGraph, addr: int, index: int | None, depth: int | None,
+                   keep: set[int] | None, seen: set[int]) -> Iterator[str]:
+    """subtree() as JSON text, piece by piece (render.Stream): the same
+    document, never held whole (10^5 pages)."""
+    node: dict[str, Any] = {**sp_json(g.sp(addr), g), "index": index, "ref": False,
+                            "children_omitted": 0}
+    if addr in seen and g.children(addr):
+        node["ref"] = True
+        yield compact({**node, "children": []})
+        return
+    seen.add(addr)
+    kids = [(i, c) for i, c in g.children(addr) if keep is None or c in keep]
+    if depth is not None and depth <= 0:
+        node["children_omitted"] = len(kids)
+        kids = []
+    if not kids:
+        yield compact({**node, "children": []})
+        return
+    yield compact(node)[:-1] + ', "children": [\n'
+    below = None if depth is None else depth - 1
+    for n, (i, c) in enumerate(kids):
+        if n:
+            yield ",\n"
+        yield from subtree_chunks(g, c, i, below, keep, seen)
+    yield "]}"
+
+
+@dataclass(frozen=True)
+class TreePlan:
+    """What tree shows of one VM: the graph, the tops, --depth and --unsync-only's pages."""
+
+    g: VMGraph
+    tops: list[int]
+    depth: int | None
+    keep: set[int] | None
+
+    def trees(self) -> list[dict[str, Any]]:
+        """Every tree, as nested subtree() documents."""
+        seen: set[int] = set()
+        return [subtree(self.g, a, None, self.depth, self.keep, seen) for a in self.tops]
+
+    def chunks(self) -> Iterator[str]:
+        """The same list of trees as JSON text, piece by piece."""
+        seen: set[int] = set()
+        yield "["
+        for n, a in enumerate(self.tops):
+            if n:
+                yield ",\n"
+            yield from subtree_chunks(self.g, a, None, self.depth, self.keep, seen)
+        yield "]"
+
+
 def to_rich(node: dict[str, Any], parent: Tree | None) -> Tree:
     label = sp_label(node)
     if node["ref"]:
@@ -103,23 +157,25 @@ def _cmd_tree(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any)
     s = session_of(kwargs)
     vms, top = sp_scope(s, args.vm, args.sp)
 
-    def collect(s: Session, vm: VM) -> tuple[VMGraph, list[dict[str, Any]]]:
+    def collect(s: Session, vm: VM) -> TreePlan:
         g = s.graph(vm)
         keep = _wanted(g, args.unsync_only)
-        seen: set[int] = set()
-        return g, [subtree(g, a, None, args.depth, keep, seen)
-                   for a in start_pages(g, top) if keep is None or a in keep]
+        return TreePlan(g, [a for a in start_pages(g, top) if keep is None or a in keep],
+                        args.depth, keep)
 
-    def show(vm: VM, data: tuple[VMGraph, list[dict[str, Any]]]) -> None:
+    def show(vm: VM, plan: TreePlan) -> None:
         c = console()
-        if not data[1]:
+        if not plan.tops:
             c.print("  (nothing to show)")
-        for t in data[1]:
+        for t in plan.trees():
             c.print(to_rich(t, None), markup=False)
 
+    def counts(plan: TreePlan) -> str:
+        return (f"{len(plan.g)} shadow pages, {len(plan.g.roots)} roots, "
+                f"{len(plan.g.orphans())} orphans")
+
     per_vm(kwargs, args, "tree", vms=vms, collect=collect, show=show,
-           to_json=lambda vm, data: {"pages": len(data[0]), "roots": len(data[0].roots),
-                                     "orphans": len(data[0].orphans()), "trees": data[1]},
-           header=lambda vm, data: vm_header(vm, f"{len(data[0])} shadow pages, "
-                                             f"{len(data[0].roots)} roots, "
-                                             f"{len(data[0].orphans())} orphans"))
+           to_json=lambda vm, plan: {"pages": len(plan.g), "roots": len(plan.g.roots),
+                                     "orphans": len(plan.g.orphans()),
+                                     "trees": Stream(plan.chunks)},
+           header=lambda vm, plan: vm_header(vm, counts(plan)))
