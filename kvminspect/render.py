@@ -68,8 +68,11 @@ class Stream:
 
 
 def compact(value: Any) -> str:
-    """JSON text of a small *value* on one line (the C encoder), UNKNOWN as "unknown"."""
-    return json.dumps(value, default=_json_default)
+    """JSON text of *value* on one line (the C encoder), UNKNOWN as "unknown"."""
+    return _COMPACT.encode(value)
+
+
+_COMPACT = json.JSONEncoder(default=_json_default)
 
 
 def dumps(doc: Any) -> str:
@@ -92,11 +95,14 @@ def _write_json(doc: Any, out: TextIO) -> None:
     out.write(parts[0])
     for stream, rest in zip(streams, parts[1:], strict=True):
         buf: list[str] = []
+        size = 0
         for chunk in stream.chunks():
             buf.append(chunk)
-            if len(buf) >= 4096:
+            size += len(chunk)
+            if size >= 1 << 20:  # write about a MiB at a time
                 out.write("".join(buf))
                 buf.clear()
+                size = 0
         out.write("".join(buf))
         out.write(rest)
 

@@ -67,30 +67,52 @@ def subtree(g: VMGraph, addr: int, index: int | None, depth: int | None,
     return node
 
 
+def _single(g: VMGraph, addr: int, index: int | None, depth: int | None,
+            keep: set[int] | None, seen: set[int]) -> dict[str, Any] | None:
+    """subtree() of *addr* if it has no children to show (a leaf, a reference
+    to a page shown above, or cut by --depth), else None; marks it seen."""
+    kids = g.children(addr)
+    if addr in seen and kids:
+        return {**sp_json(g.sp(addr), g), "index": index, "ref": True,
+                "children_omitted": 0, "children": []}
+    if keep is not None and kids:
+        kids = [k for k in kids if k[1] in keep]
+    if kids and (depth is None or depth > 0):
+        return None
+    seen.add(addr)
+    return {**sp_json(g.sp(addr), g), "index": index, "ref": False,
+            "children_omitted": len(kids), "children": []}
+
+
 def subtree_chunks(g: VMGraph, addr: int, index: int | None, depth: int | None,
                    keep: set[int] | None, seen: set[int]) -> Iterator[str]:
     """subtree() as JSON text, piece by piece (render.Stream): the same
-    document, never held whole (10^5 pages)."""
-    node: dict[str, Any] = {**sp_json(g.sp(addr), g), "index": index, "ref": False,
-                            "children_omitted": 0}
-    if addr in seen and g.children(addr):
-        node["ref"] = True
-        yield compact({**node, "children": []})
+    document, never held whole; runs of childless pages are encoded together."""
+    one = _single(g, addr, index, depth, keep, seen)
+    if one is not None:
+        yield compact(one)
         return
     seen.add(addr)
-    kids = [(i, c) for i, c in g.children(addr) if keep is None or c in keep]
-    if depth is not None and depth <= 0:
-        node["children_omitted"] = len(kids)
-        kids = []
-    if not kids:
-        yield compact({**node, "children": []})
-        return
+    node = {**sp_json(g.sp(addr), g), "index": index, "ref": False, "children_omitted": 0}
     yield compact(node)[:-1] + ', "children": [\n'
     below = None if depth is None else depth - 1
-    for n, (i, c) in enumerate(kids):
-        if n:
-            yield ",\n"
+    run: list[dict[str, Any]] = []
+    sep = ""
+    for i, c in g.children(addr):
+        if keep is not None and c not in keep:
+            continue
+        leaf = _single(g, c, i, below, keep, seen)
+        if leaf is not None:
+            run.append(leaf)
+            continue
+        if run:
+            yield sep + compact(run)[1:-1]
+            run, sep = [], ",\n"
+        yield sep
         yield from subtree_chunks(g, c, i, below, keep, seen)
+        sep = ",\n"
+    if run:
+        yield sep + compact(run)[1:-1]
     yield "]}"
 
 
