@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from drgn import Program
@@ -11,32 +12,54 @@ from rich.table import Table
 
 from kvminspect.commands import kvm_command, per_vm, session_of, sp_scope
 from kvminspect.graph import VMGraph
-from kvminspect.model import VM, Kernel
+from kvminspect.model import VM, Kernel, ShadowPage
 from kvminspect.render import console, hx
 from kvminspect.session import Session
 from kvminspect.shapes import holder_json
 from kvminspect.unsync import Replay, Slot, WalkPage, replay_sync, replay_zap
 
 
-def walk_pages(k: Kernel, g: VMGraph) -> dict[int, WalkPage]:
-    """Snapshots of every page of the graph, with the slots the walk can visit.
+class WalkPages(Mapping[int, WalkPage]):
+    """The walk's snapshot of each page of the graph, made when the walk asks.
 
-    Only the spt[] entries whose unsync_child_bitmap bit is set are decoded:
-    __mmu_unsync_walk looks at nothing else.
+    A WalkPage carries the slots the walk can visit: only the spt[] entries
+    whose unsync_child_bitmap bit is set are decoded, as __mmu_unsync_walk
+    looks at nothing else. Made on demand (and kept), since a walk visits
+    the pages under set bits only: a few out of 10^5.
     """
-    pages: dict[int, WalkPage] = {}
-    for sp in g.pages():
+
+    def __init__(self, k: Kernel, g: VMGraph) -> None:
+        self.k, self.g = k, g
+        self._made: dict[int, WalkPage] = {}
+
+    def __getitem__(self, addr: int) -> WalkPage:
+        page = self._made.get(addr)
+        if page is None:
+            page = self._made[addr] = self._snapshot(self.g.sp(addr))  # KeyError: not a page
+        return page
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.g.nodes)
+
+    def __len__(self) -> int:
+        return len(self.g)
+
+    def _snapshot(self, sp: ShadowPage) -> WalkPage:
         slots: dict[int, Slot] = {}
         idx = sp.bitmap_indexes()
-        spt = k.sptes(sp) if idx else None
+        spt = self.k.sptes(sp) if idx else None
         if spt is not None:
             for i in idx:
-                e = k.decode(sp, i, spt[i])
+                e = self.k.decode(sp, i, spt[i])
                 slots[i] = Slot(present=e.present, large=e.large, child=e.child)
-        pages[sp.addr] = WalkPage(sp=sp.addr, level=sp.level, gfn=sp.gfn, unsync=sp.unsync,
-                                  unsync_children=sp.unsync_children,
-                                  bitmap=sp.unsync_child_bitmap, slots=slots)
-    return pages
+        return WalkPage(sp=sp.addr, level=sp.level, gfn=sp.gfn, unsync=sp.unsync,
+                        unsync_children=sp.unsync_children, bitmap=sp.unsync_child_bitmap,
+                        slots=slots)
+
+
+def walk_pages(k: Kernel, g: VMGraph) -> WalkPages:
+    """Snapshots of every page of the graph, as the walk needs them (WalkPages)."""
+    return WalkPages(k, g)
 
 
 def walk_roots(k: Kernel, g: VMGraph, top: int | None) -> list[int]:
