@@ -84,7 +84,7 @@ def run_one(session: Session, argv: list[str]) -> None:
     ns = load_all()
     if (cmd := asks_help(argv)) is not None:
         argv = ["help", cmd]
-    session.begin()
+    session.begin(progress="--json" not in argv)
     ns.run(session.target.prog, shlex.join(argv), globals={"session": session})
 
 

@@ -237,6 +237,8 @@ def _expand(k: Kernel, vg: VMGraph, start: list[int]) -> None:
         parent = nodes[addr]
         if not 2 <= parent.level <= 5:
             continue
+        if k.on_progress is not None:
+            k.on_progress(len(nodes))
         bad = 0
         pairs = []
         want = parent.level - 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import array
 import contextlib
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import drgn
@@ -56,6 +56,7 @@ class KernelBase:
         self._pages: dict[int, bytes | None] = {}  # see read_block()
         self._roles: dict[int, Role] = {}  # one Role per distinct role word
         self._by_spt: dict[int, int] = {}  # pfn of sp->spt -> sp, of decoded pages
+        self.on_progress: Callable[[int], None] | None = None  # pages read so far
         self._sp_decoder: Any = None  # read_pages.SpDecoder, made on first use
 
     @property

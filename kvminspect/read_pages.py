@@ -351,6 +351,8 @@ class PageReader(KernelBase):
             seen.add(node)
             addr = node - link
             out.append(addr)
+            if not len(out) & 0x3FFF and self.on_progress is not None:
+                self.on_progress(len(out))
             page = addr & page_mask
             data = pages.get(page)
             off = addr - page

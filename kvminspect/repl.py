@@ -162,7 +162,7 @@ def run_line(session: Session, line: str) -> bool:
         _builtin_help(prog)
         return True
     try:
-        session.begin()
+        session.begin(progress="--json" not in text.split())
         NAMESPACE.run(prog, rewrite(prog, text), globals={"session": session},
                       onerror=report_error)
     except Exception as e:  # run() hands errors to onerror; this is a last resort

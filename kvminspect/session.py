@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import drgn
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kvminspect import graph
 from kvminspect.errors import LookupFailed, Problem
+from kvminspect.layout import known
 from kvminspect.model import VM, Kernel, ShadowPage
 from kvminspect.target import Target, open_core
 
@@ -22,6 +29,7 @@ class Session:
     printed: set[Problem] = field(default_factory=set)  # warned on stderr already
     _graphs: dict[int, graph.VMGraph] = field(default_factory=dict)
     _others: dict[str, Session] = field(default_factory=dict)  # diff's B, by path
+    progress: bool = False  # a progress bar for slow graph builds (set by begin())
 
     @property
     def kernel(self) -> Kernel:
@@ -39,9 +47,11 @@ class Session:
             return [self.selected]
         return self.kernel.vms()
 
-    def begin(self) -> None:
+    def begin(self, progress: bool = False) -> None:
         """Before each command: on a live target, read the kernel anew (the layout
-        is kept); the selected VM stays selected if it still exists."""
+        is kept); the selected VM stays selected if it still exists. *progress*:
+        the command may show a progress bar (see graph()), i.e. not under --json."""
+        self.progress = progress
         if not self.target.fresh():
             return
         self._graphs.clear()
@@ -67,10 +77,10 @@ class Session:
                     k.problem("struct kvm", vm.addr,
                               f"{vm.unsupported} not supported: its MMU is not read")
                 self._graphs[vm.addr] = graph.VMGraph(vm, [])
-            elif not self.target.live:
-                self._graphs[vm.addr] = graph.build(k, vm)
             else:
-                self._graphs[vm.addr] = self._live_graph(vm)
+                with progress_bar(k, vm, self.progress):
+                    self._graphs[vm.addr] = (self._live_graph(vm) if self.target.live
+                                             else graph.build(k, vm))
         return self._graphs[vm.addr]
 
     def _live_graph(self, vm: VM) -> graph.VMGraph:
@@ -113,3 +123,41 @@ class Session:
     def prompt(self) -> str:
         vm = f" vm{self.selected.index}" if self.selected else ""
         return f"kvminspect({self.target.name}{vm})> "
+
+
+PROGRESS_AFTER = 1.0  # seconds a graph build runs before its progress bar shows
+
+
+@contextlib.contextmanager
+def progress_bar(k: Kernel, vm: VM, enabled: bool) -> Iterator[None]:
+    """A rich progress bar on stderr while *vm*'s graph is built, shown once the
+    build has taken PROGRESS_AFTER seconds; only on a terminal and when
+    *enabled* (never under --json). The total is the VM's own count of shadow
+    pages (n_used_mmu_pages) when the kernel has it."""
+    if not enabled or not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        yield
+        return
+    start = time.monotonic()
+    total = vm.n_used_mmu_pages if known(vm.n_used_mmu_pages) and vm.n_used_mmu_pages else None
+    bar: list[Progress] = []
+
+    def tick(pages: int) -> None:
+        if not bar:
+            if time.monotonic() - start < PROGRESS_AFTER:
+                return
+            p = Progress(TextColumn(f"vm{vm.index}: reading shadow pages"), BarColumn(),
+                         MofNCompleteColumn(), TimeElapsedColumn(),
+                         console=Console(file=sys.stderr), transient=True)
+            p.add_task("pages", total=total, completed=pages)
+            p.start()
+            p.refresh()  # shown now; rich refreshes it ten times a second from here
+            bar.append(p)
+        bar[0].update(bar[0].task_ids[0], completed=pages)
+
+    k.on_progress = tick
+    try:
+        yield
+    finally:
+        k.on_progress = None
+        if bar:
+            bar[0].stop()
