@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import json
 
-import pytest
-
 from kvminspect import session as session_mod
 from kvminspect.cli import run_one
 from kvminspect.session import Session
@@ -18,23 +16,26 @@ class Tty(io.StringIO):
         return True
 
 
-@pytest.fixture
-def tty_stderr(monkeypatch) -> Tty:
+def terminal_stderr(monkeypatch, after: float = 0.0) -> Tty:
+    """sys.stderr a terminal, builds slow after *after* seconds. Called in the
+    test body: pytest's capture puts its own sys.stderr back when the test starts."""
     err = Tty()
     monkeypatch.setattr("sys.stderr", err)
-    monkeypatch.setattr(session_mod, "PROGRESS_AFTER", 0.0)  # every build counts as slow
+    monkeypatch.setattr(session_mod, "PROGRESS_AFTER", after)
     return err
 
 
-def test_progress_bar_on_a_terminal(tty_stderr: Tty, capsys) -> None:
+def test_progress_bar_on_a_terminal(monkeypatch, capsys) -> None:
+    err = terminal_stderr(monkeypatch)
     run_one(Session(open_fixture("6.1-shadow")), ["roots"])
-    assert "vm0: reading shadow pages" in tty_stderr.getvalue()
+    assert "vm0: reading shadow pages" in err.getvalue()
     assert "reading shadow pages" not in capsys.readouterr().out
 
 
-def test_no_progress_bar_under_json(tty_stderr: Tty, capsys) -> None:
+def test_no_progress_bar_under_json(monkeypatch, capsys) -> None:
+    err = terminal_stderr(monkeypatch)
     run_one(Session(open_fixture("6.1-shadow")), ["roots", "--json"])
-    assert tty_stderr.getvalue() == ""
+    assert err.getvalue() == ""
     assert json.loads(capsys.readouterr().out)["command"] == "roots"
 
 
@@ -44,9 +45,7 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(monkeypatch, capsys) -> N
     assert "reading shadow pages" not in capsys.readouterr().err
 
 
-def test_no_progress_bar_for_a_fast_build(tty_stderr: Tty) -> None:
-    run_one(Session(open_fixture("6.1-shadow")), ["roots"])  # PROGRESS_AFTER is 0 here
-    tty_stderr.truncate(0)
-    session_mod.PROGRESS_AFTER = 3600.0  # restored by monkeypatch
+def test_no_progress_bar_for_a_fast_build(monkeypatch) -> None:
+    err = terminal_stderr(monkeypatch, after=3600.0)
     run_one(Session(open_fixture("6.1-shadow")), ["roots"])
-    assert tty_stderr.getvalue() == ""
+    assert err.getvalue() == ""
