@@ -4,6 +4,7 @@
     python -m benchmarks.scale --write-readme      # the same, then the table into README.md
     python -m benchmarks.scale --sizes shadow-20k,tdp-100k --runs 5
     python -m benchmarks.scale --generate-only
+    python -m benchmarks.scale --from-results --write-readme   # the last run's table again
 
 The cores are made on demand by the fixture pipeline (tests/vmcores/pipeline/
 mkfixture.py --big-shadow N / --big-tdp N: a Debian 6.1 host under QEMU TCG
@@ -346,18 +347,23 @@ def machine() -> str:
         drgn_version = drgn.__version__
     except ImportError:
         drgn_version = "?"
-    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+    git = ["git", "-C", str(ROOT)]
+    commit = subprocess.run([*git, "log", "-1", "--format=%h", "--", "kvminspect"],
                             capture_output=True, text=True).stdout.strip() or "?"
+    if subprocess.run([*git, "status", "--porcelain", "--", "kvminspect"],
+                      capture_output=True, text=True).stdout.strip():
+        commit += " (modified)"
     os_name = platform.freedesktop_os_release().get("PRETTY_NAME", platform.system()) \
         if hasattr(platform, "freedesktop_os_release") else platform.system()
     return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {os_name}, "
             f"Python {platform.python_version()}, drgn {drgn_version}, kvminspect {commit}")
 
 
-def table(results: list[dict[str, Any]]) -> str:
-    """The results as Markdown: one table of cores, one of commands."""
+def table(results: list[dict[str, Any]], measured: str) -> str:
+    """The results as Markdown: one table of cores, one of commands; *measured*
+    says when and on what."""
     lines = [
-        f"Measured {datetime.date.today().isoformat()} on: {machine()}.",
+        f"Measured {measured}.",
         "",
         "| core | pages | unsync | vmcore MB | generated in | open s | model + graph s "
         "| peak RSS MB | naive walk s | naive / model |",
@@ -384,10 +390,12 @@ def table(results: list[dict[str, Any]]) -> str:
         floor = r["commands"]["vms"]["rss_mb"]
         for cmd in COMMANDS:
             c = r["commands"][cmd]
-            per_page = (c["rss_mb"] - floor) * 1024 / pages if pages else 0.0
+            per_page = max(0.0, (c["rss_mb"] - floor) * 1024 / pages) if pages else 0.0
+            ms = r["repl_s"][cmd] * 1000
+            repl = f"{ms:.0f}" if ms >= 10 else f"{ms:.1f}"
             bad = "" if c["status"] == [0] else f" (exit {c['status']})"
             lines.append(f"| {r['name']} | {cmd} | {c['wall_s']:.2f}{bad} | {c['rss_mb']:.0f} "
-                         f"| {per_page:.2f} | {r['repl_s'][cmd] * 1000:.0f} |")
+                         f"| {per_page:.2f} | {repl} |")
     return "\n".join(lines) + "\n"
 
 
@@ -410,6 +418,9 @@ def main() -> None:
                     help="write the table into benchmarks/README.md")
     ap.add_argument("--fixture-work", type=Path, default=FIXTURE_WORK,
                     help="mkfixture's work directory whose kernel packages to reuse")
+    ap.add_argument("--from-results", action="store_true",
+                    help="measure nothing: print (and with --write-readme write) the table of "
+                    "the last run's results.json")
     ap.add_argument("--inproc", type=Path, help=argparse.SUPPRESS)  # the per-core child
     args = ap.parse_args()
     if args.inproc:
@@ -421,15 +432,26 @@ def main() -> None:
         ap.error(f"unknown sizes {unknown}: choose from {','.join(SPECS)}")
     cache = cache_root()
     cache.mkdir(parents=True, exist_ok=True)
+    if args.from_results:
+        doc = json.loads((cache / "results.json").read_text())
+        report(doc["cores"], doc["measured"], args.write_readme)
+        return
     for name in names:
         generate(SPECS[name], cache, args.fixture_work)
     if args.generate_only:
         return
     results = [measure(SPECS[n], cache, args.runs) for n in names]
-    (cache / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    text = table(results)
+    measured = f"{datetime.date.today().isoformat()} on: {machine()}"
+    (cache / "results.json").write_text(
+        json.dumps({"measured": measured, "cores": results}, indent=1) + "\n")
+    report(results, measured, args.write_readme)
+
+
+def report(results: list[dict[str, Any]], measured: str, readme: bool) -> None:
+    """Print the table; with *readme*, write it into benchmarks/README.md too."""
+    text = table(results, measured)
     print(text)
-    if args.write_readme:
+    if readme:
         write_readme(text)
         log(f"wrote {README}")
 
