@@ -170,4 +170,58 @@ load_set32:
 	jmp	8b
 9:	ret
 guest_end:
+
+/*
+ * guest_big_start: the big workloads (vmm -B, -T), copied alone to
+ * GUEST_CODE_GPA and entered in long mode on the VMM's tables with rdi = vCPU
+ * index, rsi = GPA (== VA) of struct big_params (vmm.c). vCPU 0 touches one
+ * word at va + i * 2 MiB for i < n (reads it, or writes it if `write`), then
+ * writes `newpte` into PTE slot 100 of `nunsync` level-1 tables, `stride`
+ * bytes apart from `ptbase` (identity-mapped), reports with OUT 0x10 and
+ * halts. Other vCPUs report and halt at once.
+ */
+#define B_N        0
+#define B_VA       8
+#define B_WRITE    16
+#define B_NUNSYNC  24
+#define B_PTBASE   32
+#define B_STRIDE   40
+#define B_NEWPTE   48
+
+	.code64
+	.globl guest_big_start, guest_big_end
+guest_big_start:
+	test	%rdi, %rdi
+	jnz	4f
+	mov	B_N(%rsi), %rcx
+	mov	B_VA(%rsi), %rbx
+	mov	B_WRITE(%rsi), %r8
+1:	test	%rcx, %rcx
+	jz	3f
+	test	%r8, %r8
+	jnz	2f
+	mov	(%rbx), %rax			/* read: a shadow page per table */
+	jmp	21f
+2:	mov	%rcx, (%rbx)			/* write: a 4 KiB leaf per region */
+21:	add	$0x200000, %rbx
+	dec	%rcx
+	jmp	1b
+
+3:	mov	B_NUNSYNC(%rsi), %rcx
+	mov	B_PTBASE(%rsi), %rbx
+	mov	B_STRIDE(%rsi), %r9
+	mov	B_NEWPTE(%rsi), %rax
+31:	test	%rcx, %rcx
+	jz	4f
+	mov	%rax, 800(%rbx)			/* PTE slot 100: KVM marks it unsync */
+	add	%r9, %rbx
+	dec	%rcx
+	jmp	31b
+
+4:	mov	$0x10, %dx
+	xor	%eax, %eax
+	out	%eax, (%dx)			/* report: VMM reads CR3 */
+5:	hlt
+	jmp	5b
+guest_big_end:
 	.section .note.GNU-stack,"",@progbits

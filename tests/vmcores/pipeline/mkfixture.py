@@ -6,9 +6,14 @@ The emulated host (L1) boots a Debian stock kernel under qemu-system-x86_64
 runs our VMM (vmm.c + guest.S). When the VMM prints its record, the host's
 memory is dumped through QMP dump-guest-memory, filtered with makedumpfile,
 compressed, and written next to the small debug-info set and truth.json.
-With --vms 2 the VMM runs two VMs in one process.
+With --vms 2 the VMM runs two VMs in one process. With --big-shadow N or
+--big-tdp N the VMM runs a big workload instead (N level-1 shadow or TDP MMU
+pages, one working vCPU; see vmm.c), for benchmarks: such a core is written
+where --out says, and truth.json describes the workload (see big_truth).
 
     tests/vmcores/pipeline/mkfixture.py --kernel 6.1 --mmu shadow --name 6.1-shadow
+    tests/vmcores/pipeline/mkfixture.py --kernel 6.1 --mmu shadow --big-shadow 100000 \
+        --host-mem 3072 --timeout 900 --compress none --out /var/tmp/big-100k
 
 See tests/vmcores/README.md for the whole recipe and the prerequisites.
 """
@@ -174,9 +179,24 @@ def build_initramfs(work: Path, tree: Path, release: str, vmm: Path, init: str) 
     return write_initramfs(work / "initramfs.cpio", vmm, init, modules)
 
 
+def big_kind(args: argparse.Namespace) -> str | None:
+    """"shadow" (--big-shadow N), "tdp" (--big-tdp N) or None (the usual guest)."""
+    if getattr(args, "big_shadow", None):
+        return "shadow"
+    if getattr(args, "big_tdp", None):
+        return "tdp"
+    return None
+
+
 def vmm_command(args: argparse.Namespace) -> str:
     """The VMM's command line in /init (a stand-in that records nothing for
     the special hosts)."""
+    kind = big_kind(args)
+    if kind == "shadow":  # one vCPU: the big workloads need no more
+        unsync = "" if args.big_unsync is None else f" -U {args.big_unsync}"
+        return f"/bin/vmm -v 1 -B {args.big_shadow}{unsync}"
+    if kind == "tdp":
+        return f"/bin/vmm -v 1 -T {args.big_tdp}"
     vmm = f"/bin/vmm -v {args.vcpus} -s {args.sets} -w {args.windows} -r {args.rounds}"
     vmm += " -z" * args.zap + " -b" * args.busy + " -p" * args.pae
     if args.vms > 1:  # a second VM in the same process, with its own shape
@@ -376,11 +396,13 @@ def drop_range(src: Path, dst: Path, lo: int, hi: int) -> int:
     return dropped
 
 
-def filter_dump(dump: Path, out: Path, level: int, vmlinux: Path) -> Path:
-    """makedumpfile -E -d LEVEL (ELF output), kernel text dropped, then xz -9e.
+def filter_dump(dump: Path, out: Path, level: int, vmlinux: Path, compress: str = "xz"
+                ) -> Path:
+    """makedumpfile -E -d LEVEL (ELF output), kernel text dropped, then xz -9e
+    (*compress* "xz"), zstd -T2 ("zstd") or nothing ("none": *out* is the ELF).
 
     Returns the uncompressed ELF that was compressed into *out* (the caller
-    may read it and then deletes it).
+    may read it and then deletes it), or *out* itself with "none".
     """
     fix_elf_phdrs(dump)
     filtered = dump.with_suffix(".filtered")
@@ -397,9 +419,13 @@ def filter_dump(dump: Path, out: Path, level: int, vmlinux: Path) -> Path:
     lo, hi = kernel_text_range(filtered, vmlinux)
     n = drop_range(filtered, notext, lo, hi)
     log(f"dropped {n >> 10} KiB of kernel text at {lo:#x}-{hi:#x}")
-    with open(out, "wb") as f:
-        run(["xz", "-9e", "-T2", "-c", str(notext)], stdout=f)
     filtered.unlink()
+    if compress == "none":
+        os.replace(notext, out)
+        return out
+    cmd = ["xz", "-9e", "-T2", "-c"] if compress == "xz" else ["zstd", "-q", "-T2", "-c"]
+    with open(out, "wb") as f:
+        run([*cmd, str(notext)], stdout=f)
     return notext
 
 
@@ -496,6 +522,71 @@ def vm_truth(rec: dict, vmm_pid: int, args: argparse.Namespace) -> dict:
     }
 
 
+def big_truth(record: dict, release: str, args: argparse.Namespace, params: str) -> dict:
+    """truth.json of a big core: the workload (the VMM's "big" record), the vCPUs,
+    and the MMU pages the VMM expects at least, per level ("1" .. "4").
+
+    Shadow (--big-shadow N): N level-1 shadow pages (one per guest table), one
+    per guest table above them (the VMM's "upper"), beside those of the
+    identity map (direct pages and their guest PD/PDPT, not counted);
+    unsync_gfns are the tables the guest wrote. TDP MMU (--big-tdp N): N
+    level-1 pages, one level-2 page per 512 of them, the root and one level-3
+    page (beside those of the guest's first GiB, not counted).
+    """
+    b = record["big"]
+    n = b["n"]
+    if b["kind"] == "shadow":
+        levels = {"1": n, "2": b["upper"][0], "3": b["upper"][1], "4": b["upper"][2]}
+        base = int(b["pt_base"], 16) >> 12
+        unsync = [hex(base + j * b["stride"]) for j in range(b["unsync"])]
+    else:
+        levels = {"1": n, "2": -(-n // 512), "3": 1, "4": 1}
+        unsync = []
+    return {
+        "kernel_release": release,
+        "mmu": args.mmu,
+        "big": b,
+        "paging_levels": 5 if args.la57 else 4,
+        "vmm_pid": record["vmm_pid"],
+        "vcpus": [{"vcpu_id": v["vcpu_id"], "tid": v["tid"], "cr3": v["cr3"]}
+                  for v in record["vcpus"]],
+        "expected_min_pages": sum(levels.values()),
+        "expected_min_pages_by_level": levels,
+        "unsync_gfns": unsync,
+        "module_params": params,
+        "made_with": " ".join(sys.argv[1:]),
+    }
+
+
+def big_counts(elf: Path, vmlinux: Path, kvm_ko: Path, tdp: bool) -> dict:
+    """What the dump holds, read with plain drgn: the VM's n_used_mmu_pages
+    (shadow pages KVM counts) and, with the TDP MMU (*tdp*) and 6.1's
+    tdp_mmu_pages list, the TDP MMU pages on it plus the TDP roots (the lists
+    are not initialised without the TDP MMU). A count this kernel lacks is
+    left out."""
+    import drgn
+    from drgn.helpers.linux.list import list_count_nodes, list_for_each_entry
+
+    prog = drgn.Program()
+    prog.set_core_dump(str(elf))
+    prog.load_debug_info([str(vmlinux), str(kvm_ko)])
+    out: dict = {}
+    for kvm in list_for_each_entry("struct kvm", prog["vm_list"].address_of_(), "vm_list"):
+        arch = kvm.arch
+        try:
+            out["n_used_mmu_pages"] = arch.n_used_mmu_pages.value_()
+        except AttributeError:
+            pass
+        try:
+            if tdp and arch.tdp_mmu_pages.type_.tag == "list_head":
+                out["tdp_mmu_pages"] = (list_count_nodes(arch.tdp_mmu_pages.address_of_())
+                                        + list_count_nodes(arch.tdp_mmu_roots.address_of_()))
+        except AttributeError:
+            pass
+        break  # the big workloads make one VM
+    return out
+
+
 def truth(record: dict, release: str, args: argparse.Namespace, params: str,
           vm_order: list[int] | None = None) -> dict:
     """truth.json: the VMM's record in the shape the tests expect.
@@ -527,7 +618,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kernel", choices=sorted(KERNELS), required=True)
     ap.add_argument("--mmu", choices=["shadow", "tdp_mmu", "tdp_legacy"], required=True)
-    ap.add_argument("--name", required=True, help="fixture directory under tests/vmcores")
+    ap.add_argument("--name", help="fixture directory under tests/vmcores")
+    ap.add_argument("--out", type=Path,
+                    help="write the fixture into this directory instead (no --name needed)")
+    ap.add_argument("--compress", choices=["xz", "zstd", "none"], default="xz",
+                    help="the filtered dump as vmcore.xz (default), vmcore.zst or vmcore (ELF)")
+    ap.add_argument("--big-shadow", type=int, metavar="N",
+                    help="big workload: N guest level-1 tables, N level-1 shadow pages "
+                    "(--mmu shadow; VMM -B)")
+    ap.add_argument("--big-unsync", type=int, metavar="M",
+                    help="with --big-shadow: tables the guest writes (default min(800, N))")
+    ap.add_argument("--big-tdp", type=int, metavar="N",
+                    help="big workload: N 2 MiB regions touched, N level-1 TDP MMU pages "
+                    "(--mmu tdp_mmu; VMM -T)")
     ap.add_argument("--zap", action="store_true", help="delete a memslot after the workload")
     ap.add_argument("--busy", action="store_true", help="vCPUs spin in guest mode")
     ap.add_argument("--special", choices=["no-vm", "no-kvm"],
@@ -556,6 +659,12 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--work", type=Path, default=Path("/var/tmp/kvminspect-fixtures"))
     args = ap.parse_args()
+    if not args.name and not args.out:
+        ap.error("give --name or --out")
+    if args.big_shadow and args.big_tdp:
+        ap.error("--big-shadow and --big-tdp exclude each other")
+    if args.big_shadow and args.mmu != "shadow" or args.big_tdp and args.mmu != "tdp_mmu":
+        ap.error("--big-shadow needs --mmu shadow, --big-tdp --mmu tdp_mmu")
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -566,22 +675,32 @@ def main() -> None:
     dump, record, params = boot_and_dump(work, tree, release, initrd, args)
     log(f"booted and dumped in {time.time() - t0:.0f}s ({params})")
 
-    outdir = VMCORES / args.name
+    outdir = args.out if args.out else VMCORES / args.name
     outdir.mkdir(parents=True, exist_ok=True)
     level = args.dump_level if args.dump_level is not None else DUMP_LEVEL[args.kernel]
     vmlinux = dbg / "usr/lib/debug/boot" / f"vmlinux-{release}"
-    elf = filter_dump(dump, outdir / "vmcore.xz", level, vmlinux)
+    core = outdir / {"xz": "vmcore.xz", "zstd": "vmcore.zst", "none": "vmcore"}[args.compress]
+    t0 = time.time()
+    elf = filter_dump(dump, core, level, vmlinux, args.compress)
+    log(f"filtered in {time.time() - t0:.0f}s")
     dump.unlink()
     vm_order = None
+    kvm_ko = dbg / "usr/lib/debug/lib/modules" / release / "kernel/arch/x86/kvm/kvm.ko"
     if "vms" in record:
-        kvm_ko = dbg / "usr/lib/debug/lib/modules" / release / "kernel/arch/x86/kvm/kvm.ko"
         vm_order = vm_list_order(elf, vmlinux, kvm_ko, record)
         log(f"vm_list, head first: VMs {vm_order} (creation order)")
-    elf.unlink()
+    counts = big_counts(elf, vmlinux, kvm_ko, args.mmu == "tdp_mmu") if "big" in record else None
+    if elf != core:
+        elf.unlink()
     shared = VMCORES / args.share_debug if args.share_debug else None
     if not args.skip_debug:
         debug_set(work, dbg, release, outdir, shared)
-    t = truth(record, release, args, params, vm_order)
+    if counts is not None:
+        t = big_truth(record, release, args, params)
+        t["in_dump"] = counts
+        log(f"in the dump: {counts}; expected at least {t['expected_min_pages']}")
+    else:
+        t = truth(record, release, args, params, vm_order)
     t["dump_level"] = level
     (outdir / "truth.json").write_text(json.dumps(t, indent=1) + "\n")
     sizes = {p.name: p.stat().st_size for p in outdir.iterdir() if not p.is_symlink()}

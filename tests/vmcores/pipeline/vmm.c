@@ -8,6 +8,7 @@
  *
  * Usage: vmm [-v VCPUS] [-s SETS] [-w WIN,WIN,...] [-r ROUNDS] [-z] [-b] [-p]
  *            [-n VMS] [-V VCPUS] [-S SETS] [-W WIN,WIN,...] [-Z] [-c]
+ *        vmm [-v VCPUS] -B N [-U M] | -T N      (the big workloads)
  *   -v, -s  vCPUs (default 4) and page-table sets (default 4) of the first VM
  *   -w  windows (level-1 page tables written by the guest) per set (default 1)
  *   -p  the guest runs in 32-bit protected mode with PAE paging (3 levels)
@@ -25,6 +26,32 @@
  * -r, -p, -z, -b, -c and -Z apply to every VM. With -n 1 the record is the one-VM
  * record; with -n 2 it also has "vms": every VM's fields in creation order.
  * -c and -Z do not change the record.
+ *
+ * The big workloads (one VM; -v, default 4, still sets the vCPUs, but only
+ * vCPU 0 works: the others report and halt at once; no other option applies):
+ *   -B N  shadow MMU (npt=0): N distinct guest level-1 page tables, table i
+ *         mapping VA BIG_VA + i * 2 MiB (its entry 0 -> one of BIG_POOL data
+ *         pages, so no gfn has more than RMAP_RECYCLE_THRESHOLD mappings up to
+ *         N = 512k). The VMM writes every table before the vCPU starts; the
+ *         memslot holds them (N * 4 KiB and the upper levels), the rest of the
+ *         guest is identity-mapped with 2 MiB pages. The VM's shadow page limit
+ *         is raised with KVM_SET_NR_MMU_PAGES (N + N / 16 + 4096). vCPU 0 reads
+ *         one word under each table (KVM makes one level-1 shadow page per
+ *         table, plus their level-2..4 parents), then writes PTE slot 100 of M
+ *         tables, evenly spaced from the first (through the identity map): KVM
+ *         marks those M shadow pages unsync.
+ *   -U M  unsync tables of -B (default min(800, N))
+ *   -T N  TDP MMU (npt=1): a guest identity-mapped with 2 MiB pages writes one
+ *         word at the start of each of N distinct 2 MiB regions from 1 GiB up
+ *         (GPA 1 GiB + i * 2 MiB): N level-1 TDP pages and their parents. The
+ *         memslot (1 GiB + N * 2 MiB) is MAP_NORESERVE anonymous memory with
+ *         MADV_NOHUGEPAGE, so only touched pages cost and every leaf is 4 KiB.
+ * The big record: "vmm_pid", "nvcpus", "vcpus" (as above, "final_set" 0) and
+ * "big": {"kind": "shadow"|"tdp", "n", "unsync", "stride" (tables between two
+ * written ones), "pt_base" (GPA of table 0; tables are contiguous), "va" (of
+ * table 0's range, or the first touched GPA), "memsize", "tables" (guest
+ * page-table pages besides the N), "upper": [level-2, level-3, level-4 guest
+ * tables above the N], "nr_mmu_pages" (the limit set; 0 for -T)}.
  *
  * Built static (gcc -static) so that it runs from a busybox initramfs.
  */
@@ -57,6 +84,12 @@
 #define WIN_VA 0x200000ul     /* window j of every set at WIN_VA + j * 2 MiB */
 #define PTE_P 1ul
 #define PTE_W 2ul
+#define PTE_PS 0x80ul
+#define HUGE (2ul << 20)
+#define BIG_VA (1ul << 39)    /* -B: table i maps BIG_VA + i * 2 MiB (PML4[1] up) */
+#define BIG_PT_GPA 0x400000ul /* -B, -T: guest page tables from here (above the pool) */
+#define BIG_POOL 512ul        /* -B: data pages (2 MiB from DATA_GPA) the tables map */
+#define TDP_BASE (1ul << 30)  /* -T: touched region i at TDP_BASE + i * 2 MiB */
 
 struct set_params {           /* layout shared with guest.S (S_*) */
 	uint64_t cr3, nwin, winva, winpt[MAX_WIN];
@@ -67,7 +100,12 @@ struct guest_params {         /* layout shared with guest.S (P_*) */
 	uint64_t final_set[MAX_VCPUS];
 };
 
+struct big_params {           /* layout shared with guest.S (B_*) */
+	uint64_t n, va, write, nunsync, ptbase, stride, newpte, pad;
+};
+
 extern const uint8_t guest_start[], guest32_start[], guest_end[];
+extern const uint8_t guest_big_start[], guest_big_end[];
 
 struct vm;
 struct vcpu {
@@ -91,6 +129,14 @@ struct vm {
 };
 
 static int kvm_fd, nvms = 1, rounds = 3, zap, busy, pae, cycle, zap_wait;
+
+/* -B / -T: the big workload's shape (kind 0: none) */
+static struct {
+	char kind;                    /* 'B' (shadow) or 'T' (TDP) */
+	long n, nunsync;
+	uint64_t stride, memsize, ptbase, va, cr3, nr_mmu_pages, limit;
+	long tables, upper[3];        /* guest tables: all but the N, and per level 2..4 */
+} big = { .nunsync = -1 };
 static struct vm vms[MAX_VMS] = {
 	{ .nvcpus = 4, .nsets = 4, .nwin = {1, 1, 1, 1, 1, 1, 1, 1} },
 	{ .nvcpus = 2, .nsets = 2, .nwin = {1, 3, 3, 3, 3, 3, 3, 3} },
@@ -198,6 +244,112 @@ static void setup_memory(struct vm *vm)
 		p->final_set[i] = vm->nsets > 1 ? i % (vm->nsets - 1) : 0;
 }
 
+/* -B, -T: the next guest page-table page (zero: the memory is fresh) */
+static uint64_t big_alloc(struct vm *vm)
+{
+	uint64_t gpa = vm->next_pt;
+
+	vm->next_pt += 0x1000;
+	if (vm->next_pt > big.limit)
+		die("out of big page-table space");
+	big.tables++;
+	return gpa;
+}
+
+/* -B, -T: the level-LEVEL entry (1: PTE, 2: PDE, ...) of VA under the PML4,
+ * making the tables above it; new tables are counted per level in big.upper */
+static uint64_t *big_entry(struct vm *vm, uint64_t pml4, uint64_t va, int level)
+{
+	uint64_t table = pml4;
+
+	for (int l = 4; l > level; l--) {
+		uint64_t *e = &pt(vm, table)[(va >> (12 + 9 * (l - 1))) & 511];
+		if (!*e) {
+			*e = big_alloc(vm) | PTE_P | PTE_W;
+			big.upper[l - 3]++;   /* a new level-(l - 1) table */
+		}
+		table = *e & ~0xffful;
+	}
+	return &pt(vm, table)[(va >> (12 + 9 * (level - 1))) & 511];
+}
+
+/*
+ * -B, -T: memory slot 0 (MAP_NORESERVE, MADV_NOHUGEPAGE), the big guest's
+ * code, parameters and page tables: the identity map of the whole slot with
+ * 2 MiB pages, and with -B the N level-1 tables (contiguous from BIG_PT_GPA)
+ * and the tables above them. Only the N tables' own upper levels are counted
+ * in big.upper (the identity map's are not).
+ */
+static void setup_big(struct vm *vm)
+{
+	long n = big.n;
+
+	if (big.kind == 'B') {
+		long extra = n / 256 + 64;   /* upper levels, identity map, PML4 */
+		big.memsize = (BIG_PT_GPA + (n + extra) * 0x1000ul + HUGE - 1) & ~(HUGE - 1);
+	} else {
+		big.memsize = TDP_BASE + n * HUGE;
+	}
+	big.limit = big.kind == 'B' ? big.memsize : TDP_BASE;
+	vm->mem = mmap(NULL, big.memsize, PROT_READ | PROT_WRITE,
+		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (vm->mem == MAP_FAILED)
+		die("mmap %lu bytes", big.memsize);
+	if (madvise(vm->mem, big.memsize, MADV_NOHUGEPAGE) < 0)
+		die("madvise");
+	struct kvm_userspace_memory_region r = {
+		.slot = 0, .guest_phys_addr = 0, .memory_size = big.memsize,
+		.userspace_addr = (uint64_t)vm->mem,
+	};
+	if (ioctl(vm->fd, KVM_SET_USER_MEMORY_REGION, &r) < 0)
+		die("KVM_SET_USER_MEMORY_REGION");
+	memcpy(vm->mem + CODE_GPA, guest_big_start, guest_big_end - guest_big_start);
+
+	struct big_params *p = (struct big_params *)(vm->mem + PARAMS_GPA);
+	vm->next_pt = BIG_PT_GPA;
+	if (big.kind == 'B') {
+		if (big.nunsync < 0)
+			big.nunsync = n < 800 ? n : 800;
+		if (big.nunsync > n)
+			big.nunsync = n;
+		big.stride = big.nunsync ? n / big.nunsync : 0;
+		big.ptbase = BIG_PT_GPA;
+		big.va = BIG_VA;
+		vm->next_pt += n * 0x1000ul;   /* the N tables: not counted in big.tables */
+		if (vm->next_pt > big.limit)
+			die("out of big page-table space");
+	} else {
+		big.nunsync = 0;
+		big.va = TDP_BASE;
+	}
+	uint64_t pml4 = big_alloc(vm);
+	big.upper[2] = 1;
+	big.cr3 = pml4;
+	for (long i = 0; i < (big.kind == 'B' ? n : 0); i++) {
+		uint64_t t = big.ptbase + i * 0x1000ul;
+		pt(vm, t)[0] = (DATA_GPA + (i % BIG_POOL) * 0x1000) | PTE_P | PTE_W;
+		*big_entry(vm, pml4, BIG_VA + i * HUGE, 2) = t | PTE_P | PTE_W;
+	}
+	long counted[3] = { big.upper[0], big.upper[1], big.upper[2] };
+	for (uint64_t a = 0; a < big.memsize; a += HUGE)
+		*big_entry(vm, pml4, a, 2) = a | PTE_P | PTE_W | PTE_PS;
+	memcpy(big.upper, counted, sizeof(counted));
+
+	p->n = n;
+	p->va = big.va;
+	p->write = big.kind == 'T';
+	p->nunsync = big.nunsync;
+	p->ptbase = big.ptbase;
+	p->stride = big.stride * 0x1000;
+	p->newpte = (DATA_GPA + 0x10000) | PTE_P | PTE_W;
+
+	if (big.kind == 'B') {
+		big.nr_mmu_pages = n + n / 16 + 4096;
+		if (ioctl(vm->fd, KVM_SET_NR_MMU_PAGES, big.nr_mmu_pages) < 0)
+			die("KVM_SET_NR_MMU_PAGES %lu", big.nr_mmu_pages);
+	}
+}
+
 /* KVM_CREATE_VM, the in-kernel irqchip, memory slot 0 and the guest's tables */
 static void create_vm(struct vm *vm)
 {
@@ -206,7 +358,10 @@ static void create_vm(struct vm *vm)
 		die("KVM_CREATE_VM");
 	if (ioctl(vm->fd, KVM_CREATE_IRQCHIP, 0) < 0)
 		die("KVM_CREATE_IRQCHIP");
-	setup_memory(vm);
+	if (big.kind)
+		setup_big(vm);
+	else
+		setup_memory(vm);
 }
 
 static void setup_vcpu(struct vcpu *v, struct kvm_cpuid2 *cpuid)
@@ -240,7 +395,7 @@ static void setup_vcpu(struct vcpu *v, struct kvm_cpuid2 *cpuid)
 	sregs.cr0 = 0x80050033;    /* PG | WP | NE | ET | MP | PE */
 	sregs.cr4 = 0x20;          /* PAE */
 	sregs.efer = pae ? 0 : 0x500;  /* LMA | LME in long mode */
-	sregs.cr3 = vm->p->sets[v->idx % vm->nsets].cr3;
+	sregs.cr3 = big.kind ? big.cr3 : vm->p->sets[v->idx % vm->nsets].cr3;
 	if (ioctl(v->fd, KVM_SET_SREGS, &sregs) < 0)
 		die("KVM_SET_SREGS");
 	memset(&regs, 0, sizeof(regs));
@@ -248,6 +403,8 @@ static void setup_vcpu(struct vcpu *v, struct kvm_cpuid2 *cpuid)
 	regs.rsp = STACK_GPA + (v->idx + 1) * 0x1000;
 	regs.rdi = v->idx;
 	regs.rsi = PARAMS_GPA;
+	if (big.kind)
+		regs.rip = CODE_GPA;
 	regs.rflags = 2;
 	if (ioctl(v->fd, KVM_SET_REGS, &regs) < 0)
 		die("KVM_SET_REGS");
@@ -375,6 +532,28 @@ static void print_record(void)
 	fflush(stdout);
 }
 
+/* -B, -T: the big record (one VM) */
+static void print_big_record(void)
+{
+	const struct vm *vm = &vms[0];
+
+	printf("KVMINSPECT-RECORD {\"vmm_pid\": %d, \"nvcpus\": %d, \"vcpus\": [",
+	       getpid(), vm->nvcpus);
+	for (int i = 0; i < vm->nvcpus; i++) {
+		const struct vcpu *v = &vm->vcpus[i];
+		printf("%s{\"vcpu_id\": %d, \"tid\": %d, \"cr3\": \"0x%lx\", \"final_set\": %d}",
+		       i ? ", " : "", v->idx, v->tid, v->cr3, v->final_set);
+	}
+	printf("], \"big\": {\"kind\": \"%s\", \"n\": %ld, \"unsync\": %ld, "
+	       "\"stride\": %lu, \"pt_base\": \"0x%lx\", \"va\": \"0x%lx\", "
+	       "\"memsize\": %lu, \"tables\": %ld, \"upper\": [%ld, %ld, %ld], "
+	       "\"nr_mmu_pages\": %lu}}\n",
+	       big.kind == 'B' ? "shadow" : "tdp", big.n, big.nunsync, big.stride, big.ptbase,
+	       big.va, big.memsize, big.tables, big.upper[0], big.upper[1], big.upper[2],
+	       big.nr_mmu_pages);
+	fflush(stdout);
+}
+
 /* Wait until every vCPU of every VM has reported; 0 if one of them failed */
 static int wait_reports(void)
 {
@@ -435,14 +614,15 @@ static void wait_zaps(const sigset_t *usr1)
 
 static const char usage[] =
 	"usage: vmm [-v VCPUS] [-s SETS] [-w N,N,..] [-r ROUNDS] [-z] [-b] [-p]\n"
-	"           [-n VMS] [-V VCPUS] [-S SETS] [-W N,N,..] [-Z] [-c]\n";
+	"           [-n VMS] [-V VCPUS] [-S SETS] [-W N,N,..] [-Z] [-c]\n"
+	"       vmm [-v VCPUS] -B N [-U M] | -T N\n";
 
 int main(int argc, char **argv)
 {
 	sigset_t usr1;
 	int opt;
 
-	while ((opt = getopt(argc, argv, "v:s:w:r:zbpn:V:S:W:Zc")) != -1) {
+	while ((opt = getopt(argc, argv, "v:s:w:r:zbpn:V:S:W:ZcB:U:T:")) != -1) {
 		switch (opt) {
 		case 'v': vms[0].nvcpus = atoi(optarg); break;
 		case 's': vms[0].nsets = atoi(optarg); break;
@@ -457,6 +637,8 @@ int main(int argc, char **argv)
 		case 'W': parse_windows(vms[1].nwin, optarg); break;
 		case 'Z': zap_wait = 1; break;
 		case 'c': cycle = 1; break;
+		case 'B': case 'T': big.kind = opt; big.n = atol(optarg); break;
+		case 'U': big.nunsync = atol(optarg); break;
 		default:
 			fputs(usage, stderr);
 			return 2;
@@ -469,6 +651,10 @@ int main(int argc, char **argv)
 	for (int n = 0; n < nvms; n++)
 		if (!check_vm(&vms[n]))
 			return 2;
+	if (big.kind && (big.n < 1 || nvms > 1 || pae || zap || busy || cycle || zap_wait)) {
+		fprintf(stderr, "vmm: -B and -T take N >= 1 and no -n, -p, -z, -b, -c or -Z\n");
+		return 2;
+	}
 
 	/* -Z: SIGUSR1 blocked before any thread starts (they inherit the mask),
 	 * so that it stays pending until the main thread's sigwait() */
@@ -512,7 +698,10 @@ int main(int argc, char **argv)
 
 	if (zap)
 		zap_all();
-	print_record();
+	if (big.kind)
+		print_big_record();
+	else
+		print_record();
 	printf("KVMINSPECT-READY\n");
 	fflush(stdout);
 	if (zap_wait)

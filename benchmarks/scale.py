@@ -1,0 +1,460 @@
+"""Scale benchmark: kvminspect on large real vmcores, against a naive drgn walk.
+
+    python -m benchmarks.scale                     # generate what is missing, measure, print
+    python -m benchmarks.scale --write-readme      # the same, then the table into README.md
+    python -m benchmarks.scale --sizes shadow-20k,tdp-100k --runs 5
+    python -m benchmarks.scale --generate-only
+    python -m benchmarks.scale --from-results --write-readme   # the last run's table again
+
+The cores are made on demand by the fixture pipeline (tests/vmcores/pipeline/
+mkfixture.py --big-shadow N / --big-tdp N: a Debian 6.1 host under QEMU TCG
+whose VMM runs a guest with N distinct level-1 page tables, or N touched 2 MiB
+regions under the TDP MMU) into a cache outside the repository:
+$KVMINSPECT_BENCH_DIR, else ~/.cache/kvminspect-bench/, one directory per
+core (vmcore: the filtered ELF, uncompressed; truth.json; the 6.1 debug set,
+copied from tests/vmcores/6.1-shadow; gen.json: how long generation took). A
+core already there is not made again.
+
+For each core, in one run (after one warm-up ``vms``: the debug files
+decompressed into kvminspect's cache, the core in the page cache):
+  * in-process (a child process per core, so that its peak RSS is the core's):
+    open time (kvminspect.target.open_core), model + graph time (Session.graph
+    of every VM of session.kernel.vms()), peak RSS after that, then each
+    command's REPL latency: the command run through kvminspect.repl.run_line
+    (how the REPL dispatches a line) once, then timed a second time; then the
+    naive walk (see naive_walk) on a fresh Program, and its ratio to the model;
+  * whole process: ``python -m kvminspect -c CORE CMD --json`` for each command
+    (the median wall time of --runs runs after one warm-up, and the peak RSS
+    of the child from wait4()), and per shadow page the memory above the
+    ``vms`` floor: (peak RSS of CMD - peak RSS of vms) / pages.
+
+"pages" is what the naive walk reaches from the roots (every page for these
+cores: they have no orphans). Nothing here asserts a speed: it reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+README = Path(__file__).resolve().parent / "README.md"
+MKFIXTURE = ROOT / "tests" / "vmcores" / "pipeline" / "mkfixture.py"
+DEBUG_FROM = ROOT / "tests" / "vmcores" / "6.1-shadow"  # the 6.1 fixtures' one debug set
+DEBUG_FILES = ("vmlinux.xz", "kvm.ko.xz", "kvm-amd.ko.xz")
+FIXTURE_WORK = Path("/var/tmp/kvminspect-fixtures")  # mkfixture's default --work
+COMMANDS = ("vms", "vcpus", "roots", "tree", "unsync", "check", "stats")
+BEGIN = "<!-- scale:begin (python -m benchmarks.scale --write-readme) -->"
+END = "<!-- scale:end -->"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One benchmark core: its name in the cache and how mkfixture makes it."""
+
+    name: str
+    kind: str  # "shadow" or "tdp"
+    n: int  # level-1 pages the guest makes
+
+    @property
+    def mmu(self) -> str:
+        """mkfixture's --mmu."""
+        return "shadow" if self.kind == "shadow" else "tdp_mmu"
+
+    @property
+    def host_mem(self) -> int:
+        """MiB for the emulated host: ~13 KiB per level-1 page (shadow: the
+        guest's table, spt, shadowed_translation, rmap; TDP: the data page,
+        the host's PTE page, the TDP page) above a 1.5 GiB base, at least 3 GiB."""
+        return max(3072, 1536 + self.n * 13 // 1024)
+
+    @property
+    def timeout(self) -> int:
+        """Seconds for the guest to finish (generous: ~30 s per 100k is typical)."""
+        return 300 + self.n // 250
+
+
+SPECS = {s.name: s for s in (
+    Spec("shadow-20k", "shadow", 20_000),
+    Spec("shadow-100k", "shadow", 100_000),
+    Spec("shadow-300k", "shadow", 300_000),
+    Spec("tdp-100k", "tdp", 100_000),
+)}
+
+
+def log(msg: str) -> None:
+    """One progress line on stderr."""
+    print(f"scale: {msg}", file=sys.stderr, flush=True)
+
+
+def cache_root() -> Path:
+    """$KVMINSPECT_BENCH_DIR, else ~/.cache/kvminspect-bench."""
+    env = os.environ.get("KVMINSPECT_BENCH_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "kvminspect-bench"
+
+
+# -- generation -------------------------------------------------------------
+
+
+def work_dir(cache: Path, fixture_work: Path) -> Path:
+    """mkfixture's --work for the benchmark: its own (dump, console, VMM build),
+    with the kernel packages and trees of *fixture_work* linked in when there."""
+    work = cache / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    for sub in ("debs", "trees", "debug"):
+        src, dst = fixture_work / sub, work / sub
+        if src.is_dir() and not dst.exists():
+            dst.symlink_to(src)
+    return work
+
+
+def is_made(path: Path) -> bool:
+    """Whether *path* holds a finished core."""
+    return all((path / f).exists() for f in ("vmcore", "truth.json", "gen.json", *DEBUG_FILES))
+
+
+def generate(spec: Spec, cache: Path, fixture_work: Path) -> None:
+    """Make *spec*'s core in the cache with mkfixture (one emulator at a time)."""
+    out = cache / spec.name
+    if is_made(out):
+        return
+    tmp = cache / f"{spec.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, str(MKFIXTURE), "--kernel", "6.1", "--mmu", spec.mmu,
+           f"--big-{spec.kind}", str(spec.n), "--host-mem", str(spec.host_mem),
+           "--timeout", str(spec.timeout), "--compress", "none", "--skip-debug",
+           "--out", str(tmp), "--work", str(work_dir(cache, fixture_work))]
+    log(f"generating {spec.name}: {' '.join(cmd[1:])}")
+    t0 = time.monotonic()
+    subprocess.run(cmd, check=True)
+    seconds = time.monotonic() - t0
+    for f in DEBUG_FILES:
+        shutil.copy(DEBUG_FROM / f, tmp / f)  # follows the symlinks
+    (tmp / "gen.json").write_text(json.dumps({
+        "seconds": round(seconds, 1), "host_mem_mib": spec.host_mem,
+        "made_with": cmd[2:], "date": datetime.date.today().isoformat()}, indent=1) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log(f"generated {spec.name} in {seconds:.0f}s")
+
+
+# -- the naive baseline -------------------------------------------------------
+
+
+def naive_walk(prog: Any) -> dict[str, int]:
+    """The MMU hierarchy of every VM, walked with plain drgn Objects.
+
+    From each VM's roots (every vCPU's mmu->root.hpa and prev_roots[].hpa,
+    and kvm->arch.tdp_mmu_roots), each page found through
+    pfn_to_page(hpa >> 12)->private; of each page its fields by member access
+    (gfn, role.word, unsync, unsync_children, unsync_child_bitmap,
+    root_count, spt), and of each non-leaf page (role.word's level > 1) its
+    512 SPTEs as sp.spt[i]; a shadow-present (bit 11), non-large (bit 7)
+    SPTE's address bits lead to the child. Leaf pages' entries are not read.
+    Returns the pages reached and the present SPTEs seen.
+    """
+    import drgn
+    from drgn.helpers.linux.list import list_for_each_entry
+    from drgn.helpers.linux.mm import pfn_to_page
+    from drgn.helpers.linux.xarray import xa_load
+
+    sp_type = prog.type("struct kvm_mmu_page *")
+    addr_mask = ((1 << 52) - 1) & ~0xFFF
+
+    def page_of(hpa: int) -> Any:
+        if hpa in (0, (1 << 64) - 1):
+            return None
+        private = pfn_to_page(prog, hpa >> 12).private.value_()
+        return drgn.Object(prog, sp_type, private) if private else None
+
+    seen: set[int] = set()
+    present = 0
+    for kvm in list_for_each_entry("struct kvm", prog["vm_list"].address_of_(), "vm_list"):
+        stack = []
+        for i in range(kvm.online_vcpus.counter.value_()):
+            vcpu = drgn.cast("struct kvm_vcpu *", xa_load(kvm.vcpu_array.address_of_(), i))
+            mmu = vcpu.arch.mmu
+            stack += [page_of(mmu.root.hpa.value_())]
+            stack += [page_of(r.hpa.value_()) for r in mmu.prev_roots]
+        try:  # the list is set up only with the TDP MMU: 6.1's per-VM flag, later a global
+            tdp = kvm.arch.tdp_mmu_enabled.value_()
+        except AttributeError:
+            tdp = prog["tdp_mmu_enabled"].value_()
+        if tdp:
+            stack += list(list_for_each_entry("struct kvm_mmu_page",
+                                              kvm.arch.tdp_mmu_roots.address_of_(), "link"))
+        while stack:
+            sp = stack.pop()
+            if sp is None or sp.value_() in seen:
+                continue
+            seen.add(sp.value_())
+            _ = (sp.gfn.value_(), sp.unsync.value_(), sp.unsync_children.value_(),
+                 [w.value_() for w in sp.unsync_child_bitmap], sp.root_count.value_())
+            level = sp.role.word.value_() & 0xF
+            spt = sp.spt
+            if level <= 1:
+                continue
+            for i in range(512):
+                e = spt[i].value_()
+                if e & (1 << 11):
+                    present += 1
+                    if not e & (1 << 7):
+                        stack.append(page_of(e & addr_mask))
+    return {"pages": len(seen), "present_sptes": present}
+
+
+# -- measuring ------------------------------------------------------------------
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS so far, MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def inproc(core: Path, runs: int) -> dict[str, Any]:
+    """The in-process figures of one core (run in a child: see main)."""
+    from kvminspect.commands import load_all
+    from kvminspect.repl import run_line
+    from kvminspect.session import Session
+    from kvminspect.target import open_core
+
+    out: dict[str, Any] = {"rss_start_mb": peak_rss_mb()}
+    t0 = time.perf_counter()
+    target = open_core(str(core), [])
+    out["open_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    session = Session(target)
+    for vm in session.kernel.vms():
+        session.graph(vm)
+    out["graph_s"] = time.perf_counter() - t0
+    out["rss_graph_mb"] = peak_rss_mb()
+
+    load_all()  # as run_repl does before the first line
+    repl: dict[str, float] = {}
+    stdout = sys.stdout
+    with open(os.devnull, "w") as null:
+        try:
+            sys.stdout = null
+            for cmd in COMMANDS:
+                line = f"{cmd} --json"
+                run_line(session, line)  # the first run of this command
+                times = []
+                for _ in range(runs):
+                    t0 = time.perf_counter()
+                    run_line(session, line)
+                    times.append(time.perf_counter() - t0)
+                repl[cmd] = statistics.median(times)
+        finally:
+            sys.stdout = stdout
+    out["repl_s"] = repl
+    out["rss_repl_mb"] = peak_rss_mb()
+
+    prog = open_core(str(core), []).prog  # a fresh Program: nothing read yet
+    t0 = time.perf_counter()
+    out["naive"] = naive_walk(prog)
+    out["naive_s"] = time.perf_counter() - t0
+    return out
+
+
+def run_child(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int]:
+    """Wall seconds, peak RSS (MB) and exit status of one child process."""
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env=env)
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.monotonic() - t0
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return wall, usage.ru_maxrss / 1024, p.returncode
+
+
+def child_env() -> dict[str, str]:
+    """The environment of every child: this checkout's kvminspect first."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def whole_process(core: Path, runs: int) -> dict[str, dict[str, Any]]:
+    """Each command as a whole process: median wall, max peak RSS, exit status."""
+    env = child_env()
+    out = {}
+    for cmd in COMMANDS:
+        argv = [sys.executable, "-m", "kvminspect", "-c", str(core), cmd, "--json"]
+        rows = [run_child(argv, env) for _ in range(runs)]
+        out[cmd] = {"wall_s": statistics.median(r[0] for r in rows),
+                    "wall_min_s": min(r[0] for r in rows),
+                    "wall_max_s": max(r[0] for r in rows),
+                    "rss_mb": max(r[1] for r in rows),
+                    "status": sorted({r[2] for r in rows})}
+        log(f"  {core.name} {cmd}: {out[cmd]['wall_s']:.2f}s {out[cmd]['rss_mb']:.0f} MB")
+    return out
+
+
+def measure(spec: Spec, cache: Path, runs: int) -> dict[str, Any]:
+    """Every figure of one core."""
+    core = cache / spec.name
+    truth = json.loads((core / "truth.json").read_text())
+    gen = json.loads((core / "gen.json").read_text())
+    # warm-up: the debug files decompressed into kvminspect's cache, the core in the page cache
+    run_child([sys.executable, "-m", "kvminspect", "-c", str(core), "vms"], child_env())
+    log(f"{spec.name}: in-process")
+    r = subprocess.run([sys.executable, "-m", "benchmarks.scale", "--inproc", str(core),
+                        "--runs", str(runs)], env=child_env(), cwd=ROOT,
+                       stdout=subprocess.PIPE, text=True, check=True)
+    res = json.loads(r.stdout)
+    log(f"{spec.name}: open {res['open_s']:.2f}s, model+graph {res['graph_s']:.2f}s, "
+        f"naive {res['naive_s']:.2f}s ({res['naive']['pages']} pages)")
+    log(f"{spec.name}: whole process, {runs} runs each")
+    res["commands"] = whole_process(core, runs)
+    res["name"] = spec.name
+    res["kind"] = spec.kind
+    res["core_mb"] = (core / "vmcore").stat().st_size / 1e6
+    res["gen_s"] = gen["seconds"]
+    res["host_mem_mib"] = gen["host_mem_mib"]
+    res["unsync"] = len(truth.get("unsync_gfns", []))
+    res["in_dump"] = truth.get("in_dump", {})
+    return res
+
+
+# -- reporting ------------------------------------------------------------------
+
+
+def machine() -> str:
+    """One line: CPU, cores, memory, OS, Python, drgn, the checkout's commit."""
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+    except OSError:
+        mem = 0.0
+    try:
+        import drgn
+        drgn_version = drgn.__version__
+    except ImportError:
+        drgn_version = "?"
+    git = ["git", "-C", str(ROOT)]
+    commit = subprocess.run([*git, "log", "-1", "--format=%h", "--", "kvminspect"],
+                            capture_output=True, text=True).stdout.strip() or "?"
+    if subprocess.run([*git, "status", "--porcelain", "--", "kvminspect"],
+                      capture_output=True, text=True).stdout.strip():
+        commit += " (modified)"
+    os_name = platform.freedesktop_os_release().get("PRETTY_NAME", platform.system()) \
+        if hasattr(platform, "freedesktop_os_release") else platform.system()
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {os_name}, "
+            f"Python {platform.python_version()}, drgn {drgn_version}, kvminspect {commit}")
+
+
+def table(results: list[dict[str, Any]], measured: str) -> str:
+    """The results as Markdown: one table of cores, one of commands; *measured*
+    says when and on what."""
+    lines = [
+        f"Measured {measured}.",
+        "",
+        "| core | pages | unsync | vmcore MB | generated in | open s | model + graph s "
+        "| peak RSS MB | naive walk s | naive / model |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        pages = r["naive"]["pages"]
+        lines.append(
+            f"| {r['name']} | {pages:,} | {r['unsync']} | {r['core_mb']:,.0f} "
+            f"| {r['gen_s']:.0f} s ({r['host_mem_mib'] // 1024} GiB host) "
+            f"| {r['open_s']:.2f} | {r['graph_s']:.2f} | {r['rss_graph_mb']:.0f} "
+            f"| {r['naive_s']:.2f} | {r['naive_s'] / r['graph_s']:.2f}x |")
+    lines += [
+        "",
+        "Each command with `--json`: whole process (`python -m kvminspect -c CORE CMD --json`, "
+        "median wall of the runs, peak RSS), memory per page above the `vms` floor, "
+        "and REPL latency (the command's second run in a session whose graphs are built).",
+        "",
+        "| core | command | whole process s | peak RSS MB | KiB/page above vms | REPL ms |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        pages = r["naive"]["pages"]
+        floor = r["commands"]["vms"]["rss_mb"]
+        for cmd in COMMANDS:
+            c = r["commands"][cmd]
+            per_page = max(0.0, (c["rss_mb"] - floor) * 1024 / pages) if pages else 0.0
+            ms = r["repl_s"][cmd] * 1000
+            repl = f"{ms:.0f}" if ms >= 10 else f"{ms:.1f}"
+            bad = "" if c["status"] == [0] else f" (exit {c['status']})"
+            lines.append(f"| {r['name']} | {cmd} | {c['wall_s']:.2f}{bad} | {c['rss_mb']:.0f} "
+                         f"| {per_page:.2f} | {repl} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_readme(text: str) -> None:
+    """Put *text* between the markers of benchmarks/README.md."""
+    doc = README.read_text()
+    head, rest = doc.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default=",".join(SPECS),
+                    help=f"cores, comma-separated (default all: {','.join(SPECS)})")
+    ap.add_argument("--runs", type=int, default=3,
+                    help="timed runs of each whole-process command and REPL line (median)")
+    ap.add_argument("--generate-only", action="store_true", help="make the cores, measure nothing")
+    ap.add_argument("--write-readme", action="store_true",
+                    help="write the table into benchmarks/README.md")
+    ap.add_argument("--fixture-work", type=Path, default=FIXTURE_WORK,
+                    help="mkfixture's work directory whose kernel packages to reuse")
+    ap.add_argument("--from-results", action="store_true",
+                    help="measure nothing: print (and with --write-readme write) the table of "
+                    "the last run's results.json")
+    ap.add_argument("--inproc", type=Path, help=argparse.SUPPRESS)  # the per-core child
+    args = ap.parse_args()
+    if args.inproc:
+        print(json.dumps(inproc(args.inproc, args.runs)))
+        return
+    names = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SPECS]
+    if unknown:
+        ap.error(f"unknown sizes {unknown}: choose from {','.join(SPECS)}")
+    cache = cache_root()
+    cache.mkdir(parents=True, exist_ok=True)
+    if args.from_results:
+        doc = json.loads((cache / "results.json").read_text())
+        report(doc["cores"], doc["measured"], args.write_readme)
+        return
+    for name in names:
+        generate(SPECS[name], cache, args.fixture_work)
+    if args.generate_only:
+        return
+    results = [measure(SPECS[n], cache, args.runs) for n in names]
+    measured = f"{datetime.date.today().isoformat()} on: {machine()}"
+    (cache / "results.json").write_text(
+        json.dumps({"measured": measured, "cores": results}, indent=1) + "\n")
+    report(results, measured, args.write_readme)
+
+
+def report(results: list[dict[str, Any]], measured: str, readme: bool) -> None:
+    """Print the table; with *readme*, write it into benchmarks/README.md too."""
+    text = table(results, measured)
+    print(text)
+    if readme:
+        write_readme(text)
+        log(f"wrote {README}")
+
+
+if __name__ == "__main__":
+    main()
