@@ -332,7 +332,6 @@ class PageReader(KernelBase):
         out: list[int] = []
         todo: list[int] = []  # not decoded yet, and their bytes
         blocks: list[bytes] = []
-        seen = {head}
         try:
             node = self.read_word(head)
         except drgn.FaultError as e:
@@ -341,18 +340,28 @@ class PageReader(KernelBase):
         if node == 0:  # never initialised (e.g. the TDP MMU lists of a shadow VM)
             return out
         pages, page_mask = self._pages, ~(PAGE_SIZE - 1)
+        # Brent's cycle detection (no set of every node): the tortoise jumps to
+        # the current node after 1, 2, 4, ... steps; a loop is met within twice
+        # its length and prefix
+        tortoise, power, steps = None, 1, 0
+        tick = 0x4000
         while node != head:
             if node < KERNEL_MIN:  # also LIST_POISON1/2 (0xdead...)
                 self.problem(kind, node, "list pointer is poisoned or not a kernel address")
                 break
-            if node in seen or len(out) > MAX_LIST:
-                self.problem(kind, head, f"list loops at {node:#x}")
+            if node == tortoise or len(out) > MAX_LIST:
+                out = self._cut_loop(out, node, link, kind, head)
                 break
-            seen.add(node)
+            steps += 1
+            if steps == power:
+                tortoise, power, steps = node, power << 1, 0
             addr = node - link
             out.append(addr)
-            if not len(out) & 0x3FFF and self.on_progress is not None:
-                self.on_progress(len(out))
+            tick -= 1
+            if not tick:
+                tick = 0x4000
+                if self.on_progress is not None:
+                    self.on_progress(len(out))
             page = addr & page_mask
             data = pages.get(page)
             off = addr - page
@@ -377,6 +386,22 @@ class PageReader(KernelBase):
             node = unpack(d, link)[0]
         for sp in self._decode_many(todo, blocks):
             cache[sp.addr] = sp
+        return out
+
+    def _cut_loop(self, out: list[int], node: int, link: int, kind: str,
+                  head: int) -> list[int]:
+        """A looping list's structs up to the first node met twice (reported);
+        *node*: where the walk stopped (met again, or the MAX_LIST-th)."""
+        seen: set[int] = set()
+        for n, addr in enumerate(out):
+            if addr in seen:
+                self.problem(kind, head, f"list loops at {addr + link:#x}")
+                return out[:n]
+            seen.add(addr)
+        if node - link in seen:
+            self.problem(kind, head, f"list loops at {node:#x}")
+        else:
+            self.problem(kind, head, f"list loops (more than {MAX_LIST} nodes)")
         return out
 
     def tdp_roots(self, vm: VM) -> list[int]:

@@ -105,6 +105,12 @@ def active_list_loop(k: Kernel) -> list[Patch]:
     return [Patch(nodes[4], u64(nodes[1]), "kvm->arch.active_mmu_pages")]
 
 
+def active_list_self_loop(k: Kernel) -> list[Patch]:
+    """kvm->arch.active_mmu_pages: the 3rd node's next points at itself."""
+    nodes = [a + k.layout.sp.link for a in k.active_pages(_vm(k))]
+    return [Patch(nodes[2], u64(nodes[2]), "kvm->arch.active_mmu_pages")]
+
+
 def vm_list_loop(k: Kernel) -> list[Patch]:
     """vm_list: the VM's node points at itself."""
     node = _vm(k).addr + drgn.offsetof(k.prog.type("struct kvm"), "vm_list")
@@ -186,6 +192,7 @@ def wrong_child_level(k: Kernel) -> list[Patch]:
 CASES: dict[str, Callable[[Kernel], list[Patch]]] = {
     "garbage-page-table": garbage_page_table,
     "active-list-loop": active_list_loop,
+    "active-list-self-loop": active_list_self_loop,
     "vm-list-loop": vm_list_loop,
     "vm-list-unmapped": vm_list_unmapped,
     "tdp-roots-loop": tdp_roots_loop,

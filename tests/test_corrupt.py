@@ -22,6 +22,7 @@ COMMANDS = ("roots", "tree", "unsync", "check")
 CASES = {
     "garbage-page-table": ("6.1-shadow", "point at no shadow page"),
     "active-list-loop": ("6.1-shadow", "list loops"),
+    "active-list-self-loop": ("6.1-shadow", "list loops at"),
     "vm-list-loop": ("6.1-shadow", "list loops"),
     "tdp-roots-loop": ("6.1-tdp", "list loops"),
     "vcpu-mmu-unmapped": ("6.1-shadow", "unreadable"),
