@@ -383,6 +383,10 @@ class PageReader(KernelBase):
                 cache[addr] = None  # a placeholder until decoded below
                 todo.append(addr)
                 blocks.append(d)
+                if len(todo) == 4096:  # decoded in runs: a few MB of bytes at most
+                    for sp in self._decode_many(todo, blocks):
+                        cache[sp.addr] = sp
+                    todo, blocks = [], []
             node = unpack(d, link)[0]
         for sp in self._decode_many(todo, blocks):
             cache[sp.addr] = sp
