@@ -84,7 +84,8 @@ def test_dot_highlights_unsync_paths_shared_and_dimmed_roots() -> None:
                          "holders": ["vcpu0.root", "vcpu1.root"]})
     g.add_node("0xb", **{**base, "unsync": True})
     g.add_node("0xc", **base)
-    g.add_node("0xd", **{**base, "root": True, "obsolete": True, "holders": ["vcpu0.prev_roots[0]"]})
+    g.add_node("0xd", **{**base, "root": True, "obsolete": True,
+                         "holders": ["vcpu0.prev_roots[0]"]})
     g.add_edge("0xa", "0xb", indexes=[0])
     g.add_edge("0xa", "0xc", indexes=[1])
     text = export.to_dot(g, "vm0")
