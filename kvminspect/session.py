@@ -30,6 +30,7 @@ class Session:
     _graphs: dict[int, graph.VMGraph] = field(default_factory=dict)
     _others: dict[str, Session] = field(default_factory=dict)  # diff's B, by path
     progress: bool = False  # a progress bar for slow graph builds (set by begin())
+    py_globals: dict = field(default_factory=dict)  # the py command's names
 
     @property
     def kernel(self) -> Kernel:

@@ -132,7 +132,7 @@ def test_errors_are_one_line_and_the_repl_goes_on(session: Session,
         "kvminspect: error: syntax error: expected command name",
         "kvminspect: error: redirecting output fd 3 is not supported",
     ]
-    assert "usage: roots [--vm ID] [--json]" in err  # argparse's usage line
+    assert "usage: roots [--drgn] [--vm ID] [--json]" in err  # argparse's usage line
     assert json.loads(out.split("\n", 1)[1])["vms"][0]["pid"] == 97  # still running
 
 
@@ -179,7 +179,7 @@ def test_help(session: Session, capfd: pytest.CaptureFixture) -> None:
     out, err = capfd.readouterr()
     no_traceback(out, err)
     assert "roots" in out and "vms" in out
-    assert "usage: roots [--vm ID] [--json]" in out  # --help became 'help roots'
+    assert "usage: roots [--drgn] [--vm ID] [--json]" in out  # --help became 'help roots'
 
 
 def test_help_without_a_help_command(session: Session, monkeypatch: pytest.MonkeyPatch,
@@ -317,8 +317,8 @@ def test_complete_command_names(session: Session) -> None:
 
 def test_complete_options(session: Session) -> None:
     assert complete(session, "roots --j") == ["--json"]
-    assert sorted(complete(session, "roots -")) == ["--json", "--vm"]
-    assert complete(session, "roots --json -") == ["--vm"]  # not offered twice
+    assert sorted(complete(session, "roots -")) == ["--drgn", "--json", "--vm"]
+    assert complete(session, "roots --json -") == ["--drgn", "--vm"]  # not offered twice
     assert "--unsync-only" in complete(session, "tree --")
     assert complete(session, "tree --depth ") == []  # a number: nothing to offer
     assert complete(session, "bogus --") == []

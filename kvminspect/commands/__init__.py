@@ -28,7 +28,7 @@ NO_VMS = "no VMs (vm_list is empty)"
 
 NAMESPACE = CommandNamespace(func_name_prefix="_cmd_")
 MODULES = ("vms", "vm", "vcpus", "roots", "tree", "sp", "unsync", "stats", "check",
-           "export", "watch", "diff", "rate", "help")
+           "export", "watch", "diff", "rate", "pyshell", "help")
 
 JSON_ARG = argument("--json", action="store_true", help="print one JSON document")
 VM_ARG = argument("--vm", metavar="ID",

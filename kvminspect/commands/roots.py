@@ -7,9 +7,11 @@ from collections import Counter
 from typing import Any
 
 from drgn import Program
+from drgn.commands import drgn_argument
 from rich.table import Table
 
-from kvminspect.commands import kvm_command, per_vm, sp_flags, vm_header
+from kvminspect.commands import kvm_command, per_vm, session_of, sp_flags, vm_header
+from kvminspect.drgn_code import print_code, roots_code
 from kvminspect.graph import VMGraph
 from kvminspect.model import VM, VCpu
 from kvminspect.render import console, hx
@@ -61,7 +63,7 @@ def roots_table(vcpus: list[dict[str, Any]]) -> Table:
     return t
 
 
-@kvm_command()
+@kvm_command(drgn_argument)
 def _cmd_roots(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
     """per vCPU: mmu->root and prev_roots[], shared roots marked
 
@@ -69,8 +71,15 @@ def _cmd_roots(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
     pgd, its struct kvm_mmu_page: gfn, level, root_count, unsync_children) and the
     prev_roots[] cache. A root held by several vCPUs (or cached by them) is marked
     shared; INVALID_PAGE roots show as such. A PAE guest's root is mmu->pae_root: its
-    present pae_root[i] entries follow, each with its level-2 shadow page.
+    present pae_root[i] entries follow, each with its level-2 shadow page. --drgn prints
+    the drgn code that reads the same roots.
     """
+    if args.drgn:
+        s = session_of(kwargs)
+        vms = s.vms(args.vm)
+        print_code(args, lambda: roots_code(prog, s.kernel.layout, vms,
+                                                 every=args.vm is None and s.selected is None))
+        return
     def collect(s: Session, vm: VM) -> list[dict[str, Any]]:
         g = s.graph(vm)
         return [vcpu_roots_json(v, g) for v in g.vcpus]

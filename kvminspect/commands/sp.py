@@ -6,10 +6,11 @@ import argparse
 from typing import Any
 
 from drgn import Program
-from drgn.commands import argument, mutually_exclusive_group
+from drgn.commands import argument, drgn_argument, mutually_exclusive_group
 from rich.table import Table
 
 from kvminspect.commands import kvm_command, parse_int, per_vm, session_of
+from kvminspect.drgn_code import print_code, sp_code
 from kvminspect.errors import LookupFailed, UsageError
 from kvminspect.graph import VMGraph
 from kvminspect.model import VM, Kernel, ShadowPage
@@ -79,6 +80,7 @@ def render(d: dict[str, Any]) -> None:
         argument("addr", nargs="?", metavar="ADDR", help="struct kvm_mmu_page address"),
         argument("--gfn", metavar="GFN", help="every shadow page of this guest frame"),
     ),
+    drgn_argument,
 )
 def _cmd_sp(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
     """one shadow page: fields, decoded role, parents and SPTEs
@@ -86,12 +88,15 @@ def _cmd_sp(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -
     Shows struct kvm_mmu_page at ADDR (or every page shadowing GFN): gfn, level, the
     decoded role, root_count, unsync state and bitmap, which vCPUs hold it as a root,
     its parents with the slots that point at it, and every present SPTE (leaf, large or
-    a table with its child page).
+    a table with its child page). --drgn (with ADDR) prints the drgn code that reads the
+    same struct kvm_mmu_page and SPTEs.
     """
     s = session_of(kwargs)
     vms = s.vms(args.vm)
     found: dict[int, list[ShadowPage]] = {}
     if args.gfn is not None:
+        if args.drgn:
+            raise UsageError("sp --drgn takes ADDR (a struct kvm_mmu_page address), not --gfn")
         gfn = parse_int(args.gfn if args.gfn.startswith("0x") else "0x" + args.gfn, "gfn")
         for vm in vms:
             if pages := s.graph(vm).find_gfn(gfn):
@@ -101,6 +106,9 @@ def _cmd_sp(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -
     elif args.addr is not None:
         vm, sp = s.find_sp(parse_int(args.addr, "shadow page address"), vms)
         found[vm.addr] = [sp]
+        if args.drgn:
+            print_code(args, lambda: sp_code(prog, s.kernel.layout, sp.addr))
+            return
     else:
         raise UsageError("sp needs ADDR or --gfn GFN")
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from drgn import Program
-from drgn.commands import argument
+from drgn.commands import argument, drgn_argument
 from rich.tree import Tree
 
 from kvminspect.commands import (
@@ -19,6 +19,8 @@ from kvminspect.commands import (
     sp_scope,
     vm_header,
 )
+from kvminspect.drgn_code import print_code, tree_code
+from kvminspect.errors import UsageError
 from kvminspect.graph import VMGraph
 from kvminspect.model import VM
 from kvminspect.render import Stream, compact, console
@@ -167,6 +169,7 @@ def start_pages(g: VMGraph, sp: int | None) -> list[int]:
     argument("--depth", type=int, metavar="N", help="levels to show below the top"),
     argument("--unsync-only", action="store_true",
              help="only the paths that lead to unsync pages"),
+    drgn_argument,
 )
 def _cmd_tree(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
     """the shadow-page tree from every root (or from SP) down
@@ -174,10 +177,17 @@ def _cmd_tree(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any)
     Each page: its slot in the parent, struct kvm_mmu_page address, gfn, level and state
     (UNSYNC, unsync_children, invalid/obsolete, root_count, who holds it as a root). A
     page reached twice is printed once. Orphan pages (on active_mmu_pages, reachable
-    from no root) follow the roots.
+    from no root) follow the roots. --drgn prints the drgn code that walks the same pages
+    (spt[] down from each root).
     """
     s = session_of(kwargs)
     vms, top = sp_scope(s, args.vm, args.sp)
+    if args.drgn:
+        if args.unsync_only:
+            raise UsageError("tree --drgn walks every page: it does not take --unsync-only")
+        every = args.vm is None and s.selected is None and top is None
+        print_code(args, lambda: tree_code(prog, s.kernel.layout, vms, every, top, args.depth))
+        return
 
     def collect(s: Session, vm: VM) -> TreePlan:
         g = s.graph(vm)
