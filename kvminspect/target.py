@@ -1,17 +1,13 @@
 """Opening a target: the live kernel, a vmcore, a fixture directory, the sample.
 
-A vmcore may be compressed (.xz, .zst, .gz): it is decompressed once into a
-cache directory ($KVMINSPECT_CACHE, else $XDG_CACHE_HOME/kvminspect, else
-~/.cache/kvminspect), never next to the input. Debug files may be compressed
-the same way. Every failure is a one-line KvminspectError.
+A vmcore may be compressed (.xz, .zst, .gz): it is decompressed once into the
+cache (kvminspect.cache), never next to the input. Debug files may be
+compressed the same way. Every failure is a one-line KvminspectError.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import logging
-import lzma
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,69 +15,15 @@ from pathlib import Path
 
 import drgn
 
+from kvminspect.cache import decompressed
+from kvminspect.cache import strip_compression as _strip_compression
 from kvminspect.errors import DebugInfoError, KvmNotFound, TargetError
 from kvminspect.layout import kernel_release
 from kvminspect.model import Kernel
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
-COMPRESSED = (".xz", ".zst", ".gz")
 DEBUG_NAMES = re.compile(r"^(vmlinux.*|.*\.ko|.*\.debug)$")
 KVM_MODULES = ("kvm",)
-
-
-def cache_dir() -> Path:
-    """Where decompressed inputs are kept."""
-    if os.environ.get("KVMINSPECT_CACHE"):
-        return Path(os.environ["KVMINSPECT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "kvminspect"
-
-
-def _strip_compression(name: str) -> str:
-    for ext in COMPRESSED:
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
-def _decompressor(path: Path):
-    """A file object that decompresses *path* by its extension."""
-    if path.suffix == ".xz":
-        return lzma.open(path)
-    if path.suffix == ".gz":
-        return gzip.open(path)
-    try:
-        import zstandard
-    except ImportError:
-        raise TargetError(f"{path}: reading .zst needs the 'zstandard' package") from None
-    return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-
-
-def decompressed(path: Path) -> Path:
-    """*path* itself, or its decompressed copy in the cache (made once)."""
-    if path.suffix not in COMPRESSED:
-        return path
-    st = path.stat()
-    if st.st_size == 0:
-        raise TargetError(f"{path}: file is empty")
-    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
-    out = cache_dir() / key[:16] / _strip_compression(path.name)
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    try:
-        with _decompressor(path) as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 22):
-                dst.write(chunk)
-        os.replace(tmp, out)
-    except (OSError, EOFError, lzma.LZMAError, ValueError) as e:
-        tmp.unlink(missing_ok=True)
-        raise TargetError(f"{path}: truncated or corrupt {path.suffix[1:]} data ({e})") from None
-    except Exception as e:  # zstandard.ZstdError and friends
-        tmp.unlink(missing_ok=True)
-        raise TargetError(f"{path}: cannot decompress ({e})") from None
-    return out
 
 
 def core_release(path: Path) -> str | None:
@@ -116,9 +58,10 @@ def _fixture_parts(d: Path) -> tuple[Path, list[Path]]:
     cores = sorted(p for p in d.iterdir() if p.name.startswith("vmcore"))
     if not cores:
         raise TargetError(f"{d}: directory has no vmcore* file")
+    core = cores[0]
     debug = sorted(p for p in d.iterdir()
                    if p.is_file() and DEBUG_NAMES.match(_strip_compression(p.name)))
-    return cores[0], debug
+    return core, debug
 
 
 @dataclass
