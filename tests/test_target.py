@@ -1,11 +1,13 @@
-"""Opening a target: the decompression cache."""
+"""Opening a target: truncated cores, crash directories' file names, the cache."""
 
 from __future__ import annotations
 
 import gzip
 import json
+import lzma
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 from kvminspect import cache
 from kvminspect.cli import main
 from kvminspect.errors import TargetError
-from tests.conftest import VMCORES
+from tests.conftest import VMCORES, truth
 
 ELF_FIXTURES = ["6.1-shadow", "6.12-shadow", "7.3-shadow"]
 DEBUG = ("vmlinux.xz", "kvm.ko.xz", "kvm-amd.ko.xz")
@@ -51,6 +53,189 @@ def crash_dir(d: Path, fixture: str, files: dict[str, Path | str]) -> Path:
 def plain_core(fixture: str) -> Path:
     """The fixture's vmcore, decompressed (into the session's cache)."""
     return cache.decompressed(VMCORES / fixture / "vmcore.xz")
+
+
+# --- truncated cores: file size against what the headers need ---------------------------
+
+@pytest.mark.parametrize("fixture", ELF_FIXTURES)
+def test_truncated_elf_core(fixture: str, tmp_path: Path, capsys) -> None:
+    """`head -c N vmcore`: one line naming the size and what the program headers need."""
+    plain = plain_core(fixture)
+    size = plain.stat().st_size
+    with open(plain, "rb") as f:
+        data = f.read(20 << 20)
+    for n in (4096, 65536, 20 << 20, size - 1):
+        d = tmp_path / str(n)
+        cut = tmp_path / f"vmcore.{n}"
+        if n < len(data):
+            cut.write_bytes(data[:n])
+        else:
+            shutil.copyfile(plain, cut)
+            os.truncate(cut, n)
+        crash_dir(d, fixture, {"vmcore": cut})
+        status, out, err = run(["-c", str(d), "roots"], capsys)
+        assert status == 1 and out == ""
+        one_line_error(err, "truncated vmcore", f"{n} bytes", f"its headers need {size}")
+
+
+def test_whole_elf_core_is_not_truncated(tmp_path: Path) -> None:
+    from kvminspect.target import check_complete
+
+    check_complete(plain_core("6.1-shadow"), tmp_path)  # no error
+
+
+def test_truncated_elf_header(tmp_path: Path, capsys) -> None:
+    """A core cut inside its own program headers: "at least"."""
+    (tmp_path / "vmcore").write_bytes(plain_core("6.1-shadow").read_bytes()[:200])
+    status, _, err = run(["-c", str(tmp_path / "vmcore"), "vms"], capsys)
+    assert status == 1
+    one_line_error(err, "truncated vmcore: 200 bytes, its headers need at least")
+
+
+@pytest.fixture(scope="module")
+def kdump_core(tmp_path_factory) -> Path:
+    """The 6.1-shadow dump in makedumpfile's kdump-compressed format (as test_errors makes it)."""
+    exe = shutil.which("makedumpfile")
+    if exe is None:
+        pytest.skip("makedumpfile is not installed (CI installs it)")
+    out = tmp_path_factory.mktemp("kdump") / "dump.202401011200"
+    subprocess.run([exe, "-c", "-d", "31", str(plain_core("6.1-shadow")), str(out)],
+                   check=True, capture_output=True, timeout=120)
+    assert out.read_bytes()[:8] == b"KDUMP   "
+    return out
+
+
+def test_truncated_kdump_core(kdump_core: Path, tmp_path: Path, capsys) -> None:
+    """A kdump-compressed core cut short: bitmaps, page descriptors or page data missing."""
+    size = kdump_core.stat().st_size
+    data = kdump_core.read_bytes()
+    for n in (4096, 65536, size // 2, size - 1):
+        cut = tmp_path / f"cut{n}"
+        cut.write_bytes(data[:n])
+        d = crash_dir(tmp_path / str(n), "6.1-shadow", {"dump.202401011200": cut})
+        status, out, err = run(["-c", str(d), "roots"], capsys)
+        assert status == 1 and out == ""
+        line = one_line_error(err, "truncated vmcore", f"{n} bytes")
+        need = int(line.rsplit(" ", 1)[1])
+        assert need > n and (need == size or "at least" in line), line
+
+
+def test_whole_kdump_core(kdump_core: Path, tmp_path: Path, capsys) -> None:
+    """A kdump-tools crash directory (dump.<timestamp>, dmesg.<timestamp>) opens as is."""
+    d = crash_dir(tmp_path / "202401011200", "6.1-shadow",
+                  {"dump.202401011200": kdump_core, "dmesg.202401011200": "[    0.000000] Linux"})
+    status, out, err = run(["-c", str(d), "vms", "--json"], capsys)
+    assert status == 0, err
+    assert json.loads(out)["vms"][0]["online_vcpus"] == 4
+
+
+@pytest.mark.parametrize("fmt", ["xz", "gz", "zst"])
+def test_truncated_compressed_core(fmt: str, tmp_path: Path, capsys) -> None:
+    """A compressed core cut short is a truncated stream, said as such (zstd's reader
+    itself returns a cut frame's data without an error)."""
+    src = VMCORES / "6.1-shadow" / "vmcore.xz"
+    if fmt == "xz":
+        data = src.read_bytes()
+    else:
+        import zstandard
+
+        plain = lzma.decompress(src.read_bytes())
+        data = (gzip.compress(plain, compresslevel=1) if fmt == "gz"
+                else zstandard.ZstdCompressor(level=1, write_checksum=True).compress(plain))
+    for n in (4096, len(data) // 2, len(data) - 1):
+        core = tmp_path / f"{n}" / f"vmcore.{fmt}"
+        core.parent.mkdir()
+        core.write_bytes(data[:n])
+        status, out, err = run(["-c", str(core), "vms"], capsys)
+        assert status == 1 and out == ""
+        one_line_error(err, f"truncated {fmt} file")
+    assert not [p for p in Path(os.environ["KVMINSPECT_CACHE"]).rglob("*")
+                if cache.PARTIAL in p.name]
+
+
+def test_zstd_frames_walked() -> None:
+    """Several frames, a skippable one, no content size: complete; cut anywhere: truncated."""
+    import zstandard
+
+    a = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(b"x" * 300000)
+    b = zstandard.ZstdCompressor(level=3, write_content_size=False).compress(
+        bytes(range(256)) * 900)
+    skip = (0x184D2A53).to_bytes(4, "little") + (5).to_bytes(4, "little") + b"hello"
+    whole = a + skip + b
+    p = Path(os.environ["KVMINSPECT_CACHE"]) / "frames.zst"
+    p.write_bytes(whole)
+    assert not cache.zstd_truncated(p)
+    for n in (3, len(a) - 1, len(a) + 6, len(whole) - 1):
+        p.write_bytes(whole[:n])
+        assert cache.zstd_truncated(p), n
+
+
+# --- crash directories: the names kdump-tools and kexec-tools write ---------------------
+
+def test_kdump_tools_directory(tmp_path: Path, capsys) -> None:
+    """Debian's kdump-tools: /var/crash/<ts>/dump.<ts> beside dmesg.<ts>."""
+    d = crash_dir(tmp_path / "202401011200", "6.1-shadow",
+                  {"dump.202401011200": plain_core("6.1-shadow"),
+                   "dmesg.202401011200": "[    0.000000] Linux version 6.1.0\n"})
+    status, out, err = run(["-c", str(d), "vms", "--json"], capsys)
+    assert status == 0 and err == "", err
+    assert json.loads(out)["vms"][0]["online_vcpus"] == 4
+
+
+def test_kexec_tools_directory(tmp_path: Path, capsys) -> None:
+    """RHEL/Fedora kexec-tools: /var/crash/<ip>-<date>/vmcore beside vmcore-dmesg.txt."""
+    d = crash_dir(tmp_path / "127.0.0.1-2024-01-01-12:00:00", "6.1-shadow",
+                  {"vmcore-dmesg.txt": "[    0.000000] Linux version 6.1.0\n",
+                   "vmcore": plain_core("6.1-shadow")})
+    status, out, err = run(["-c", str(d), "vms", "--json"], capsys)
+    assert status == 0 and err == "", err
+    assert json.loads(out)["vms"][0]["online_vcpus"] == 4
+
+
+def test_several_dumps_say_which(tmp_path: Path, capsys) -> None:
+    """The best name wins, the newest dump.<ts> among them, and a note says so."""
+    from kvminspect.target import find_core
+
+    a, b = plain_core("6.1-shadow"), plain_core("6.12-shadow")
+    d = crash_dir(tmp_path / "d", "6.12-shadow",
+                  {"dump.202401011200": a, "dump.202402011200": b})
+    capsys.readouterr()
+    assert find_core(d).name == "dump.202402011200"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "using dump.202402011200" in err
+    assert "also there: dump.202401011200" in err
+    status, out, err = run(["-c", str(d), "vms", "--json"], capsys)
+    assert status == 0 and "using dump.202402011200" in err
+    assert json.loads(out)["vms"][0]["pid"] == truth("6.12-shadow")["vmm_pid"]
+    (d / "vmcore").symlink_to(a)
+    capsys.readouterr()
+    assert find_core(d).name == "vmcore"
+    assert "using vmcore (also there: dump.202402011200, dump.202401011200)" in \
+        capsys.readouterr().err
+
+
+def test_directory_without_a_dump(tmp_path: Path, capsys) -> None:
+    """Only the dmesg files (the dump failed): one line naming what was looked for."""
+    d = crash_dir(tmp_path / "d", "6.1-shadow",
+                  {"vmcore-dmesg.txt": "x", "dmesg.202401011200": "x"})
+    status, _, err = run(["-c", str(d), "vms"], capsys)
+    assert status == 1
+    one_line_error(err, "no vmcore", "vmcore", "dump.<timestamp>", "vmcore.flat")
+
+
+def test_flattened_core(tmp_path: Path, capsys) -> None:
+    """vmcore.flat (makedumpfile -F, kexec-tools' dump over ssh) is read as is."""
+    exe = shutil.which("makedumpfile")
+    if exe is None:
+        pytest.skip("makedumpfile is not installed (CI installs it)")
+    flat = tmp_path / "flat"
+    with open(flat, "wb") as f:
+        subprocess.run([exe, "-F", "-c", "-d", "31", str(plain_core("6.1-shadow"))], stdout=f,
+                       stderr=subprocess.DEVNULL, check=True, timeout=120)
+    d = crash_dir(tmp_path / "d", "6.1-shadow", {"vmcore.flat": flat})
+    status, out, err = run(["-c", str(d), "vms", "--json"], capsys)
+    assert status == 0, err
+    assert json.loads(out)["vms"][0]["online_vcpus"] == 4
 
 
 # --- the decompression cache -------------------------------------------------------------
