@@ -1,87 +1,33 @@
-"""Opening a target: the live kernel, a vmcore, a fixture directory, the sample.
+"""Opening a target: the live kernel, a vmcore, a crash directory, the sample.
 
-A vmcore may be compressed (.xz, .zst, .gz): it is decompressed once into a
-cache directory ($KVMINSPECT_CACHE, else $XDG_CACHE_HOME/kvminspect, else
-~/.cache/kvminspect), never next to the input. Debug files may be compressed
-the same way. Every failure is a one-line KvminspectError.
+A vmcore may be compressed (.xz, .zst, .gz): it is decompressed once into the
+cache (kvminspect.cache), never next to the input. Debug files may be
+compressed the same way. A vmcore shorter than its headers say is reported as
+truncated before drgn reads it. Every failure is a one-line KvminspectError.
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import logging
-import lzma
 import os
 import re
+import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import drgn
 
+from kvminspect.cache import decompressed
+from kvminspect.cache import strip_compression as _strip_compression
 from kvminspect.errors import DebugInfoError, KvmNotFound, TargetError
 from kvminspect.layout import kernel_release
 from kvminspect.model import Kernel
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
-COMPRESSED = (".xz", ".zst", ".gz")
 DEBUG_NAMES = re.compile(r"^(vmlinux.*|.*\.ko|.*\.debug)$")
 KVM_MODULES = ("kvm",)
-
-
-def cache_dir() -> Path:
-    """Where decompressed inputs are kept."""
-    if os.environ.get("KVMINSPECT_CACHE"):
-        return Path(os.environ["KVMINSPECT_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
-    return Path(base) / "kvminspect"
-
-
-def _strip_compression(name: str) -> str:
-    for ext in COMPRESSED:
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
-def _decompressor(path: Path):
-    """A file object that decompresses *path* by its extension."""
-    if path.suffix == ".xz":
-        return lzma.open(path)
-    if path.suffix == ".gz":
-        return gzip.open(path)
-    try:
-        import zstandard
-    except ImportError:
-        raise TargetError(f"{path}: reading .zst needs the 'zstandard' package") from None
-    return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-
-
-def decompressed(path: Path) -> Path:
-    """*path* itself, or its decompressed copy in the cache (made once)."""
-    if path.suffix not in COMPRESSED:
-        return path
-    st = path.stat()
-    if st.st_size == 0:
-        raise TargetError(f"{path}: file is empty")
-    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
-    out = cache_dir() / key[:16] / _strip_compression(path.name)
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    try:
-        with _decompressor(path) as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 22):
-                dst.write(chunk)
-        os.replace(tmp, out)
-    except (OSError, EOFError, lzma.LZMAError, ValueError) as e:
-        tmp.unlink(missing_ok=True)
-        raise TargetError(f"{path}: truncated or corrupt {path.suffix[1:]} data ({e})") from None
-    except Exception as e:  # zstandard.ZstdError and friends
-        tmp.unlink(missing_ok=True)
-        raise TargetError(f"{path}: cannot decompress ({e})") from None
-    return out
 
 
 def core_release(path: Path) -> str | None:
@@ -111,14 +57,165 @@ def _debug_files(paths: list[str]) -> list[Path]:
     return out
 
 
+# A crash directory's dump, by the names the tools that write one use, best first.
+CORE_NAMES = (
+    ("vmcore", re.compile(r"^vmcore$")),  # kexec-tools (RHEL, Fedora), SUSE kdump
+    ("vmcore.xz/.zst/.gz", re.compile(r"^vmcore\.(xz|zst|gz)$")),
+    ("vmcore.flat", re.compile(r"^vmcore\.flat$")),  # makedumpfile -F (kdump over ssh)
+    ("dump.<timestamp>", re.compile(r"^dump\.\d+(\.(xz|zst|gz))?$")),  # Debian's kdump-tools
+    ("vmcore*", re.compile(r"^vmcore.*")),  # ours: vmcore-<name> and the like
+)
+NOT_CORES = re.compile(r"(dmesg|\.txt$|\.json$|\.log$)")  # vmcore-dmesg.txt, dmesg.<ts>
+
+
+def find_core(d: Path) -> Path:
+    """The dump in crash directory *d* (kdump-tools, kexec-tools or a fixture).
+
+    When several files qualify, the best name wins (and the newest
+    dump.<timestamp>); a note on stderr says which was chosen.
+    """
+    try:
+        names = sorted(n for n in os.listdir(d) if not NOT_CORES.search(n)
+                       and (d / n).is_file())
+    except OSError as e:
+        raise TargetError(f"{d}: cannot list the directory ({e.strerror or e})") from None
+    found = []
+    for _, pat in CORE_NAMES:
+        hits = [n for n in names if pat.match(n) and n not in found]
+        found += sorted(hits, reverse=pat.pattern.startswith("^dump"))
+    if not found:
+        raise TargetError(f"{d}: directory has no vmcore (looked for "
+                          f"{', '.join(n for n, _ in CORE_NAMES)})")
+    if len(found) > 1:
+        print(f"kvminspect: note: {d}: using {found[0]} (also there: {', '.join(found[1:])})",
+              file=sys.stderr, flush=True)
+    return d / found[0]
+
+
 def _fixture_parts(d: Path) -> tuple[Path, list[Path]]:
-    """A fixture directory's vmcore and its debug files."""
-    cores = sorted(p for p in d.iterdir() if p.name.startswith("vmcore"))
-    if not cores:
-        raise TargetError(f"{d}: directory has no vmcore* file")
+    """A crash or fixture directory's vmcore and its debug files."""
+    core = find_core(d)
     debug = sorted(p for p in d.iterdir()
                    if p.is_file() and DEBUG_NAMES.match(_strip_compression(p.name)))
-    return cores[0], debug
+    return core, debug
+
+
+def _elf_needs(f: BinaryIO, size: int) -> tuple[int, bool]:
+    """Bytes an ELF core's headers need: the furthest end of its segments.
+
+    Reads the ELF header (Elf64_Ehdr / Elf32_Ehdr) and the program headers
+    (Elf64_Phdr / Elf32_Phdr: p_offset + p_filesz of PT_LOAD and PT_NOTE),
+    with e_phnum from section 0's sh_info when it is PN_XNUM. Returns
+    (bytes, exact): not exact when the headers themselves are cut.
+    """
+    ident = f.read(64)
+    if len(ident) < 6:
+        return 64, False
+    is64 = ident[4] == 2
+    end = "<" if ident[5] == 1 else ">"
+    ehsize = 64 if is64 else 52
+    if len(ident) < ehsize:
+        return ehsize, False
+    if is64:
+        phoff, shoff = struct.unpack_from(end + "QQ", ident, 32)
+        phentsize, phnum = struct.unpack_from(end + "HH", ident, 54)
+    else:
+        phoff, shoff = struct.unpack_from(end + "II", ident, 28)
+        phentsize, phnum = struct.unpack_from(end + "HH", ident, 42)
+    if phnum == 0xFFFF:  # PN_XNUM: the count is section 0's sh_info
+        f.seek(shoff + (44 if is64 else 28))
+        raw = f.read(4)
+        if len(raw) < 4:
+            return shoff + (64 if is64 else 40), False
+        phnum = struct.unpack(end + "I", raw)[0]
+    if phentsize < (56 if is64 else 32):
+        return 0, True  # not a layout to judge: drgn says what is wrong
+    table = phoff + phnum * phentsize
+    if size < table:
+        return table, False
+    f.seek(phoff)
+    phdrs = f.read(phnum * phentsize)
+    need = table
+    for i in range(phnum):
+        if is64:
+            p_type, _, p_offset, _, _, p_filesz = struct.unpack_from(end + "IIQQQQ", phdrs,
+                                                                     i * phentsize)
+        else:
+            p_type, p_offset, _, _, p_filesz = struct.unpack_from(end + "IIIII", phdrs,
+                                                                  i * phentsize)
+        if p_type in (1, 4):  # PT_LOAD, PT_NOTE
+            need = max(need, p_offset + p_filesz)
+    return need, True
+
+
+def _kdump_needs(f: BinaryIO, size: int) -> tuple[int, bool]:
+    """Bytes a kdump-compressed core (makedumpfile's "KDUMP   ") needs.
+
+    Reads struct disk_dump_header (block_size, sub_hdr_size, bitmap_blocks at
+    offset 428) and struct kdump_sub_header (split, start_pfn, end_pfn, and
+    offset/size of vmcoreinfo, notes and eraseinfo); counts the dumped pages
+    in the second bitmap, which follows the first, and reads the last
+    struct page_desc (offset, size, flags, page_flags: 24 bytes) of the
+    table after the bitmaps. Returns (bytes, exact).
+    """
+    head = f.read(464)
+    if len(head) < 464:
+        return 464, False
+    version = struct.unpack_from("<i", head, 8)[0]
+    block, sub_blocks, bitmap_blocks = struct.unpack_from("<iiI", head, 428)
+    if block <= 0:
+        return 464, False
+    bitmap = block * (1 + sub_blocks)
+    descs = bitmap + block * bitmap_blocks
+    if size < descs:
+        return descs, False
+    f.seek(block)
+    sub = f.read(104).ljust(104, b"\0")
+    split = struct.unpack_from("<i", sub, 12)[0]
+    start_pfn, end_pfn = struct.unpack_from("<QQ", sub, 16)
+    if version >= 6:
+        start_pfn, end_pfn = struct.unpack_from("<QQ", sub, 80)
+    need = descs
+    for off_at in (32, 48, 64):  # vmcoreinfo, notes, eraseinfo: (offset, size)
+        off, length = struct.unpack_from("<qQ", sub, off_at)
+        if version >= 3 and off > 0 and length:
+            need = max(need, off + length)
+    half = block * bitmap_blocks // 2
+    f.seek(bitmap + half)
+    dumped = int.from_bytes(f.read(half), "little")
+    if split:
+        start_pfn, end_pfn = min(start_pfn, 8 * half), min(end_pfn, 8 * half)
+        dumped &= ((1 << end_pfn) - 1) ^ ((1 << start_pfn) - 1)
+    pages = dumped.bit_count()
+    need = max(need, descs + 24 * pages)
+    if pages == 0 or size < descs + 24 * pages:
+        return need, size >= need
+    for i in (0, pages - 1):  # the shared zero page comes first, the last page last
+        f.seek(descs + 24 * i)
+        off, length = struct.unpack("<qI", f.read(12))
+        need = max(need, off + length)
+    return need, True
+
+
+def check_complete(path: Path, shown: Path) -> None:
+    """A one-line TargetError when core *path* is shorter than its headers say.
+
+    ELF and kdump-compressed cores are checked; other formats (the
+    makedumpfile flattened one) are left to drgn. *shown* names the core.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        magic = f.read(8)
+        f.seek(0)
+        if magic[:4] == b"\x7fELF":
+            need, exact = _elf_needs(f, size)
+        elif magic == b"KDUMP   ":
+            need, exact = _kdump_needs(f, size)
+        else:
+            return
+    if size < need:
+        raise TargetError(f"{shown}: truncated vmcore: {size} bytes, its headers need "
+                          f"{'' if exact else 'at least '}{need}")
 
 
 @dataclass
@@ -209,6 +306,7 @@ def open_core(path: str, debug: list[str]) -> Target:
     if core.stat().st_size == 0:
         raise TargetError(f"{core}: file is empty")
     real = decompressed(core)
+    check_complete(real, core)
     prog = drgn.Program()
     try:
         prog.set_core_dump(str(real))
