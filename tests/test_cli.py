@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -226,3 +228,72 @@ def test_exec_text_and_failures(damaged: str, capsys) -> None:
     assert status == 2 and "-e needs a target" in err
     status, out, err = run(["vmcore", CORE, "-e", "vms --json"], capsys)
     assert status == 0 and documents(out)[0]["command"] == "vms" and "kvminspect on" not in err
+
+
+# -- shell completion --------------------------------------------------------------------
+
+
+def completion(shell: str, capsys) -> str:
+    status, out, err = run(["--completion", shell], capsys)
+    assert status == 0 and err == ""
+    return out
+
+
+def bash_complete(script: Path, *words: str) -> list[str]:
+    """COMPREPLY of the bash script for the command line *words* (the last one is
+    the word being completed)."""
+    code = (f'source {script}; COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); _kvminspect; '
+            'printf "%s\\n" "${COMPREPLY[@]}"')
+    r = subprocess.run(["bash", "-c", code, "_", "kvminspect", *words], capture_output=True,
+                       text=True, timeout=30, check=True)
+    return [w for w in r.stdout.splitlines() if w]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_bash_completion(tmp_path: Path, capsys) -> None:
+    script = tmp_path / "kvminspect.bash"
+    script.write_text(completion("bash", capsys))
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert "complete -o filenames -F _kvminspect kvminspect" in script.read_text()
+    names = bash_complete(script, "")
+    assert {"vms", "roots", "tree", "check", "help", "live", "vmcore"} <= set(names)
+    assert bash_complete(script, "ro") == ["roots"]
+    assert bash_complete(script, "--sa") == ["--sample"]
+    assert bash_complete(script, "-c", "CORE", "tree", "--d") == ["--depth"]
+    opts = bash_complete(script, "--sample", "roots", "--")
+    assert "--json" in opts and "--vm" in opts and "--core" in opts
+    assert len(opts) == len(set(opts))
+    assert bash_complete(script, "--sample", "export", "--format", "") == ["dot", "graphml",
+                                                                           "json"]
+    assert bash_complete(script, "help", "tr") == ["tree"]
+    (tmp_path / "vmcore.xz").write_text("")
+    assert bash_complete(script, "-c", str(tmp_path / "vmc")) == [str(tmp_path / "vmcore.xz")]
+    assert bash_complete(script, "roots", "-s", str(tmp_path / "vmc")) == [
+        str(tmp_path / "vmcore.xz")]
+    assert bash_complete(script, "vmcore", str(tmp_path / "vmc")) == [
+        str(tmp_path / "vmcore.xz")]
+    assert bash_complete(script, "--sample", "tree", "--depth", "") == []
+
+
+def test_zsh_completion(tmp_path: Path, capsys) -> None:
+    text = completion("zsh", capsys)
+    assert text.startswith("#compdef kvminspect\n")
+    assert "compdef _kvminspect kvminspect" in text
+    for name in ("vms", "roots", "tree", "check", "live", "vmcore"):
+        assert f"\n    '{name}:" in text
+    assert "    tree) opts=(--depth --unsync-only --vm --json" in text
+    assert "export:--format) compadd -- dot graphml json" in text
+    assert text.count("{") == text.count("}")
+    lines = [line.strip() for line in text.splitlines()]
+    for opening, closing in (("case ", "esac"), ("if ", "fi"), ("for ", "done")):
+        assert (sum(line.startswith(opening) for line in lines)
+                == sum(bool(re.match(rf"(.*; )?{closing}\b", line)) for line in lines)), opening
+    if shutil.which("zsh"):
+        script = tmp_path / "_kvminspect"
+        script.write_text(text)
+        subprocess.run(["zsh", "-n", str(script)], check=True)
+
+
+def test_completion_needs_a_shell(capsys) -> None:
+    status, _, err = run(["--completion", "fish"], capsys)
+    assert status == 2 and err == "kvminspect: error: --completion takes bash or zsh, not 'fish'\n"
