@@ -297,3 +297,81 @@ def test_zsh_completion(tmp_path: Path, capsys) -> None:
 def test_completion_needs_a_shell(capsys) -> None:
     status, _, err = run(["--completion", "fish"], capsys)
     assert status == 2 and err == "kvminspect: error: --completion takes bash or zsh, not 'fish'\n"
+
+
+# -- --vm by name: kvm->stats_id and QEMU's -name ---------------------------------------
+
+
+@pytest.mark.parametrize("argv, name", [
+    (["qemu-system-x86_64", "-name", "guest=web1,debug-threads=on", "-m", "2G"], "web1"),
+    (["qemu-system-x86_64", "-name", "web1"], "web1"),
+    (["qemu-system-x86_64", "-name", "web1,process=qemu:web1"], "web1"),
+    (["qemu-system-x86_64", "-name", "process=p,guest=db"], "db"),
+    (["qemu-system-x86_64", "--name", "guest=a,,b"], "a,b"),
+    (["qemu-system-x86_64", "-name", "a", "-name", "guest=b"], "b"),  # the last one wins
+    (["qemu-system-x86_64", "-name", "process=p"], None),
+    (["qemu-system-x86_64", "-m", "2G"], None),
+    (["qemu-system-x86_64", "-name"], None),
+    ([], None),
+])
+def test_qemu_guest_name(argv: list[str], name: str | None) -> None:
+    from kvminspect.read_vms import qemu_guest_name
+
+    assert qemu_guest_name(argv) == name
+
+
+def test_vm_names_on_fixtures() -> None:
+    from tests.conftest import ALL, open_fixture, truth
+
+    for fixture in ALL:
+        if truth(fixture).get("special"):
+            continue
+        k = open_fixture(fixture).kernel
+        has = _has_stats_id(k.prog)
+        for vm in k.vms():
+            assert vm.guest_name is None  # our VMM is not QEMU
+            assert vm.stats_id == (f"kvm-{vm.pid}" if has else None), fixture
+        assert has == (not fixture.startswith("5.10")), fixture
+
+
+def _has_stats_id(prog) -> bool:
+    from kvminspect.layout import has_member
+
+    return has_member(prog.type("struct kvm"), "stats_id")
+
+
+def test_vm_by_name(capsys) -> None:
+    status, out, err = run(["-c", CORE, "--vm", "kvm-97", "roots", "--json"], capsys)
+    assert status == 0, err
+    assert [v["pid"] for v in json.loads(out)["vms"]] == [97]
+    status, out, _ = run(["-c", CORE, "vms", "--json"], capsys)
+    (vm,) = json.loads(out)["vms"]
+    assert (vm["stats_id"], vm["guest_name"]) == ("kvm-97", None)
+    status, out, _ = run(["-c", CORE, "vms"], capsys)
+    assert " NAME " in out.splitlines()[0] and " kvm-97 " in out
+    status, _, err = run(["-c", CORE, "--vm", "web1", "roots"], capsys)
+    assert status == 1 and err.startswith("kvminspect: error: no VM 'web1'")
+    assert err.count("\n") == 1
+    two = str(VMCORES / "6.1-shadow-2vm")
+    status, _, err = run(["-c", two, "roots", "--vm", "kvm-98"], capsys)
+    assert status == 1 and err == ("kvminspect: error: VM name 'kvm-98' is ambiguous: VMs 0, 1 "
+                                   "(use the index)\n")
+    status, out, _ = run(["-c", str(VMCORES / "5.10-shadow"), "vms", "--json"], capsys)
+    assert json.loads(out)["vms"][0]["stats_id"] is None  # 5.10 has no kvm->stats_id
+
+
+def test_guest_name_selects(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """A VM whose owner is QEMU started with -name guest=web1 (the command line
+    made up: the fixtures' VMM is not QEMU) is --vm web1 and shown by vms."""
+    from kvminspect import read_vms
+
+    monkeypatch.setattr(read_vms.VmReader, "_guest_name",
+                        lambda self, task: read_vms.qemu_guest_name(
+                            ["qemu-system-x86_64", "-name", "guest=web1,debug-threads=on"]))
+    core = str(VMCORES / "6.12-shadow")  # not the cached fixture target: read anew
+    status, out, err = run(["-c", core, "--vm", "web1", "vms", "--json"], capsys)
+    assert status == 0, err
+    (vm,) = json.loads(out)["vms"]
+    assert vm["guest_name"] == "web1" and vm["stats_id"].startswith("kvm-")
+    status, out, _ = run(["-c", core, "vms"], capsys)
+    assert f"web1 ({vm['stats_id']})" in out
