@@ -294,7 +294,7 @@ def _main(argv: list[str] | None) -> int:
         shell = _one(g.completion, "--completion") or ""
         if shell not in SHELLS:
             raise UsageError(f"--completion takes bash or zsh, not {shell!r}")
-        sys.stdout.write(script(shell))
+        print(script(shell), end="")
         return 0
     if g.help and not g.words:
         parser().print_help()
