@@ -1,11 +1,16 @@
-"""Command line: one-shot commands, and the live / vmcore REPLs.
+"""Command line: one-shot commands, scripts (-e, stdin) and the live / vmcore REPLs.
 
     kvminspect [-c CORE | --live | --qemu SOCK | --sample] [-s PATH]... [--vm ID] COMMAND
                [ARGS] [--json]
+    kvminspect [-c CORE | ...] -e 'CMD; CMD' [-e CMD]... [--json]
     kvminspect [-s PATH]... diff A B [--vm ID] [--json]    (A is the target: -c A diff B)
     kvminspect help [CMD]                                  (no target needed)
     kvminspect live [--qemu SOCK] [-s PATH]...
     kvminspect vmcore [PATH] [-s PATH]...
+    kvminspect --completion bash|zsh
+
+Global options (-c, -s, --live, --qemu, --sample, --vm, --json, -e) work in any
+position; two targets, or two different --vm, are an error (exit 2).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import shlex
 import sys
 import traceback
+from dataclasses import dataclass, field
 
 import drgn
 
@@ -25,6 +31,14 @@ from kvminspect.errors import UsageError, describe
 from kvminspect.session import Session
 from kvminspect.target import Target, open_core, open_live, open_qemu, open_sample
 
+REPLS = ("live", "vmcore")
+# global options that take a value, by every spelling, and the Globals field they fill
+VALUE_OPTIONS = {"-c": "core", "--core": "core", "-s": "symbols", "--symbols": "symbols",
+                 "--qemu": "qemu", "--vm": "vm", "-e": "exec", "--exec": "exec",
+                 "--completion": "completion"}
+FLAG_OPTIONS = {"--live": "live", "--sample": "sample", "--json": "json"}
+SHELLS = ("bash", "zsh")
+
 
 def _commands_epilog() -> str:
     ns = load_all()
@@ -34,49 +48,203 @@ def _commands_epilog() -> str:
             "  kvminspect live --qemu SOCK  a QEMU-emulated host, live, through QMP\n"
             "  kvminspect vmcore [PATH]     a vmcore or fixture directory "
             "(no PATH: the bundled sample)\n\n"
+            "Global options work before or after the command.\n"
             "'kvminspect diff A B' compares two vmcores of one host (A before, B after).\n"
             "'kvminspect help CMD' shows a command's options.")
 
 
 def parser() -> argparse.ArgumentParser:
+    """The top-level help text (the command line itself is read by split_argv)."""
     p = argparse.ArgumentParser(
         prog="kvminspect",
+        usage="kvminspect [-c CORE | --live | --qemu SOCKET | --sample] [-s PATH]... "
+              "[--vm ID] [--json] (COMMAND [ARGS] | -e 'CMD; CMD')",
         description="Show what KVM's MMU is doing in a Linux host kernel: "
         "VMs, vCPUs, roots, shadow pages, the unsync walk.",
         epilog=_commands_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("-c", "--core", metavar="CORE",
-                     help="vmcore (ELF or kdump; .xz/.zst/.gz) or fixture directory")
-    src.add_argument("--live", action="store_true", help="the running kernel (/proc/kcore)")
-    src.add_argument("--qemu", metavar="SOCKET",
-                     help="a QEMU-emulated host, live, through its QMP unix socket")
-    src.add_argument("--sample", action="store_true", help="the sample vmcore in the package")
-    p.add_argument("-s", "--symbols", metavar="PATH", action="append", default=[],
+    p.add_argument("-c", "--core", metavar="CORE",
+                   help="vmcore (ELF or kdump; .xz/.zst/.gz) or fixture directory")
+    p.add_argument("--live", action="store_true", help="the running kernel (/proc/kcore)")
+    p.add_argument("--qemu", metavar="SOCKET",
+                   help="a QEMU-emulated host, live, through its QMP unix socket")
+    p.add_argument("--sample", action="store_true", help="the sample vmcore in the package")
+    p.add_argument("-s", "--symbols", metavar="PATH",
                    help="debug info file or directory (repeatable); default: drgn's search")
-    p.add_argument("--vm", metavar="ID", help="select a VM (index, pid:PID or kvm address)")
+    p.add_argument("--vm", metavar="ID",
+                   help="select a VM (index, pid:PID, kvm address, or name: kvm-PID or "
+                   "QEMU's -name)")
+    p.add_argument("--json", action="store_true",
+                   help="JSON output (with -e: one document per command)")
+    p.add_argument("-e", "--exec", metavar="CMDS",
+                   help="run commands ('CMD; CMD', repeatable) on one load, then exit")
+    p.add_argument("--completion", metavar="SHELL", choices=SHELLS,
+                   help="print a completion script for bash or zsh")
     p.add_argument("--version", action="version", version=f"kvminspect {__version__}")
-    p.add_argument("command", nargs="?", help="a command, or 'live' / 'vmcore' for a REPL")
-    p.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
 
 
-def _has_target(args: argparse.Namespace) -> bool:
-    return bool(args.core or args.live or args.qemu or args.sample)
+@dataclass
+class Globals:
+    """The command line, global options apart from the command's words."""
+
+    core: list[str] = field(default_factory=list)
+    symbols: list[str] = field(default_factory=list)
+    qemu: list[str] = field(default_factory=list)
+    vm: list[str] = field(default_factory=list)
+    exec: list[str] = field(default_factory=list)
+    completion: list[str] = field(default_factory=list)
+    live: bool = False
+    sample: bool = False
+    json: bool = False
+    help: bool = False
+    version: bool = False
+    words: list[str] = field(default_factory=list)  # COMMAND ARGS (or live / vmcore [PATH])
 
 
-def _open(args: argparse.Namespace) -> Target:
-    if args.qemu:
-        return open_qemu(args.qemu, args.symbols)
-    if args.live:
-        return open_live(args.symbols)
-    if args.sample:
+def _option(arg: str) -> tuple[str, str | None]:
+    """'--core=X' -> ('--core', 'X'), '-cX' -> ('-c', 'X'), else (arg, None)."""
+    if arg.startswith("--"):
+        name, eq, value = arg.partition("=")
+        return name, (value if eq else None)
+    if len(arg) > 2 and arg[:2] in VALUE_OPTIONS:
+        return arg[:2], arg[2:]
+    return arg, None
+
+
+def split_argv(argv: list[str]) -> Globals:
+    """The global options, wherever they are, and the remaining words.
+
+    Before the command only global options (and -h, --version) are allowed;
+    after it the other words are the command's. '--' ends the global options.
+    """
+    g = Globals()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--":
+            g.words += argv[i:]
+            break
+        name, value = _option(arg)
+        if name in VALUE_OPTIONS:
+            if value is None:
+                if i >= len(argv):
+                    raise UsageError(f"{name} needs a value")
+                value, i = argv[i], i + 1
+            getattr(g, VALUE_OPTIONS[name]).append(value)
+        elif name in FLAG_OPTIONS and value is None:
+            setattr(g, FLAG_OPTIONS[name], True)
+        elif not g.words and arg in ("-h", "--help"):
+            g.help = True
+        elif not g.words and arg == "--version":
+            g.version = True
+        elif not g.words and arg.startswith("-") and arg != "-":
+            raise UsageError(f"unknown option {arg} (see kvminspect --help)")
+        else:
+            g.words.append(arg)
+    return g
+
+
+def _one(values: list[str], option: str) -> str | None:
+    """The value of an option given once (or several times alike); UsageError on a conflict."""
+    distinct = list(dict.fromkeys(values))
+    if len(distinct) > 1:
+        raise UsageError(f"conflicting options: {option} {distinct[0]} and {option} "
+                         f"{distinct[1]}")
+    return distinct[0] if distinct else None
+
+
+def target_source(g: Globals) -> tuple[str, str | None] | None:
+    """The target the global options name: (kind, value) with kind core, live,
+    qemu or sample; None if none. Two different ones are a UsageError."""
+    core, qemu = _one(g.core, "-c"), _one(g.qemu, "--qemu")
+    given = [(f"-c {core}", ("core", core)) if core is not None else None,
+             ("--live", ("live", None)) if g.live else None,
+             (f"--qemu {qemu}", ("qemu", qemu)) if qemu is not None else None,
+             ("--sample", ("sample", None)) if g.sample else None]
+    given = [x for x in given if x is not None]
+    if len(given) > 1:
+        raise UsageError(f"conflicting targets: {given[0][0]} and {given[1][0]}")
+    return given[0][1] if given else None
+
+
+def repl_source(g: Globals, source: tuple[str, str | None] | None
+                ) -> tuple[str, str | None]:
+    """The target of 'live' or 'vmcore [PATH]' together with the global options."""
+    mode, args = g.words[0], g.words[1:]
+    if any(a.startswith("-") and a != "-" for a in args):
+        bad = next(a for a in args if a.startswith("-"))
+        raise UsageError(f"{mode}: unknown option {bad} (see kvminspect --help)")
+    if mode == "live":
+        if args:
+            raise UsageError(f"live takes no argument: {args[0]} (a QMP socket: "
+                             "live --qemu SOCK)")
+        if source is not None and source[0] not in ("live", "qemu"):
+            raise UsageError(f"conflicting targets: live and {_label(source)}")
+        return source or ("live", None)
+    if len(args) > 1:
+        raise UsageError(f"vmcore takes one PATH, not {len(args)}: {shlex.join(args)}")
+    if args:
+        if source is not None and source != ("core", args[0]):
+            raise UsageError(f"conflicting targets: vmcore {args[0]} and {_label(source)}")
+        return ("core", args[0])
+    if source is not None and source[0] not in ("core", "sample"):
+        raise UsageError(f"conflicting targets: vmcore and {_label(source)}")
+    return source or ("sample", None)
+
+
+def _label(source: tuple[str, str | None]) -> str:
+    kind, value = source
+    return {"core": f"-c {value}", "qemu": f"--qemu {value}"}.get(kind, f"--{kind}")
+
+
+def open_source(source: tuple[str, str | None], symbols: list[str]) -> Target:
+    """Open the target *source* names (target_source, repl_source)."""
+    kind, value = source
+    if kind == "qemu":
+        return open_qemu(value or "", symbols)
+    if kind == "live":
+        return open_live(symbols)
+    if kind == "sample":
         return open_sample()
-    if args.core:
-        return open_core(args.core, args.symbols)
-    raise UsageError(f"'{args.command}' needs a target: -c CORE, --live, --qemu SOCKET "
-                     "or --sample")
+    return open_core(value or "", symbols)
+
+
+def split_commands(text: str) -> list[str]:
+    """'CMD; CMD' as its commands: ';' outside quotes separates; empty ones dropped."""
+    out, cur, quote = [], [], ""
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == ";":
+            out.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    out.append("".join(cur))
+    return [c.strip() for c in out if c.strip()]
+
+
+def with_json(line: str) -> str:
+    """*line* with --json after its command name (unless it has it): -e ... --json."""
+    words = line.split()
+    if "--json" in words:
+        return line
+    return f"{words[0]} --json {line[len(words[0]):].lstrip()}".rstrip()
+
+
+def _takes(command: str, option: str) -> bool:
+    """Whether kvminspect command *command* has *option*."""
+    from kvminspect.repl import _options
+
+    try:
+        return option in _options(load_all().lookup(drgn.Program(), command))
+    except Exception:
+        return False
 
 
 def run_one(session: Session, argv: list[str]) -> None:
@@ -95,58 +263,97 @@ def run_help(argv: list[str]) -> None:
                    globals={})
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = parser()
-    args = p.parse_args(argv)
-    try:
-        if args.command in ("live", "vmcore"):
-            from kvminspect.repl import run_repl
+def run_script(session: Session, lines: list[str], json: bool) -> int:
+    """-e: each command in turn on one load (a failure is one line on stderr and
+    the next runs); the exit status is Session.exit_status()."""
+    from kvminspect.repl import run_guarded
 
-            if args.command == "live":
-                live_args = [a for a in args.args if a != "--qemu"]
-                if args.qemu or "--qemu" in args.args:  # kvminspect live --qemu SOCKET
-                    sock = args.qemu or (live_args[0] if live_args else "")
-                    if not sock:
-                        raise UsageError("live --qemu needs the QMP socket")
-                    target = open_qemu(sock, args.symbols)
-                else:
-                    target = open_live(args.symbols)
-            elif args.args:
-                target = open_core(args.args[0], args.symbols)
-            else:
-                target = open_sample()
-            session = Session(target)
-            if args.vm:
-                session.select(args.vm)
-            return run_repl(session)
-        if not args.command:
-            p.print_usage(sys.stderr)
-            print("kvminspect: error: no command (see kvminspect --help)", file=sys.stderr)
-            return 2
-        if args.command not in dict(load_all().enabled(None)):
-            raise UsageError(f"unknown command '{args.command}' (see kvminspect --help)")
-        words = [args.command, *args.args]
-        if not _has_target(args) and (args.command == "help" or asks_help(words)):
-            run_help(words)
-            return 0
-        if args.command == "diff" and not _has_target(args):  # kvminspect diff A B
-            core, rest = split_first_core(args.args)
-            target, words = open_core(core, args.symbols), ["diff", *rest]
-        else:
-            target = _open(args)
-        session = Session(target)
-        if args.vm:
-            session.select(args.vm)
-        try:
-            run_one(session, words)
-        except SystemExit as e:  # rich exits when the reader of a pipe goes away
-            if isinstance(e.__context__, BrokenPipeError):
-                return 0
-            raise
-        k = session.target._kernel
-        if k is not None and k._vms == [] and k.problems:
-            return 1  # nothing could be read: the VM list itself is damaged
+    load_all()
+    for line in lines:
+        if not run_guarded(session, with_json(line) if json else line):
+            break
+    return session.exit_status()
+
+
+def _session(target: Target, vm: str | None) -> Session:
+    session = Session(target)
+    if vm is not None:
+        session.select(vm)
+    return session
+
+
+def _main(argv: list[str] | None) -> int:
+    """main() without the mapping of errors to one line."""
+    g = split_argv(sys.argv[1:] if argv is None else argv)
+    if g.version:
+        print(f"kvminspect {__version__}")
         return 0
+    if g.completion:
+        from kvminspect.completion import script
+
+        shell = _one(g.completion, "--completion") or ""
+        if shell not in SHELLS:
+            raise UsageError(f"--completion takes bash or zsh, not {shell!r}")
+        print(script(shell), end="")
+        return 0
+    if g.help and not g.words:
+        parser().print_help()
+        return 0
+    source = target_source(g)
+    vm = _one(g.vm, "--vm")
+    lines = [c for text in g.exec for c in split_commands(text)]
+    command = g.words[0] if g.words else None
+    if command in REPLS:
+        session = _session(open_source(repl_source(g, source), g.symbols), vm)
+        if g.exec:
+            return run_script(session, lines, g.json)
+        if g.json:
+            raise UsageError(f"--json is for commands: kvminspect {command} ... -e CMD --json")
+        from kvminspect.repl import run_repl
+
+        return run_repl(session)
+    if g.exec:
+        if command is not None:
+            raise UsageError(f"-e runs its own commands: '{command}' as well is ambiguous "
+                             "(put it in -e)")
+        if not lines:
+            raise UsageError("-e has no command")
+        if source is None:
+            raise UsageError("-e needs a target: -c CORE, --live, --qemu SOCKET or --sample")
+        return run_script(_session(open_source(source, g.symbols), vm), lines, g.json)
+    if command is None:
+        print(parser().format_usage(), end="", file=sys.stderr)
+        raise UsageError("no command (see kvminspect --help)")
+    if command not in dict(load_all().enabled(None)):
+        raise UsageError(f"unknown command '{command}' (see kvminspect --help)")
+    words = g.words + (["--json"] if g.json and "--json" not in g.words else [])
+    if command == "help" or asks_help(words):
+        run_help(words)  # help reads no kernel: the target is not opened
+        return 0
+    if vm is not None and _takes(command, "--vm"):
+        words, vm = words + ["--vm", vm], None
+    if command == "diff" and source is None:  # kvminspect diff A B
+        core, rest = split_first_core(words[1:])
+        source, words = ("core", core), ["diff", *rest]
+    if source is None:
+        raise UsageError(f"'{command}' needs a target: -c CORE, --live, --qemu SOCKET "
+                         "or --sample")
+    session = _session(open_source(source, g.symbols), vm)
+    try:
+        run_one(session, words)
+    except SystemExit as e:  # rich exits when the reader of a pipe goes away
+        if isinstance(e.__context__, BrokenPipeError):
+            return 0
+        raise
+    k = session.target._kernel
+    if k is not None and k._vms == [] and k.problems:
+        return 1  # nothing could be read: the VM list itself is damaged
+    return session.exit_status()
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
@@ -161,3 +368,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvminspect: internal error: {text} (KVMINSPECT_DEBUG=1 shows the traceback)",
               file=sys.stderr)
         return 1
+
+

@@ -173,6 +173,13 @@ class VM:
     stat: dict[str, int]
     vendor: str | None = None  # kvm_amd / kvm_intel: the vendor module loaded
     vm_type: str | None = None  # kvm->arch.vm_type (6.8+): default, sev, ..., tdx
+    stats_id: str | None = None  # kvm->stats_id, "kvm-PID" (5.14+); None before
+    guest_name: str | None = None  # QEMU's -name guest=NAME in the owner's command line
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The names --vm takes for this VM: QEMU's guest name, kvm->stats_id."""
+        return tuple(n for n in (self.guest_name, self.stats_id) if n)
 
     @property
     def unsupported(self) -> str | None:

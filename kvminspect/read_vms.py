@@ -55,6 +55,25 @@ class VmReader(KernelBase):
         t = kvm.arch.vm_type.value_()
         return VM_TYPES.get(t, str(t))
 
+    def _stats_id(self, kvm: drgn.Object) -> str | None:
+        """kvm->stats_id, "kvm-PID" (a char array, 5.14+); None on older kernels."""
+        if not hasattr(self, "_has_stats_id"):
+            self._has_stats_id = has_member(self.prog.type("struct kvm"), "stats_id")
+        if not self._has_stats_id:
+            return None
+        return kvm.stats_id.string_().decode(errors="replace") or None
+
+    def _guest_name(self, task: drgn.Object) -> str | None:
+        """QEMU's guest name: -name in the owner task's command line (its mm's
+        arg_start..arg_end, read through drgn); None if absent or unreadable."""
+        from drgn.helpers.linux.mm import cmdline
+
+        try:
+            argv = cmdline(task)
+        except (drgn.FaultError, LookupError, ValueError, NotImplementedError):
+            return None
+        return qemu_guest_name([a.decode(errors="replace") for a in argv or []])
+
     def _used_pages(self, kvm: drgn.Object) -> Int:
         """MMU pages in use: kvm->arch.n_used_mmu_pages, kvm->stat.mmu_shadow_pages in 7.3."""
         path = self.layout.used_pages_path
@@ -101,13 +120,14 @@ class VmReader(KernelBase):
         v = self.value
         try:
             pid = v(kvm, "struct kvm", "userspace_pid")
-            comm = state = None
+            comm = state = guest = None
             try:
                 task = find_task(self.prog, pid) if known(pid) else None
                 if task:
                     comm = task.comm.string_().decode(errors="replace")
                     from drgn.helpers.linux.sched import task_state_to_char
                     state = task_state_to_char(task)
+                    guest = self._guest_name(task)
             except (LookupError, drgn.FaultError, ValueError):
                 pass
             arch = kvm.arch
@@ -128,6 +148,8 @@ class VmReader(KernelBase):
                       else self._stat(kvm.stat, "kvm->stat", addr)),
                 vendor=self.vendor(),
                 vm_type=self._vm_type(kvm),
+                stats_id=self._stats_id(kvm),
+                guest_name=guest,
             )
         except drgn.FaultError as e:
             self.problem("struct kvm", addr, f"unreadable ({e})")
@@ -204,7 +226,9 @@ class VmReader(KernelBase):
         self.drop_blocks()
 
     def vm_by_id(self, ident: str) -> VM:
-        """A VM by index (0, 1, ...), owner pid (pid:N) or struct kvm address."""
+        """A VM by index (0, 1, ...), owner pid (pid:N), struct kvm address, or name
+        (kvm->stats_id "kvm-PID", or QEMU's guest name); a name two VMs share is
+        a LookupFailed naming them."""
         vms = self.vms()
         ident = ident.strip()
         try:
@@ -212,9 +236,45 @@ class VmReader(KernelBase):
                 pid = int(ident[4:], 0)
                 return next(v for v in vms if v.pid == pid)
             n = int(ident, 0)
-        except (ValueError, StopIteration):
+        except StopIteration:
             raise LookupFailed(f"no VM {ident!r}") from None
+        except ValueError:
+            return self._vm_by_name(ident, vms)
         for v in vms:
             if (n < 0x10000 and v.index == n) or v.addr == n:
                 return v
         raise LookupFailed(f"no VM {ident!r} (have {len(vms)})")
+
+    def _vm_by_name(self, name: str, vms: list[VM]) -> VM:
+        """The one VM named *name* (VM.names)."""
+        found = [v for v in vms if name in v.names]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise LookupFailed(f"VM name {name!r} is ambiguous: VMs "
+                               + ", ".join(str(v.index) for v in found) + " (use the index)")
+        raise LookupFailed(f"no VM {name!r} (have {len(vms)}: index, pid:PID, kvm address, "
+                           "or name)")
+
+
+def qemu_guest_name(argv: list[str]) -> str | None:
+    """The guest name of a QEMU command line: '-name guest=NAME[,...]' (as libvirt
+    starts it) or '-name NAME[,...]' (the implied key is guest; ',,' is a comma);
+    the last -name wins, as in QEMU. None without one."""
+    name = None
+    for i, arg in enumerate(argv[:-1]):
+        if arg in ("-name", "--name"):
+            name = _name_option(argv[i + 1]) or name
+    return name
+
+
+def _name_option(value: str) -> str | None:
+    """The guest= value of one -name option's QemuOpts string."""
+    parts = value.replace(",,", "\0").split(",")
+    for i, part in enumerate(parts):
+        key, eq, val = part.partition("=")
+        if eq and key == "guest":
+            return val.replace("\0", ",") or None
+        if i == 0 and not eq:
+            return part.replace("\0", ",") or None
+    return None

@@ -150,8 +150,15 @@ def rewrite(prog: drgn.Program, line: str) -> str:
     return line
 
 
+def _failed(session: Session, e: BaseException) -> None:
+    """report_error, and the first failure's exit status kept in *session*."""
+    report_error(e)
+    session.failed = session.failed or describe(e)[2]
+
+
 def run_line(session: Session, line: str) -> bool:
-    """Run one REPL line; False when it asks to leave. Never raises (but Ctrl-C)."""
+    """Run one REPL line; False when it asks to leave. Never raises (but Ctrl-C).
+    A failure is reported and recorded (Session.failed)."""
     text = line.strip()
     if not text or text.startswith("#"):
         return True
@@ -164,9 +171,9 @@ def run_line(session: Session, line: str) -> bool:
     try:
         session.begin(progress="--json" not in text.split())
         NAMESPACE.run(prog, rewrite(prog, text), globals={"session": session},
-                      onerror=report_error)
+                      onerror=lambda e: _failed(session, e))
     except Exception as e:  # run() hands errors to onerror; this is a last resort
-        report_error(e)
+        _failed(session, e)
     except SystemExit:
         pass  # rich exits when a '| head' stops reading: that ends the command, not the REPL
     finally:
@@ -181,6 +188,7 @@ def run_guarded(session: Session, line: str) -> bool:
     except KeyboardInterrupt:
         _flush_stdout()
         _err("interrupted", newline=_is_tty(sys.stderr))  # after the terminal's "^C"
+        session.failed = session.failed or 130
         return True
 
 
@@ -355,7 +363,8 @@ def banner(session: Session) -> str:
 
 
 def _run_plain(session: Session, stdin: TextIO) -> int:
-    """Lines from a non-terminal stdin, no prompt; end of input leaves with 0."""
+    """Lines from a non-terminal stdin, no prompt, to the end of input (or quit):
+    the exit status is Session.exit_status() (non-zero if a line failed)."""
     print(banner(session), file=sys.stderr)
     while True:
         try:
@@ -363,7 +372,7 @@ def _run_plain(session: Session, stdin: TextIO) -> int:
         except KeyboardInterrupt:
             return 130
         if not line or not run_guarded(session, line):
-            return 0
+            return session.exit_status()
 
 
 def make_prompt(session: Session, input: Input | None = None,

@@ -19,6 +19,8 @@ from kvminspect.layout import known
 from kvminspect.model import VM, Kernel, ShadowPage
 from kvminspect.target import Target, open_core
 
+CHECK_ERRORS = 3  # the exit status when check found error findings (README: Exit status)
+
 
 @dataclass
 class Session:
@@ -31,6 +33,13 @@ class Session:
     _others: dict[str, Session] = field(default_factory=dict)  # diff's B, by path
     progress: bool = False  # a progress bar for slow graph builds (set by begin())
     py_globals: dict = field(default_factory=dict)  # the py command's names
+    failed: int = 0  # the exit status of the first command that failed (0: none did)
+    check_errors: bool = False  # a check found error findings
+
+    def exit_status(self) -> int:
+        """A script's exit status: the first failure's, else CHECK_ERRORS if a
+        check found errors, else 0."""
+        return self.failed or (CHECK_ERRORS if self.check_errors else 0)
 
     @property
     def kernel(self) -> Kernel:

@@ -42,7 +42,8 @@ def vm_ref(vm: VM) -> dict[str, Any]:
 def vm_json(vm: VM) -> dict[str, Any]:
     """struct kvm: its owner, vCPUs, MMU-wide counters and memslots."""
     return {
-        **vm_ref(vm), "comm": vm.comm, "task_state": vm.task_state,
+        **vm_ref(vm), "stats_id": vm.stats_id, "guest_name": vm.guest_name,
+        "comm": vm.comm, "task_state": vm.task_state,
         "online_vcpus": value(vm.online_vcpus), "created_vcpus": value(vm.created_vcpus),
         "vm_type": vm.vm_type, "n_used_mmu_pages": value(vm.n_used_mmu_pages),
         "n_max_mmu_pages": value(vm.n_max_mmu_pages),

@@ -243,7 +243,7 @@ def test_error_text() -> None:
 def test_piped_stdin_without_a_terminal(session: Session, monkeypatch: pytest.MonkeyPatch,
                                         capfd: pytest.CaptureFixture) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO("vms --json\nbogus\nroots --json\n"))
-    assert run_repl(session) == 0
+    assert run_repl(session) == 2  # a line failed (unknown command: a usage error)
     out, err = capfd.readouterr()
     # nothing but the two documents on stdout
     keys = ["schema_version", "command", "vms", "errors", "warnings"]

@@ -32,8 +32,8 @@ MODULES = ("vms", "vm", "vcpus", "roots", "tree", "sp", "unsync", "stats", "chec
 
 JSON_ARG = argument("--json", action="store_true", help="print one JSON document")
 VM_ARG = argument("--vm", metavar="ID",
-                  help="VM index, pid:PID or struct kvm address (default: the selected VM, else "
-                  "all VMs; export: else the only VM)")
+                  help="VM index, pid:PID, struct kvm address or name (kvm-PID, QEMU's -name) "
+                  "(default: the selected VM, else all VMs; export: else the only VM)")
 
 
 def kvm_command(*arguments: Any, vm: bool = True, json: bool = True) -> Callable:

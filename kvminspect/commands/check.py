@@ -13,6 +13,7 @@ from kvminspect.check import Finding, check_vm, summary
 from kvminspect.commands import kvm_command, per_vm, vm_header
 from kvminspect.model import VM
 from kvminspect.render import console
+from kvminspect.session import Session
 from kvminspect.shapes import finding_json
 
 STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
@@ -51,7 +52,12 @@ def _cmd_check(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
         n = summary(findings)
         return vm_header(vm, f"{n['error']} errors, {n['warning']} warnings, {n['info']} info")
 
-    per_vm(kwargs, args, "check", collect=lambda s, vm: check_vm(s.kernel, s.graph(vm)),
+    def collect(s: Session, vm: VM) -> list[Finding]:
+        findings = check_vm(s.kernel, s.graph(vm))
+        s.check_errors = s.check_errors or summary(findings)["error"] > 0  # exit status 3
+        return findings
+
+    per_vm(kwargs, args, "check", collect=collect,
            show=show, header=header,
            to_json=lambda vm, findings: {"findings": [finding_json(f) for f in findings],
                                          "summary": summary(findings)})

@@ -9,15 +9,24 @@ from drgn import Program
 from rich.table import Table
 
 from kvminspect.commands import NO_VMS, finish, kvm_command, session_of
+from kvminspect.model import VM
 from kvminspect.render import console
 from kvminspect.shapes import vm_json
+
+
+def vm_name(vm: VM) -> str:
+    """NAME: the guest name and kvm->stats_id, "guest (kvm-PID)", or "-" for neither."""
+    if vm.guest_name and vm.stats_id:
+        return f"{vm.guest_name} ({vm.stats_id})"
+    return vm.guest_name or vm.stats_id or "-"
 
 
 @kvm_command(vm=False)
 def _cmd_vms(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
     """list VMs (struct kvm on vm_list)
 
-    One row per VM: its struct kvm, owner process, vCPUs, MMU kind (shadow, tdp_mmu,
+    One row per VM: its struct kvm, owner process, its name (QEMU's -name guest=, then
+    kvm->stats_id "kvm-PID"; --vm takes either), vCPUs, MMU kind (shadow, tdp_mmu,
     tdp_legacy), the vendor module (kvm_amd, kvm_intel), shadow pages in use and the MMU
     generation. A TDX VM is listed, but its MMU is not read.
     """
@@ -29,13 +38,14 @@ def _cmd_vms(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) 
             console().print(NO_VMS)
             return
         t = Table(box=None, header_style="bold")
-        for col in ("VM", "KVM", "PID", "COMM", "ST", "VCPUS", "MMU", "VENDOR", "MMU PAGES",
+        for col in ("VM", "KVM", "PID", "COMM", "NAME", "ST", "VCPUS", "MMU", "VENDOR",
+                    "MMU PAGES",
                     "GEN", "MEMSLOTS"):
             t.add_column(col, justify="right" if col in ("VM", "PID", "GEN") else "left")
         for vm in vms:
             mark = "*" if s.selected and s.selected.addr == vm.addr else ""
             t.add_row(f"{mark}{vm.index}", hex(vm.addr), str(vm.pid), vm.comm or "?",
-                      vm.task_state or "?", f"{vm.online_vcpus}/{vm.created_vcpus}",
+                      vm_name(vm), vm.task_state or "?", f"{vm.online_vcpus}/{vm.created_vcpus}",
                       vm.mmu + (f" ({vm.vm_type})" if vm.vm_type not in (None, "default")
                                 else ""), vm.vendor or "?",
                       f"{vm.n_used_mmu_pages}/{vm.n_max_mmu_pages}", str(vm.mmu_valid_gen),
