@@ -30,6 +30,7 @@ class Session:
     _graphs: dict[int, graph.VMGraph] = field(default_factory=dict)
     _others: dict[str, Session] = field(default_factory=dict)  # diff's B, by path
     progress: bool = False  # a progress bar for slow graph builds (set by begin())
+    interactive: bool = False  # a REPL (selections last); False: one command and out
 
     @property
     def kernel(self) -> Kernel:
