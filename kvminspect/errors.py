@@ -96,7 +96,7 @@ class Problems:
         self._owner = {p: o for p, o in self._owner.items() if o != owner}
 
 
-def argument_error_text(e: BaseException) -> str:
+def _argument_error_text(e: BaseException) -> str:
     """argparse's "PROG: error: MSG" as "PROG: MSG" (the usage line is already out)."""
     text = str(e).strip()
     return re.sub(r"^(\S+): error: ", r"\1: ", text) or "bad arguments"
@@ -115,7 +115,7 @@ def describe(e: BaseException, help_hint: str = "try help") -> tuple[str, str, i
     if isinstance(e, CommandNotFoundError):
         return "error", f"unknown command '{e.name}' ({help_hint})", UsageError.status
     if isinstance(e, CommandArgumentError):
-        return "error", argument_error_text(e), UsageError.status
+        return "error", _argument_error_text(e), UsageError.status
     if isinstance(e, KvminspectError):
         return "error", str(e), e.status
     if isinstance(e, CommandError):

@@ -20,7 +20,7 @@ from typing import Any
 from drgn import Program
 from drgn.commands import CommandArgumentError, CommandNamespace, argument, command
 
-from kvminspect.errors import Problem, UsageError, argument_error_text
+from kvminspect.errors import Problem, UsageError
 from kvminspect.layout import MissingMember
 from kvminspect.model import VM
 from kvminspect.render import console, emit_json, warn_problems
@@ -79,7 +79,7 @@ def asks_help(words: list[str]) -> str | None:
 def check_arguments(prog: Program, argv: list[str]) -> None:
     """Parse a one-shot command's arguments before it runs: a bad one is then
     one line, "CMD: what is wrong; usage: CMD ...", instead of argparse's
-    usage line and error line (UsageError, exit status 2)."""
+    usage line and error line (still a CommandArgumentError: exit status 2)."""
     cmd = NAMESPACE.lookup(prog, argv[0])
     parser = getattr(cmd, "_parser", None)  # drgn's argparse command keeps its parser
     if not isinstance(parser, argparse.ArgumentParser):
@@ -88,8 +88,7 @@ def check_arguments(prog: Program, argv: list[str]) -> None:
         with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage line
             parser.parse_args(cmd.parse(shlex.join(argv[1:])).args)
     except CommandArgumentError as e:
-        raise UsageError(f"{argument_error_text(e)}; usage: {cmd.format_usage().strip()}"
-                         ) from None
+        raise CommandArgumentError(f"{e}; usage: {cmd.format_usage().strip()}") from None
 
 
 def session_of(kwargs: dict[str, Any]) -> Session:
