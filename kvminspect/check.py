@@ -35,6 +35,7 @@ from kvminspect.errors import Problem
 from kvminspect.graph import Holder, VMGraph
 from kvminspect.layout import NoValue, known
 from kvminspect.model import Kernel, ShadowPage
+from kvminspect.render import plural
 
 SEVERITIES = ("error", "warning", "info")
 SPTE_ENT_PER_PAGE = 512
@@ -141,9 +142,10 @@ def _check_bit(kernel: Kernel, vg: VMGraph, sp: ShadowPage, i: int,
         return Finding(
             "stale-bit", "info", [sp.addr, child.addr],
             f"{_page(sp)}: unsync_child_bitmap bit {i} but its child {_page(child)} is "
-            f"neither unsync nor has unsync_children; the child has {others} other "
-            "parent SPTE(s) and mmu_pages_clear_parents clears only the path the walk "
-            "took; __mmu_unsync_walk clears this bit lazily")
+            f"neither unsync nor has unsync_children; the child has "
+            f"{plural(others, 'other parent SPTE', 'other parent SPTEs')} and "
+            "mmu_pages_clear_parents clears only the path the walk took; "
+            "__mmu_unsync_walk clears this bit lazily")
     return Finding(
         "stale-bit", "warning", [sp.addr, child.addr],
         f"{_page(sp)}: unsync_child_bitmap bit {i} but its only child there, "
@@ -163,7 +165,8 @@ def check_bitmap_bits(kernel: Kernel, vg: VMGraph,
             out.append(Finding(
                 "bit-on-leaf", "error", [sp.addr],
                 f"{_page(sp)}: a level-1 page has no child pages, yet unsync_child_bitmap "
-                f"has {len(bits)} bit(s) set ({', '.join(map(str, bits[:MAX_LISTED]))})"))
+                f"has {plural(len(bits), 'bit', 'bits')} set "
+                f"({', '.join(map(str, bits[:MAX_LISTED]))})"))
             continue
         if bits[-1] >= SPTE_ENT_PER_PAGE:
             continue  # the model reads exactly 512 bits; never happens
@@ -257,7 +260,7 @@ def _expected_refs(sp: ShadowPage, holders: list[Holder], list_ref: bool = True
     while the TDP MMU root count was the plain int root_count, 5.10-5.12).
     """
     n = len(_vcpu_holders(holders))
-    what = f"{n} vCPU reference(s)"
+    what = plural(n, "vCPU reference", "vCPU references")
     if sp.tdp_mmu_page and _on_tdp_list(holders) and not list_ref:
         return {n}, what + " (tdp_mmu_roots holds none before tdp_mmu_root_count)"
     if sp.tdp_mmu_page and _on_tdp_list(holders):
@@ -292,7 +295,8 @@ def _uncounted(vg: VMGraph) -> list[str]:
             out.append(f"{name}: runs a nested guest, the roots of its root_mmu")
         bad = [r for r in [v.root, *v.prev_roots] if r.special == "unreadable"]
         if bad:
-            out.append(f"{name}: {len(bad)} root(s) whose hpa has no readable struct page")
+            out.append(f"{name}: {plural(len(bad), 'root', 'roots')} whose hpa has no "
+                       "readable struct page")
     return out
 
 
@@ -386,7 +390,8 @@ def check_orphans(vg: VMGraph) -> list[Finding]:
         return []
     return [Finding(
         "orphans", "info", orphans,
-        f"{len(orphans)} shadow page(s) on the VM's page lists are reachable from no "
+        f"{plural(len(orphans), 'shadow page', 'shadow pages')} on the VM's page lists "
+        f"{'is' if len(orphans) == 1 else 'are'} reachable from no "
         f"root: {_addrs(orphans)} (kept for reuse until zapped or recycled)")]
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import drgn
 
 from kvminspect import __version__
-from kvminspect.commands import asks_help, load_all
+from kvminspect.commands import asks_help, check_arguments, load_all
 from kvminspect.commands.diff import split_first_core
 from kvminspect.errors import UsageError, describe
 from kvminspect.session import Session
@@ -252,6 +252,7 @@ def run_one(session: Session, argv: list[str]) -> None:
     ns = load_all()
     if (cmd := asks_help(argv)) is not None:
         argv = ["help", cmd]
+    check_arguments(session.target.prog, argv)
     session.begin(progress="--json" not in argv)
     ns.run(session.target.prog, shlex.join(argv), globals={"session": session})
 

@@ -393,6 +393,7 @@ def run_repl(session: Session, *, input: Input | None = None,
              output: Output | None = None) -> int:
     """Read and run commands until Ctrl-D, 'quit' or 'exit'; the exit status (0)."""
     load_all()
+    session.interactive = True
     if input is None and not _is_tty(sys.stdin):
         return _run_plain(session, sys.stdin)
     prompt = make_prompt(session, input, output)

@@ -40,6 +40,7 @@ class Session:
         """A script's exit status: the first failure's, else CHECK_ERRORS if a
         check found errors, else 0."""
         return self.failed or (CHECK_ERRORS if self.check_errors else 0)
+    interactive: bool = False  # a REPL (selections last); False: one command and out
 
     @property
     def kernel(self) -> Kernel:

@@ -61,8 +61,9 @@ def test_unsync_text(name: str, capsys) -> None:
         assert [leaf["gfn"] for leaf in leaves] == the_set["unsync_gfns"]
         pml4, pdpt, pd = (hex(int(g, 16) >> 12) for g in the_set["pt_gpas"][:3])
         assert r["sp"] == vm_sp(name, pml4, capsys)
-        expected.append(f"root sp {r['sp']} ({holders}): {len(r['batches'])} batch(es), "
-                        f"{len(leaves)} unsync leaves".split())
+        nb = len(r["batches"])
+        expected.append(f"root sp {r['sp']} ({holders}): {nb} batch{'' if nb == 1 else 'es'}, "
+                        f"{len(leaves)} unsync lea{'f' if len(leaves) == 1 else 'ves'}".split())
         for k, b in enumerate(r["batches"], 1):
             expected.append(f"batch {k}: {len(b['pages'])} entries".split())
             expected.append("SP Index SP Level SP".split())

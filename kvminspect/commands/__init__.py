@@ -9,13 +9,16 @@ one JSON document.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
+import io
+import shlex
 from collections.abc import Callable
 from typing import Any
 
 from drgn import Program
-from drgn.commands import CommandNamespace, argument, command
+from drgn.commands import CommandArgumentError, CommandNamespace, argument, command
 
 from kvminspect.errors import Problem, UsageError
 from kvminspect.layout import MissingMember
@@ -40,14 +43,16 @@ def kvm_command(*arguments: Any, vm: bool = True, json: bool = True) -> Callable
     """Register a kvminspect command in NAMESPACE (drgn.commands.command).
 
     The description is the first line of the function's docstring, the long
-    description the rest; --vm ID and --json follow the command's own
+    description the rest (its paragraphs kept); --vm ID and --json follow the command's own
     *arguments* unless *vm* / *json* is False.
     """
     extra = ((VM_ARG,) if vm else ()) + ((JSON_ARG,) if json else ())
 
     def register(func: Callable) -> Callable:
         first, _, rest = inspect.cleandoc(func.__doc__ or "").partition("\n")
-        return command(description=first.strip(), long_description=" ".join(rest.split()) or None,
+        paragraphs = [" ".join(p.split()) for p in rest.split("\n\n") if p.strip()]
+        return command(description=first.strip(),
+                       long_description="\n\n".join(paragraphs) or None,
                        arguments=(*arguments, *extra), namespace=NAMESPACE)(func)
 
     return register
@@ -71,6 +76,21 @@ def asks_help(words: list[str]) -> str | None:
     return None
 
 
+def check_arguments(prog: Program, argv: list[str]) -> None:
+    """Parse a one-shot command's arguments before it runs: a bad one is then
+    one line, "CMD: what is wrong; usage: CMD ...", instead of argparse's
+    usage line and error line (still a CommandArgumentError: exit status 2)."""
+    cmd = NAMESPACE.lookup(prog, argv[0])
+    parser = getattr(cmd, "_parser", None)  # drgn's argparse command keeps its parser
+    if not isinstance(parser, argparse.ArgumentParser):
+        return  # the command reports its own argument errors
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage line
+            parser.parse_args(cmd.parse(shlex.join(argv[1:])).args)
+    except CommandArgumentError as e:
+        raise CommandArgumentError(f"{e}; usage: {cmd.format_usage().strip()}") from None
+
+
 def session_of(kwargs: dict[str, Any]) -> Session:
     return kwargs["globals"]["session"]
 
@@ -84,6 +104,29 @@ def parse_int(text: str, what: str) -> int:
         return int(t, 10)
     except ValueError:
         raise UsageError(f"bad {what}: {text!r}") from None
+
+
+def non_negative(text: str) -> int:
+    """An argparse type: a count or depth, 0 or more (argparse says which option)."""
+    try:
+        n = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return n
+
+
+def parse_gfn(text: str) -> int:
+    """A guest frame number as typed: hex, with or without 0x."""
+    t = text.strip().lower()
+    try:
+        n = int(t[2:] if t.startswith("0x") else t, 16)
+    except ValueError:
+        n = -1
+    if n < 0 or not t:
+        raise UsageError(f"bad gfn: {text!r} (a guest frame number in hex)")
+    return n
 
 
 def sp_scope(session: Session, vm_ident: str | None, sp_text: str | None

@@ -6,26 +6,24 @@ import argparse
 from typing import Any
 
 from drgn import Program
-from rich.table import Table
-from rich.text import Text
 
 from kvminspect.check import Finding, check_vm, summary
 from kvminspect.commands import kvm_command, per_vm, vm_header
 from kvminspect.model import VM
-from kvminspect.render import console
+from kvminspect.render import Grid, console
 from kvminspect.session import Session
 from kvminspect.shapes import finding_json
 
 STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
 
 
-def findings_table(findings: list[Finding]) -> Table:
+def findings_table(findings: list[Finding]) -> Grid:
     """The findings of one VM: severity, check id, message."""
-    t = Table(box=None, header_style="bold")
+    t = Grid()
     for col in ("SEVERITY", "CHECK", "MESSAGE"):
-        t.add_column(col, overflow="fold")
+        t.add_column(col, text=col == "MESSAGE")
     for f in findings:
-        t.add_row(f.severity, f.check, Text(f.message), style=STYLE.get(f.severity))
+        t.add_row(f.severity, f.check, f.message, style=STYLE.get(f.severity))
     return t
 
 

@@ -27,7 +27,6 @@ from typing import Any
 
 from drgn import Program
 from drgn.commands import argument
-from rich.table import Table
 
 from kvminspect.commands import finish, kvm_command, session_of, sp_flags, vm_header
 from kvminspect.commands.roots import root_rows
@@ -36,7 +35,7 @@ from kvminspect.errors import LookupFailed, Problem, UsageError
 from kvminspect.graph import VMGraph
 from kvminspect.layout import known
 from kvminspect.model import VM, ShadowPage, VCpu
-from kvminspect.render import console, hx
+from kvminspect.render import Grid, console, hx
 from kvminspect.session import Session
 from kvminspect.shapes import root_json, sp_json, value, vcpu_ref, vm_ref
 
@@ -279,11 +278,11 @@ def header(d: dict[str, Any], vm: VM) -> str:
     return vm_header(vm, "changed (matched by " + d["matched_by"] + "): " + ", ".join(n))
 
 
-def roots_table(vcpus: list[dict[str, Any]]) -> Table:
+def roots_table(vcpus: list[dict[str, Any]]) -> Grid:
     """Per changed vCPU root: a 'before' row and an 'after' row (roots.root_rows)."""
-    t = Table(box=None, header_style="bold")
-    for col in ("VCPU", "CR3", "ROOT", "", "PGD", "HPA", "SP", "GFN/LVL", ""):
-        t.add_column(col)
+    t = Grid()
+    for col in ("VCPU", "CR3", "ROOT", "WHEN", "PGD", "HPA", "SP", "GFN/LVL", "FLAGS"):
+        t.add_column(col, text=col == "FLAGS", carry=col in ("VCPU", "CR3", "ROOT", "WHEN"))
     for v in vcpus:
         cr3 = v["cr3"]["new"] if v["cr3"]["old"] == v["cr3"]["new"] else arrow(v["cr3"])
         first = [f"vcpu[{v['vcpu_idx']}]", word(cr3)]
@@ -302,12 +301,12 @@ def roots_table(vcpus: list[dict[str, Any]]) -> Table:
     return t
 
 
-def pages_table(pages: list[dict[str, Any]], changes: bool) -> Table:
+def pages_table(pages: list[dict[str, Any]], changes: bool) -> Grid:
     """Shadow pages (page_json): address, gfn, level, role word, then their flags
     or (*changes*) what changed, old -> new."""
-    t = Table(box=None, header_style="bold")
-    for col in ("SP", "GFN", "LVL", "ROLE", "CHANGES" if changes else ""):
-        t.add_column(col)
+    t = Grid()
+    for col in ("SP", "GFN", "LVL", "ROLE", "CHANGES" if changes else "FLAGS"):
+        t.add_column(col, text=col in ("CHANGES", "FLAGS"))
     for p in pages:
         c = p.get("changes", {})
         sp = arrow(c["sp"]) if "sp" in c else p["sp"]
@@ -331,7 +330,7 @@ def show(d: dict[str, Any]) -> None:
         c.print("  " + changes_line(counts), markup=False)
     if d["stat"]:
         c.print("  kvm->stat: " + changes_line(d["stat"]), markup=False)
-    sections: list[tuple[str, list, Callable[[list], Table]]] = [
+    sections: list[tuple[str, list, Callable[[list], Grid]]] = [
         ("vCPU roots", d["vcpus"], roots_table),
         ("shadow pages zapped", d["pages_zapped"], lambda p: pages_table(p, False)),
         ("shadow pages added", d["pages_added"], lambda p: pages_table(p, False)),

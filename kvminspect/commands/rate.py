@@ -20,12 +20,11 @@ from typing import Any
 
 from drgn import Program
 from drgn.commands import argument
-from rich.table import Table
 
 from kvminspect.commands import kvm_command, per_vm, session_of, vm_header
 from kvminspect.errors import KvminspectError, UsageError
 from kvminspect.model import VM
-from kvminspect.render import console
+from kvminspect.render import Grid, console
 from kvminspect.session import Session
 from kvminspect.shapes import vcpu_ref
 
@@ -164,9 +163,9 @@ def _cmd_rate(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any)
                for v, xs in data]})
 
 
-def hist_table(values: list[int]) -> Table:
+def hist_table(values: list[int]) -> Grid:
     """The linear histogram of per-second counts, as a table."""
-    t = Table(box=None, header_style="bold", title="calls/s  seconds", title_justify="left")
+    t = Grid(title="calls/s  seconds")
     t.add_column("CALLS/S")
     t.add_column("SECONDS", justify="right")
     for bucket, n in histogram(values).items():

@@ -8,13 +8,13 @@ from typing import Any
 
 from drgn import Program
 from drgn.commands import drgn_argument
-from rich.table import Table
 
 from kvminspect.commands import kvm_command, per_vm, session_of, sp_flags, vm_header
 from kvminspect.drgn_code import print_code, roots_code
 from kvminspect.graph import VMGraph
+from kvminspect.layout import INVALID_PAGE
 from kvminspect.model import VM, VCpu
-from kvminspect.render import console, hx
+from kvminspect.render import Grid, console, hx
 from kvminspect.session import Session
 from kvminspect.shapes import root_json, vcpu_ref
 
@@ -27,9 +27,17 @@ def page_cells(d: dict[str, Any] | None, shared: Counter) -> tuple[str, str, str
     return (d["sp"], f"{d['gfn']}/L{d['level']}", " ".join(shared_by + sp_flags(d)))
 
 
+def is_empty(d: dict[str, Any]) -> bool:
+    """An unused prev_roots[] slot (KVM_MMU_ROOT_INFO_INVALID): pgd and hpa both
+    INVALID_PAGE (shapes.root_json)."""
+    return d["state"] == "invalid_page" and d["pgd"] == hx(INVALID_PAGE)
+
+
 def root_rows(d: dict[str, Any], shared: Counter) -> list[tuple[str, ...]]:
     """A root (shapes.root_json) as table rows: the root, then its pae_root[i] pages."""
-    if d["state"] in ("page", "invalid_page", "unreadable"):
+    if is_empty(d):
+        rows = [("-", "-", "-", "-", "empty")]
+    elif d["state"] in ("page", "invalid_page", "unreadable"):
         rows = [(d["pgd"], d["hpa"], *page_cells(d["page"], shared))]
     else:  # a special root (pae_root, ...) or a dummy root: no struct kvm_mmu_page
         rows = [(d["pgd"], d["hpa"], d["state"], "-", d["state"])]
@@ -44,13 +52,13 @@ def vcpu_roots_json(v: VCpu, g: VMGraph) -> dict[str, Any]:
             "root": root_json(v.root, g), "prev_roots": [root_json(r, g) for r in v.prev_roots]}
 
 
-def roots_table(vcpus: list[dict[str, Any]]) -> Table:
+def roots_table(vcpus: list[dict[str, Any]]) -> Grid:
     """One block of rows per vCPU: root (with pae_root[i]), then prev_roots[i]."""
     current = Counter(p["sp"] for v in vcpus for p in
                       [v["root"]["page"], *(e["page"] for e in v["root"]["pae_roots"])] if p)
-    t = Table(box=None, header_style="bold")
-    for col in ("VCPU", "CR3", "ROOT", "PGD", "HPA", "SP", "GFN/LVL", ""):
-        t.add_column(col)
+    t = Grid()
+    for col in ("VCPU", "CR3", "ROOT", "PGD", "HPA", "SP", "GFN/LVL", "FLAGS"):
+        t.add_column(col, text=col == "FLAGS", carry=col in ("VCPU", "CR3"))
     for v in vcpus:
         for j, row in enumerate(root_rows(v["root"], current)):
             if j == 0:
@@ -73,6 +81,14 @@ def _cmd_roots(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
     shared; INVALID_PAGE roots show as such. A PAE guest's root is mmu->pae_root: its
     present pae_root[i] entries follow, each with its level-2 shadow page. --drgn prints
     the drgn code that reads the same roots.
+
+    Columns: VCPU the vCPU (vcpu[vcpu_idx]); CR3 its guest CR3; ROOT root (mmu->root),
+    prev[i] (mmu->prev_roots[i]) or pae_root[i]; PGD the guest page table the root
+    shadows (the CR3 it was built for); HPA the root's host physical address; SP its
+    struct kvm_mmu_page; GFN/LVL that page's gfn and level (L4: a 4-level table);
+    FLAGS shared xN (N vCPUs have it as their current root), direct, tdp, UNSYNC,
+    unsync_children=N, invalid, obsolete, root_count=N, ORPHAN; empty: an unused
+    prev_roots slot.
     """
     if args.drgn:
         s = session_of(kwargs)

@@ -7,14 +7,13 @@ from typing import Any
 
 from drgn import Program
 from drgn.commands import argument, drgn_argument, mutually_exclusive_group
-from rich.table import Table
 
-from kvminspect.commands import kvm_command, parse_int, per_vm, session_of
+from kvminspect.commands import kvm_command, parse_gfn, parse_int, per_vm, session_of
 from kvminspect.drgn_code import print_code, sp_code
 from kvminspect.errors import LookupFailed, UsageError
 from kvminspect.graph import VMGraph
 from kvminspect.model import VM, Kernel, ShadowPage
-from kvminspect.render import console, hx
+from kvminspect.render import Grid, console, hx
 from kvminspect.shapes import role_json, sp_json, spte_json, value
 
 
@@ -51,9 +50,9 @@ def render(d: dict[str, Any]) -> None:
     role = d["role"]
     c.print(f"sp {d['sp']}  gfn {d['gfn']}  level {d['level']}", markup=False)
     flags = [k for k in ("unsync", "obsolete", "tdp_mmu_page", "orphan") if d[k]]
-    c.print(f"  spt {d['spt']}  root_count {d['root_count']}  unsync_children "
-            f"{d['unsync_children']}  mmu_valid_gen {d['mmu_valid_gen']}  "
-            f"{' '.join(flags)}", markup=False)
+    c.print("  ".join([f"  spt {d['spt']}", f"root_count {d['root_count']}",
+                       f"unsync_children {d['unsync_children']}",
+                       f"mmu_valid_gen {d['mmu_valid_gen']}", *flags]), markup=False)
     c.print("  role " + role["word"] + ": " + " ".join(
         f"{k}={int(v)}" for k, v in role.items() if k != "word"), markup=False)
     if d["unsync_child_bitmap"]:
@@ -62,9 +61,7 @@ def render(d: dict[str, Any]) -> None:
         c.print("  root of: " + ", ".join(h["holder"] for h in d["holders"]), markup=False)
     for p in d["parents"]:
         c.print(f"  parent {p['sp']} (L{p['level']}) slot {p['indexes']}", markup=False)
-    t = Table(box=None, header_style="bold",
-              title=f"{len(d['sptes'])} present SPTEs, {d['non_present']} not present",
-              title_justify="left")
+    t = Grid(title=f"{len(d['sptes'])} present SPTEs, {d['non_present']} not present")
     for col in ("IDX", "SPTE", "KIND", "PFN", "W", "CHILD SP", "CHILD GFN/LVL"):
         t.add_column(col)
     for e in d["sptes"]:
@@ -90,6 +87,12 @@ def _cmd_sp(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -
     its parents with the slots that point at it, and every present SPTE (leaf, large or
     a table with its child page). --drgn (with ADDR) prints the drgn code that reads the
     same struct kvm_mmu_page and SPTEs.
+
+    Columns of the SPTE table: IDX the entry's index in spt[] (0-511); SPTE its
+    value; KIND leaf (maps a 4 KiB page), large (maps a huge page) or table (points
+    to a lower shadow page); PFN the host page frame it points to; W w when the
+    SPTE is writable; CHILD SP the child struct kvm_mmu_page of a table entry; CHILD
+    GFN/LVL that child's gfn and level.
     """
     s = session_of(kwargs)
     vms = s.vms(args.vm)
@@ -97,7 +100,7 @@ def _cmd_sp(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -
     if args.gfn is not None:
         if args.drgn:
             raise UsageError("sp --drgn takes ADDR (a struct kvm_mmu_page address), not --gfn")
-        gfn = parse_int(args.gfn if args.gfn.startswith("0x") else "0x" + args.gfn, "gfn")
+        gfn = parse_gfn(args.gfn)
         for vm in vms:
             if pages := s.graph(vm).find_gfn(gfn):
                 found[vm.addr] = pages

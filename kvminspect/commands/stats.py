@@ -6,11 +6,10 @@ import argparse
 from typing import Any
 
 from drgn import Program
-from rich.table import Table
 
 from kvminspect.commands import kvm_command, per_vm, vm_header
 from kvminspect.model import VM, VCpu
-from kvminspect.render import console
+from kvminspect.render import Grid, console
 from kvminspect.session import Session
 from kvminspect.shapes import vcpu_ref
 
@@ -31,9 +30,9 @@ def vcpu_mmu_stat(stat: dict[str, int]) -> dict[str, int]:
     return {k: v for k, v in stat.items() if k.startswith(VCPU_PREFIXES) or k in VCPU_NAMES}
 
 
-def vm_table(stat: dict[str, int]) -> Table:
+def vm_table(stat: dict[str, int]) -> Grid:
     """kvm->stat: one counter per row."""
-    t = Table(box=None, header_style="bold")
+    t = Grid()
     t.add_column("COUNTER")
     t.add_column("VALUE", justify="right")
     for k, v in stat.items():
@@ -41,9 +40,9 @@ def vm_table(stat: dict[str, int]) -> Table:
     return t
 
 
-def vcpu_table(rows: list[tuple[VCpu, dict[str, int]]]) -> Table:
+def vcpu_table(rows: list[tuple[VCpu, dict[str, int]]]) -> Grid:
     """vcpu->stat: one vCPU per row, one counter per column."""
-    t = Table(box=None, header_style="bold")
+    t = Grid()
     t.add_column("VCPU")
     names: list[str] = []
     for _, st in rows:

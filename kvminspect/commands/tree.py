@@ -13,6 +13,7 @@ from rich.tree import Tree
 
 from kvminspect.commands import (
     kvm_command,
+    non_negative,
     per_vm,
     session_of,
     sp_flags,
@@ -166,7 +167,8 @@ def start_pages(g: VMGraph, sp: int | None) -> list[int]:
 
 @kvm_command(
     argument("sp", nargs="?", metavar="SP", help="start at this shadow page (address)"),
-    argument("--depth", type=int, metavar="N", help="levels to show below the top"),
+    argument("--depth", type=non_negative, metavar="N",
+             help="levels to show below the top (0 or more)"),
     argument("--unsync-only", action="store_true",
              help="only the paths that lead to unsync pages"),
     drgn_argument,

@@ -8,12 +8,11 @@ from typing import Any
 
 from drgn import Program
 from drgn.commands import argument
-from rich.table import Table
 
 from kvminspect.commands import kvm_command, per_vm, session_of, sp_scope
 from kvminspect.graph import VMGraph
 from kvminspect.model import VM, Kernel, ShadowPage
-from kvminspect.render import console, hx
+from kvminspect.render import Grid, console, hx, plural
 from kvminspect.session import Session
 from kvminspect.shapes import holder_json
 from kvminspect.unsync import Replay, Slot, WalkPage, replay_sync, replay_zap
@@ -91,14 +90,14 @@ def replay_json(r: Replay, g: VMGraph, zap: bool = False) -> dict[str, Any]:
 
 def render_replay(d: dict[str, Any]) -> None:
     c = console()
-    held = ", ".join(h["holder"] for h in d["holders"]) or "no vCPU"
     verb = "zap" if d["zap"] else "sync"
     nleaves = sum(len(b["leaves"]) for b in d["batches"])
-    c.print(f"root sp {d['sp']} ({held}): {len(d['batches'])} batch(es), {nleaves} unsync "
-            "leaves", markup=False)
+    what = f"root sp {d['sp']} ({', '.join(h['holder'] for h in d['holders'])})" \
+        if d["holders"] else f"sp {d['sp']}"
+    c.print(f"{what}: {plural(len(d['batches']), 'batch', 'batches')}, "
+            f"{plural(nleaves, 'unsync leaf', 'unsync leaves')}", markup=False)
     for n, b in enumerate(d["batches"], 1):
-        t = Table(box=None, header_style="bold", title=f"batch {n}: {len(b['pages'])} entries",
-                  title_justify="left")
+        t = Grid(title=f"batch {n}: {len(b['pages'])} entries")
         t.add_column("SP Index", justify="right")
         t.add_column("SP Level", justify="right")
         t.add_column("SP")
@@ -128,6 +127,10 @@ def _cmd_unsync(prog: Program, name: str, args: argparse.Namespace, **kwargs: An
     Each root is replayed on its own copy of the current state; the target is never
     modified. --zap replays mmu_zap_unsync_children instead (kvm_mmu_prepare_zap_page on
     each leaf; a level-1 SP has nothing to zap).
+
+    Columns of a batch: SP Index the page's slot in its parent (-1: the root the walk
+    starts at); SP Level its level; SP its struct kvm_mmu_page. A "root sp" line is
+    a root (held by the vCPUs named); a plain "sp" line, a page below the roots.
     """
     s = session_of(kwargs)
     vms, top = sp_scope(s, args.vm, args.sp)

@@ -6,17 +6,16 @@ import argparse
 from typing import Any
 
 from drgn import Program
-from rich.table import Table
 
 from kvminspect.commands import kvm_command, per_vm, vm_header
 from kvminspect.model import VCpu
-from kvminspect.render import console
+from kvminspect.render import Grid, console
 from kvminspect.shapes import vcpu_json
 
 
-def vcpu_table(vcpus: list[VCpu]) -> Table:
+def vcpu_table(vcpus: list[VCpu]) -> Grid:
     """One row per vCPU (shapes.vcpu_json's fields)."""
-    t = Table(box=None, header_style="bold")
+    t = Grid()
     for col in ("IDX", "ID", "VCPU", "TID", "CPU", "MODE", "MP_STATE", "CR3", "MMU",
                 "ROOT HPA"):
         t.add_column(col)
@@ -35,6 +34,13 @@ def _cmd_vcpus(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
     One row per online vCPU: id and index, its thread, the CPU it last ran on,
     vcpu->mode and mp_state, the guest CR3 (vcpu->arch.cr3), which MMU is current
     (root_mmu or guest_mmu) and its root.
+
+    Columns: IDX vcpu->vcpu_idx (the index in kvm->vcpu_array); ID vcpu->vcpu_id (the
+    APIC ID userspace gave); VCPU the struct kvm_vcpu address; TID the vCPU thread;
+    CPU vcpu->cpu, the host CPU it last ran on; MODE vcpu->mode (OUTSIDE_GUEST_MODE,
+    IN_GUEST_MODE, ...); MP_STATE vcpu->arch.mp_state (RUNNABLE, HALTED, ...); CR3
+    the guest's CR3; MMU which MMU is current; ROOT HPA that MMU's root (host physical
+    address of the top page table, or INVALID_PAGE).
     """
     per_vm(kwargs, args, "vcpus",
            collect=lambda s, vm: s.kernel.vcpus(vm),

@@ -7,49 +7,77 @@ from typing import Any
 
 from drgn import Program
 from drgn.commands import argument
-from rich.table import Table
 
-from kvminspect.commands import finish, kvm_command, session_of
-from kvminspect.render import console
+from kvminspect.commands import NO_VMS, finish, kvm_command, session_of
+from kvminspect.errors import UsageError
+from kvminspect.model import VM
+from kvminspect.render import Grid, console, plural
+from kvminspect.session import Session
 from kvminspect.shapes import vm_json
+
+
+def shown(s: Session, shown_vm: str | None) -> list[VM]:
+    """The VMs 'vm' shows (after any selection): --vm ID's (shown, not
+    selected), else the selected one, else none in a REPL (where selection
+    is the point), every VM in one shot."""
+    if shown_vm is not None:
+        return [s.kernel.vm_by_id(shown_vm)]
+    if s.selected is not None:
+        return [s.selected]
+    return [] if s.interactive else s.kernel.vms()
+
+
+def show_vm(vm: VM) -> None:
+    """One VM's struct kvm: owner, vCPUs, MMU page counts and memslots."""
+    c = console()
+    c.print(f"VM {vm.index}: kvm {vm.addr:#x}  pid {vm.pid} ({vm.comm or '?'}, "
+            f"state {vm.task_state or '?'})  vCPUs {vm.online_vcpus}/{vm.created_vcpus}",
+            markup=False)
+    c.print(f"  MMU {vm.mmu}: {vm.n_used_mmu_pages} of {vm.n_max_mmu_pages} pages used "
+            f"(requested {vm.n_requested_mmu_pages}), mmu_valid_gen {vm.mmu_valid_gen}, "
+            f"indirect_shadow_pages {vm.indirect_shadow_pages}", markup=False)
+    t = Grid(title="memslots")
+    for col in ("AS", "ID", "BASE GFN", "NPAGES", "USERSPACE ADDR", "FLAGS"):
+        t.add_column(col)
+    for m in vm.memslots:
+        t.add_row(str(m.as_id), str(m.id), hex(m.base_gfn), str(m.npages),
+                  hex(m.userspace_addr), hex(m.flags))
+    c.print(t)
 
 
 @kvm_command(
     argument("id", nargs="?", metavar="ID",
              help="VM index, pid:PID, struct kvm address, or 'all'"),
-    vm=False,
 )
 def _cmd_vm(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
     """select a VM (index, pid:PID or struct kvm address) and show it
 
-    Later commands work on the selected VM only (the prompt shows it). 'vm all' clears
-    the selection; 'vm' alone shows the selected VM.
+    'vm ID' selects a VM: in a REPL, later commands work on it only (the prompt shows
+    it); 'vm all' clears the selection. 'vm' alone shows the selected VM; with none
+    selected, a REPL says so, and a one-shot 'kvminspect ... vm' shows every VM.
+    'vm --vm ID' shows that VM without selecting it.
+
+    Columns of memslots: AS the address space (1: SMM); ID the slot id; BASE GFN its
+    first guest frame; NPAGES its size in 4 KiB pages; USERSPACE ADDR where the VMM
+    mapped it; FLAGS its KVM_MEM_* flags (1: LOG_DIRTY_PAGES, 2: READONLY).
     """
     s = session_of(kwargs)
+    if args.id is not None and args.vm is not None:
+        raise UsageError("vm takes ID or --vm ID, not both")
     if args.id == "all":
         s.selected = None
     elif args.id is not None:
         s.select(args.id)
-    vm = s.selected
+    vms = shown(s, args.vm)
 
     def human() -> None:
-        c = console()
-        if vm is None:
-            c.print(f"no VM selected ({len(s.kernel.vms())} VMs; commands work on all of them)")
-            return
-        c.print(f"VM {vm.index}: kvm {vm.addr:#x}  pid {vm.pid} ({vm.comm or '?'}, "
-                f"state {vm.task_state or '?'})  vCPUs {vm.online_vcpus}/{vm.created_vcpus}")
-        c.print(f"  MMU {vm.mmu}: {vm.n_used_mmu_pages} of {vm.n_max_mmu_pages} pages used "
-                f"(requested {vm.n_requested_mmu_pages}), mmu_valid_gen {vm.mmu_valid_gen}, "
-                f"indirect_shadow_pages {vm.indirect_shadow_pages}")
-        t = Table(box=None, header_style="bold", title="memslots", title_justify="left")
-        for col in ("AS", "ID", "BASE GFN", "NPAGES", "USERSPACE ADDR", "FLAGS"):
-            t.add_column(col)
-        for m in vm.memslots:
-            t.add_row(str(m.as_id), str(m.id), hex(m.base_gfn), str(m.npages),
-                      hex(m.userspace_addr), hex(m.flags))
-        c.print(t)
+        if not vms:
+            n = len(s.kernel.vms())
+            console().print(NO_VMS if not n else
+                            f"no VM selected ({plural(n, 'VM', 'VMs')}; commands work on "
+                            f"{'it' if n == 1 else 'all of them'}; 'vm ID' selects one)",
+                            markup=False)
+        for vm in vms:
+            show_vm(vm)
 
-    # the selected VM (none: commands work on all VMs)
-    finish(s, args, "vm", {"vms": [vm_json(vm)] if vm else []}, human,
-           [vm] if vm else [])
+    finish(s, args, "vm", {"vms": [vm_json(vm) for vm in vms]}, human, vms)

@@ -6,11 +6,10 @@ import argparse
 from typing import Any
 
 from drgn import Program
-from rich.table import Table
 
 from kvminspect.commands import NO_VMS, finish, kvm_command, session_of
 from kvminspect.model import VM
-from kvminspect.render import console
+from kvminspect.render import Grid, console
 from kvminspect.shapes import vm_json
 
 
@@ -29,6 +28,16 @@ def _cmd_vms(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) 
     kvm->stats_id "kvm-PID"; --vm takes either), vCPUs, MMU kind (shadow, tdp_mmu,
     tdp_legacy), the vendor module (kvm_amd, kvm_intel), shadow pages in use and the MMU
     generation. A TDX VM is listed, but its MMU is not read.
+
+    Columns: VM the VM's index (* marks the selected VM); KVM the struct kvm address;
+    PID and COMM the owner process (kvm->userspace_pid); NAME the guest name and
+    kvm->stats_id; ST its task state, as ps
+    shows it (R running, S sleeping, D uninterruptible, T stopped, Z zombie, I idle);
+    VCPUS online/created vCPUs; MMU the MMU kind (a non-default VM type in
+    parentheses); VENDOR the vendor module; MMU PAGES shadow pages in use / the
+    maximum (kvm->arch.n_used_mmu_pages / n_max_mmu_pages); GEN
+    kvm->arch.mmu_valid_gen, the MMU generation a fast zap bumps; MEMSLOTS memslots in
+    use.
     """
     s = session_of(kwargs)
     vms = s.kernel.vms()
@@ -37,7 +46,7 @@ def _cmd_vms(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) 
         if not vms:
             console().print(NO_VMS)
             return
-        t = Table(box=None, header_style="bold")
+        t = Grid()
         for col in ("VM", "KVM", "PID", "COMM", "NAME", "ST", "VCPUS", "MMU", "VENDOR",
                     "MMU PAGES",
                     "GEN", "MEMSLOTS"):

@@ -9,12 +9,11 @@ from typing import Any
 
 from drgn import Program
 from drgn.commands import argument
-from rich.table import Table
 
 from kvminspect.commands import kvm_command, per_vm, session_of, vm_header
 from kvminspect.errors import UsageError
 from kvminspect.model import VM, VCpu
-from kvminspect.render import console, hx
+from kvminspect.render import Grid, console, hx
 from kvminspect.session import Session
 from kvminspect.shapes import vcpu_ref
 
@@ -87,11 +86,11 @@ def sample(s: Session, vm: VM, interval: float, count: int) -> list[Track]:
     return tracks
 
 
-def watch_table(tracks: list[Track]) -> Table:
+def watch_table(tracks: list[Track]) -> Grid:
     """Per vCPU: switches seen, prev_roots hits and misses, the CR3s it was on."""
-    t = Table(box=None, header_style="bold")
+    t = Grid()
     for col in ("VCPU", "SWITCHES", "PREV_ROOTS HITS", "NEW ROOTS", "UNSETTLED", "CR3s"):
-        t.add_column(col, overflow="fold")
+        t.add_column(col, text=col == "CR3s")
     for tr in tracks:
         t.add_row(f"vcpu[{tr.vcpu.vcpu_idx}]", str(tr.switches), str(tr.hits), str(tr.misses),
                   str(tr.unsettled), " ".join(hex(c) for c in tr.cr3s))
