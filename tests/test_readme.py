@@ -67,6 +67,8 @@ def skip_reason(example: str) -> str | None:
     args = words[1:]
     if "--sample" in args or args == ["vmcore"]:
         return None
+    if args in (["help"], ["--help"]) or args[:1] == ["--completion"] and ">" not in example:
+        return None  # no target at all
     paths = [a for i, a in enumerate(args) if "/" in a or (i and args[i - 1] in ("-c", "--core"))]
     if paths and all(p.startswith("tests/vmcores/") for p in paths):
         return None

@@ -26,7 +26,8 @@ def run(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["roots", "--bogus"], "roots: unrecognized arguments: --bogus; usage: roots [--drgn] [--vm ID]"),
+    (["roots", "--bogus"],
+     "roots: unrecognized arguments: --bogus; usage: roots [--drgn] [--vm ID]"),
     (["tree", "--depth", "x"], "tree: argument --depth: not a number: 'x'; usage: tree "),
     (["export"], "export: the following arguments are required"),
 ])
