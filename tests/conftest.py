@@ -56,3 +56,13 @@ def pytest_unconfigure(config) -> None:
         os.environ.pop("KVMINSPECT_CACHE", None)
     else:
         os.environ["KVMINSPECT_CACHE"] = config._kvminspect_old_cache
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """kvminspect's main(argv) in-process: (exit status, stdout, stderr)."""
+    from kvminspect.cli import main
+
+    capsys.readouterr()
+    status = main(argv)
+    out, err = capsys.readouterr()
+    return status, out, err

@@ -17,23 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from kvminspect.cli import main, run_one
+from kvminspect.cli import run_one
 from kvminspect.commands.diff import pair_pages, split_first_core
 from kvminspect.graph import VMGraph
 from kvminspect.model import Role, ShadowPage
 from kvminspect.session import Session
 from kvminspect.target import open_core
 from tests.conftest import FIXTURES, MULTI_VM, VMCORES, open_fixture, truth
+from tests.conftest import run_main as run
 from tests.test_schema import VALIDATOR, validate
 
 SHADOW = str(VMCORES / "6.1-shadow")
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    status = main(argv)
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def diff_json(argv: list[str], capsys) -> dict:

@@ -11,15 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kvminspect.cli import main
 from tests.conftest import VMCORES, truth
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    status = main(argv)
-    out, err = capsys.readouterr()
-    return status, out, err
+from tests.conftest import run_main as run
 
 
 def one_line_error(err: str, *needles: str) -> None:

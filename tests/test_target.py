@@ -14,19 +14,12 @@ from pathlib import Path
 import pytest
 
 from kvminspect import cache
-from kvminspect.cli import main
 from kvminspect.errors import TargetError
 from tests.conftest import VMCORES, truth
+from tests.conftest import run_main as run
 
 ELF_FIXTURES = ["6.1-shadow", "6.12-shadow", "7.3-shadow"]
 DEBUG = ("vmlinux.xz", "kvm.ko.xz", "kvm-amd.ko.xz")
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    status = main(argv)
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def one_line_error(err: str, *needles: str) -> str:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from kvminspect.cli import main
 from tests.conftest import VMCORES, truth
+from tests.conftest import run_main as run
 from tests.test_schema import validate
 
 FIXTURE = VMCORES / "6.1-shadow"
@@ -53,13 +53,6 @@ def hidden_debug(tmp_path_factory) -> Path:
     for _, member in HIDDEN:  # the rename took: the kernel now lacks the member
         assert b"\0" + member.encode() + b"\0" not in kvm, member
     return d
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    status = main(argv)
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def one_shot(debug: Path, command: str, capsys, json_: bool = False) -> tuple[int, str, str]:

@@ -9,20 +9,14 @@ import re
 
 import pytest
 
-from kvminspect.cli import main, run_one
+from kvminspect.cli import run_one
 from kvminspect.commands import load_all
 from kvminspect.render import plural
 from kvminspect.session import Session
 from tests.conftest import VMCORES, open_fixture
+from tests.conftest import run_main as run
 
 SHADOW = str(VMCORES / "6.1-shadow")
-
-
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    status = main(argv)
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 @pytest.mark.parametrize("argv, needle", [
