@@ -19,7 +19,6 @@ from kvminspect.objects import (
     KERNEL_MIN,
     MAX_LIST,
     VM,
-    Int,
     Role,
     ShadowPage,
     Spte,
@@ -67,28 +66,28 @@ class SpDecoder:
             slots[name] = at + 1 + k
         # where each scalar is in a row (rows()); `at`: the UNKNOWN after the record
         self.index = tuple(slots.get(n, at) for n in self.SCALARS)
+        self.complete = at not in self.index  # every scalar is in the record itself
         self.bitmap = (None if lay.unsync_child_bitmap is None else
                        (lay.unsync_child_bitmap, lay.unsync_child_bitmap + lay.bitmap_bytes))
 
     def rows(self, blocks: list[bytes]) -> Iterator[tuple]:
         """Per block (one struct's bytes each): the record's values, UNKNOWN,
         then the fields read alone (``index`` says where each scalar is)."""
-        tail = (UNKNOWN,)
         if not self.alone:
-            for row in self.record.iter_unpack(b"".join(blocks)):
-                yield row + tail
-            return
+            rows = self.record.iter_unpack(b"".join(blocks))
+            if self.complete:  # no index points past the record: rows as unpacked
+                return rows
+            tail = (UNKNOWN,)
+            return (row + tail for row in rows)
+        return self._rows_alone(blocks)
+
+    def _rows_alone(self, blocks: list[bytes]) -> Iterator[tuple]:
+        """rows() when some fields overlap others and are read one by one."""
         for d in blocks:
             row = list(self.record.unpack_from(d)) + [UNKNOWN]
             for off, st in self.alone.values():
                 row.append(st.unpack_from(d, off)[0])
             yield tuple(row)
-
-    def bitmap_of(self, d: bytes) -> Int:
-        """unsync_child_bitmap (512 bits) of one struct's bytes, or UNKNOWN."""
-        if self.bitmap is None:
-            return UNKNOWN
-        return int.from_bytes(d[self.bitmap[0]:self.bitmap[1]], "little")
 
 
 class PageReader(KernelBase):
@@ -379,8 +378,7 @@ class PageReader(KernelBase):
                     self.problem(kind, node, f"list node unreadable ({e})")
                     break
                 continue
-            if addr not in cache:
-                cache[addr] = None  # a placeholder until decoded below
+            if addr not in cache:  # (a list that loops may list a page twice: harmless)
                 todo.append(addr)
                 blocks.append(d)
                 if len(todo) == 4096:  # decoded in runs: a few MB of bytes at most
