@@ -115,7 +115,7 @@ LAYOUT_NONPRESENT = SpteLayout("6.10 (SHADOW_NONPRESENT_VALUE)", 52, 54, 0x5, (3
 LAYOUT_MBEC = SpteLayout("7.x (MBEC: shadow_xs_mask/shadow_xu_mask)", 60, 52, 0x405, (3, 9),
                          (52, 62), (1 << 63) | 0x1A0, 1 << 63, 1 << 9, 1 << 10)
 
-AD_TYPES = ("enabled", "disabled", "wrprot_only", "mmio")  # SPTE_TDP_AD_* by value
+AD_TYPES = ("enabled", "disabled", "wrprot_only", "invalid")  # SPTE_TDP_AD_* by value (3: none)
 
 
 @dataclass(frozen=True)
