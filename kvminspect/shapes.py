@@ -158,6 +158,7 @@ def walk_json(w: Walk) -> dict[str, Any]:
     c = w.check
     return {
         "addr": hx(w.addr), "kind": w.kind, "root": w.root, "root_table": hx(w.root_addr),
+        "root_invalid": w.root_invalid,
         "steps": [{"level": st.level, "table": hx(st.table), "table_gfn": hx(st.table_gfn),
                    "index": st.index,
                    "value": "unreadable" if st.value is None else hx(st.value),

@@ -68,6 +68,7 @@ class Walk:
     pfn: int | None = None  # the host pfn of addr's page (a large page's pfn + offset)
     check: MemslotCheck | None = None
     checked_reserved: bool = False  # whether the vCPU's rsvd masks were read
+    root_invalid: bool = False  # the top page's role.invalid (zapped: on its way out)
 
 
 def level_shift(level: int) -> int:
@@ -176,7 +177,8 @@ def walk(k: Kernel, vm: VM, addr: int, root: RootRef | ShadowPage, label: str,
         sp = root.sp
     if direct is None:
         direct = sp.role.direct
-    return _descend(k, vm, Walk(addr, "gpa" if direct else "gva", label, sp.addr), sp, rsvd)
+    w = Walk(addr, "gpa" if direct else "gva", label, sp.addr, root_invalid=sp.role.invalid)
+    return _descend(k, vm, w, sp, rsvd)
 
 
 def _walk_pae(k: Kernel, vm: VM, addr: int, root: RootRef, label: str, rsvd: tuple | None,

@@ -219,3 +219,92 @@ def test_sp_shows_the_bits(capsys) -> None:
     run_one(s, ["sp", hex(root.addr)])
     out = capsys.readouterr().out
     assert "FLAGS" in out and "RWX U A" in out
+
+
+# --- every stop, planted in a real fixture's tables ---------------------------
+#
+# The fixtures' guests map 4 KiB pages only, touch no MMIO and were dumped at
+# rest: one SPTE of a real walk's table is replaced (in the model's cache of
+# spt[], restored after the test) by a value the kernel would write there, so
+# the rest of the walk stays real.
+
+
+def planted(name: str, monkeypatch, level: int, index: int, value: int):
+    """vCPU 0's walk table at *level* with spt[index] = *value* (model cache only)."""
+    k, vm = the_vm(name)
+    v = k.vcpus(vm)[0]
+    table = next(s for s in walk(k, vm, WIN_VA, v.root, "vcpu0.root", v).steps
+                 if s.level == level).table
+    sp = k.shadow_page(table)
+    spt = k.sptes(sp)
+    new = type(spt)("Q", spt)
+    new[index] = value
+    monkeypatch.setitem(k._spt_cache, sp.addr, new)
+    return k, vm, v
+
+
+def test_large_page_stops_with_its_offset(monkeypatch) -> None:
+    """A 2 MiB SPTE at L2 (PS, 2 MiB-aligned pfn): the walk stops there, the
+    offset is ADDR's within 2 MiB and the pfn that of ADDR's 4 KiB page in it."""
+    base = 0x40000  # pfn of a 2 MiB-aligned host page
+    value = (base << 12) | 0xE00 | 0x80 | 0x67  # hw mw present, PS, A D U W P
+    k, vm, v = planted("6.1-shadow", monkeypatch, 2, 1, value)
+    w = walk(k, vm, WIN_VA + 0x5123, v.root, "vcpu0.root", v)
+    assert w.stop == "large" and w.steps[-1].level == 2 and w.steps[-1].bits.large
+    assert w.offset == 0x5123 and w.pfn == base + 5
+    assert "large page (2 MiB)" in w.why and not w.steps[-1].reserved
+    assert w.check is not None and w.check.verdict in ("mismatch", "not checkable")
+
+
+def test_reserved_bits_stop(monkeypatch) -> None:
+    """A present leaf with a physical address bit above the host's (40) set:
+    is_rsvd_spte() by the vCPU's shadow_zero_check."""
+    k, vm, v = planted("6.1-shadow", monkeypatch, 1, 0, (1 << 45) | 0xA25 | (0x1234 << 12))
+    w = walk(k, vm, WIN_VA, v.root, "vcpu0.root", v)
+    assert w.stop == "reserved" and w.steps[-1].reserved and w.check is None
+
+
+def test_mmio_stop_with_generation(monkeypatch) -> None:
+    """make_mmio_spte() of 6.1 on AMD: shadow_mmio_value | access | gpa | generation
+    (bits 0-7 in 3-10, 8-18 from 52): the walk stops at MMIO with gfn and generation."""
+    k, vm, v = planted("6.1-shadow", monkeypatch, 1, 1,
+                       ((1 << 51) | 1) | 0x6 | 0xFEE00000 | (0x5 << 3) | (1 << 52))
+    w = walk(k, vm, WIN_VA + 0x1000, v.root, "vcpu0.root", v)
+    b = w.steps[-1].bits
+    assert w.stop == "mmio" and b.mmio and not b.present
+    assert (b.mmio_gfn, b.mmio_gen, b.mmio_access) == (0xFEE00, 0x105, 0x6)
+    assert "gfn 0xfee00, generation 0x105" in w.why
+
+
+def test_frozen_stop(monkeypatch) -> None:
+    """6.12's FROZEN_SPTE (SHADOW_NONPRESENT_VALUE | 0x5a0) in a TDP MMU table."""
+    k, vm, v = planted("6.12-tdp", monkeypatch, 2, 1, (1 << 63) | 0x5A0)
+    w = walk(k, vm, DATA_GPA, v.root, "vcpu0.root", v, direct=True)
+    assert w.stop == "frozen" and w.steps[-1].bits.frozen and "in progress" in w.why
+
+
+def test_no_shadow_page_stop(monkeypatch) -> None:
+    """A present non-leaf SPTE pointing at a page that is no shadow page (here
+    the guest's data page: its struct page has no private kvm_mmu_page)."""
+    k, vm = the_vm("6.1-shadow")
+    v = k.vcpus(vm)[0]
+    data_pfn = walk(k, vm, WIN_VA, v.root, "vcpu0.root", v).pfn
+    k, vm, v = planted("6.1-shadow", monkeypatch, 2, 1, (data_pfn << 12) | 0x827)
+    w = walk(k, vm, WIN_VA, v.root, "vcpu0.root", v)
+    assert w.stop == "no_shadow_page" and w.steps[-1].child is None
+    assert f"pfn {data_pfn:#x}, which has no shadow page" in w.why
+
+
+@pytest.mark.parametrize("name", ["6.1-shadow-zapped", "5.10-shadow-zapped"])
+def test_zapped_root_says_so(name: str, capsys) -> None:
+    """After a fast zap vCPU 0's root is role.invalid and its children are gone:
+    the walk says both."""
+    s = Session(open_fixture(name))
+    capsys.readouterr()
+    run_one(s, ["walk", hex(WIN_VA), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    validate(doc)
+    (w,) = doc["vms"][0]["walks"]
+    assert w["root_invalid"] and w["stop"] == "not_present" and len(w["steps"]) == 1
+    run_one(s, ["walk", hex(WIN_VA)])
+    assert "role.invalid: zapped, on its way out)" in capsys.readouterr().out

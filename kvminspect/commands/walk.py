@@ -49,7 +49,9 @@ def collect(s: Session, vm: VM, addr: int, vcpu: int | None, top: int | None) ->
 def render(w: Walk) -> None:
     c = console()
     c.print(f"walk {w.addr:#x}: {KINDS[w.kind]} from {w.root}"
-            + ("" if w.root_addr is None else f" (top {w.root_addr:#x})"), markup=False)
+            + ("" if w.root_addr is None else f" (top {w.root_addr:#x}"
+               + (", role.invalid: zapped, on its way out)" if w.root_invalid else ")")),
+            markup=False)
     if w.steps:
         t = Grid()
         for col in ("LVL", "TABLE", "GFN", "IDX", "SPTE", "FLAGS", "NEXT SP"):
