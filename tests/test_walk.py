@@ -308,3 +308,20 @@ def test_zapped_root_says_so(name: str, capsys) -> None:
     assert w["root_invalid"] and w["stop"] == "not_present" and len(w["steps"]) == 1
     run_one(s, ["walk", hex(WIN_VA)])
     assert "role.invalid: zapped, on its way out)" in capsys.readouterr().out
+
+
+def test_every_vm_unless_one_is_named(capsys) -> None:
+    """As other commands: each VM's vCPU 0 (two VMs in one VMM), or --vm's."""
+    from tests.conftest import MULTI_VM
+
+    s = Session(open_fixture(MULTI_VM[0]))
+    capsys.readouterr()
+    run_one(s, ["walk", hex(DATA_GPA), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    validate(doc)
+    assert [vm["index"] for vm in doc["vms"]] == [0, 1]
+    for vm in doc["vms"]:
+        (w,) = vm["walks"]
+        assert w["stop"] == "leaf" and w["memslot"]["verdict"] == "match"
+    run_one(s, ["walk", hex(DATA_GPA), "--vm", "1", "--json"])
+    assert [vm["index"] for vm in json.loads(capsys.readouterr().out)["vms"]] == [1]

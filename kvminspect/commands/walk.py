@@ -95,7 +95,8 @@ def render(w: Walk) -> None:
 def _cmd_walk(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
     """the path an address takes through a root: each level's SPTE, where it stops
 
-    Walks ADDR as KVM's for_each_shadow_entry() does: from the root (vCPU 0's current
+    Walks ADDR as KVM's for_each_shadow_entry() does, in each VM --vm names (as other
+    commands: the selected VM, else every VM): from the root (vCPU 0's current
     root, or --vcpu N's, or the shadow page --root SP), at each level the SPTE at
     ADDR's index in that shadow page, down to where it stops: a leaf (4 KiB or a large
     page, with ADDR's offset in it), a non-present, MMIO or frozen SPTE, reserved bits
@@ -122,8 +123,6 @@ def _cmd_walk(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any)
     if args.root is not None:
         top = parse_int(args.root, "shadow page address")
         vms = [s.find_sp(top, vms)[0]]
-    elif args.vm is None and s.selected is None:
-        vms = vms[:1]  # vCPU 0 of the first VM unless one is chosen
 
     def show(vm: VM, walks: list[Walk]) -> None:
         for w in walks:
