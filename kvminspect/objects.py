@@ -16,6 +16,7 @@ from kvminspect.layout import (
     _bare,
     known,
 )
+from kvminspect.spte import SpteBits
 
 MAX_LIST = 1 << 20  # no kernel list kvminspect walks is this long
 KERNEL_MIN = 0xFF00000000000000  # 5-level paging puts the direct map at 0xff11...
@@ -105,6 +106,7 @@ class Spte:
     leaf: bool
     pfn: int
     child: int | None  # struct kvm_mmu_page of a non-leaf entry
+    bits: SpteBits | None = None  # every bit, by the kernel's masks (kvminspect.spte)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ class KernelBase:
         self._vms: list[VM] | None = None
         self._tdp_quirk: bool | None = None
         self._spte_format: spte.SpteFormat | None = None
+        self._spte_masks: spte.SpteMasks | None = None
         self._role_widths = ({f.name: f.width for f in self.layout.sp.role_fields}
                              if self.layout.sp else {})
         self._vcpus: dict[int, list[VCpu]] = {}

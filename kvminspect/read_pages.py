@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import dataclasses
 import struct
 import sys
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from kvminspect.layout import (
     PAGE_SHIFT,
     UNKNOWN,
     SpLayout,
+    has_member,
 )
 from kvminspect.objects import (
     KERNEL_MIN,
@@ -257,6 +259,72 @@ class PageReader(KernelBase):
             self._spte_format = spte.SpteFormat(self.layout.present_bit, self.layout.addr_mask)
         return self._spte_format
 
+    def spte_masks(self, vm: VM | None = None) -> spte.SpteMasks:
+        """The SPTE format as this kernel holds it: kvm.ko's shadow_*_mask
+        globals (arch/x86/kvm/mmu/spte.c) and the probed SpteLayout; with *vm*,
+        its own kvm->arch.shadow_mmio_value where the kernel keeps one (6.10+).
+
+        A global the kernel lacks is a named fallback (5.10's SPTE_HOST_WRITEABLE
+        / SPTE_MMU_WRITEABLE constants, SPTE_SPECIAL_MASK for MMIO,
+        shadow_me_mask for shadow_me_value) or None ("unknown"), never an error.
+        """
+        if self._spte_masks is None:
+            self._spte_masks = self._read_spte_masks()
+        m = self._spte_masks
+        if vm is not None and self._has_vm_mmio_value():
+            try:
+                kvm = self.kvm_object(vm)
+                m = dataclasses.replace(m, mmio_value=kvm.arch.shadow_mmio_value.value_())
+            except (drgn.FaultError, LookupError, AttributeError):
+                pass
+        return m
+
+    def _has_vm_mmio_value(self) -> bool:
+        """Whether struct kvm_arch has shadow_mmio_value (6.10+, TDX preparation)."""
+        try:
+            return has_member(self.prog.type("struct kvm_arch"), "shadow_mmio_value")
+        except LookupError:
+            return False
+
+    def _global(self, name: str, size: int = 8) -> int | None:
+        """A kvm.ko global by its symbol (u64, or u8/bool), None if absent or unreadable."""
+        try:
+            addr = self.prog.symbol(name).address
+            if size == 1:
+                return self.prog.read_u8(addr)
+            return self.prog.read_u64(addr)
+        except (LookupError, drgn.FaultError, ValueError):
+            return None
+
+    def spte_layout(self) -> spte.SpteLayout:
+        """The SpteLayout of this kernel, probed: shadow_xu_mask (MBEC), then
+        kvm->arch.shadow_mmio_value (SHADOW_NONPRESENT_VALUE came with it in
+        6.10), then SPTE_MMU_PRESENT_MASK (Layout.present_bit, 5.13)."""
+        if self._global("shadow_xu_mask") is not None:
+            return spte.LAYOUT_MBEC
+        if self._has_vm_mmio_value():
+            return spte.LAYOUT_NONPRESENT
+        if self.layout.present_bit:
+            return spte.LAYOUT_PRESENT_BIT
+        return spte.LAYOUT_SPECIAL
+
+    def _read_spte_masks(self) -> spte.SpteMasks:
+        """See spte_masks(): every global spte.GLOBALS names, then the fallbacks."""
+        found = {name: v for name in spte.GLOBALS if (v := self._global(name)) is not None}
+        for name in ("shadow_phys_bits", "enable_mmio_caching"):
+            if (v := self._global(name, 1)) is not None:
+                found[name] = v
+        if "shadow_phys_bits" not in found:
+            try:  # 7.x: kvm_host.maxphyaddr
+                found["kvm_host.maxphyaddr"] = self.prog["kvm_host"].maxphyaddr.value_()
+            except (LookupError, drgn.FaultError, AttributeError):
+                pass
+        return spte.masks_from_globals(found, self.spte_layout())
+
+    def spte_bits(self, sp: ShadowPage, value: int, vm: VM | None = None) -> spte.SpteBits:
+        """One SPTE of *sp*, every bit decoded (kvminspect.spte.decode_bits)."""
+        return spte.decode_bits(value, sp.level, self.spte_format, self.spte_masks(vm))
+
     def spte_present(self, value: int) -> bool:
         """is_shadow_present_pte() of this release (kvminspect.spte)."""
         return spte.is_shadow_present_pte(value, self.spte_format)
@@ -267,7 +335,8 @@ class PageReader(KernelBase):
         child = None
         if d.present and not d.leaf and resolve:
             child = self.page_to_sp(d.pfn)
-        return Spte(index, value, d.present, d.large, d.leaf, d.pfn, child)
+        return Spte(index, value, d.present, d.large, d.leaf, d.pfn, child,
+                    spte.decode_bits(value, sp.level, self.spte_format, self.spte_masks()))
 
     def children(self, sp: ShadowPage) -> list[Spte]:
         """Present non-leaf SPTEs of *sp* with their child shadow pages."""

@@ -46,6 +46,8 @@ EXIT_WORDS = ("quit", "exit")
 # commands whose positional argument is a shadow page (struct kvm_mmu_page address)
 SP_COMMANDS = ("sp", "tree", "unsync")
 SP_METAVARS = ("SP", "ADDR")
+# commands whose positional argument is a guest address (walk ADDR)
+ADDR_COMMANDS = ("walk",)
 # commands whose positional argument is a file (diff B: a vmcore or fixture directory)
 FILE_COMMANDS = ("diff",)
 
@@ -273,6 +275,8 @@ class ReplCompleter(Completer):
         if len(words) > 1 and options.get(words[-1]):
             if words[-1] == "--vm":
                 yield from _matching(word, self._vm_ids(all_=False))
+            elif words[-1] == "--root":  # walk --root SP
+                yield from _matching(word, self._sp_addrs(words))
             return
         if word.startswith("-"):
             used = set(words[1:])
@@ -307,6 +311,8 @@ class ReplCompleter(Completer):
         if given >= len(positionals):
             return
         metavar, name = positionals[given], words[0]
+        if name in ADDR_COMMANDS:
+            return  # a guest address: nothing to offer
         if name in SP_COMMANDS or metavar in SP_METAVARS:
             yield from _matching(word, self._sp_addrs(words))
         elif name == "vm" or metavar == "ID":

@@ -24,6 +24,8 @@ from kvminspect.graph import Holder, VMGraph
 from kvminspect.layout import INVALID_PAGE, NoValue
 from kvminspect.model import VM, RootRef, ShadowPage, Spte, VCpu
 from kvminspect.render import hx
+from kvminspect.spte import SpteBits
+from kvminspect.walk import Walk
 
 SCHEMA_VERSION = 1
 
@@ -129,7 +131,46 @@ def spte_json(e: Spte, child: ShadowPage | None) -> dict[str, Any]:
     return {"index": e.index, "value": hx(e.value), "leaf": e.leaf, "large": e.large,
             "pfn": hx(e.pfn), "writable": bool(e.value & 2), "child": hx(e.child),
             "child_gfn": hx(child.gfn) if child else None,
-            "child_level": child.level if child else None}
+            "child_level": child.level if child else None,
+            "bits": spte_bits_json(e.bits)}
+
+
+def spte_bits_json(b: SpteBits | None) -> dict[str, Any] | None:
+    """Every bit of one SPTE, decoded by the kernel's own masks (kvminspect.spte):
+    booleans, null where this kernel's masks cannot say (or the format has no
+    such bit: EPT has no U/S and no NX); "flags" is the text column."""
+    if b is None:
+        return None
+    return {
+        "present": b.present, "leaf": b.leaf, "large": b.large, "mmio": b.mmio,
+        "frozen": b.frozen, "r": b.r, "w": b.w, "x": b.x, "xu": b.xu, "user": b.user,
+        "nx": b.nx, "ad": b.ad, "accessed": b.accessed, "dirty": b.dirty,
+        "host_writable": b.host_writable, "mmu_writable": b.mmu_writable,
+        "access_tracked": b.access_tracked, "saved": b.saved, "encrypted": b.encrypted,
+        "mmio_gen": b.mmio_gen, "mmio_gfn": hx(b.mmio_gfn), "mmio_access": b.mmio_access,
+        "flags": b.flags(),
+    }
+
+
+def walk_json(w: Walk) -> dict[str, Any]:
+    """One address walked through one root (kvminspect.walk.Walk): each level's
+    table, index and SPTE, where and why it stopped, and the memslot check."""
+    c = w.check
+    return {
+        "addr": hx(w.addr), "kind": w.kind, "root": w.root, "root_table": hx(w.root_addr),
+        "root_invalid": w.root_invalid,
+        "steps": [{"level": st.level, "table": hx(st.table), "table_gfn": hx(st.table_gfn),
+                   "index": st.index,
+                   "value": "unreadable" if st.value is None else hx(st.value),
+                   "bits": spte_bits_json(st.bits), "reserved": st.reserved,
+                   "child": hx(st.child)} for st in w.steps],
+        "stop": w.stop, "why": w.why, "offset": hx(w.offset), "pfn": hx(w.pfn),
+        "reserved_checked": w.checked_reserved,
+        "memslot": None if c is None else {
+            "gfn": hx(c.gfn), "as_id": c.slot.as_id if c.slot else None,
+            "slot": c.slot.id if c.slot else None, "hva": hx(c.hva),
+            "host_pfn": hx(c.host_pfn), "verdict": c.verdict, "why": c.why},
+    }
 
 
 def finding_json(f: Finding) -> dict[str, Any]:

@@ -344,6 +344,9 @@ def test_complete_shadow_pages(session: Session) -> None:
     assert first in complete(session, f"sp --vm 0 {first[2:-2]}")  # hex without 0x
     assert complete(session, "sp --vm 7 ") == []  # no such VM: nothing, no error
     assert complete(session, f"sp {first} ") == []
+    # walk ADDR is a guest address (nothing to offer); walk --root SP a shadow page
+    assert complete(session, "walk ") == []
+    assert sorted(complete(session, "walk 0x200000 --root ")) == addrs
 
 
 def test_complete_elsewhere(session: Session, tmp_path: Path) -> None:

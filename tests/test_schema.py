@@ -24,7 +24,8 @@ SCHEMA = json.loads(resources.files("kvminspect").joinpath("schema.json").read_t
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 COMMANDS = ["vms", "vm 0", "vcpus", "roots", "tree", "tree --depth 1", "tree --unsync-only",
             "unsync --zap",
-            "unsync", "stats", "check"]
+            "unsync", "stats", "check", "walk 0x200000", "walk 0x201000 --vcpu 1",
+            "walk 0x40000000"]
 
 
 def validate(doc: dict) -> None:

@@ -106,7 +106,8 @@ def test_sp_text(name: str, capsys) -> None:
         f"role {d['role']['word']}: {role}".split(),
         f"parent {pd} (L2) slot [{1 + j}]".split(),
         "1 present SPTEs, 511 not present".split(),
-        "IDX SPTE KIND PFN W CHILD SP CHILD GFN/LVL".split(),
-        ["0", e["value"], "leaf", e["pfn"]] + (["w"] if e["writable"] else []),
+        "IDX SPTE KIND PFN W CHILD SP CHILD GFN/LVL FLAGS".split(),
+        ["0", e["value"], "leaf", e["pfn"]] + (["w"] if e["writable"] else [])
+        + e["bits"]["flags"].split(),
     ]
     assert words(text) == expected

@@ -29,7 +29,10 @@ HIDDEN = {
     ("struct kvm_mmu_page", "root_count"): "roots",
     ("struct kvm_mmu_page", "unsync_child_bitmap"): "unsync",
 }
-COMMANDS = ["vms", "vm 0", "vcpus", "roots", "tree", "unsync", "stats", "check", "sp --gfn 0x101"]
+COMMANDS = ["vms", "vm 0", "vcpus", "roots", "tree", "unsync", "stats", "check", "sp --gfn 0x101",
+            "walk 0x200000"]
+# kvm.ko globals renamed away (symbol and DWARF): SPTE bits they decode are unknown
+HIDDEN_GLOBALS = ("shadow_mmu_writable_mask",)
 
 
 def hide(data: bytes, member: str) -> bytes:
@@ -48,6 +51,8 @@ def hidden_debug(tmp_path_factory) -> Path:
         if name != "vmlinux":
             for _, member in HIDDEN:
                 data = hide(data, member)
+            for name_ in HIDDEN_GLOBALS:
+                data = hide(data, name_)
         (d / name).write_bytes(data)
     kvm = (d / "kvm.ko").read_bytes()
     for _, member in HIDDEN:  # the rename took: the kernel now lacks the member
@@ -151,3 +156,14 @@ def test_same_values_as_full_debug_info(hidden_debug: Path, capsys) -> None:
 
     assert [strip_all(vm["trees"]) for vm in full["vms"]] == \
         [strip_all(vm["trees"]) for vm in part["vms"]]
+
+
+def test_missing_global_is_unknown_not_an_error(hidden_debug: Path, capsys) -> None:
+    """A kernel without shadow_mmu_writable_mask: the MMU-writable bit of each
+    SPTE is unknown (null), every other bit decodes as before."""
+    status, out, err = one_shot(hidden_debug, "walk 0x2000", capsys, json_=True)
+    assert status == 0, err
+    (w,) = json.loads(out)["vms"][0]["walks"]
+    leaf = w["steps"][-1]["bits"]
+    assert leaf["mmu_writable"] is None and leaf["host_writable"] is True
+    assert leaf["flags"] == "R-X A hw" and w["memslot"]["verdict"] == "match"

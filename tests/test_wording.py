@@ -131,7 +131,8 @@ LEGEND = {
     "vms": ["ST", "GEN", "MMU PAGES", "VCPUS", "MEMSLOTS"],
     "vcpus": ["IDX", "ID", "TID", "CPU", "MODE", "MP_STATE", "ROOT HPA"],
     "roots": ["CR3", "ROOT", "PGD", "HPA", "SP", "GFN/LVL", "FLAGS"],
-    "sp": ["IDX", "SPTE", "KIND", "PFN", "W", "CHILD SP", "CHILD GFN/LVL"],
+    "sp": ["IDX", "SPTE", "KIND", "PFN", "W", "CHILD SP", "CHILD GFN/LVL", "FLAGS"],
+    "walk": ["LVL", "TABLE", "GFN", "IDX", "SPTE", "FLAGS", "NEXT SP"],
     "unsync": ["SP Index", "SP Level"],
     "vm": ["AS", "BASE GFN", "NPAGES", "USERSPACE ADDR", "FLAGS"],
 }

@@ -62,13 +62,13 @@ def render(d: dict[str, Any]) -> None:
     for p in d["parents"]:
         c.print(f"  parent {p['sp']} (L{p['level']}) slot {p['indexes']}", markup=False)
     t = Grid(title=f"{len(d['sptes'])} present SPTEs, {d['non_present']} not present")
-    for col in ("IDX", "SPTE", "KIND", "PFN", "W", "CHILD SP", "CHILD GFN/LVL"):
+    for col in ("IDX", "SPTE", "KIND", "PFN", "W", "CHILD SP", "CHILD GFN/LVL", "FLAGS"):
         t.add_column(col)
     for e in d["sptes"]:
         kind = "large" if e["large"] else ("leaf" if e["leaf"] else "table")
         child = f"{e['child_gfn']}/L{e['child_level']}" if e["child_gfn"] else ""
         t.add_row(str(e["index"]), e["value"], kind, e["pfn"], "w" if e["writable"] else "",
-                  e["child"] or "", child)
+                  e["child"] or "", child, e["bits"]["flags"] if e["bits"] else "?")
     c.print(t)
 
 
@@ -92,7 +92,10 @@ def _cmd_sp(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -
     value; KIND leaf (maps a 4 KiB page), large (maps a huge page) or table (points
     to a lower shadow page); PFN the host page frame it points to; W w when the
     SPTE is writable; CHILD SP the child struct kvm_mmu_page of a table entry; CHILD
-    GFN/LVL that child's gfn and level.
+    GFN/LVL that child's gfn and level; FLAGS the SPTE decoded by the kernel's own
+    masks (shadow_*_mask): R/W/X (- when clear), U user, NX, A accessed, D dirty, hw
+    host-writable, mw MMU-writable, enc encrypted, ad=disabled/wrprot_only (EPT A/D
+    type), acc-track with its saved bits (see also walk).
     """
     s = session_of(kwargs)
     vms = s.vms(args.vm)
