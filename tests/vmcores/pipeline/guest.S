@@ -23,6 +23,8 @@
 #define P_NEWPTE   32
 #define P_BUSY     40
 #define P_CYCLE    48
+#define P_LARGE    56      /* vmm -L: VA of the data 2 MiB page, 0 without */
+#define LARGE_EXEC_OFF 0x3000   /* the RET in the code 2 MiB page after it */
 #define P_SETS     64      /* struct set_params[MAX_SETS] */
 #define S_CR3      0
 #define S_NWIN     8
@@ -86,7 +88,9 @@ guest_start:
 	jb	11b
 	jmp	10b
 
-/* load_set: CR3 <- sets[r10].cr3, then read one word of every window */
+/* load_set: CR3 <- sets[r10].cr3, then read one word of every window;
+ * with vmm -L also one word of the data 2 MiB page, and call the RET in the
+ * code 2 MiB page */
 load_set:
 	imul	$S_SIZE, %r10, %r11
 	lea	P_SETS(%rsi,%r11), %r11
@@ -100,7 +104,13 @@ load_set:
 	add	$0x200000, %rbx
 	dec	%rcx
 	jmp	8b
-9:	ret
+9:	mov	P_LARGE(%rsi), %rax
+	test	%rax, %rax
+	jz	12f
+	mov	(%rax), %rcx
+	add	$(0x200000 + LARGE_EXEC_OFF), %rax
+	call	*%rax
+12:	ret
 
 	.code32
 	.globl guest32_start

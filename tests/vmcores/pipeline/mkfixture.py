@@ -198,7 +198,7 @@ def vmm_command(args: argparse.Namespace) -> str:
     if kind == "tdp":
         return f"/bin/vmm -v 1 -T {args.big_tdp}"
     vmm = f"/bin/vmm -v {args.vcpus} -s {args.sets} -w {args.windows} -r {args.rounds}"
-    vmm += " -z" * args.zap + " -b" * args.busy + " -p" * args.pae
+    vmm += " -z" * args.zap + " -b" * args.busy + " -p" * args.pae + " -L" * args.large
     if args.vms > 1:  # a second VM in the same process, with its own shape
         vmm += f" -n {args.vms} -V {args.vm2_vcpus} -S {args.vm2_sets} -W {args.vm2_windows}"
     if args.special:  # a host without a VM, or without kvm at all
@@ -212,6 +212,12 @@ def init_head(args: argparse.Namespace) -> str:
     npt = 0 if args.mmu == "shadow" else 1
     # kvm's tdp_mmu parameter: off by default in 5.10, on from 5.15
     tdp = {"tdp_legacy": "tdp_mmu=N", "tdp_mmu": "tdp_mmu=Y"}.get(args.mmu, "")
+    if args.nx_huge_pages:  # kvm's nx_huge_pages: auto (off on AMD) unless given
+        tdp += f" nx_huge_pages={args.nx_huge_pages}"
+    # --large: transparent huge pages for every anonymous mapping (the VMM's
+    # memslot asks with MADV_HUGEPAGE too)
+    thp = ("echo always > /sys/kernel/mm/transparent_hugepage/enabled\n"
+           if args.large else "")
     kvm = "" if args.special == "no-kvm" else f"""insmod irqbypass.ko
 insmod kvm.ko {tdp}
 [ -e rng-core.ko ] && insmod rng-core.ko
@@ -223,10 +229,12 @@ insmod kvm-amd.ko npt={npt}
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-cd /mods
+{thp}cd /mods
 {kvm}insmod qemu_fw_cfg.ko
 echo "KVMINSPECT-PARAMS npt=$(cat /sys/module/kvm_amd/parameters/npt)" \\
-     "tdp_mmu=$(cat /sys/module/kvm/parameters/tdp_mmu 2>/dev/null)"
+     "tdp_mmu=$(cat /sys/module/kvm/parameters/tdp_mmu 2>/dev/null)" \\
+     "nx_huge_pages=$(cat /sys/module/kvm/parameters/nx_huge_pages 2>/dev/null)" \\
+     "thp=$(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null | tr ' ' ,)"
 cd /
 """
 
@@ -519,6 +527,7 @@ def vm_truth(rec: dict, vmm_pid: int, args: argparse.Namespace) -> dict:
                    "final_set": v["final_set"]} for v in rec["vcpus"]],
         "sets": sets,
         "shared_pt": rec["shared_pt"],
+        **({"large": rec["large"]} if "large" in rec else {}),
     }
 
 
@@ -638,6 +647,11 @@ def main() -> None:
     ap.add_argument("--la57", action="store_true", help="5-level paging in the host")
     ap.add_argument("--pae", action="store_true",
                     help="the guest runs in 32-bit mode with PAE paging (pae_root roots)")
+    ap.add_argument("--large", action="store_true",
+                    help="host THP on, the guest maps two 2 MiB pages (data, code) over a "
+                    "THP-backed 8 MiB memslot (VMM -L)")
+    ap.add_argument("--nx-huge-pages", choices=["Y", "N"],
+                    help="kvm's nx_huge_pages parameter (default: the kernel's auto)")
     ap.add_argument("--vcpus", type=int, default=4)
     ap.add_argument("--sets", type=int, default=4)
     ap.add_argument("--windows", default="20,1,2,1",
@@ -661,6 +675,8 @@ def main() -> None:
     args = ap.parse_args()
     if not args.name and not args.out:
         ap.error("give --name or --out")
+    if args.large and (args.pae or args.big_shadow or args.big_tdp):
+        ap.error("--large takes no --pae, --big-shadow or --big-tdp")
     if args.big_shadow and args.big_tdp:
         ap.error("--big-shadow and --big-tdp exclude each other")
     if args.big_shadow and args.mmu != "shadow" or args.big_tdp and args.mmu != "tdp_mmu":

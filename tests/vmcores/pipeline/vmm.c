@@ -7,7 +7,7 @@
  * (or, with -Z, waits for zap requests from a live test harness).
  *
  * Usage: vmm [-v VCPUS] [-s SETS] [-w WIN,WIN,...] [-r ROUNDS] [-z] [-b] [-p]
- *            [-n VMS] [-V VCPUS] [-S SETS] [-W WIN,WIN,...] [-Z] [-c]
+ *            [-n VMS] [-V VCPUS] [-S SETS] [-W WIN,WIN,...] [-Z] [-c] [-L]
  *        vmm [-v VCPUS] -B N [-U M] | -T N      (the big workloads)
  *   -v, -s  vCPUs (default 4) and page-table sets (default 4) of the first VM
  *   -w  windows (level-1 page tables written by the guest) per set (default 1)
@@ -20,6 +20,17 @@
  *   -n  VMs in this process, 1 (default) or 2: the second VM has its own VM fd,
  *       memory, memslot, irqchip and vCPU threads and runs the same guest
  *   -V, -S, -W  vCPUs, sets and windows of the second VM (default 2, 2, 1,3)
+ *   -L  large pages (not with -p): the memslot is 8 MiB at a 2 MiB-aligned
+ *       host address with MADV_HUGEPAGE (transparent huge pages), and every
+ *       set's PD maps two 2 MiB guest pages (PS=1): LARGE_VA -> LARGE_GPA (data:
+ *       each vCPU reads from it after each CR3 load) and LARGE_VA + 2 MiB ->
+ *       LARGE_GPA + 2 MiB (code: each vCPU calls a RET at LARGE_EXEC_OFF there).
+ *       The VMM writes every 4 KiB page of both (so the host backs them with
+ *       huge pages): its first word is LARGE_MARK | gfn. KVM can then map both
+ *       with 2 MiB SPTEs; with kvm's nx_huge_pages on, the executed one is
+ *       split into 4 KiB SPTEs (an NX huge page, on possible_nx_huge_pages).
+ *       The record gets "large": {"va", "gpa", "exec_va", "exec_gpa",
+ *       "exec_off", "size", "hva" (of the memslot), "mark"}.
  *   -Z  after KVMINSPECT-READY, on each SIGUSR1 zap every VM as -z does once
  *       and print "KVMINSPECT-ZAPPED N" (N = 1, 2, ...); signals that arrive
  *       while a zap is under way merge into one (send the next after ZAPPED)
@@ -90,12 +101,18 @@
 #define BIG_PT_GPA 0x400000ul /* -B, -T: guest page tables from here (above the pool) */
 #define BIG_POOL 512ul        /* -B: data pages (2 MiB from DATA_GPA) the tables map */
 #define TDP_BASE (1ul << 30)  /* -T: touched region i at TDP_BASE + i * 2 MiB */
+#define LARGE_MEM_SIZE (8ul << 20)  /* -L: the memslot */
+#define LARGE_GPA 0x400000ul  /* -L: the data 2 MiB page; the code one follows */
+#define LARGE_PDE 256         /* -L: PD[256], PD[257] of every set */
+#define LARGE_VA (LARGE_PDE * HUGE)
+#define LARGE_EXEC_OFF 0x3000ul
+#define LARGE_MARK 0x4c41524745000000ul  /* "LARGE" << 24 | gfn */
 
 struct set_params {           /* layout shared with guest.S (S_*) */
 	uint64_t cr3, nwin, winva, winpt[MAX_WIN];
 };
 struct guest_params {         /* layout shared with guest.S (P_*) */
-	uint64_t nvcpus, nsets, rounds, barrier, newpte, busy, cycle, pad;
+	uint64_t nvcpus, nsets, rounds, barrier, newpte, busy, cycle, large_va;
 	struct set_params sets[MAX_SETS];
 	uint64_t final_set[MAX_VCPUS];
 };
@@ -121,6 +138,7 @@ struct vm {
 	int index, fd, nvcpus, nsets, nwin[MAX_SETS];
 	int reported;                 /* vCPUs that reported; < 0 on a failure */
 	uint8_t *mem;
+	uint64_t memsize;
 	uint64_t next_pt, shared_pt;
 	uint64_t set_pts[MAX_SETS][3 + MAX_WIN];  /* every page-table GPA of a set */
 	int set_npts[MAX_SETS];
@@ -128,7 +146,7 @@ struct vm {
 	struct vcpu vcpus[MAX_VCPUS];
 };
 
-static int kvm_fd, nvms = 1, rounds = 3, zap, busy, pae, cycle, zap_wait;
+static int kvm_fd, nvms = 1, rounds = 3, zap, busy, pae, cycle, zap_wait, large;
 
 /* -B / -T: the big workload's shape (kind 0: none) */
 static struct {
@@ -208,16 +226,39 @@ static void build_set(struct vm *vm, int k)
 		s->winpt[j] = w;
 		pts[(*n)++] = w;
 	}
+	if (large) {
+		pt(vm, pd)[LARGE_PDE] = LARGE_GPA | PTE_P | PTE_W | PTE_PS;
+		pt(vm, pd)[LARGE_PDE + 1] = (LARGE_GPA + HUGE) | PTE_P | PTE_W | PTE_PS;
+	}
+}
+
+/* -L: 8 MiB at a 2 MiB-aligned address, transparent huge pages asked for */
+static uint8_t *map_large(void)
+{
+	uint8_t *m = mmap(NULL, LARGE_MEM_SIZE + HUGE, PROT_READ | PROT_WRITE,
+			  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (m == MAP_FAILED)
+		die("mmap");
+	m = (uint8_t *)(((uint64_t)m + HUGE - 1) & ~(HUGE - 1));
+	if (madvise(m, LARGE_MEM_SIZE, MADV_HUGEPAGE) < 0)
+		die("madvise MADV_HUGEPAGE");
+	return m;
 }
 
 static void setup_memory(struct vm *vm)
 {
-	vm->mem = mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE,
+	vm->memsize = large ? LARGE_MEM_SIZE : MEM_SIZE;
+	vm->mem = large ? map_large() : mmap(NULL, MEM_SIZE, PROT_READ | PROT_WRITE,
 		       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
 	if (vm->mem == MAP_FAILED)
 		die("mmap");
+	if (large) {
+		for (uint64_t a = LARGE_GPA; a < LARGE_GPA + 2 * HUGE; a += 0x1000)
+			*(uint64_t *)(vm->mem + a) = LARGE_MARK | a >> 12;
+		vm->mem[LARGE_GPA + HUGE + LARGE_EXEC_OFF] = 0xc3;   /* ret */
+	}
 	struct kvm_userspace_memory_region r = {
-		.slot = 0, .guest_phys_addr = 0, .memory_size = MEM_SIZE,
+		.slot = 0, .guest_phys_addr = 0, .memory_size = vm->memsize,
 		.userspace_addr = (uint64_t)vm->mem,
 	};
 	if (ioctl(vm->fd, KVM_SET_USER_MEMORY_REGION, &r) < 0)
@@ -231,6 +272,7 @@ static void setup_memory(struct vm *vm)
 	p->rounds = rounds;
 	p->busy = busy;
 	p->cycle = cycle;
+	p->large_va = large ? LARGE_VA : 0;
 	p->newpte = (DATA_GPA + 0x10000) | PTE_P | PTE_W;
 	vm->next_pt = PT_GPA;
 	vm->shared_pt = alloc_pt(vm);
@@ -509,6 +551,12 @@ static void print_vm(const struct vm *vm)
 		printf("], \"written\": %s}", is_final ? "true" : "false");
 	}
 	printf("]");
+	if (large)
+		printf(", \"large\": {\"va\": \"0x%lx\", \"gpa\": \"0x%lx\", "
+		       "\"exec_va\": \"0x%lx\", \"exec_gpa\": \"0x%lx\", \"exec_off\": \"0x%lx\", "
+		       "\"size\": %lu, \"hva\": \"0x%lx\", \"mark\": \"0x%lx\"}",
+		       LARGE_VA, LARGE_GPA, LARGE_VA + HUGE, LARGE_GPA + HUGE, LARGE_EXEC_OFF,
+		       HUGE, (uint64_t)vm->mem, LARGE_MARK);
 }
 
 /*
@@ -614,7 +662,7 @@ static void wait_zaps(const sigset_t *usr1)
 
 static const char usage[] =
 	"usage: vmm [-v VCPUS] [-s SETS] [-w N,N,..] [-r ROUNDS] [-z] [-b] [-p]\n"
-	"           [-n VMS] [-V VCPUS] [-S SETS] [-W N,N,..] [-Z] [-c]\n"
+	"           [-n VMS] [-V VCPUS] [-S SETS] [-W N,N,..] [-Z] [-c] [-L]\n"
 	"       vmm [-v VCPUS] -B N [-U M] | -T N\n";
 
 int main(int argc, char **argv)
@@ -622,7 +670,7 @@ int main(int argc, char **argv)
 	sigset_t usr1;
 	int opt;
 
-	while ((opt = getopt(argc, argv, "v:s:w:r:zbpn:V:S:W:ZcB:U:T:")) != -1) {
+	while ((opt = getopt(argc, argv, "v:s:w:r:zbpn:V:S:W:ZcB:U:T:L")) != -1) {
 		switch (opt) {
 		case 'v': vms[0].nvcpus = atoi(optarg); break;
 		case 's': vms[0].nsets = atoi(optarg); break;
@@ -637,6 +685,7 @@ int main(int argc, char **argv)
 		case 'W': parse_windows(vms[1].nwin, optarg); break;
 		case 'Z': zap_wait = 1; break;
 		case 'c': cycle = 1; break;
+		case 'L': large = 1; break;
 		case 'B': case 'T': big.kind = opt; big.n = atol(optarg); break;
 		case 'U': big.nunsync = atol(optarg); break;
 		default:
@@ -651,6 +700,10 @@ int main(int argc, char **argv)
 	for (int n = 0; n < nvms; n++)
 		if (!check_vm(&vms[n]))
 			return 2;
+	if (large && (pae || big.kind)) {
+		fprintf(stderr, "vmm: -L takes no -p, -B or -T\n");
+		return 2;
+	}
 	if (big.kind && (big.n < 1 || nvms > 1 || pae || zap || busy || cycle || zap_wait)) {
 		fprintf(stderr, "vmm: -B and -T take N >= 1 and no -n, -p, -z, -b, -c or -Z\n");
 		return 2;
