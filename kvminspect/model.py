@@ -33,7 +33,8 @@ from kvminspect.objects import (  # noqa: F401 (the model's data, re-exported)
 from kvminspect.read_pages import PageReader
 from kvminspect.read_vcpus import VcpuReader
 from kvminspect.read_vms import VmReader
+from kvminspect.read_vmstate import VmStateReader
 
 
-class Kernel(VmReader, VcpuReader, PageReader):
+class Kernel(VmReader, VcpuReader, PageReader, VmStateReader):
     """KVM state of one target, read on demand and cached per target."""

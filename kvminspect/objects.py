@@ -140,6 +140,8 @@ class VCpu:
     root: RootRef | None
     prev_roots: list[RootRef]
     stat: dict[str, int]
+    requests: Int = 0  # vcpu->requests, the pending KVM_REQ_* bits (UNKNOWN: no member)
+    request_names: tuple[str, ...] = ()  # their names (kvminspect.requests), "bit N" if none
 
 
 @dataclass(frozen=True)

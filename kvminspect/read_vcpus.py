@@ -12,6 +12,7 @@ from kvminspect.layout import (
     UNKNOWN,
     UNREADABLE,
     has_member,
+    kernel_release,
     known,
 )
 from kvminspect.objects import (
@@ -23,6 +24,7 @@ from kvminspect.objects import (
     _struct_int,
 )
 from kvminspect.read_base import KernelBase
+from kvminspect.requests import RequestTable, bit_names, table_for
 
 
 class VcpuReader(KernelBase):
@@ -88,6 +90,7 @@ class VcpuReader(KernelBase):
                              if has_member(arch.type_, n)
                              and getattr(arch, n).address_of_().value_() == mmu_addr), "mmu")
             root, prev, level, direct = self._read_mmu(mmu)
+            requests = self.value(v, "struct kvm_vcpu", "requests")
             return VCpu(
                 addr=addr, vcpu_id=self.value(v, "struct kvm_vcpu", "vcpu_id"),
                 vcpu_idx=v.vcpu_idx.value_() if has_member(v.type_, "vcpu_idx") else -1,
@@ -100,10 +103,20 @@ class VcpuReader(KernelBase):
                 root_level=level, direct=direct, root=root, prev_roots=prev,
                 stat=({} if lacks("struct kvm_vcpu", "stat")
                       else self._stat(v.stat, "vcpu->stat", addr)),
+                requests=requests,
+                request_names=tuple(bit_names(requests, self.request_table()))
+                if known(requests) else (),
             )
         except drgn.FaultError as e:
             self.problem("struct kvm_vcpu", addr, f"unreadable ({e})")
             return None
+
+    def request_table(self) -> RequestTable | None:
+        """The KVM_REQ_* names of this kernel: macros, absent from the DWARF, so
+        chosen by the UTS release's major.minor (kvminspect.requests)."""
+        if not hasattr(self, "_request_table"):
+            self._request_table = table_for(kernel_release(self.prog))
+        return self._request_table
 
     def _read_mmu(self, mmu: drgn.Object
                   ) -> tuple[RootRef | None, list[RootRef], int, bool]:

@@ -23,6 +23,7 @@ from kvminspect.check import Finding
 from kvminspect.graph import Holder, VMGraph
 from kvminspect.layout import INVALID_PAGE, NoValue
 from kvminspect.model import VM, RootRef, ShadowPage, Spte, VCpu
+from kvminspect.read_vmstate import VmState
 from kvminspect.render import hx
 from kvminspect.spte import SpteBits
 from kvminspect.walk import Walk
@@ -41,8 +42,10 @@ def vm_ref(vm: VM) -> dict[str, Any]:
             "vendor": vm.vendor, "mmu_valid_gen": value(vm.mmu_valid_gen)}
 
 
-def vm_json(vm: VM) -> dict[str, Any]:
-    """struct kvm: its owner, vCPUs, MMU-wide counters and memslots."""
+def vm_json(vm: VM, state: VmState | None = None) -> dict[str, Any]:
+    """struct kvm: its owner, vCPUs, MMU-wide counters and memslots; with *state*
+    (vm, vms) also "mmu_state" (vm_state_json)."""
+    extra = {"mmu_state": vm_state_json(state)} if state is not None else {}
     return {
         **vm_ref(vm), "stats_id": vm.stats_id, "guest_name": vm.guest_name,
         "comm": vm.comm, "task_state": vm.task_state,
@@ -54,6 +57,24 @@ def vm_json(vm: VM) -> dict[str, Any]:
         "memslots": [{"as_id": s.as_id, "id": s.id, "base_gfn": hx(s.base_gfn),
                       "npages": s.npages, "userspace_addr": hx(s.userspace_addr),
                       "flags": s.flags} for s in vm.memslots],
+        **extra,
+    }
+
+
+def vm_state_json(st: VmState) -> dict[str, Any]:
+    """What explains stuck vCPUs VM-wide (kvminspect.read_vmstate): the MMU
+    notifier's invalidation (names: "mmu_invalidate" from 6.3, "mmu_notifier"
+    before), NX huge pages and the shadow-page hash (null: none allocated)."""
+    inv, nx, h = st.invalidation, st.nx, st.hash
+    return {
+        "invalidate": {"names": inv.prefix, "seq": value(inv.seq),
+                       "in_progress": value(inv.in_progress),
+                       "range_start": hx(inv.range_start), "range_end": hx(inv.range_end)},
+        "nx_huge_pages": {"param": value(nx.param), "possible_nx_huge_pages": value(nx.possible),
+                          "by_mmu": nx.by_mmu},
+        "mmu_page_hash": None if h is None else {
+            "buckets": h.buckets, "used": h.used, "pages": h.pages, "longest": h.longest,
+            "histogram": {str(k): v for k, v in h.histogram.items()}},
     }
 
 
@@ -68,7 +89,8 @@ def vcpu_json(v: VCpu) -> dict[str, Any]:
         **vcpu_ref(v), "tid": value(v.tid), "comm": value(v.comm), "cpu": value(v.cpu),
         "mode": value(v.mode), "mp_state": value(v.mp_state), "cr3": hx(v.cr3),
         "mmu": v.mmu_name, "root_level": v.root_level, "direct": v.direct,
-        "root_hpa": root_hpa(v.root),
+        "root_hpa": root_hpa(v.root), "requests": hx(v.requests),
+        "request_names": list(v.request_names),
     }
 
 

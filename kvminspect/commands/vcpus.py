@@ -17,13 +17,13 @@ def vcpu_table(vcpus: list[VCpu]) -> Grid:
     """One row per vCPU (shapes.vcpu_json's fields)."""
     t = Grid()
     for col in ("IDX", "ID", "VCPU", "TID", "CPU", "MODE", "MP_STATE", "CR3", "MMU",
-                "ROOT HPA"):
+                "ROOT HPA", "REQUESTS"):
         t.add_column(col)
     for v in vcpus:
         d = vcpu_json(v)
         t.add_row(str(d["vcpu_idx"]), str(d["vcpu_id"]), d["vcpu"], str(d["tid"] or "-"),
                   str(d["cpu"]), str(d["mode"]), str(d["mp_state"]), str(d["cr3"]), d["mmu"],
-                  d["root_hpa"])
+                  d["root_hpa"], ",".join(d["request_names"]) or "-")
     return t
 
 
@@ -40,7 +40,10 @@ def _cmd_vcpus(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
     CPU vcpu->cpu, the host CPU it last ran on; MODE vcpu->mode (OUTSIDE_GUEST_MODE,
     IN_GUEST_MODE, ...); MP_STATE vcpu->arch.mp_state (RUNNABLE, HALTED, ...); CR3
     the guest's CR3; MMU which MMU is current; ROOT HPA that MMU's root (host physical
-    address of the top page table, or INVALID_PAGE).
+    address of the top page table, or INVALID_PAGE); REQUESTS the pending
+    vcpu->requests bits (KVM_REQ_* without the prefix; the names come from a table
+    per kernel release, as the macros are not in the debug info; 'bit N' where
+    none fits).
     """
     per_vm(kwargs, args, "vcpus",
            collect=lambda s, vm: s.kernel.vcpus(vm),

@@ -10,7 +10,9 @@ from drgn.commands import argument
 
 from kvminspect.commands import NO_VMS, finish, kvm_command, session_of
 from kvminspect.errors import UsageError
+from kvminspect.layout import known
 from kvminspect.model import VM
+from kvminspect.read_vmstate import VmState
 from kvminspect.render import Grid, console, plural
 from kvminspect.session import Session
 from kvminspect.shapes import vm_json
@@ -27,8 +29,30 @@ def shown(s: Session, shown_vm: str | None) -> list[VM]:
     return [] if s.interactive else s.kernel.vms()
 
 
-def show_vm(vm: VM) -> None:
-    """One VM's struct kvm: owner, vCPUs, MMU page counts and memslots."""
+def state_lines(st: VmState) -> list[str]:
+    """The MMU notifier, NX huge page and mmu_page_hash lines of 'vm'."""
+    inv, nx, h = st.invalidation, st.nx, st.hash
+    p = inv.prefix or "mmu_invalidate"
+    count = "mmu_notifier_count" if inv.prefix == "mmu_notifier" else f"{p}_in_progress"
+    rng = ("" if not known(inv.range_start)
+           else f", range gfn {inv.range_start:#x}-{inv.range_end:#x}")
+    param = {1: "on", 0: "off", -1: "auto (undecided)"}.get(nx.param, str(nx.param))
+    by = "".join(f", {k} {n}" for k, n in nx.by_mmu.items())
+    out = [f"  MMU notifier: {p}_seq {inv.seq}, {count} {inv.in_progress}{rng}",
+           f"  NX huge pages: nx_huge_pages {param}, possible_nx_huge_pages {nx.possible}{by}"]
+    if h is None:
+        out.append("  mmu_page_hash: not allocated")
+    else:
+        hist = ", ".join(f"{n} of length {k}" for k, n in h.histogram.items())
+        out.append(f"  mmu_page_hash: {plural(h.pages, 'page', 'pages')} in {h.used} of "
+                   f"{h.buckets} buckets, longest chain {h.longest}"
+                   + (f" (buckets: {hist})" if hist else ""))
+    return out
+
+
+def show_vm(vm: VM, st: VmState | None = None) -> None:
+    """One VM's struct kvm: owner, vCPUs, MMU page counts, invalidation, NX huge
+    page and hash state, and memslots."""
     c = console()
     c.print(f"VM {vm.index}: kvm {vm.addr:#x}  pid {vm.pid} ({vm.comm or '?'}, "
             f"state {vm.task_state or '?'})  vCPUs {vm.online_vcpus}/{vm.created_vcpus}",
@@ -36,6 +60,8 @@ def show_vm(vm: VM) -> None:
     c.print(f"  MMU {vm.mmu}: {vm.n_used_mmu_pages} of {vm.n_max_mmu_pages} pages used "
             f"(requested {vm.n_requested_mmu_pages}), mmu_valid_gen {vm.mmu_valid_gen}, "
             f"indirect_shadow_pages {vm.indirect_shadow_pages}", markup=False)
+    for line in state_lines(st) if st is not None else ():
+        c.print(line, markup=False)
     t = Grid(title="memslots")
     for col in ("AS", "ID", "BASE GFN", "NPAGES", "USERSPACE ADDR", "FLAGS"):
         t.add_column(col)
@@ -60,6 +86,11 @@ def _cmd_vm(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -
     Columns of memslots: AS the address space (1: SMM); ID the slot id; BASE GFN its
     first guest frame; NPAGES its size in 4 KiB pages; USERSPACE ADDR where the VMM
     mapped it; FLAGS its KVM_MEM_* flags (1: LOG_DIRTY_PAGES, 2: READONLY).
+
+    Also shown: the MMU notifier's invalidation sequence, count in progress and range
+    (kvm->mmu_invalidate_*, mmu_notifier_* before 6.3: a fault that overlaps an
+    invalidation retries), kvm.ko's nx_huge_pages and the pages on
+    kvm->arch.possible_nx_huge_pages, and the chain lengths of kvm->arch.mmu_page_hash.
     """
     s = session_of(kwargs)
     if args.id is not None and args.vm is not None:
@@ -78,6 +109,7 @@ def _cmd_vm(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -
                             f"{'it' if n == 1 else 'all of them'}; 'vm ID' selects one)",
                             markup=False)
         for vm in vms:
-            show_vm(vm)
+            show_vm(vm, states[vm.addr])
 
-    finish(s, args, "vm", {"vms": [vm_json(vm) for vm in vms]}, human, vms)
+    states = {vm.addr: s.kernel.vm_state(vm) for vm in vms}
+    finish(s, args, "vm", {"vms": [vm_json(vm, states[vm.addr]) for vm in vms]}, human, vms)

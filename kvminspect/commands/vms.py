@@ -61,4 +61,5 @@ def _cmd_vms(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) 
                       str(len(vm.memslots)))
         console().print(t)
 
-    finish(s, args, "vms", {"vms": [vm_json(vm) for vm in vms]}, human, vms)
+    finish(s, args, "vms", {"vms": [vm_json(vm, s.kernel.vm_state(vm)) for vm in vms]},
+           human, vms)

@@ -1,0 +1,167 @@
+"""VM-wide MMU state that explains stuck vCPUs: the MMU notifier's invalidation
+sequence and range (struct kvm), NX huge pages (kvm.ko's nx_huge_pages,
+kvm->arch.possible_nx_huge_pages) and the shadow-page hash
+(kvm->arch.mmu_page_hash[] buckets)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import drgn
+
+from kvminspect.layout import UNKNOWN, _bare, has_member
+from kvminspect.objects import VM, Int
+from kvminspect.read_base import KernelBase
+
+MAX_CHAIN = 1 << 20  # no hash chain is this long
+
+
+@dataclass(frozen=True)
+class Invalidation:
+    """struct kvm's MMU notifier state: a page fault that began before the last
+    invalidation, or overlaps one in progress, retries (mmu_invalidate_retry)."""
+
+    prefix: str | None  # "mmu_invalidate" (6.3+), "mmu_notifier" (before), None: neither
+    seq: Int
+    in_progress: Int  # mmu_invalidate_in_progress / mmu_notifier_count
+    range_start: Int  # gfn; UNKNOWN before the range was tracked (5.13)
+    range_end: Int
+
+
+@dataclass(frozen=True)
+class HashStats:
+    """kvm->arch.mmu_page_hash[]: the shadow MMU's gfn hash, bucket by bucket."""
+
+    buckets: int
+    used: int  # buckets with at least one page
+    pages: int  # pages on all chains
+    longest: int
+    histogram: dict[int, int] = field(default_factory=dict)  # chain length -> buckets
+
+
+@dataclass(frozen=True)
+class NxHugePages:
+    """NX huge pages: kvm.ko's nx_huge_pages parameter, and the shadow pages
+    that split a huge page for an executable mapping (possible_nx_huge_pages)."""
+
+    param: Int  # 1 on, 0 off, -1 auto not yet decided; UNKNOWN without the symbol
+    possible: Int  # pages on the list(s); UNKNOWN without the member
+    by_mmu: dict[str, int] = field(default_factory=dict)  # 7.x: per MMU type
+
+
+@dataclass(frozen=True)
+class VmState:
+    """What of one VM's MMU state the 'vm' command shows beyond struct kvm's counters."""
+
+    invalidation: Invalidation
+    nx: NxHugePages
+    hash: HashStats | None  # None: no hash (never allocated: 6.x allocates it lazily)
+
+
+class VmStateReader(KernelBase):
+    """Reads VmState for a VM (not cached: 'vm' reads it once per VM)."""
+
+    def vm_state(self, vm: VM) -> VmState:
+        """The invalidation, NX huge page and hash state of *vm*'s struct kvm."""
+        kvm = drgn.Object(self.prog, "struct kvm *", vm.addr)
+        with self.reading(vm):
+            return VmState(self._invalidation(kvm), self._nx(kvm), self._hash(kvm))
+
+    def _invalidation(self, kvm: drgn.Object) -> Invalidation:
+        """kvm->mmu_invalidate_{seq,in_progress,range_start,range_end}; 6.3 renamed
+        them from mmu_notifier_{seq,count,range_start,range_end} (the range: 5.13)."""
+        t = kvm.type_
+        for prefix, count in (("mmu_invalidate", "in_progress"), ("mmu_notifier", "count")):
+            if not has_member(t, f"{prefix}_seq"):
+                continue
+            try:
+                ranged = has_member(t, f"{prefix}_range_start")
+                return Invalidation(
+                    prefix, kvm.member_(f"{prefix}_seq").value_(),
+                    kvm.member_(f"{prefix}_{count}").value_(),
+                    kvm.member_(f"{prefix}_range_start").value_() if ranged else UNKNOWN,
+                    kvm.member_(f"{prefix}_range_end").value_() if ranged else UNKNOWN)
+            except drgn.FaultError as e:
+                self.problem("struct kvm", kvm.value_(), f"{prefix}_* unreadable ({e})")
+        return Invalidation(None, UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN)
+
+    def _nx(self, kvm: drgn.Object) -> NxHugePages:
+        """kvm.ko's nx_huge_pages and the length of kvm->arch.possible_nx_huge_pages
+        (6.2 renamed lpage_disallowed_mmu_pages; 7.x made it one struct
+        kvm_possible_nx_huge_pages {pages, nr_pages} per MMU type)."""
+        try:
+            param: Int = self.prog["nx_huge_pages"].value_()
+        except (LookupError, drgn.FaultError):
+            param = UNKNOWN
+        arch = kvm.arch
+        possible: Int = UNKNOWN
+        by_mmu: dict[str, int] = {}
+        try:
+            for name in ("possible_nx_huge_pages", "lpage_disallowed_mmu_pages"):
+                if not has_member(arch.type_, name):
+                    continue
+                m = arch.member_(name)
+                if _bare(m.type_).kind == drgn.TypeKind.ARRAY:
+                    kinds = _mmu_types(self.prog, len(m))
+                    for i, e in enumerate(m):
+                        by_mmu[kinds[i]] = (e.nr_pages.value_() if has_member(e.type_, "nr_pages")
+                                            else self._count(e.pages.address_of_().value_()))
+                    possible = sum(by_mmu.values())
+                else:
+                    possible = self._count(m.address_of_().value_())
+                break
+        except drgn.FaultError as e:
+            self.problem("struct kvm_arch", kvm.value_(), f"possible_nx_huge_pages ({e})")
+            possible = UNKNOWN
+        return NxHugePages(param, possible, by_mmu)
+
+    def _count(self, head: int) -> int:
+        """Nodes of one list_head list (bounded, cycle-safe)."""
+        return sum(1 for _ in self.list_nodes(head, "possible_nx_huge_pages"))
+
+    def _hash(self, kvm: drgn.Object) -> HashStats | None:
+        """Chain lengths of kvm->arch.mmu_page_hash[KVM_NUM_MMU_PAGES] (an array to
+        6.3, a pointer allocated on the first shadow page from 6.4)."""
+        arch = kvm.arch
+        if not has_member(arch.type_, "mmu_page_hash"):
+            return None
+        h = arch.mmu_page_hash
+        try:
+            if _bare(h.type_).kind == drgn.TypeKind.ARRAY:
+                n, base = len(h), h.address_of_().value_()
+            else:
+                base = h.value_()
+                if not base:
+                    return None
+                n = 1 << 12  # KVM_NUM_MMU_PAGES (1 << KVM_MMU_HASH_SHIFT): a macro
+            data = self.prog.read(base, 8 * n)
+        except drgn.FaultError as e:
+            self.problem("struct kvm_arch", kvm.value_(), f"mmu_page_hash unreadable ({e})")
+            return None
+        lengths = Counter()
+        for i in range(n):
+            node, length = int.from_bytes(data[8 * i:8 * i + 8], "little"), 0
+            while node and length < MAX_CHAIN:
+                length += 1
+                try:
+                    node = self.read_word(node)  # hlist_node.next
+                except drgn.FaultError as e:
+                    self.problem("mmu_page_hash", node, f"chain of bucket {i} unreadable ({e})")
+                    break
+            lengths[length] += 1
+        used = n - lengths.get(0, 0)
+        return HashStats(n, used, sum(k * v for k, v in lengths.items()),
+                         max(lengths), {k: v for k, v in sorted(lengths.items()) if k})
+
+
+def _mmu_types(prog: drgn.Program, n: int) -> list[str]:
+    """Names of enum kvm_mmu_type (KVM_SHADOW_MMU, KVM_TDP_MMU) by value, "shadow"/"tdp"."""
+    names = [str(i) for i in range(n)]
+    try:
+        for e in prog.type("enum kvm_mmu_type").enumerators:
+            if 0 <= e.value < n:
+                names[e.value] = e.name.removeprefix("KVM_").removesuffix("_MMU").lower()
+    except LookupError:
+        pass
+    return names
