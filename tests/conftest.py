@@ -28,10 +28,19 @@ def _nvms(t: dict) -> int:
     return len(t.get("vms", [None]))
 
 
+def _shaped(t: dict) -> bool:
+    """The usual guest: no special host, and none of the guests with their own
+    shape and tests (--large: 2 vCPUs, 2 sets, 2 MiB pages; see LARGE)."""
+    return not t.get("special") and "large" not in t
+
+
 # fixtures with one VM; the others ("special": "no-vm" / "no-kvm") test the edges
-FIXTURES = [n for n in ALL if not truth(n).get("special") and _nvms(truth(n)) == 1]
+FIXTURES = [n for n in ALL if _shaped(truth(n)) and _nvms(truth(n)) == 1]
+# guests that map 2 MiB pages over a THP-backed memslot (mkfixture --large):
+# tests/test_vmstate.py
+LARGE = [n for n in ALL if "large" in truth(n)]
 # fixtures with several VMs in one VMM process (truth["vms"], creation order)
-MULTI_VM = [n for n in ALL if not truth(n).get("special") and _nvms(truth(n)) > 1]
+MULTI_VM = [n for n in ALL if _shaped(truth(n)) and _nvms(truth(n)) > 1]
 
 
 @cache
