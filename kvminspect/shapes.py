@@ -113,6 +113,7 @@ def sp_json(sp: ShadowPage, g: VMGraph) -> dict[str, Any]:
         "tdp_mmu_page": sp.tdp_mmu_page, "unsync": value(sp.unsync),
         "unsync_children": value(sp.unsync_children), "invalid": sp.role.invalid,
         "obsolete": g.obsolete(sp), "root_count": value(sp.root_count),
+        "smm": bool(sp.role.get("smm")), "guest_mode": bool(sp.role.get("guest_mode")),
         "orphan": g.is_orphan(sp.addr) if sp.addr in g else False,
         "holders": [holder_json(h) for h in g.roots.get(sp.addr, [])],
     }

@@ -30,8 +30,9 @@ def _nvms(t: dict) -> int:
 
 def _shaped(t: dict) -> bool:
     """The usual guest: no special host, and none of the guests with their own
-    shape and tests (--large: 2 vCPUs, 2 sets, 2 MiB pages; see LARGE)."""
-    return not t.get("special") and "large" not in t
+    shape and tests (--large: 2 vCPUs, 2 sets, 2 MiB pages, see LARGE; --smm: a
+    vCPU in SMM, see SMM)."""
+    return not t.get("special") and "large" not in t and "smm" not in t
 
 
 # fixtures with one VM; the others ("special": "no-vm" / "no-kvm") test the edges
@@ -39,6 +40,8 @@ FIXTURES = [n for n in ALL if _shaped(truth(n)) and _nvms(truth(n)) == 1]
 # guests that map 2 MiB pages over a THP-backed memslot (mkfixture --large):
 # tests/test_vmstate.py
 LARGE = [n for n in ALL if "large" in truth(n)]
+# a vCPU halted in System Management Mode (mkfixture --smm): tests/test_vmstate.py
+SMM = [n for n in ALL if "smm" in truth(n)]
 # fixtures with several VMs in one VMM process (truth["vms"], creation order)
 MULTI_VM = [n for n in ALL if _shaped(truth(n)) and _nvms(truth(n)) > 1]
 

@@ -17,7 +17,7 @@ import pytest
 from kvminspect.layout import UNKNOWN, has_member, known
 from kvminspect.requests import TABLES, bit_names, table_for
 from kvminspect.walk import walk
-from tests.conftest import FIXTURES, LARGE, open_fixture, run_main, truth
+from tests.conftest import FIXTURES, LARGE, SMM, open_fixture, run_main, truth
 from tests.test_schema import validate
 
 OFF = 0x1234  # an offset into the data 2 MiB page, past its first 4 KiB
@@ -54,7 +54,7 @@ def test_request_table_by_release_and_raw_bits() -> None:
     assert bit_names(0, TABLES["7.3"]) == []
 
 
-@pytest.mark.parametrize("name", FIXTURES + LARGE)
+@pytest.mark.parametrize("name", FIXTURES + LARGE + SMM)
 def test_vcpu_requests_are_named_by_the_release_table(name: str) -> None:
     """vcpu->requests is read raw and every set bit named (the fixtures' vCPUs
     halted with clock/steal updates pending on some releases)."""
@@ -80,7 +80,7 @@ def test_vcpus_show_requests_text_and_json(capsys) -> None:
     assert int(v["requests"], 16) and "CLOCK_UPDATE" in v["request_names"]
 
 
-@pytest.mark.parametrize("name", FIXTURES + LARGE)
+@pytest.mark.parametrize("name", FIXTURES + LARGE + SMM)
 def test_invalidation_names_probed(name: str) -> None:
     """mmu_invalidate_* from 6.3 (and Debian's 6.1 backport), mmu_notifier_*
     before; the range is unknown before 5.13, with a named warning."""
@@ -99,7 +99,7 @@ def test_invalidation_names_probed(name: str) -> None:
         assert inv.range_start is UNKNOWN and len(warned) == 1
 
 
-@pytest.mark.parametrize("name", FIXTURES + LARGE)
+@pytest.mark.parametrize("name", FIXTURES + LARGE + SMM)
 def test_hash_holds_every_shadow_mmu_page(name: str) -> None:
     """kvm->arch.mmu_page_hash holds every shadow-MMU page (not the TDP MMU's):
     its chains add up to n_used_mmu_pages for shadow VMs; TDP MMU VMs have none
@@ -217,3 +217,69 @@ def test_vm_shows_the_state(name: str, capsys) -> None:
         assert st["invalidate"]["names"] in ("mmu_invalidate", "mmu_notifier")
         if name.startswith("5.10"):
             assert st["invalidate"]["range_start"] == "unknown"
+
+
+# The SMM fixture (mkfixture --smm, VMM -M): memslot 0 is in address spaces 0
+# and 1; the last vCPU took an SMI (KVM_SMI) after the workload and halts in
+# SMM, paging off, after reading smm.read and writing smm.write from its
+# handler at smm.entry.
+
+
+def test_smm_vcpus_root_is_made_of_smm_pages(capsys) -> None:
+    """The vCPU in SMM has a PAE-style root (paging off: KVM's nonpaging MMU)
+    whose pages all carry role.smm, marked SMM; no other vCPU's page does."""
+    (name,) = SMM
+    smm = truth(name)["smm"]
+    k, vm = the_vm(name)
+    vcpus = k.vcpus(vm)
+    inside = vcpus[smm["vcpu"]]
+    assert inside.root.special == "pae_root" and inside.root.pae_roots
+    for _, sp_addr in inside.root.pae_roots:
+        sp = k.shadow_page(sp_addr)
+        assert sp.role.get("smm") == 1 and sp.role.direct
+    for v in vcpus:
+        if v is not inside:
+            assert v.root.sp.role.get("smm") == 0
+    status, out, err = run_main(["-c", f"tests/vmcores/{name}", "roots"], capsys)
+    assert status == 0, err
+    rows = [r for r in out.splitlines() if "pae_root[" in r]
+    assert rows and all(r.rstrip().endswith("SMM") for r in rows)
+    assert sum("SMM" in r for r in out.splitlines()) == len(rows)
+    status, out, err = run_main(["-c", f"tests/vmcores/{name}", "roots", "--json"], capsys)
+    doc = json.loads(out)
+    validate(doc)
+    root = doc["vms"][0]["vcpus"][smm["vcpu"]]["root"]
+    assert root["state"] == "pae_root" and all(e["page"]["smm"] for e in root["pae_roots"])
+
+
+def test_smm_address_space_memslots(capsys) -> None:
+    """'vm' shows memslot 0 in address space 1 too (kvm->memslots[1]), the same
+    userspace memory."""
+    (name,) = SMM
+    k, vm = the_vm(name)
+    by_as = {s.as_id: s for s in vm.memslots}
+    assert set(by_as) == {0, 1}
+    assert by_as[1].userspace_addr == by_as[0].userspace_addr and by_as[1].id == 0
+    status, out, err = run_main(["-c", f"tests/vmcores/{name}", "vm", "--json"], capsys)
+    doc = json.loads(out)
+    validate(doc)
+    assert [m["as_id"] for m in doc["vms"][0]["memslots"]] == [0, 1]
+    status, out, err = run_main(["-c", f"tests/vmcores/{name}", "vm"], capsys)
+    assert "\n 1   0   0x0" in out
+
+
+def test_smm_walk_uses_address_space_1() -> None:
+    """The handler's code, the page it read and the page it wrote: each walk from
+    the SMM vCPU's root (guest physical: paging is off) ends at a 4 KiB leaf of an
+    SMM page, confirmed through the memslot of address space 1."""
+    (name,) = SMM
+    smm = truth(name)["smm"]
+    k, vm = the_vm(name)
+    v = k.vcpus(vm)[smm["vcpu"]]
+    for key in ("entry", "read", "write"):
+        addr = int(smm[key], 16)
+        w = walk(k, vm, addr, v.root, "root", v, direct=v.direct)
+        assert w.stop == "leaf" and w.steps[-1].level == 1, (key, w.why)
+        assert k.shadow_page(w.steps[-1].table).role.get("smm") == 1
+        assert w.check.slot.as_id == 1 and w.check.gfn == addr >> 12
+        assert w.check.verdict == "match", w.check

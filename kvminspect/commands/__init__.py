@@ -181,6 +181,10 @@ def sp_flags(d: dict[str, Any]) -> list[str]:
         flags.append(f"root_count={d['root_count']}")
     if d["orphan"]:
         flags.append("ORPHAN")
+    if d.get("smm"):  # role.smm: built for System Management Mode (address space 1)
+        flags.append("SMM")
+    if d.get("guest_mode"):  # role.guest_mode: a nested guest's (L2) page
+        flags.append("nested")
     return flags
 
 

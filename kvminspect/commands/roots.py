@@ -87,7 +87,8 @@ def _cmd_roots(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
     shadows (the CR3 it was built for); HPA the root's host physical address; SP its
     struct kvm_mmu_page; GFN/LVL that page's gfn and level (L4: a 4-level table);
     FLAGS shared xN (N vCPUs have it as their current root), direct, tdp, UNSYNC,
-    unsync_children=N, invalid, obsolete, root_count=N, ORPHAN; empty: an unused
+    unsync_children=N, invalid, obsolete, root_count=N, ORPHAN, SMM (role.smm: a page
+    of System Management Mode, address space 1), nested (role.guest_mode); empty: an unused
     prev_roots slot.
     """
     if args.drgn:

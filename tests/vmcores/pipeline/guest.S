@@ -234,4 +234,29 @@ guest_big_start:
 5:	hlt
 	jmp	5b
 guest_big_end:
+
+/*
+ * vmm -M: the SMI handler, copied to SMBASE + 0x8000 (default SMBASE 0x30000).
+ * KVM enters it in SMM with paging off, CS base SMBASE, 16-bit code and 4 GiB
+ * data segments at base 0 (KVM's enter_smm), so every access goes through
+ * KVM's SMM address space (kvm->memslots[1]) and shadow pages with role.smm.
+ * It reads the windows' data page, writes a word in SMRAM, reports with OUT
+ * 0x11 and halts in SMM, where the dump finds it.
+ */
+#define SMM_READ   0x200000	/* DATA_GPA */
+#define SMM_WRITE  0x37000	/* SMRAM, below the handler */
+	.code16
+	.globl guest_smm_start, guest_smm_end
+guest_smm_start:
+	movl	$SMM_READ, %ebx
+	addr32 movl (%ebx), %eax
+	movl	$SMM_WRITE, %ebx
+	movl	$0x534d4d21, %eax		/* "SMM!" */
+	addr32 movl %eax, (%ebx)
+	mov	$0x11, %dx
+	out	%al, (%dx)
+1:	hlt
+	jmp	1b
+guest_smm_end:
+
 	.section .note.GNU-stack,"",@progbits

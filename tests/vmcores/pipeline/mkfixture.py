@@ -199,6 +199,7 @@ def vmm_command(args: argparse.Namespace) -> str:
         return f"/bin/vmm -v 1 -T {args.big_tdp}"
     vmm = f"/bin/vmm -v {args.vcpus} -s {args.sets} -w {args.windows} -r {args.rounds}"
     vmm += " -z" * args.zap + " -b" * args.busy + " -p" * args.pae + " -L" * args.large
+    vmm += " -M" * args.smm
     if args.vms > 1:  # a second VM in the same process, with its own shape
         vmm += f" -n {args.vms} -V {args.vm2_vcpus} -S {args.vm2_sets} -W {args.vm2_windows}"
     if args.special:  # a host without a VM, or without kvm at all
@@ -528,6 +529,7 @@ def vm_truth(rec: dict, vmm_pid: int, args: argparse.Namespace) -> dict:
         "sets": sets,
         "shared_pt": rec["shared_pt"],
         **({"large": rec["large"]} if "large" in rec else {}),
+        **({"smm": rec["smm"]} if "smm" in rec else {}),
     }
 
 
@@ -650,6 +652,9 @@ def main() -> None:
     ap.add_argument("--large", action="store_true",
                     help="host THP on, the guest maps two 2 MiB pages (data, code) over a "
                     "THP-backed 8 MiB memslot (VMM -L)")
+    ap.add_argument("--smm", action="store_true",
+                    help="the last vCPU takes an SMI (KVM_SMI) and halts in SMM, with "
+                    "memslot 0 also in address space 1 (VMM -M)")
     ap.add_argument("--nx-huge-pages", choices=["Y", "N"],
                     help="kvm's nx_huge_pages parameter (default: the kernel's auto)")
     ap.add_argument("--vcpus", type=int, default=4)
@@ -675,6 +680,9 @@ def main() -> None:
     args = ap.parse_args()
     if not args.name and not args.out:
         ap.error("give --name or --out")
+    if args.smm and (args.pae or args.large or args.vms > 1 or args.busy or args.big_shadow
+                     or args.big_tdp):
+        ap.error("--smm takes no --pae, --large, --vms 2, --busy or big workload")
     if args.large and (args.pae or args.big_shadow or args.big_tdp):
         ap.error("--large takes no --pae, --big-shadow or --big-tdp")
     if args.big_shadow and args.big_tdp:

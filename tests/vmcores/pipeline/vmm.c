@@ -7,7 +7,7 @@
  * (or, with -Z, waits for zap requests from a live test harness).
  *
  * Usage: vmm [-v VCPUS] [-s SETS] [-w WIN,WIN,...] [-r ROUNDS] [-z] [-b] [-p]
- *            [-n VMS] [-V VCPUS] [-S SETS] [-W WIN,WIN,...] [-Z] [-c] [-L]
+ *            [-n VMS] [-V VCPUS] [-S SETS] [-W WIN,WIN,...] [-Z] [-c] [-L] [-M]
  *        vmm [-v VCPUS] -B N [-U M] | -T N      (the big workloads)
  *   -v, -s  vCPUs (default 4) and page-table sets (default 4) of the first VM
  *   -w  windows (level-1 page tables written by the guest) per set (default 1)
@@ -31,6 +31,15 @@
  *       split into 4 KiB SPTEs (an NX huge page, on possible_nx_huge_pages).
  *       The record gets "large": {"va", "gpa", "exec_va", "exec_gpa",
  *       "exec_off", "size", "hva" (of the memslot), "mark"}.
+ *   -M  SMM (one VM, not with -p or -L; needs KVM_CAP_X86_SMM): memslot 0 is
+ *       also given to address space 1 (KVM's SMM address space: slot id
+ *       1 << 16), the SMI handler (guest.S, guest_smm_start) is copied to
+ *       SMM_ENTRY (default SMBASE 0x30000 + 0x8000), and after reporting the
+ *       last vCPU's thread issues KVM_SMI on its own vCPU fd: the vCPU enters
+ *       SMM, reads DATA_GPA and writes SMM_WRITE with paging off (KVM builds
+ *       shadow pages with role.smm = 1 for them), reports with OUT 0x11 and
+ *       halts in SMM. The record gets "smm": {"vcpu", "smbase", "entry",
+ *       "read", "write"}.
  *   -Z  after KVMINSPECT-READY, on each SIGUSR1 zap every VM as -z does once
  *       and print "KVMINSPECT-ZAPPED N" (N = 1, 2, ...); signals that arrive
  *       while a zap is under way merge into one (send the next after ZAPPED)
@@ -106,6 +115,10 @@
 #define LARGE_PDE 256         /* -L: PD[256], PD[257] of every set */
 #define LARGE_VA (LARGE_PDE * HUGE)
 #define LARGE_EXEC_OFF 0x3000ul
+#define SMBASE 0x30000ul        /* -M: the default SMBASE (KVM's vCPU reset) */
+#define SMM_ENTRY (SMBASE + 0x8000)
+#define SMM_READ DATA_GPA       /* -M: guest.S reads and writes these in SMM */
+#define SMM_WRITE 0x37000ul
 #define LARGE_MARK 0x4c41524745000000ul  /* "LARGE" << 24 | gfn */
 
 struct set_params {           /* layout shared with guest.S (S_*) */
@@ -123,6 +136,7 @@ struct big_params {           /* layout shared with guest.S (B_*) */
 
 extern const uint8_t guest_start[], guest32_start[], guest_end[];
 extern const uint8_t guest_big_start[], guest_big_end[];
+extern const uint8_t guest_smm_start[], guest_smm_end[];
 
 struct vm;
 struct vcpu {
@@ -146,7 +160,8 @@ struct vm {
 	struct vcpu vcpus[MAX_VCPUS];
 };
 
-static int kvm_fd, nvms = 1, rounds = 3, zap, busy, pae, cycle, zap_wait, large;
+static int kvm_fd, nvms = 1, rounds = 3, zap, busy, pae, cycle, zap_wait, large, smm;
+static int smm_entered;   /* -M: the vCPU reported from SMM */
 
 /* -B / -T: the big workload's shape (kind 0: none) */
 static struct {
@@ -264,6 +279,14 @@ static void setup_memory(struct vm *vm)
 	if (ioctl(vm->fd, KVM_SET_USER_MEMORY_REGION, &r) < 0)
 		die("KVM_SET_USER_MEMORY_REGION");
 	memcpy(vm->mem + CODE_GPA, guest_start, guest_end - guest_start);
+	if (smm) {
+		if (ioctl(kvm_fd, KVM_CHECK_EXTENSION, KVM_CAP_X86_SMM) <= 0)
+			die("no KVM_CAP_X86_SMM");
+		r.slot = 1 << 16 | 0;   /* address space 1: SMM */
+		if (ioctl(vm->fd, KVM_SET_USER_MEMORY_REGION, &r) < 0)
+			die("KVM_SET_USER_MEMORY_REGION (SMM)");
+		memcpy(vm->mem + SMM_ENTRY, guest_smm_start, guest_smm_end - guest_smm_start);
+	}
 
 	struct guest_params *p = (struct guest_params *)(vm->mem + PARAMS_GPA);
 	vm->p = p;
@@ -482,6 +505,17 @@ static void *vcpu_thread(void *arg)
 			v->vm->reported++;
 			pthread_cond_broadcast(&cond);
 			pthread_mutex_unlock(&lock);
+			/* -M: the last vCPU takes an SMI (its own fd: vCPU ioctls
+			 * wait for KVM_RUN to return) */
+			if (smm && v->idx == v->vm->nvcpus - 1 && ioctl(v->fd, KVM_SMI, 0) < 0)
+				die("KVM_SMI");
+			continue;
+		}
+		if (v->run->exit_reason == KVM_EXIT_IO && v->run->io.port == 0x11 && smm) {
+			pthread_mutex_lock(&lock);
+			smm_entered = 1;
+			pthread_cond_broadcast(&cond);
+			pthread_mutex_unlock(&lock);
 			continue;
 		}
 		pthread_mutex_lock(&lock);
@@ -551,6 +585,10 @@ static void print_vm(const struct vm *vm)
 		printf("], \"written\": %s}", is_final ? "true" : "false");
 	}
 	printf("]");
+	if (smm)
+		printf(", \"smm\": {\"vcpu\": %d, \"smbase\": \"0x%lx\", \"entry\": \"0x%lx\", "
+		       "\"read\": \"0x%lx\", \"write\": \"0x%lx\"}",
+		       vm->nvcpus - 1, SMBASE, SMM_ENTRY, SMM_READ, SMM_WRITE);
 	if (large)
 		printf(", \"large\": {\"va\": \"0x%lx\", \"gpa\": \"0x%lx\", "
 		       "\"exec_va\": \"0x%lx\", \"exec_gpa\": \"0x%lx\", \"exec_off\": \"0x%lx\", "
@@ -614,6 +652,7 @@ static int wait_reports(void)
 			ok &= vms[n].reported >= 0;
 			done &= vms[n].reported >= vms[n].nvcpus;
 		}
+		done &= !smm || smm_entered;
 		if (ok && !done)
 			pthread_cond_wait(&cond, &lock);
 	}
@@ -662,7 +701,7 @@ static void wait_zaps(const sigset_t *usr1)
 
 static const char usage[] =
 	"usage: vmm [-v VCPUS] [-s SETS] [-w N,N,..] [-r ROUNDS] [-z] [-b] [-p]\n"
-	"           [-n VMS] [-V VCPUS] [-S SETS] [-W N,N,..] [-Z] [-c] [-L]\n"
+	"           [-n VMS] [-V VCPUS] [-S SETS] [-W N,N,..] [-Z] [-c] [-L] [-M]\n"
 	"       vmm [-v VCPUS] -B N [-U M] | -T N\n";
 
 int main(int argc, char **argv)
@@ -670,7 +709,7 @@ int main(int argc, char **argv)
 	sigset_t usr1;
 	int opt;
 
-	while ((opt = getopt(argc, argv, "v:s:w:r:zbpn:V:S:W:ZcB:U:T:L")) != -1) {
+	while ((opt = getopt(argc, argv, "v:s:w:r:zbpn:V:S:W:ZcB:U:T:LM")) != -1) {
 		switch (opt) {
 		case 'v': vms[0].nvcpus = atoi(optarg); break;
 		case 's': vms[0].nsets = atoi(optarg); break;
@@ -686,6 +725,7 @@ int main(int argc, char **argv)
 		case 'Z': zap_wait = 1; break;
 		case 'c': cycle = 1; break;
 		case 'L': large = 1; break;
+		case 'M': smm = 1; break;
 		case 'B': case 'T': big.kind = opt; big.n = atol(optarg); break;
 		case 'U': big.nunsync = atol(optarg); break;
 		default:
@@ -700,6 +740,10 @@ int main(int argc, char **argv)
 	for (int n = 0; n < nvms; n++)
 		if (!check_vm(&vms[n]))
 			return 2;
+	if (smm && (pae || big.kind || large || nvms > 1 || busy || cycle)) {
+		fprintf(stderr, "vmm: -M takes no -p, -B, -T, -L, -n, -b or -c\n");
+		return 2;
+	}
 	if (large && (pae || big.kind)) {
 		fprintf(stderr, "vmm: -L takes no -p, -B or -T\n");
 		return 2;
