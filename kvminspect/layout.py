@@ -275,12 +275,6 @@ def _missing_members(prog: drgn.Program, release: str, used_pages_path: str | No
         out.append(MissingMember("struct kvm_arch", "n_used_mmu_pages", release,
                                  "n_used_mmu_pages shown as unknown (nor is there "
                                  "kvm->stat.mmu_shadow_pages)"))
-    kvm = prog.type("struct kvm")
-    # 5.13 tracked the range of MMU notifier invalidations (mmu_notifier_range_*,
-    # 6.3: mmu_invalidate_range_*); before it only the count is known
-    if not any(has_member(kvm, f"{p}_range_start") for p in ("mmu_invalidate", "mmu_notifier")):
-        out.append(MissingMember("struct kvm", "mmu_invalidate_range_start", release,
-                                 "the range of an invalidation in progress shown as unknown"))
     sp = prog.type("struct kvm_mmu_page")
     for m in SP_STRUCTURAL:
         if not has_member(sp, m):

@@ -25,7 +25,9 @@ class Invalidation:
     prefix: str | None  # "mmu_invalidate" (6.3+), "mmu_notifier" (before), None: neither
     seq: Int
     in_progress: Int  # mmu_invalidate_in_progress / mmu_notifier_count
-    range_start: Int  # gfn; UNKNOWN before the range was tracked (5.13)
+    # gfn; UNKNOWN before 5.13, which began tracking the range: a kernel without it
+    # is a release difference (as kvm->stats_id before 5.14), not a warning
+    range_start: Int
     range_end: Int
 
 

@@ -37,10 +37,11 @@ def test_vcpus_text(name: str, capsys) -> None:
     (vm,) = doc["vms"]
     mmu = "root_mmu"
     expected = [f"VM 0 kvm {vm['kvm']} pid {t['vmm_pid']} {t['mmu']} (vmm)".split(),
-                "IDX ID VCPU TID CPU MODE MP_STATE CR3 MMU ROOT HPA".split()]
+                "IDX ID VCPU TID CPU MODE MP_STATE CR3 MMU ROOT HPA REQUESTS".split()]
     for i, (tv, v) in enumerate(zip(t["vcpus"], vm["vcpus"], strict=True)):
         expected.append([str(i), str(tv["vcpu_id"]), v["vcpu"], str(tv["tid"]), str(v["cpu"]),
-                         "OUTSIDE_GUEST_MODE", "HALTED", tv["cr3"], mmu, v["root_hpa"]])
+                         "OUTSIDE_GUEST_MODE", "HALTED", tv["cr3"], mmu, v["root_hpa"],
+                         ",".join(v["request_names"]) or "-"])
     assert words(text) == expected
 
 
