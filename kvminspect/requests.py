@@ -50,9 +50,9 @@ TABLES = {
             {0: "TLB_FLUSH", 1: "MMU_RELOAD", 2: "PENDING_TIMER", 3: "UNHALT", 4: "VM_BUGGED",
              **_arch("MSR_FILTER_CHANGED")}),
         RequestTable(
-            "6.1", "Debian linux-source-6.1 (6.1.y): arch/x86/include/asm/kvm_host.h; "
-            "v6.1 include/linux/kvm_host.h (UNHALT until 6.2)",
-            {0: "TLB_FLUSH", 1: "VM_DEAD", 2: "UNBLOCK", 3: "UNHALT",
+            "6.1", "Debian linux-headers-6.1.0-56-common (6.1.192): include/linux/kvm_host.h, "
+            "arch/x86/include/asm/kvm_host.h (no UNHALT: \"KVM: Remove KVM_REQ_UNHALT\")",
+            {0: "TLB_FLUSH", 1: "VM_DEAD", 2: "UNBLOCK",
              **_arch("MSR_FILTER_CHANGED", "UPDATE_CPU_DIRTY_LOGGING",
                      "MMU_FREE_OBSOLETE_ROOTS")}),
         RequestTable(

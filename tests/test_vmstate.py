@@ -37,7 +37,8 @@ def test_request_tables_name_their_release_and_source() -> None:
         assert t.names[0] == "TLB_FLUSH" and t.names[8] == "MIGRATE_TIMER"
         assert t.names[20] == "SMI" and t.names[11] == "MMU_SYNC"
     assert TABLES["5.10"].names[1] == "MMU_RELOAD" and TABLES["6.1"].names[1] == "VM_DEAD"
-    assert TABLES["6.1"].names[3] == "UNHALT" and TABLES["6.12"].names[3] == "DIRTY_RING_SOFT_FULL"
+    # 6.1.192 (Debian 6.1.0-56) has no UNHALT: bit 3 is unnamed there
+    assert 3 not in TABLES["6.1"].names and TABLES["6.12"].names[3] == "DIRTY_RING_SOFT_FULL"
     assert TABLES["7.3"].names[37] == "RECALC_INTERCEPTS"
     assert TABLES["6.12"].names[37] == "MSR_FILTER_CHANGED"
 
