@@ -36,7 +36,7 @@ from kvminspect.graph import VMGraph
 from kvminspect.layout import PAGE_SHIFT, known
 from kvminspect.model import VM, Kernel, ShadowPage
 from kvminspect.render import plural
-from kvminspect.rmap import LEVEL_NAMES, RmapReader
+from kvminspect.rmap import LEVEL_NAMES, RmapReader, leaf_sptes
 from kvminspect.walk import memslot_check
 
 MAX_REPORTED = 64  # findings of one check per VM spelled out; the rest counted
@@ -101,19 +101,23 @@ class GfnReader:
             except LookupError:
                 continue
 
-    def gfns(self, sp: ShadowPage) -> array.array | None:
+    def gfns(self, sp: ShadowPage, indexes: list[int]) -> list[int] | None:
+        """The gfn of each spt index of *sp* in *indexes*; None if unreadable."""
         if self.off is None:
             return None
+        prog = self.k.prog
         try:
             ptr = self.k.read_word(sp.addr + self.off)
             if not ptr:
                 return None
-            out = array.array("Q", self.k.prog.read(ptr, 4096))
+            if len(indexes) <= 8:  # most leaf tables map a few pages: one word each
+                return [prog.read_u64(ptr + 8 * i) >> self.shift for i in indexes]
+            arr = array.array("Q", prog.read(ptr, 4096))
         except drgn.FaultError:
             return None
         if sys.byteorder != "little":
-            out.byteswap()
-        return out
+            arr.byteswap()
+        return [arr[i] >> self.shift for i in indexes]
 
 
 def collect(k: Kernel, vg: VMGraph) -> AuditState:
@@ -129,7 +133,7 @@ def collect(k: Kernel, vg: VMGraph) -> AuditState:
             continue
         if frozen is not None and sp.tdp_mmu_page and frozen in spt:
             st.frozen.extend((sp, i) for i, v in enumerate(spt) if v == frozen)
-        found = list(_leaves(k, sp, spt))
+        found = leaf_sptes(k, sp, spt)
         if not found:
             continue
         as_id = 1 if sp.role.get("smm") else 0
@@ -137,20 +141,14 @@ def collect(k: Kernel, vg: VMGraph) -> AuditState:
             step = 9 * (sp.level - 1)
             st.leaves.extend(Leaf(sp, i, v, sp.gfn + (i << step), as_id) for i, v in found)
             continue
-        arr = gr.gfns(sp)
-        if arr is None:
+        gfns = gr.gfns(sp, [i for i, _ in found])
+        if gfns is None:
             st.unreadable_gfns += len(found)
             st.leaves.extend(Leaf(sp, i, v, None, as_id) for i, v in found)
         else:
-            sh = gr.shift
-            st.leaves.extend(Leaf(sp, i, v, arr[i] >> sh, as_id) for i, v in found)
+            st.leaves.extend(Leaf(sp, i, v, g, as_id)
+                             for (i, v), g in zip(found, gfns, strict=True))
     return st
-
-
-def _leaves(k: Kernel, sp: ShadowPage, spt: array.array) -> list[tuple[int, int]]:
-    from kvminspect.rmap import leaf_sptes
-
-    return list(leaf_sptes(k, sp, spt))
 
 
 def _capped(out: list[Finding], extra: int, check: str, what: str) -> list[Finding]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import array
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import drgn
@@ -301,15 +300,30 @@ def sptes_of_gfn(k: Kernel, vm: VM, gfn: int, reader: RmapReader | None = None
     return entries + tdp_of_gfn(k, vm, gfn), problems
 
 
-def leaf_sptes(k: Kernel, sp: ShadowPage, spt: array.array) -> Iterator[tuple[int, int]]:
-    """(index, value) of every present leaf SPTE of one table (is_last_spte)."""
+# bytes.translate tables: 1 where a byte of the SPTE has the bit, else 0
+_BIT11_BYTE = 1 if sys.byteorder == "little" else 6  # the SPTE byte holding bit 11
+_PRESENT_BYTE = bytes(1 if b & (spte.SPTE_MMU_PRESENT_MASK >> 8) else 0 for b in range(256))
+
+
+def leaf_sptes(k: Kernel, sp: ShadowPage, spt: array.array) -> list[tuple[int, int]]:
+    """(index, value) of every present leaf SPTE of one table (is_last_spte).
+
+    5.13+: SPTE_MMU_PRESENT_MASK (bit 11, bit 3 of each SPTE's second byte)
+    found by bytes operations over the whole table, so that a 10^5-page MMU's
+    mostly empty tables cost microseconds each; before, value by value.
+    """
     large = spte.PT_PAGE_SIZE_MASK
     if k.spte_format.present_bit:
-        bit = spte.SPTE_MMU_PRESENT_MASK
-        if sp.level == 1:
-            return ((i, v) for i, v in enumerate(spt) if v & bit)
-        return ((i, v) for i, v in enumerate(spt) if v & bit and v & large)
+        flags = spt.tobytes()[_BIT11_BYTE::8].translate(_PRESENT_BYTE)
+        out = []
+        i = flags.find(1)
+        while i >= 0:
+            v = spt[i]
+            if sp.level == 1 or v & large:
+                out.append((i, v))
+            i = flags.find(1, i + 1)
+        return out
     special, mmio = spte.SPTE_SPECIAL_MASK, spte.SPTE_MMIO_MASK
     if sp.level == 1:
-        return ((i, v) for i, v in enumerate(spt) if v and v & special != mmio)
-    return ((i, v) for i, v in enumerate(spt) if v and v & special != mmio and v & large)
+        return [(i, v) for i, v in enumerate(spt) if v and v & special != mmio]
+    return [(i, v) for i, v in enumerate(spt) if v and v & special != mmio and v & large]

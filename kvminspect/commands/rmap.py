@@ -25,15 +25,17 @@ def render(s: Session, vm: VM, gfn: int, found: Found) -> None:
     if not entries:
         c.print(f"  no SPTE maps gfn {gfn:#x}", markup=False)
     else:
+        smm = any(e.as_id for e in entries)
         t = Grid()
-        for col in ("AS", "LVL", "SPTEP", "SP", "SP GFN", "IDX", "SPTE", "FLAGS", "FROM"):
+        for col in ("AS", "LVL", "SP", "SP GFN", "IDX", "SPTE", "FLAGS", "FROM")[not smm:]:
             t.add_column(col)
         for e in entries:
             sp = s.kernel.shadow_page(e.sp) if e.sp else None
-            t.add_row(str(e.as_id), LEVEL_NAMES.get(e.level, str(e.level)), hex(e.sptep),
-                      "-" if e.sp is None else hex(e.sp), "-" if sp is None else hex(sp.gfn),
-                      str(e.index), "unreadable" if e.value is None else f"{e.value:#018x}",
-                      e.bits.flags() if e.bits else "-", e.source)
+            row = [LEVEL_NAMES.get(e.level, str(e.level)),
+                   "-" if e.sp is None else hex(e.sp), "-" if sp is None else hex(sp.gfn),
+                   str(e.index), "unreadable" if e.value is None else f"{e.value:#018x}",
+                   e.bits.flags() if e.bits else "-", e.source.replace("tdp_mmu_roots sp", "root")]
+            t.add_row(*([str(e.as_id)] if smm else []), *row)
         c.print(t)
     for where, why in skipped:
         c.print(f"  skipped {where:#x}: {why}", markup=False)
@@ -53,10 +55,11 @@ def _cmd_rmap(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any)
     walking each root on kvm->arch.tdp_mmu_roots to the gfn's address. A chain that
     loops, or an sptep into memory the dump lacks, is named and skipped.
 
-    Columns: AS the address space (1: SMM); LVL the mapping size (4K, 2M, 1G);
-    SPTEP the SPTE's kernel address; SP its struct kvm_mmu_page; SP GFN that page's
-    gfn; IDX the index in spt[]; SPTE its value; FLAGS decoded by the kernel's own
-    masks (as walk shows them); FROM the rmap, or the TDP MMU root walked.
+    Columns: AS the address space (shown when one is 1: SMM); LVL the mapping size
+    (4K, 2M, 1G); SP the struct kvm_mmu_page holding the SPTE; SP GFN that page's gfn;
+    IDX the index in its spt[]; SPTE the value; FLAGS decoded by the kernel's own masks
+    (as walk shows them); FROM "rmap", or "root SP": the TDP MMU root walked. JSON
+    adds each SPTE's kernel address (sptep).
     """
     s = session_of(kwargs)
     gfn = parse_gfn(args.gfn)
