@@ -76,6 +76,13 @@ class RmapScan:
     entries: dict[int, tuple[int, int, int]] = field(default_factory=dict)
     problems: list[tuple[int, str]] = field(default_factory=list)  # (object, why)
     slots: int = 0  # memslots with rmaps
+    # rmap arrays the dump lacks: (as_id, first gfn, npages, level), not checkable
+    unreadable: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+    def readable(self, as_id: int, gfn: int, level: int) -> bool:
+        """Whether the rmap array that would hold (gfn, level) was read."""
+        return not any(a == as_id and lv == level and base <= gfn < base + n
+                       for a, base, n, lv in self.unreadable)
 
 
 def _bare(t: drgn.Type) -> drgn.Type:
@@ -204,9 +211,8 @@ class RmapReader:
                 n = slot.entries(level)
                 try:
                     heads = array.array("Q", self.prog.read(base, 8 * n))
-                except drgn.FaultError as e:
-                    out.problems.append((base, f"slot {slot.id} rmap[{level - 1}] unreadable "
-                                         f"({e})"))
+                except drgn.FaultError:
+                    out.unreadable.append((slot.as_id, slot.base_gfn, slot.npages, level))
                     continue
                 if sys.byteorder != "little":
                     heads.byteswap()

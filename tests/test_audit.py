@@ -242,3 +242,22 @@ def test_rmap_bad_input_is_one_line(argv: list[str], capsys) -> None:
     assert main(["--sample", *argv]) != 0
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_rmap_array_missing_from_the_dump_is_not_checkable() -> None:
+    """A memslot's 4K rmap array the dump lacks: its leaves are not reported as
+    missing from the rmaps, one info says what was not checked."""
+    from dataclasses import replace
+
+    from kvminspect.audit import check_rmaps
+
+    s = session("6.1-shadow")
+    k = s.kernel
+    vm = k.vms()[0]
+    vg = s.graph(vm)
+    reader = RmapReader(k)
+    reader._slots[vm.addr] = [replace(sl, rmap=(UNMAPPED, *sl.rmap[1:]))
+                              for sl in reader.slots(vm)]
+    findings = check_rmaps(k, vg, collect(k, vg), reader)
+    assert [(f.check, f.severity) for f in findings] == [("rmap-unchecked", "info")]
+    assert "1 memslot rmap array not in the dump" in findings[0].message
