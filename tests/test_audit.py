@@ -25,7 +25,7 @@ from kvminspect.cli import main
 from kvminspect.rmap import DescLayout, RmapReader, sptes_of_gfn
 from kvminspect.session import Session
 from kvminspect.walk import walk
-from tests.conftest import FIXTURES, MULTI_VM, open_fixture, truth
+from tests.conftest import FIXTURES, MULTI_VM, VMCORES, open_fixture, truth
 from tests.corrupt import UNMAPPED, make
 from tests.test_walk import WALKED, touched
 
@@ -261,3 +261,14 @@ def test_rmap_array_missing_from_the_dump_is_not_checkable() -> None:
     findings = check_rmaps(k, vg, collect(k, vg), reader)
     assert [(f.check, f.severity) for f in findings] == [("rmap-unchecked", "info")]
     assert "1 memslot rmap array not in the dump" in findings[0].message
+
+
+def test_plain_check_has_the_tdp_mmu_pages_count(monkeypatch, capsys) -> None:
+    """The count is one read: plain check compares it (a warning, exit status 0)."""
+    import kvminspect.audit
+
+    monkeypatch.setattr(kvminspect.audit, "tdp_mmu_pages_count", lambda k, vm: 99)
+    capsys.readouterr()
+    assert main(["-c", str(VMCORES / "6.12-tdp"), "check", "--json"]) == 0
+    (vm,) = json.loads(capsys.readouterr().out)["vms"]
+    assert [f["check"] for f in vm["findings"] if f["severity"] == "warning"] == ["tdp-mmu-pages"]
