@@ -272,3 +272,21 @@ def test_plain_check_has_the_tdp_mmu_pages_count(monkeypatch, capsys) -> None:
     assert main(["-c", str(VMCORES / "6.12-tdp"), "check", "--json"]) == 0
     (vm,) = json.loads(capsys.readouterr().out)["vms"]
     assert [f["check"] for f in vm["findings"] if f["severity"] == "warning"] == ["tdp-mmu-pages"]
+
+
+def test_large_writable_spte_over_a_shadowed_gfn() -> None:
+    """A writable 2 MiB leaf whose range holds a shadowed gfn (not its first):
+    write protection is checked over the whole range, large pfns on their first 4K."""
+    from kvminspect.audit import AuditState, Leaf, check_write_protection, shadowed_gfns
+
+    s = session("6.1-shadow")
+    k = s.kernel
+    vg = s.graph(k.vms()[0])
+    gfn = min(g for a, g in shadowed_gfns(vg) if a == 0 and g & 511)
+    l2 = next(p for p in vg.pages() if p.level == 2 and not p.role.direct)
+    large = Leaf(l2, 7, (0x40000 << 12) | 0x80 | 0x7, gfn & ~511, 0)
+    (f,) = check_write_protection(vg, AuditState([large]))
+    assert f.check == "writable-shadowed" and f"gfn {gfn:#x} is a guest page table" in f.message
+    assert f"spt[7] (gfn {gfn & ~511:#x}, 2M)" in f.message
+    read_only = large.__class__(l2, 7, large.value & ~2, gfn & ~511, 0)
+    assert check_write_protection(vg, AuditState([read_only])) == []
