@@ -165,6 +165,10 @@ def check_leaf_pfns(k: Kernel, vm: VM, st: AuditState) -> list[Finding]:
     unchecked: dict[str, int] = {}
     bad = 0
     mask = k.layout.addr_mask
+    try:
+        mm: drgn.Object | None = k.kvm_object(vm).mm.read_()
+    except (drgn.FaultError, LookupError, AttributeError):
+        mm = None  # memslot_check says why, leaf by leaf
     for leaf in st.leaves:
         if leaf.gfn is None:
             unchecked["the leaf's gfn could not be read"] = unchecked.get(
@@ -174,7 +178,7 @@ def check_leaf_pfns(k: Kernel, vm: VM, st: AuditState) -> list[Finding]:
         key = (leaf.as_id, leaf.gfn)
         c = host.get(key)
         if c is None:
-            c = host[key] = memslot_check(k, vm, leaf.gfn, pfn, leaf.as_id)
+            c = host[key] = memslot_check(k, vm, leaf.gfn, pfn, leaf.as_id, mm)
         if c.host_pfn is None:  # type: ignore[attr-defined]
             why = c.why.split(" (")[0]  # type: ignore[attr-defined]
             why = "the VMM's page tables are not in the dump" if "not in the dump" in why \
