@@ -290,3 +290,24 @@ def test_large_writable_spte_over_a_shadowed_gfn() -> None:
     assert f"spt[7] (gfn {gfn & ~511:#x}, 2M)" in f.message
     read_only = large.__class__(l2, 7, large.value & ~2, gfn & ~511, 0)
     assert check_write_protection(vg, AuditState([read_only])) == []
+
+
+def test_rmap_entry_at_a_non_present_spte_is_stale() -> None:
+    """An rmap entry (added to the real scan) pointing at a non-present spt[]
+    slot of a real level-1 page: rmap-stale naming the page, index and gfn."""
+    from kvminspect.audit import check_rmaps
+
+    s = session("6.1-shadow")
+    k = s.kernel
+    vm = k.vms()[0]
+    vg = s.graph(vm)
+    st = collect(k, vg)
+    reader = RmapReader(k)
+    scan = reader.scan(vm)
+    sp = next(p for p in vg.pages() if p.level == 1 and not k.spte_present(k.sptes(p)[511]))
+    scan.entries[sp.spt + 8 * 511] = (0, 0x123, 1)
+    reader.scan = lambda vm: scan  # type: ignore[method-assign]
+    (f,) = check_rmaps(k, vg, st, reader)
+    assert (f.check, f.severity, f.objects) == ("rmap-stale", "error", [sp.addr])
+    assert f"the 4K rmap of gfn 0x123 holds sptep {sp.spt + 8 * 511:#x}" in f.message
+    assert f"spt[511] = {k.sptes(sp)[511]:#x}" in f.message and "not a present leaf" in f.message
