@@ -25,6 +25,7 @@ from kvminspect.layout import INVALID_PAGE, NoValue
 from kvminspect.model import VM, RootRef, ShadowPage, Spte, VCpu
 from kvminspect.read_vmstate import VmState
 from kvminspect.render import hx
+from kvminspect.rmap import RmapEntry
 from kvminspect.spte import SpteBits
 from kvminspect.walk import Walk
 
@@ -194,6 +195,17 @@ def walk_json(w: Walk) -> dict[str, Any]:
             "slot": c.slot.id if c.slot else None, "hva": hx(c.hva),
             "host_pfn": hx(c.host_pfn), "verdict": c.verdict, "why": c.why},
     }
+
+
+def rmap_entry_json(e: RmapEntry, sp: ShadowPage | None) -> dict[str, Any]:
+    """One SPTE that maps a gfn (kvminspect.rmap.RmapEntry): where it is (sptep,
+    shadow page and index), the mapping level, its value and bits, and its source."""
+    return {"as_id": e.as_id, "gfn": hx(e.gfn), "level": e.level,
+            "size": {1: "4K", 2: "2M", 3: "1G"}.get(e.level, str(e.level)),
+            "sptep": hx(e.sptep), "sp": hx(e.sp), "sp_gfn": hx(sp.gfn) if sp else None,
+            "sp_level": sp.level if sp else None, "index": e.index,
+            "value": "unreadable" if e.value is None else hx(e.value),
+            "bits": spte_bits_json(e.bits), "source": e.source}
 
 
 def finding_json(f: Finding) -> dict[str, Any]:

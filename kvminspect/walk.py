@@ -121,10 +121,11 @@ def leaf_gfn(k: Kernel, sp: ShadowPage, index: int) -> int | None:
     return None
 
 
-def memslot_check(k: Kernel, vm: VM, gfn: int | None, pfn: int, as_id: int = 0
-                  ) -> MemslotCheck:
+def memslot_check(k: Kernel, vm: VM, gfn: int | None, pfn: int, as_id: int = 0,
+                  mm: drgn.Object | None = None) -> MemslotCheck:
     """gfn -> its memslot (kvm->memslots[as_id]) -> userspace_addr + offset ->
-    follow_pfn() in the VMM's mm (kvm->mm): the pfn the leaf must map."""
+    follow_pfn() in the VMM's mm (kvm->mm, or *mm* when the caller read it): the
+    pfn the leaf must map."""
     if gfn is None:
         return MemslotCheck(None, why="the leaf's gfn could not be read")
     slot = next((s for s in vm.memslots if s.as_id == as_id
@@ -135,7 +136,8 @@ def memslot_check(k: Kernel, vm: VM, gfn: int | None, pfn: int, as_id: int = 0
     from drgn.helpers.linux.mm import follow_pfn
 
     try:
-        mm = k.kvm_object(vm).mm
+        if mm is None:
+            mm = k.kvm_object(vm).mm
         if not mm:
             return MemslotCheck(gfn, slot, hva, why="the VM has no mm (kvm->mm is NULL)")
         host = follow_pfn(mm, hva).value_()

@@ -189,6 +189,62 @@ def wrong_child_level(k: Kernel) -> list[Patch]:
     return [Patch(sp.addr + k.layout.sp.role, _role_word(k, sp, 2), f"{sp.addr:#x}")]
 
 
+# -- the MMU audit's invariants (check --audit), one broken each ------------------
+
+
+def _audit_state(k: Kernel):
+    """The VM's graph and every present leaf SPTE (kvminspect.audit.collect)."""
+    from kvminspect.audit import collect
+    from kvminspect.graph import build
+
+    vg = build(k, _vm(k))
+    return vg, collect(k, vg)
+
+
+def leaf_wrong_pfn(k: Kernel) -> list[Patch]:
+    """The leaf SPTE mapping the data page (gfn 0x200) of the first level-1 page
+    that has one points at the next host page (pfn + 1)."""
+    _, st = _audit_state(k)
+    leaf = next(x for x in st.leaves if x.gfn == 0x200 and x.sp.level == 1)
+    return [Patch(leaf.sptep, u64(leaf.value + 0x1000), f"{leaf.sp.addr:#x} {leaf.index}")]
+
+
+def rmap_removed(k: Kernel) -> list[Patch]:
+    """The rmap head of the vCPU 0 stack page's gfn (0x10, one SPTE: no
+    pte_list_desc) emptied: that leaf SPTE has no rmap entry."""
+    from kvminspect.rmap import RmapReader, gfn_to_index
+
+    r = RmapReader(k)
+    slot = next(s for s in r.slots(_vm(k)) if s.holds(0x10) and s.as_id == 0)
+    head = slot.rmap[0] + 8 * gfn_to_index(0x10, slot.base_gfn, 1)
+    sptep = k.prog.read_u64(head)
+    assert sptep & 1 == 0, "gfn 0x10 has more than one SPTE"
+    sp = r.sp_of_sptep(sptep)
+    return [Patch(head, u64(0), f"{sp:#x} (the rmap head of its spt[{(sptep & 4095) // 8}], "
+                  "gfn 0x10)")]
+
+
+def unsync_level2(k: Kernel) -> list[Patch]:
+    """An indirect level-2 page that has unsync_children (so its parents' bits
+    are set already) marked unsync itself."""
+    vg, _ = _audit_state(k)
+    sp = next(s for s in vg.pages() if s.level == 2 and not s.role.direct
+              and s.unsync_children and not s.unsync)
+    return [Patch(sp.addr + k.layout.sp.unsync, b"\x01", f"{sp.addr:#x}")]
+
+
+def writable_shadowed(k: Kernel) -> list[Patch]:
+    """A synced indirect level-1 page's sp->gfn set to the gfn of vCPU 0's stack
+    page (0x10), which a writable leaf SPTE maps: that SPTE now maps a shadowed
+    guest page table."""
+    vg, st = _audit_state(k)
+    mapping = {x.sp.addr for x in st.leaves if x.gfn == 0x10 and x.value & 2}
+    assert mapping
+    sp = next(s for s in vg.pages() if s.level == 1 and not s.role.direct and not s.unsync
+              and not vg.obsolete(s) and s.gfn != 0x10 and s.addr not in mapping)
+    return [Patch(sp.addr + k.layout.sp.gfn, u64(0x10), f"{sp.addr:#x}")]
+
+
 CASES: dict[str, Callable[[Kernel], list[Patch]]] = {
     "garbage-page-table": garbage_page_table,
     "active-list-loop": active_list_loop,
@@ -204,6 +260,10 @@ CASES: dict[str, Callable[[Kernel], list[Patch]]] = {
     "unsync-children-huge": unsync_children_huge,
     "spte-cycle": spte_cycle,
     "wrong-child-level": wrong_child_level,
+    "leaf-wrong-pfn": leaf_wrong_pfn,
+    "rmap-removed": rmap_removed,
+    "unsync-level2": unsync_level2,
+    "writable-shadowed": writable_shadowed,
 }
 
 

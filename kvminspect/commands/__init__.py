@@ -30,7 +30,7 @@ from kvminspect.shapes import SCHEMA_VERSION, vm_ref
 NO_VMS = "no VMs (vm_list is empty)"
 
 NAMESPACE = CommandNamespace(func_name_prefix="_cmd_")
-MODULES = ("vms", "vm", "vcpus", "roots", "tree", "sp", "walk", "unsync", "stats", "check",
+MODULES = ("vms", "vm", "vcpus", "roots", "tree", "sp", "walk", "rmap", "unsync", "stats", "check",
            "export", "watch", "diff", "rate", "pyshell", "help")
 
 JSON_ARG = argument("--json", action="store_true", help="print one JSON document")

@@ -6,8 +6,10 @@ import argparse
 from typing import Any
 
 from drgn import Program
+from drgn.commands import argument
 
-from kvminspect.check import Finding, check_vm, summary
+from kvminspect.audit import audit_vm, check_tdp_mmu_pages
+from kvminspect.check import SEVERITIES, Finding, check_vm, summary
 from kvminspect.commands import kvm_command, per_vm, vm_header
 from kvminspect.model import VM
 from kvminspect.render import Grid, console
@@ -27,7 +29,12 @@ def findings_table(findings: list[Finding]) -> Grid:
     return t
 
 
-@kvm_command()
+@kvm_command(
+    argument("--audit", action="store_true",
+             help="also the MMU audit (CONFIG_KVM_MMU_AUDIT, removed in 5.18): each leaf "
+             "SPTE's pfn against the memslot, rmap <-> SPTE both ways, write protection "
+             "of shadowed gfns, frozen TDP MMU SPTEs"),
+)
 def _cmd_check(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
     """consistency checks: unsync bitmaps, root_count, obsolete roots, orphans
 
@@ -37,8 +44,20 @@ def _cmd_check(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
     __mmu_unsync_walk); every parent of an unsync page has its bit set; only indirect
     level-1 pages are unsync; root_count against the vCPU references (root,
     prev_roots[], pae_root[]; +1 for a valid TDP MMU root on tdp_mmu_roots); obsolete
-    roots still in use (a warning, normal right after a fast zap); orphan pages; and
+    roots still in use (a warning, normal right after a fast zap); orphan pages;
+    kvm->arch.tdp_mmu_pages (the count, 6.3+) against the TDP MMU pages found; and
     every object the model could not read or found impossible (errors).
+
+    --audit adds what the kernel's CONFIG_KVM_MMU_AUDIT (mmu_audit.c, removed in 5.18)
+    checked, reading every leaf table: each present leaf SPTE maps the host page the
+    memslot translation of its gfn gives (gfn, memslot, userspace address, the VMM's
+    page tables; large SPTEs on their first 4K; pages the dump cannot confirm are
+    counted as not checkable, info); every shadow-MMU leaf SPTE has an entry in its
+    gfn's rmap at its level and every rmap entry points at a present leaf SPTE of
+    that gfn; no writable leaf SPTE maps the gfn of a synced indirect shadow page (a
+    write-protected guest page table); a frozen TDP MMU SPTE (REMOVED_SPTE /
+    FROZEN_SPTE, a dump taken mid-update) is info naming what mmu_lock and the vCPUs
+    say about who may hold the lock.
     """
     def show(vm: VM, findings: list[Finding]) -> None:
         if findings:
@@ -51,7 +70,12 @@ def _cmd_check(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
         return vm_header(vm, f"{n['error']} errors, {n['warning']} warnings, {n['info']} info")
 
     def collect(s: Session, vm: VM) -> list[Finding]:
-        findings = check_vm(s.kernel, s.graph(vm))
+        g = s.graph(vm)
+        findings = check_vm(s.kernel, g) + check_tdp_mmu_pages(s.kernel, g)
+        if args.audit:
+            findings += audit_vm(s.kernel, g)
+        order = {sev: i for i, sev in enumerate(SEVERITIES)}
+        findings.sort(key=lambda f: order[f.severity])
         s.check_errors = s.check_errors or summary(findings)["error"] > 0  # exit status 3
         return findings
 

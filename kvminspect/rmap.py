@@ -1,0 +1,335 @@
+"""Reverse maps: every SPTE that maps a gfn, the model behind ``rmap`` and the audit.
+
+The shadow MMU keeps, per memslot and per mapping level, one struct
+kvm_rmap_head per gfn (slot->arch.rmap[level - 1][gfn_to_index(gfn,
+base_gfn, level)], arch/x86/kvm/mmu/mmu.c): its ``val`` is 0 (no SPTE), one
+sptep (a u64 * into some shadow page's spt[]), or, with bit 0 set
+(KVM_RMAP_MANY), a struct pte_list_desc * chain of sptep arrays. Each sptep
+leads to its shadow page (to_shadow_page of the sptep's page: page_private)
+and index ((sptep & 4095) / 8). The TDP MMU keeps no rmaps: its SPTEs for a
+gfn are found by walking its roots (kvminspect.walk). Nothing here renders.
+"""
+
+from __future__ import annotations
+
+import array
+import sys
+from dataclasses import dataclass, field
+
+import drgn
+
+from kvminspect import spte
+from kvminspect.layout import PAGE_SHIFT
+from kvminspect.model import VM, Kernel, ShadowPage
+
+LEVELS = (1, 2, 3)  # PG_LEVEL_4K .. PG_LEVEL_1G: KVM_NR_PAGE_SIZES rmap arrays
+LEVEL_NAMES = {1: "4K", 2: "2M", 3: "1G"}
+KVM_RMAP_MANY = 1  # val bit 0: a pte_list_desc chain
+RMAP_PTR_MASK = ~3  # 6.14 "walk rmaps outside of mmu_lock" added KVM_RMAP_LOCKED (bit 1)
+MAX_CHAIN = 1 << 16  # descs followed in one chain before it is called garbage
+
+
+def gfn_to_index(gfn: int, base_gfn: int, level: int) -> int:
+    """gfn_to_index(): the rmap (and lpage_info) index of *gfn* at *level*."""
+    shift = 9 * (level - 1)
+    return (gfn >> shift) - (base_gfn >> shift)
+
+
+@dataclass(frozen=True)
+class RmapSlot:
+    """One struct kvm_memory_slot's rmap arrays (slot->arch.rmap[0..2])."""
+
+    as_id: int
+    id: int
+    addr: int  # struct kvm_memory_slot
+    base_gfn: int
+    npages: int
+    rmap: tuple[int, ...]  # slot->arch.rmap[level - 1]: struct kvm_rmap_head * (0: none)
+
+    def holds(self, gfn: int) -> bool:
+        return self.base_gfn <= gfn < self.base_gfn + self.npages
+
+    def entries(self, level: int) -> int:
+        """How many rmap heads the level's array has (kvm_alloc_memslot_metadata)."""
+        return gfn_to_index(self.base_gfn + self.npages - 1, self.base_gfn, level) + 1
+
+
+@dataclass(frozen=True)
+class RmapEntry:
+    """One sptep of a gfn's rmap, resolved to its shadow page and index."""
+
+    as_id: int
+    gfn: int  # the first gfn the rmap head covers at its level
+    level: int
+    sptep: int
+    sp: int | None  # struct kvm_mmu_page holding the sptep (None: none found)
+    index: int  # (sptep & 4095) / 8
+    value: int | None  # *sptep (None: unreadable)
+    bits: spte.SpteBits | None
+    source: str = "rmap"  # "rmap" or the TDP MMU root walked ("tdp_mmu_roots sp 0x...")
+
+
+@dataclass
+class RmapScan:
+    """Every rmap entry of a VM: sptep -> (as_id, gfn, level), and what was garbage."""
+
+    entries: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    problems: list[tuple[int, str]] = field(default_factory=list)  # (object, why)
+    slots: int = 0  # memslots with rmaps
+    # rmap arrays the dump lacks: (as_id, first gfn, npages, level), not checkable
+    unreadable: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+    def readable(self, as_id: int, gfn: int, level: int) -> bool:
+        """Whether the rmap array that would hold (gfn, level) was read."""
+        return not any(a == as_id and lv == level and base <= gfn < base + n
+                       for a, base, n, lv in self.unreadable)
+
+
+def _bare(t: drgn.Type) -> drgn.Type:
+    while t.kind == drgn.TypeKind.TYPEDEF:
+        t = t.type
+    return t
+
+
+class DescLayout:
+    """struct pte_list_desc as this kernel lays it out, probed from DWARF.
+
+    * 5.10: ``u64 *sptes[PTE_LIST_EXT]`` (3) then ``more``; used entries end at
+      the first NULL;
+    * "KVM: X86: Introduce pte_list_desc.spte_count" (5.14): ``spte_count``,
+      the used entries of this desc (PTE_LIST_EXT 14);
+    * "KVM: x86/mmu: Track tail count in pte_list_desc to optimize guest
+      fork()" (6.3): u32 ``spte_count`` and ``tail_count`` (the head's count of
+      the descs after it); each desc's own spte_count is what is read.
+    """
+
+    def __init__(self, prog: drgn.Program) -> None:
+        t = prog.type("struct pte_list_desc")
+        names = {m.name: m for m in t.members}
+        self.size = t.size
+        self.more = drgn.offsetof(t, "more")
+        self.sptes = drgn.offsetof(t, "sptes")
+        self.ext = _bare(names["sptes"].type).length or 0
+        self.count: tuple[int, int] | None = None  # (offset, size) of spte_count
+        if "spte_count" in names:
+            self.count = (drgn.offsetof(t, "spte_count"), _bare(names["spte_count"].type).size)
+
+
+class RmapReader:
+    """The rmaps of one target: memslots' rmap arrays, pte_list_desc chains."""
+
+    def __init__(self, k: Kernel) -> None:
+        self.k = k
+        self.prog = k.prog
+        self._desc: DescLayout | None = None
+        self._slots: dict[int, list[RmapSlot]] = {}
+
+    @property
+    def desc(self) -> DescLayout:
+        if self._desc is None:
+            self._desc = DescLayout(self.prog)
+        return self._desc
+
+    def slots(self, vm: VM) -> list[RmapSlot]:
+        """struct kvm_memory_slot of every address space with slot->arch.rmap[]
+        (all NULL when the VM never allocated rmaps: TDP MMU only)."""
+        if vm.addr in self._slots:
+            return self._slots[vm.addr]
+        out: list[RmapSlot] = []
+        k = self.k
+        try:
+            kvm = k.kvm_object(vm)
+            for as_id, slots in enumerate(kvm.memslots):
+                if not slots:
+                    continue
+                for s in k._slots_of(slots):
+                    heads = tuple(s.arch.rmap[i].value_() for i in range(len(LEVELS)))
+                    out.append(RmapSlot(as_id, s.id.value_(), s.address_,
+                                        s.base_gfn.value_(), s.npages.value_(), heads))
+        except (drgn.FaultError, LookupError, ValueError, AttributeError) as e:
+            k.problem("struct kvm_memslots", vm.addr, f"memslot rmaps unreadable ({e})")
+        self._slots[vm.addr] = out
+        return out
+
+    def has_rmaps(self, vm: VM) -> bool:
+        """Whether any memslot has rmap arrays (kvm_memslots_have_rmaps)."""
+        return any(any(s.rmap) for s in self.slots(vm))
+
+    def head(self, slot: RmapSlot, gfn: int, level: int) -> int:
+        """The val of slot->arch.rmap[level - 1][gfn_to_index(...)] (FaultError if unreadable)."""
+        base = slot.rmap[level - 1]
+        return self.prog.read_u64(base + 8 * gfn_to_index(gfn, slot.base_gfn, level))
+
+    def sptes_of(self, val: int, where: int, problems: list[tuple[int, str]]) -> list[int]:
+        """The sptep values one rmap head's *val* holds: itself, or its
+        pte_list_desc chain's (bounded: a loop, an unreadable desc or a count
+        beyond PTE_LIST_EXT is recorded in *problems* and cut there)."""
+        if not val:
+            return []
+        if not val & KVM_RMAP_MANY:
+            return [val & RMAP_PTR_MASK]
+        d = self.desc
+        out: list[int] = []
+        desc, seen = val & RMAP_PTR_MASK, set()
+        while desc:
+            if desc in seen or len(seen) >= MAX_CHAIN:
+                problems.append((where, f"pte_list_desc chain loops at {desc:#x}"))
+                break
+            seen.add(desc)
+            try:
+                data = self.prog.read(desc, d.size)
+            except drgn.FaultError as e:
+                problems.append((where, f"pte_list_desc {desc:#x} unreadable ({e})"))
+                break
+            ptrs = array.array("Q", data[d.sptes:d.sptes + 8 * d.ext])
+            if sys.byteorder != "little":
+                ptrs.byteswap()
+            if d.count is not None:
+                off, size = d.count
+                n = int.from_bytes(data[off:off + size], "little")
+                if n > d.ext:
+                    problems.append((where, f"pte_list_desc {desc:#x} spte_count {n} > "
+                                     f"PTE_LIST_EXT {d.ext}"))
+                    n = d.ext
+                out.extend(ptrs[:n])
+            else:
+                out.extend(p for p in ptrs if p)  # 5.10: up to the first NULL
+            desc = int.from_bytes(data[d.more:d.more + 8], "little")
+        return out
+
+    def scan(self, vm: VM) -> RmapScan:
+        """Every rmap head of every memslot of *vm* (the audit's side of rmap <-> SPTE)."""
+        out = RmapScan()
+        for slot in self.slots(vm):
+            if not any(slot.rmap):
+                continue
+            out.slots += 1
+            for level in LEVELS:
+                base = slot.rmap[level - 1]
+                if not base:
+                    continue
+                n = slot.entries(level)
+                try:
+                    heads = array.array("Q", self.prog.read(base, 8 * n))
+                except drgn.FaultError:
+                    out.unreadable.append((slot.as_id, slot.base_gfn, slot.npages, level))
+                    continue
+                if sys.byteorder != "little":
+                    heads.byteswap()
+                first = (slot.base_gfn >> (9 * (level - 1))) << (9 * (level - 1))
+                for i in [i for i, v in enumerate(heads) if v]:
+                    gfn = max(first + (i << (9 * (level - 1))), slot.base_gfn)
+                    for p in self.sptes_of(heads[i], base + 8 * i, out.problems):
+                        out.entries[p] = (slot.as_id, gfn, level)
+        return out
+
+    def sp_of_sptep(self, sptep: int) -> int | None:
+        """to_shadow_page(): the struct kvm_mmu_page whose spt[] page holds *sptep*."""
+        k = self.k
+        pfn = (sptep - k.layout.page_offset_base) >> PAGE_SHIFT
+        if pfn < 0:
+            return None
+        return k._by_spt.get(pfn) or k.page_to_sp(pfn)
+
+    def resolve(self, vm: VM, as_id: int, gfn: int, level: int, sptep: int) -> RmapEntry:
+        """One rmap sptep as its shadow page, index and SPTE (None where unreadable)."""
+        k = self.k
+        index = (sptep & 4095) // 8
+        addr = self.sp_of_sptep(sptep)
+        sp = k.shadow_page(addr) if addr else None
+        value = None
+        if sp is not None:
+            spt = k.sptes(sp)
+            value = None if spt is None else spt[index]
+        else:
+            try:
+                value = self.prog.read_u64(sptep)
+            except drgn.FaultError:
+                value = None
+        bits = None
+        if value is not None:
+            bits = spte.decode_bits(value, sp.level if sp else level, k.spte_format,
+                                    k.spte_masks(vm))
+        return RmapEntry(as_id, gfn, level, sptep, addr if sp else None, index, value, bits)
+
+    def of_gfn(self, vm: VM, gfn: int) -> tuple[list[RmapEntry], list[tuple[int, str]]]:
+        """Every rmap entry covering *gfn*, at each level, in each address space."""
+        entries: list[RmapEntry] = []
+        problems: list[tuple[int, str]] = []
+        for slot in self.slots(vm):
+            if not slot.holds(gfn):
+                continue
+            for level in LEVELS:
+                if not slot.rmap[level - 1]:
+                    continue
+                where = slot.rmap[level - 1] + 8 * gfn_to_index(gfn, slot.base_gfn, level)
+                try:
+                    val = self.head(slot, gfn, level)
+                except drgn.FaultError as e:
+                    problems.append((where, f"rmap head unreadable ({e})"))
+                    continue
+                shift = 9 * (level - 1)
+                first = max((gfn >> shift) << shift, slot.base_gfn)
+                for p in self.sptes_of(val, where, problems):
+                    entries.append(self.resolve(vm, slot.as_id, first, level, p))
+        return entries, problems
+
+
+def tdp_of_gfn(k: Kernel, vm: VM, gfn: int) -> list[RmapEntry]:
+    """The TDP MMU's SPTEs mapping *gfn*: each root on tdp_mmu_roots walked to
+    gfn's guest physical address (the TDP MMU keeps no rmaps)."""
+    from kvminspect.walk import walk
+
+    out: list[RmapEntry] = []
+    for root in k.tdp_roots(vm):
+        sp = k.shadow_page(root)
+        if sp is None:
+            continue
+        w = walk(k, vm, gfn << PAGE_SHIFT, sp, f"sp {root:#x}", direct=True)
+        if w.stop not in ("leaf", "large"):
+            continue
+        st = w.steps[-1]
+        assert st.value is not None
+        shift = 9 * (st.level - 1)
+        out.append(RmapEntry(1 if sp.role.get("smm") else 0, (gfn >> shift) << shift,
+                             st.level, k.shadow_page(st.table).spt + 8 * st.index,  # type: ignore[union-attr]
+                             st.table, st.index, st.value, st.bits,
+                             f"tdp_mmu_roots sp {root:#x}"))
+    return out
+
+
+def sptes_of_gfn(k: Kernel, vm: VM, gfn: int, reader: RmapReader | None = None
+                 ) -> tuple[list[RmapEntry], list[tuple[int, str]]]:
+    """Every SPTE that maps *gfn*: the rmaps' (shadow MMU), then the TDP MMU roots'."""
+    reader = reader or RmapReader(k)
+    entries, problems = reader.of_gfn(vm, gfn)
+    return entries + tdp_of_gfn(k, vm, gfn), problems
+
+
+# bytes.translate tables: 1 where a byte of the SPTE has the bit, else 0
+_BIT11_BYTE = 1 if sys.byteorder == "little" else 6  # the SPTE byte holding bit 11
+_PRESENT_BYTE = bytes(1 if b & (spte.SPTE_MMU_PRESENT_MASK >> 8) else 0 for b in range(256))
+
+
+def leaf_sptes(k: Kernel, sp: ShadowPage, spt: array.array) -> list[tuple[int, int]]:
+    """(index, value) of every present leaf SPTE of one table (is_last_spte).
+
+    5.13+: SPTE_MMU_PRESENT_MASK (bit 11, bit 3 of each SPTE's second byte)
+    found by bytes operations over the whole table, so that a 10^5-page MMU's
+    mostly empty tables cost microseconds each; before, value by value.
+    """
+    large = spte.PT_PAGE_SIZE_MASK
+    if k.spte_format.present_bit:
+        flags = spt.tobytes()[_BIT11_BYTE::8].translate(_PRESENT_BYTE)
+        out = []
+        i = flags.find(1)
+        while i >= 0:
+            v = spt[i]
+            if sp.level == 1 or v & large:
+                out.append((i, v))
+            i = flags.find(1, i + 1)
+        return out
+    special, mmio = spte.SPTE_SPECIAL_MASK, spte.SPTE_MMIO_MASK
+    if sp.level == 1:
+        return [(i, v) for i, v in enumerate(spt) if v and v & special != mmio]
+    return [(i, v) for i, v in enumerate(spt) if v and v & special != mmio and v & large]
