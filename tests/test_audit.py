@@ -25,7 +25,7 @@ from kvminspect.cli import main
 from kvminspect.rmap import DescLayout, RmapReader, sptes_of_gfn
 from kvminspect.session import Session
 from kvminspect.walk import walk
-from tests.conftest import FIXTURES, MULTI_VM, VMCORES, open_fixture, truth
+from tests.conftest import FIXTURES, LARGE, MULTI_VM, SMM, VMCORES, open_fixture, truth
 from tests.corrupt import UNMAPPED, make
 from tests.test_walk import WALKED, touched
 
@@ -34,7 +34,7 @@ def session(name: str) -> Session:
     return Session(open_fixture(name))
 
 
-@pytest.mark.parametrize("name", FIXTURES + MULTI_VM)
+@pytest.mark.parametrize("name", FIXTURES + MULTI_VM + LARGE + SMM)
 def test_clean_fixtures_audit_clean(name: str) -> None:
     """No error or warning from the audit (nor unsync pages above level 1), every
     present shadow-MMU leaf in the rmaps and every rmap entry a leaf, every leaf's
@@ -52,6 +52,20 @@ def test_clean_fixtures_audit_clean(name: str) -> None:
         assert st.leaves or truth(name).get("zapped")
         shadow_leaves = {x.sptep for x in st.leaves if not x.sp.tdp_mmu_page}
         assert set(RmapReader(k).scan(vm).entries) == shadow_leaves
+
+
+@pytest.mark.parametrize("name", LARGE)
+def test_large_leaves_audited_on_their_first_4k(name: str) -> None:
+    """The large-page fixtures' 2 MiB SPTEs are leaves the audit checks (their
+    first 4 KiB against the memslot) and finds right."""
+    s = session(name)
+    k = s.kernel
+    for vm in k.vms():
+        st = collect(k, vg := s.graph(vm))
+        large = [x for x in st.leaves if x.sp.level > 1]
+        assert large, "the fixture's guest maps 2 MiB pages"
+        findings = audit_vm(k, vg)
+        assert not [f for f in findings if f.check.startswith("leaf-pfn")], findings
 
 
 # case -> (check id, gfn the finding names); all on 6.1-shadow, rmap-removed also
