@@ -47,6 +47,18 @@ def test_qemu_one_shot_matches_the_record(host: EmulatedHost) -> None:
     assert "IN_GUEST_MODE" in modes
 
 
+def test_qemu_audit_and_walk_live(host: EmulatedHost) -> None:
+    """check --audit and walk on the running host: the audit's memslot check
+    reads the VMM's page tables live; every vCPU's walk of its set's first
+    window (the guest touched it) ends at a leaf the memslot confirms."""
+    (vm,) = one_shot(host, "check", "--audit")["vms"]
+    assert vm["summary"]["error"] == 0, vm["findings"]
+    for v in host.truth["vcpus"]:
+        (w,) = one_shot(host, "walk", "0x200000", "--vcpu", str(v["vcpu_id"]))["vms"][0]["walks"]
+        assert w["kind"] == "gva" and w["stop"] == "leaf", w
+        assert w["memslot"]["verdict"] == "match", w["memslot"]
+
+
 def test_repl_session_sees_the_mmu_change(host: EmulatedHost, capsys) -> None:
     """One session, two readings around a fast zap: mmu_valid_gen and the roots'
     state differ; a frozen (cached) reading would show the first twice."""

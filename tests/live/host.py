@@ -140,7 +140,8 @@ class EmulatedHost:
             raise ValueError(f"unknown mmu {mmu!r}")
         self.args = argparse.Namespace(
             mmu=mmu, busy=busy, zap=False, pae=False, la57=False, special=None, vms=1,
-            vcpus=vcpus, sets=sets, windows=windows, rounds=rounds)
+            vcpus=vcpus, sets=sets, windows=windows, rounds=rounds, large=False, smm=False,
+            nx_huge_pages=None)
         self.cycle = cycle
         self.python = python
         if memory is None:
