@@ -124,11 +124,10 @@ class VcpuReader(KernelBase):
         None before 4.20 (one embedded MMU) or when the current MMU is not one of
         the two.
         """
-        if current not in ("root_mmu", "guest_mmu"):
+        mmus = self.layout.root_mmus
+        if current not in mmus or len(mmus) != 2:
             return None
-        name = "guest_mmu" if current == "root_mmu" else "root_mmu"
-        if not has_member(arch.type_, name):
-            return None
+        name = next(n for n in mmus if n != current)
         mmu = getattr(arch, name).address_of_()
         root, prev, level, direct = self._read_mmu(mmu)
         return MmuRoots(name, mmu.value_(), level, direct, root, prev)
