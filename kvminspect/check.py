@@ -14,10 +14,11 @@ the same algorithm back to 4.19):
   bit of its SPTE set: kvm_mmu_mark_parents_unsync() and link_shadow_page();
 * only indirect level-1 shadow pages become unsync (mmu_try_to_unsync_pages);
 * root_count is one reference per vCPU root, prev_roots[] and pae_root[]
-  entry (mmu_alloc_root; dropped by mmu_free_root_page), plus one for a valid
-  TDP MMU root on tdp_mmu_roots (kvm_tdp_mmu_get_vcpu_root_hpa sets the
-  refcount to 2: the vCPU's and the TDP MMU's own; upstream since about 6.4,
-  and in 6.1.y as the 6.1.192 fixtures show);
+  entry, of root_mmu and of guest_mmu (mmu_alloc_root; dropped by
+  mmu_free_root_page), plus one for a valid TDP MMU root on tdp_mmu_roots
+  (kvm_tdp_mmu_get_vcpu_root_hpa sets the refcount to 2: the vCPU's and the
+  TDP MMU's own; upstream since about 6.4, and in 6.1.y as the 6.1.192
+  fixtures show);
 * obsolete roots (is_obsolete_sp) still in use, orphans, roots nobody holds;
 * every Problem the model recorded while reading (unreadable objects, levels
   out of range, a child whose level is not its parent's minus one).
@@ -291,9 +292,13 @@ def _uncounted(vg: VMGraph) -> list[str]:
         if v.root is None:
             out.append(f"{name}: MMU unreadable")
             continue
-        if v.mmu_name == "guest_mmu":
-            out.append(f"{name}: runs a nested guest, the roots of its root_mmu")
-        bad = [r for r in [v.root, *v.prev_roots] if r.special == "unreadable"]
+        roots = [v.root, *v.prev_roots]
+        o = v.other_mmu
+        if o is not None and o.root is None:
+            out.append(f"{name}: {o.name} unreadable")
+        elif o is not None:
+            roots += [o.root, *o.prev_roots]
+        bad = [r for r in roots if r.special == "unreadable"]
         if bad:
             out.append(f"{name}: {plural(len(bad), 'root', 'roots')} whose hpa has no "
                        "readable struct page")

@@ -3,7 +3,8 @@
 Nodes are struct kvm_mmu_page addresses, each with its ShadowPage; a link
 parent -> child is one present non-leaf SPTE of the parent, spt[index]
 (link_shadow_page / to_shadow_page). Roots are every page a vCPU or the VM
-holds as a root: mmu->root, its prev_roots[], pae_root[] entries,
+holds as a root: mmu->root, its prev_roots[], pae_root[] entries (of both
+the vCPU's root_mmu and guest_mmu),
 kvm->arch.tdp_mmu_roots, and any page with root_count > 0. Pages on
 active_mmu_pages that no root reaches are orphans.
 
@@ -37,20 +38,24 @@ class Holder:
     *kind*: ``root`` (vcpu->arch.mmu->root), ``prev_root`` (mmu->prev_roots[index]),
     ``tdp_mmu_roots`` (on kvm->arch.tdp_mmu_roots) or ``root_count`` (a page on the VM's
     lists with root_count > 0 that nothing above names). *pae*: the mmu->pae_root[]
-    entry of that vCPU root through which the page is held (PAE guests).
+    entry of that vCPU root through which the page is held (PAE guests). *mmu*: None
+    for the current MMU (vcpu->arch.mmu), else the name of the other struct kvm_mmu
+    holding it ("guest_mmu": "vcpu0.guest_mmu.root"; "root_mmu" while in L2).
     """
 
     kind: str
     vcpu: int | None = None  # vcpu_idx (vcpu_id before 5.11)
     index: int | None = None  # prev_roots[index]
     pae: int | None = None
+    mmu: str | None = None  # the non-current MMU (VCpu.other_mmu) holding it
 
     KINDS = ("root", "prev_root", "tdp_mmu_roots", "root_count")
 
     def __str__(self) -> str:
         if self.vcpu is None:
             return self.kind
-        s = f"vcpu{self.vcpu}." + ("root" if self.kind == "root" else f"prev_roots[{self.index}]")
+        s = f"vcpu{self.vcpu}." + (f"{self.mmu}." if self.mmu else "")
+        s += "root" if self.kind == "root" else f"prev_roots[{self.index}]"
         return s + (f".pae_root[{self.pae}]" if self.pae is not None else "")
 
     @property
@@ -59,12 +64,14 @@ class Holder:
         return self.vcpu is not None
 
     def order(self) -> tuple:
-        """Current roots by vCPU, then cached ones, then the VM's own references."""
-        return (self.KINDS.index(self.kind), self.vcpu or 0, self.index or 0, self.pae or 0)
+        """Current roots by vCPU, then cached ones, then the VM's own references;
+        the other MMU's after the current MMU's of the same kind."""
+        return (self.KINDS.index(self.kind), self.mmu is not None, self.vcpu or 0,
+                self.index or 0, self.pae or 0)
 
     def to_json(self) -> dict[str, Any]:
         return {"holder": str(self), "kind": self.kind, "vcpu_idx": self.vcpu,
-                "index": self.index, "pae_root": self.pae}
+                "index": self.index, "pae_root": self.pae, "mmu": self.mmu}
 
 
 @dataclass
@@ -204,13 +211,20 @@ class VMGraph:
 
 
 def _holders(vcpus: list[VCpu]) -> list[tuple[RootRef, Holder]]:
-    """Every (root, holder) pair of the vCPUs: root and prev_roots[]."""
+    """Every (root, holder) pair of the vCPUs: root and prev_roots[] of the current
+    MMU, then of the other one (guest_mmu or root_mmu, VCpu.other_mmu)."""
     out = []
     for v in vcpus:
         n = v.vcpu_idx if v.vcpu_idx >= 0 else v.vcpu_id
         if v.root is not None:
             out.append((v.root, Holder("root", n)))
         out.extend((r, Holder("prev_root", n, i)) for i, r in enumerate(v.prev_roots))
+        o = v.other_mmu
+        if o is not None:
+            if o.root is not None:
+                out.append((o.root, Holder("root", n, mmu=o.name)))
+            out.extend((r, Holder("prev_root", n, i, mmu=o.name))
+                       for i, r in enumerate(o.prev_roots))
     return out
 
 

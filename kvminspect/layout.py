@@ -213,6 +213,10 @@ class Layout:
     # 5.13: the TDP MMU root count became refcount_t tdp_mmu_root_count (in a
     # union with root_count); before it tdp_mmu_roots held no reference
     tdp_root_refcount: bool = False
+    # the struct kvm_mmu members of struct kvm_vcpu_arch that own roots: root_mmu
+    # and guest_mmu (L2's shadow NPT/EPT MMU) from 4.20; () when vcpu->arch.mmu is
+    # the one embedded MMU (4.19). nested_mmu is a guest page-table walker only.
+    root_mmus: tuple[str, ...] = ()
     missing: tuple[MissingMember, ...] = ()
     absent: frozenset[tuple[str, str]] = frozenset()  # (struct, member) of missing
 
@@ -378,6 +382,8 @@ def probe(prog: drgn.Program, release: str | None = None) -> Layout:
         # 6.14 (TDX): mirror roots beside mmu->root
         mirror_root=has_member(mmu, "mirror_root_hpa"),
         tdp_root_refcount=has_member(sp_type, "tdp_mmu_root_count"),
+        root_mmus=tuple(n for n in ("root_mmu", "guest_mmu") if has_member(vcpu_arch, n)
+                        and _bare(vcpu_arch.member(n).type).tag == "kvm_mmu"),
         missing=tuple(missing),
         absent=frozenset((m.struct, m.member) for m in missing),
     )

@@ -21,6 +21,7 @@ from kvminspect.objects import (  # noqa: F401 (the model's data, re-exported)
     VM_TYPES,
     Int,
     Memslot,
+    MmuRoots,
     Role,
     RootRef,
     ShadowPage,

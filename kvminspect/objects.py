@@ -122,8 +122,26 @@ class RootRef:
 
 
 @dataclass(frozen=True)
+class MmuRoots:
+    """The roots of one struct kvm_mmu of a vCPU (vcpu->arch.root_mmu or guest_mmu)."""
+
+    name: str  # root_mmu / guest_mmu
+    addr: int  # the struct kvm_mmu
+    root_level: int
+    direct: bool
+    root: RootRef | None  # None: the MMU could not be read
+    prev_roots: list[RootRef]
+
+
+@dataclass(frozen=True)
 class VCpu:
-    """struct kvm_vcpu with its current MMU."""
+    """struct kvm_vcpu with its current MMU (vcpu->arch.mmu) and the other one.
+
+    root, prev_roots, root_level and direct are those of the current MMU;
+    *other_mmu* holds the roots of the MMU that is not current (guest_mmu, the
+    L2 shadow NPT/EPT MMU, while the vCPU runs L1; root_mmu while it runs L2),
+    None before 4.20 (no guest_mmu) or when it cannot be read.
+    """
 
     addr: int
     vcpu_id: Int
@@ -142,6 +160,7 @@ class VCpu:
     stat: dict[str, int]
     requests: Int = 0  # vcpu->requests, the pending KVM_REQ_* bits (UNKNOWN: no member)
     request_names: tuple[str, ...] = ()  # their names (kvminspect.requests), "bit N" if none
+    other_mmu: MmuRoots | None = None
 
 
 @dataclass(frozen=True)

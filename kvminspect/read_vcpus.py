@@ -19,6 +19,7 @@ from kvminspect.objects import (
     MP_STATES,
     VCPU_MODES,
     VM,
+    MmuRoots,
     RootRef,
     VCpu,
     _struct_int,
@@ -90,6 +91,7 @@ class VcpuReader(KernelBase):
                              if has_member(arch.type_, n)
                              and getattr(arch, n).address_of_().value_() == mmu_addr), "mmu")
             root, prev, level, direct = self._read_mmu(mmu)
+            other = self._other_mmu(arch, mmu_name)
             requests = self.value(v, "struct kvm_vcpu", "requests")
             return VCpu(
                 addr=addr, vcpu_id=self.value(v, "struct kvm_vcpu", "vcpu_id"),
@@ -106,10 +108,29 @@ class VcpuReader(KernelBase):
                 requests=requests,
                 request_names=tuple(bit_names(requests, self.request_table()))
                 if known(requests) else (),
+                other_mmu=other,
             )
         except drgn.FaultError as e:
             self.problem("struct kvm_vcpu", addr, f"unreadable ({e})")
             return None
+
+    def _other_mmu(self, arch: drgn.Object, current: str) -> MmuRoots | None:
+        """The roots of the struct kvm_mmu of vcpu->arch that vcpu->arch.mmu does not
+        point at: guest_mmu (the shadow NPT/EPT MMU of a nested guest, L2) while
+        root_mmu is current, root_mmu while guest_mmu is. Both are embedded in
+        struct kvm_vcpu_arch from 4.20; each holds its own root, prev_roots[] and
+        pae_root. nested_mmu has no roots of its own: it is only the walker of L2's
+        page tables (vcpu->arch.walk_mmu while in L2), so nothing is read from it.
+        None before 4.20 (one embedded MMU) or when the current MMU is not one of
+        the two.
+        """
+        mmus = self.layout.root_mmus
+        if current not in mmus or len(mmus) != 2:
+            return None
+        name = next(n for n in mmus if n != current)
+        mmu = getattr(arch, name).address_of_()
+        root, prev, level, direct = self._read_mmu(mmu)
+        return MmuRoots(name, mmu.value_(), level, direct, root, prev)
 
     def request_table(self) -> RequestTable | None:
         """The KVM_REQ_* names of this kernel: macros, absent from the DWARF, so

@@ -22,7 +22,7 @@ from typing import Any
 from kvminspect.check import Finding
 from kvminspect.graph import Holder, VMGraph
 from kvminspect.layout import INVALID_PAGE, NoValue
-from kvminspect.model import VM, RootRef, ShadowPage, Spte, VCpu
+from kvminspect.model import VM, MmuRoots, RootRef, ShadowPage, Spte, VCpu
 from kvminspect.read_vmstate import VmState
 from kvminspect.render import hx
 from kvminspect.rmap import RmapEntry
@@ -91,8 +91,17 @@ def vcpu_json(v: VCpu) -> dict[str, Any]:
         "mode": value(v.mode), "mp_state": value(v.mp_state), "cr3": hx(v.cr3),
         "mmu": v.mmu_name, "root_level": v.root_level, "direct": v.direct,
         "root_hpa": root_hpa(v.root), "requests": hx(v.requests),
-        "request_names": list(v.request_names),
+        "request_names": list(v.request_names), "other_mmu": other_mmu_json(v.other_mmu),
     }
+
+
+def other_mmu_json(o: MmuRoots | None) -> dict[str, Any] | None:
+    """The vCPU's struct kvm_mmu that vcpu->arch.mmu does not point at (guest_mmu,
+    or root_mmu while in L2): its name, root level and root hpa; None if none."""
+    if o is None:
+        return None
+    return {"mmu": o.name, "root_level": o.root_level, "direct": o.direct,
+            "root_hpa": root_hpa(o.root)}
 
 
 def root_hpa(r: RootRef | None) -> str:

@@ -27,7 +27,7 @@ import drgn
 import pytest
 
 from kvminspect.errors import KvmNotFound
-from kvminspect.layout import Layout, probe
+from kvminspect.layout import Layout, has_member, probe
 
 LAYOUTS = Path(__file__).resolve().parent / "layouts"
 RELEASES = ["4.19", "5.4", "5.15"]
@@ -87,6 +87,7 @@ DECISIONS = {
         tdp_mmu_roots=False,
         tdp_mmu_pages_list=False,
         present_bit=False,  # "!= 0 && !mmio" era
+        root_mmus=(),  # one embedded vcpu->arch.mmu; nested_mmu is a walker
     ),
     "5.4": dict(
         vcpu_array=False,
@@ -100,6 +101,7 @@ DECISIONS = {
         tdp_mmu_roots=False,
         tdp_mmu_pages_list=False,
         present_bit=False,
+        root_mmus=("root_mmu", "guest_mmu"),  # both read; nested_mmu is a walker
     ),
     "5.15": dict(
         vcpu_array=False,  # still kvm->vcpus[]; the xarray came with 5.16/5.17
@@ -113,6 +115,7 @@ DECISIONS = {
         tdp_mmu_roots=True,
         tdp_mmu_pages_list=True,  # kvm->arch.tdp_mmu_pages is a list_head
         present_bit=True,  # SPTE_MMU_PRESENT_MASK era
+        root_mmus=("root_mmu", "guest_mmu"),
     ),
 }
 
@@ -234,3 +237,19 @@ def test_types_without_vm_list_symbol_is_kvm_not_found(tmp_path):
     prog.type("struct kvm_mmu_page")
     with pytest.raises(KvmNotFound):
         probe(prog)
+
+
+@pytest.mark.parametrize("release", RELEASES)
+def test_nested_mmus_read_for_roots(release_prog, release):
+    """DWARF only (no fixture runs a nested guest): from 4.20 vcpu->arch embeds
+    root_mmu and guest_mmu, each a struct kvm_mmu with its own root and
+    prev_roots[], both read; nested_mmu is embedded too but only walks L2's page
+    tables, so it is not among the MMUs whose roots are read."""
+    prog, layout = release_prog(release)
+    arch = prog.type("struct kvm_vcpu_arch")
+    assert has_member(arch, "nested_mmu") and "nested_mmu" not in layout.root_mmus
+    offsets = {n: drgn.offsetof(arch, n) for n in layout.root_mmus}
+    assert len(set(offsets.values())) == len(layout.root_mmus)
+    for n in layout.root_mmus:
+        assert arch.member(n).type.unqualified().tag == "kvm_mmu"
+    assert bool(layout.root_mmus) == layout.mmu_is_pointer

@@ -77,7 +77,8 @@ def test_schema_rejects_what_it_must() -> None:
         "index": 0, "kvm": "0xffff888000000000", "pid": 1, "mmu": "shadow", "vendor": None,
         "mmu_valid_gen": 0, "vcpus": [{"vcpu": "0xffff888000001000", "vcpu_id": 0,
                                        "vcpu_idx": 0, "cr3": "0x1000", "mmu": "root_mmu",
-                                       "root": root, "prev_roots": []}]}]}
+                                       "root": root, "prev_roots": [],
+                                       "other_mmu": None}]}]}
     assert list(VALIDATOR.iter_errors(doc))  # null is not INVALID_PAGE
     root["hpa"] = "INVALID_PAGE"
     validate(doc)

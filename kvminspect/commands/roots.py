@@ -47,9 +47,37 @@ def root_rows(d: dict[str, Any], shared: Counter) -> list[tuple[str, ...]]:
 
 
 def vcpu_roots_json(v: VCpu, g: VMGraph) -> dict[str, Any]:
-    """One vCPU's roots: mmu->root and prev_roots[]."""
+    """One vCPU's roots: mmu->root and prev_roots[], then those of its other MMU
+    (guest_mmu, or root_mmu while the vCPU runs a nested guest)."""
+    o = v.other_mmu
     return {**vcpu_ref(v), "cr3": hx(v.cr3), "mmu": v.mmu_name,
-            "root": root_json(v.root, g), "prev_roots": [root_json(r, g) for r in v.prev_roots]}
+            "root": root_json(v.root, g), "prev_roots": [root_json(r, g) for r in v.prev_roots],
+            "other_mmu": None if o is None else {
+                "mmu": o.name, "root": root_json(o.root, g),
+                "prev_roots": [root_json(r, g) for r in o.prev_roots]}}
+
+
+def _nested(rows: list[tuple[str, ...]], mmu: str) -> list[tuple[str, ...]]:
+    """Rows of guest_mmu (the shadow NPT/EPT MMU of a nested guest) flagged nested."""
+    if mmu != "guest_mmu":
+        return rows
+    return [(*r[:-1], r[-1] if "nested" in r[-1].split() else (r[-1] + " nested").strip())
+            for r in rows]
+
+
+def other_rows(o: dict[str, Any] | None) -> list[tuple[str, ...]]:
+    """The other MMU's roots that are in use (not INVALID_PAGE) as (ROOT, ...) rows:
+    "guest_mmu.root", "guest_mmu.prev[i]" (or root_mmu's while in L2)."""
+    if o is None:
+        return []
+    named = [("root", o["root"])] + [(f"prev[{i}]", r) for i, r in enumerate(o["prev_roots"])]
+    out = []
+    for label, r in named:
+        if r["state"] == "invalid_page":
+            continue
+        for j, row in enumerate(_nested(root_rows(r, Counter()), o["mmu"])):
+            out.append((f"{o['mmu']}.{label}", *row) if j == 0 else (row[0], "", "", *row[2:]))
+    return out
 
 
 def roots_table(vcpus: list[dict[str, Any]]) -> Grid:
@@ -60,14 +88,16 @@ def roots_table(vcpus: list[dict[str, Any]]) -> Grid:
     for col in ("VCPU", "CR3", "ROOT", "PGD", "HPA", "SP", "GFN/LVL", "FLAGS"):
         t.add_column(col, text=col == "FLAGS", carry=col in ("VCPU", "CR3"))
     for v in vcpus:
-        for j, row in enumerate(root_rows(v["root"], current)):
+        for j, row in enumerate(_nested(root_rows(v["root"], current), v["mmu"])):
             if j == 0:
                 t.add_row(f"vcpu[{v['vcpu_idx']}]", str(v["cr3"]), "root", *row)
             else:
                 t.add_row("", "", row[0], "", "", *row[2:])
         for i, r in enumerate(v["prev_roots"]):
-            for row in root_rows(r, Counter()):
+            for row in _nested(root_rows(r, Counter()), v["mmu"]):
                 t.add_row("", "", f"prev[{i}]", *row)
+        for row in other_rows(v.get("other_mmu")):
+            t.add_row("", "", *row)
     return t
 
 
@@ -88,8 +118,13 @@ def _cmd_roots(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
     struct kvm_mmu_page; GFN/LVL that page's gfn and level (L4: a 4-level table);
     FLAGS shared xN (N vCPUs have it as their current root), direct, tdp, UNSYNC,
     unsync_children=N, invalid, obsolete, root_count=N, ORPHAN, SMM (role.smm: a page
-    of System Management Mode, address space 1), nested (role.guest_mode); empty: an unused
-    prev_roots slot.
+    of System Management Mode, address space 1), nested (role.guest_mode, or a root of
+    guest_mmu); empty: an unused prev_roots slot.
+
+    Nested guests: root and prev[i] are those of vcpu->arch.mmu (guest_mmu while the
+    vCPU runs L2); the roots of its other MMU (guest_mmu, the shadow NPT/EPT MMU of
+    L2, or root_mmu while in L2) follow as guest_mmu.root, guest_mmu.prev[i] (or
+    root_mmu.*), when they are not INVALID_PAGE. --drgn reads vcpu->arch.mmu only.
     """
     if args.drgn:
         s = session_of(kwargs)

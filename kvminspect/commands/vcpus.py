@@ -13,6 +13,19 @@ from kvminspect.render import Grid, console
 from kvminspect.shapes import vcpu_json
 
 
+def mmu_cell(d: dict[str, Any]) -> str:
+    """The MMU column: the current MMU, then the other one with its root hpa when
+    that root is in use, flagged nested when either is guest_mmu's."""
+    o = d["other_mmu"]
+    cell = d["mmu"]
+    in_use = o is not None and o["root_hpa"] != "INVALID_PAGE"
+    if in_use:
+        cell += f" ({o['mmu']} {o['root_hpa']})"
+    if d["mmu"] == "guest_mmu" or (in_use and o["mmu"] == "guest_mmu"):
+        cell += " nested"
+    return cell
+
+
 def vcpu_table(vcpus: list[VCpu]) -> Grid:
     """One row per vCPU (shapes.vcpu_json's fields)."""
     t = Grid()
@@ -22,7 +35,7 @@ def vcpu_table(vcpus: list[VCpu]) -> Grid:
     for v in vcpus:
         d = vcpu_json(v)
         t.add_row(str(d["vcpu_idx"]), str(d["vcpu_id"]), d["vcpu"], str(d["tid"] or "-"),
-                  str(d["cpu"]), str(d["mode"]), str(d["mp_state"]), str(d["cr3"]), d["mmu"],
+                  str(d["cpu"]), str(d["mode"]), str(d["mp_state"]), str(d["cr3"]), mmu_cell(d),
                   d["root_hpa"], ",".join(d["request_names"]) or "-")
     return t
 
@@ -39,7 +52,9 @@ def _cmd_vcpus(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
     APIC ID userspace gave); VCPU the struct kvm_vcpu address; TID the vCPU thread;
     CPU vcpu->cpu, the host CPU it last ran on; MODE vcpu->mode (OUTSIDE_GUEST_MODE,
     IN_GUEST_MODE, ...); MP_STATE vcpu->arch.mp_state (RUNNABLE, HALTED, ...); CR3
-    the guest's CR3; MMU which MMU is current; ROOT HPA that MMU's root (host physical
+    the guest's CR3; MMU which MMU is current (root_mmu, or guest_mmu: the shadow
+    NPT/EPT MMU of a nested guest), then in parentheses the other MMU and its root
+    hpa when it holds one, flagged nested; ROOT HPA that MMU's root (host physical
     address of the top page table, or INVALID_PAGE); REQUESTS the pending
     vcpu->requests bits (KVM_REQ_* without the prefix; the names come from a table
     per kernel release, as the macros are not in the debug info; 'bit N' where
