@@ -59,16 +59,22 @@ class VmState:
     invalidation: Invalidation
     nx: NxHugePages
     hash: HashStats | None  # None: no hash (never allocated: 6.x allocates it lazily)
+    hash_read: bool = True  # False: not asked for (a walk of every chain: 'vm' only)
 
 
 class VmStateReader(KernelBase):
     """Reads VmState for a VM (not cached: 'vm' reads it once per VM)."""
 
-    def vm_state(self, vm: VM) -> VmState:
-        """The invalidation, NX huge page and hash state of *vm*'s struct kvm."""
+    def vm_state(self, vm: VM, hash_chains: bool = True) -> VmState:
+        """The invalidation, NX huge page and hash state of *vm*'s struct kvm.
+
+        *hash_chains*: walk every mmu_page_hash chain (a read per shadow page:
+        'vm' does, 'vms', which must stay as cheap as listing the VMs, does not).
+        """
         kvm = drgn.Object(self.prog, "struct kvm *", vm.addr)
         with self.reading(vm):
-            return VmState(self._invalidation(kvm), self._nx(kvm), self._hash(kvm))
+            return VmState(self._invalidation(kvm), self._nx(kvm),
+                           self._hash(kvm) if hash_chains else None, hash_chains)
 
     def _invalidation(self, kvm: drgn.Object) -> Invalidation:
         """kvm->mmu_invalidate_{seq,in_progress,range_start,range_end}; 6.3 renamed

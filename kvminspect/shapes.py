@@ -67,16 +67,18 @@ def vm_state_json(st: VmState) -> dict[str, Any]:
     notifier's invalidation (names: "mmu_invalidate" from 6.3, "mmu_notifier"
     before), NX huge pages and the shadow-page hash (null: none allocated)."""
     inv, nx, h = st.invalidation, st.nx, st.hash
-    return {
+    out: dict[str, Any] = {
         "invalidate": {"names": inv.prefix, "seq": value(inv.seq),
                        "in_progress": value(inv.in_progress),
                        "range_start": hx(inv.range_start), "range_end": hx(inv.range_end)},
         "nx_huge_pages": {"param": value(nx.param), "possible_nx_huge_pages": value(nx.possible),
                           "by_mmu": nx.by_mmu},
-        "mmu_page_hash": None if h is None else {
-            "buckets": h.buckets, "used": h.used, "pages": h.pages, "longest": h.longest,
-            "histogram": {str(k): v for k, v in h.histogram.items()}},
     }
+    if st.hash_read:  # 'vm' only: 'vms' does not walk the chains
+        out["mmu_page_hash"] = None if h is None else {
+            "buckets": h.buckets, "used": h.used, "pages": h.pages, "longest": h.longest,
+            "histogram": {str(k): v for k, v in h.histogram.items()}}
+    return out
 
 
 def vcpu_ref(v: VCpu) -> dict[str, Any]:

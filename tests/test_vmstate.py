@@ -283,3 +283,16 @@ def test_smm_walk_uses_address_space_1() -> None:
         assert k.shadow_page(w.steps[-1].table).role.get("smm") == 1
         assert w.check.slot.as_id == 1 and w.check.gfn == addr >> 12
         assert w.check.verdict == "match", w.check
+
+
+def test_vms_walks_no_hash_chain_vm_does(capsys) -> None:
+    """vms stays as cheap as listing the VMs: its mmu_state leaves mmu_page_hash out
+    (a read per shadow page); vm has it."""
+    status, out, _ = run_main(["-c", "tests/vmcores/6.1-shadow", "vms", "--json"], capsys)
+    (vm,) = json.loads(out)["vms"]
+    assert status == 0 and "mmu_page_hash" not in vm["mmu_state"]
+    assert "invalidate" in vm["mmu_state"] and "nx_huge_pages" in vm["mmu_state"]
+    status, out, _ = run_main(["-c", "tests/vmcores/6.1-shadow", "vm", "--vm", "0", "--json"],
+                              capsys)
+    (vm,) = json.loads(out)["vms"]
+    assert status == 0 and vm["mmu_state"]["mmu_page_hash"]["pages"] > 0
