@@ -71,21 +71,6 @@ class AuditState:
     unreadable_gfns: int = 0
 
 
-def _spt(k: Kernel, sp: ShadowPage) -> array.array | None:
-    """sp->spt[] without filling the model's cache for level-1 pages (10^5 x 4 KiB);
-    the model's copy where it has one (tests edit it)."""
-    cached = k._spt_cache.get(sp.addr)
-    if cached is not None or sp.level > 1:
-        return cached if cached is not None else k.sptes(sp)
-    try:
-        out = array.array("Q", k.prog.read(sp.spt, 4096))
-    except drgn.FaultError:
-        return k.sptes(sp)  # records the Problem
-    if sys.byteorder != "little":
-        out.byteswap()
-    return out
-
-
 class GfnReader:
     """kvm_mmu_page_get_gfn() for indirect pages: sp->shadowed_translation[]
     (6.1: gfn << PAGE_SHIFT | access) or sp->gfns[] (before), one 4 KiB read a page."""
@@ -128,7 +113,7 @@ def collect(k: Kernel, vg: VMGraph) -> AuditState:
     for sp in vg.pages():
         if not 1 <= sp.level <= 5 or sp.role.is_mirror:
             continue
-        spt = _spt(k, sp)
+        spt = k.sptes(sp, keep=sp.level > 1)  # level-1 tables: 10^5 x 4 KiB, read once
         if spt is None:
             continue
         if frozen is not None and sp.tdp_mmu_page and frozen in spt:

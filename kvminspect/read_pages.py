@@ -106,10 +106,15 @@ class PageReader(KernelBase):
     def page_to_sp(self, pfn: int) -> int | None:
         """The struct kvm_mmu_page of a page table (to_shadow_page), or None.
 
-        None both when the page has no private pointer and when its struct page
-        cannot be read (e.g. an SPTE of a garbage page table): callers say which
-        object pointed there.
+        A page already decoded whose sp->spt is that pfn answers first (the
+        kernel sets page->private to the sp that owns sp->spt: no read), else
+        page_private of the pfn's struct page. None both when the page has no
+        private pointer and when its struct page cannot be read (e.g. an SPTE of
+        a garbage page table): callers say which object pointed there.
         """
+        sp = self._by_spt.get(pfn)
+        if sp is not None:
+            return sp
         try:
             return self.page_private(pfn) or None
         except drgn.FaultError:
@@ -236,21 +241,25 @@ class PageReader(KernelBase):
                             return level_of.get(self.prog.read_u32(child + lay.sp.role)) == level
         return False
 
-    def sptes(self, sp: ShadowPage) -> array.array | None:
-        """sp->spt[0..511] as one 4 KiB read; None if unreadable."""
-        if sp.addr not in self._spt_cache:
-            out: array.array | None = array.array("Q")
-            try:
-                if sp.spt < KERNEL_MIN:
-                    raise drgn.FaultError("not a kernel address", sp.spt)
-                out.frombytes(self.prog.read(sp.spt, 4096))
-                if sys.byteorder != "little":
-                    out.byteswap()
-            except drgn.FaultError as e:
-                self.problem("struct kvm_mmu_page", sp.addr, f"spt {sp.spt:#x} unreadable ({e})")
-                out = None
+    def sptes(self, sp: ShadowPage, keep: bool = True) -> array.array | None:
+        """sp->spt[0..511] as one 4 KiB read; None if unreadable (recorded, and
+        remembered). *keep*: False reads a table without keeping it (an audit
+        reads 10^5 level-1 tables once); a copy already kept is still used."""
+        if sp.addr in self._spt_cache:
+            return self._spt_cache[sp.addr]
+        out: array.array | None = array.array("Q")
+        try:
+            if sp.spt < KERNEL_MIN:
+                raise drgn.FaultError("not a kernel address", sp.spt)
+            out.frombytes(self.prog.read(sp.spt, 4096))
+            if sys.byteorder != "little":
+                out.byteswap()
+        except drgn.FaultError as e:
+            self.problem("struct kvm_mmu_page", sp.addr, f"spt {sp.spt:#x} unreadable ({e})")
+            out = None
+        if keep or out is None:
             self._spt_cache[sp.addr] = out
-        return self._spt_cache[sp.addr]
+        return out
 
     @property
     def spte_format(self) -> spte.SpteFormat:
@@ -347,10 +356,7 @@ class PageReader(KernelBase):
         non-leaf SPTE of *sp* (a page above level 1): the graph's edges.
 
         is_shadow_present_pte() and !is_large_pte() as masks over the whole
-        table (the same rules as kvminspect.spte), and to_shadow_page(): the
-        page already decoded whose sp->spt is that pfn (the kernel sets
-        page->private to the sp that owns sp->spt), else page_private of the
-        pfn's struct page.
+        table (the same rules as kvminspect.spte), and page_to_sp() for the child.
         """
         if sp.level <= 1:
             return []
@@ -365,12 +371,8 @@ class PageReader(KernelBase):
             special, mmio = spte.SPTE_SPECIAL_MASK, spte.SPTE_MMIO_MASK
             found = [(i, v) for i, v in enumerate(spt)
                      if v and v & special != mmio and not v & large]
-        mask, to_sp, by_spt = self.layout.addr_mask, self.page_to_sp, self._by_spt
-        out = []
-        for i, v in found:
-            pfn = (v & mask) >> PAGE_SHIFT
-            out.append((i, v, by_spt.get(pfn) or to_sp(pfn)))
-        return out
+        mask, to_sp = self.layout.addr_mask, self.page_to_sp
+        return [(i, v, to_sp((v & mask) >> PAGE_SHIFT)) for i, v in found]
 
     def active_pages(self, vm: VM) -> list[int]:
         """Shadow pages on kvm->arch.active_mmu_pages (and 6.1's tdp_mmu_pages)."""
