@@ -98,7 +98,7 @@ SP_VALUES = ("unsync", "unsync_children", "unsync_child_bitmap", "root_count",
              "mmu_valid_gen")
 
 
-def _bare(t: drgn.Type) -> drgn.Type:
+def bare_type(t: drgn.Type) -> drgn.Type:
     """*t* without typedefs and qualifiers."""
     return t.unaliased().unqualified()
 
@@ -106,9 +106,9 @@ def _bare(t: drgn.Type) -> drgn.Type:
 def has_member(type_: drgn.Type, name: str) -> bool:
     """Whether a struct/union type (or a pointer to one) has member *name*
     (anonymous members too)."""
-    type_ = _bare(type_)
+    type_ = bare_type(type_)
     if type_.kind == drgn.TypeKind.POINTER:
-        type_ = _bare(type_.type)
+        type_ = bare_type(type_.type)
     try:
         type_.member(name)
     except LookupError:
@@ -147,9 +147,9 @@ def role_bitfields(role_type: drgn.Type) -> list[Bitfield]:
     out: list[Bitfield] = []
 
     def walk(t: drgn.Type, base: int) -> None:
-        t = _bare(t)
+        t = bare_type(t)
         for m in t.members or ():
-            mt = _bare(m.type)
+            mt = bare_type(m.type)
             if m.name is None and mt.kind in (drgn.TypeKind.STRUCT, drgn.TypeKind.UNION):
                 walk(mt, base + m.bit_offset)
             elif m.name and m.name != "word" and mt.kind == drgn.TypeKind.INT:
@@ -326,7 +326,7 @@ def probe(prog: drgn.Program, release: str | None = None) -> Layout:
         prog.type("struct kvm_mmu_page")
     except LookupError as e:
         raise KvmNotFound(f"kvm is not loaded or its debug info is missing ({e})") from None
-    prev = _bare(mmu.member("prev_roots").type).type
+    prev = bare_type(mmu.member("prev_roots").type).type
     try:
         page = prog.type("struct page")
         page_size, page_private = drgn.sizeof(page), drgn.offsetof(page, "private")
@@ -338,7 +338,7 @@ def probe(prog: drgn.Program, release: str | None = None) -> Layout:
     mmu_member = vcpu_arch.member("mmu")
     if has_member(kvm_arch, "n_used_mmu_pages"):
         used_pages_path: str | None = "arch.n_used_mmu_pages"
-    elif has_member(_bare(kvm.member("stat").type), "mmu_shadow_pages"):
+    elif has_member(bare_type(kvm.member("stat").type), "mmu_shadow_pages"):
         # 7.3 (kvm_account_mmu_page): the count moved to kvm->stat.mmu_shadow_pages
         used_pages_path = "stat.mmu_shadow_pages"
     else:
@@ -351,7 +351,7 @@ def probe(prog: drgn.Program, release: str | None = None) -> Layout:
         # 5.16: kvm->vcpus[KVM_MAX_VCPUS] became the vcpu_array xarray
         vcpu_array=has_member(kvm, "vcpu_array"),
         # 4.20: vcpu->arch.mmu became a pointer to root_mmu or guest_mmu
-        mmu_is_pointer=_bare(mmu_member.type).kind == drgn.TypeKind.POINTER,
+        mmu_is_pointer=bare_type(mmu_member.type).kind == drgn.TypeKind.POINTER,
         # 5.18: root_hpa/root_pgd folded into struct kvm_mmu_root_info root
         root_info=has_member(mmu, "root"),
         root_pgd_name=next((n for n in ("root_pgd", "root_cr3") if has_member(mmu, n)), None),
@@ -367,7 +367,7 @@ def probe(prog: drgn.Program, release: str | None = None) -> Layout:
         tdp_mmu_roots=has_member(kvm_arch, "tdp_mmu_roots"),
         # 6.2 replaced the tdp_mmu_pages list by a counter
         tdp_mmu_pages_list=has_member(kvm_arch, "tdp_mmu_pages")
-        and _bare(kvm_arch.member("tdp_mmu_pages").type).tag == "list_head",
+        and bare_type(kvm_arch.member("tdp_mmu_pages").type).tag == "list_head",
         # 5.13 introduced SPTE_MMU_PRESENT_MASK (bit 11) together with the
         # TDP MMU root refcount union; before it presence was "!= 0 && !mmio"
         present_bit=has_member(sp_type, "tdp_mmu_root_count"),
@@ -383,7 +383,7 @@ def probe(prog: drgn.Program, release: str | None = None) -> Layout:
         mirror_root=has_member(mmu, "mirror_root_hpa"),
         tdp_root_refcount=has_member(sp_type, "tdp_mmu_root_count"),
         root_mmus=tuple(n for n in ("root_mmu", "guest_mmu") if has_member(vcpu_arch, n)
-                        and _bare(vcpu_arch.member(n).type).tag == "kvm_mmu"),
+                        and bare_type(vcpu_arch.member(n).type).tag == "kvm_mmu"),
         missing=tuple(missing),
         absent=frozenset((m.struct, m.member) for m in missing),
     )

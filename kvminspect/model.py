@@ -27,9 +27,9 @@ from kvminspect.objects import (  # noqa: F401 (the model's data, re-exported)
     ShadowPage,
     Spte,
     VCpu,
-    _counters,
-    _struct_int,
     is_obsolete_sp,
+    stat_counters,
+    struct_int,
 )
 from kvminspect.read_pages import PageReader
 from kvminspect.read_vcpus import VcpuReader

@@ -13,7 +13,7 @@ import drgn
 
 from kvminspect.layout import (
     NoValue,
-    _bare,
+    bare_type,
     known,
 )
 from kvminspect.spte import SpteBits
@@ -219,26 +219,26 @@ def is_obsolete_sp(sp: ShadowPage, vm: VM) -> bool:
         and sp.mmu_valid_gen != vm.mmu_valid_gen)
 
 
-def _struct_int(data: bytes, off: int, size: int, signed: bool = False) -> int:
+def struct_int(data: bytes, off: int, size: int, signed: bool = False) -> int:
     return int.from_bytes(data[off:off + size], "little", signed=signed)
 
 
-def _counters(obj: drgn.Object, type_: drgn.Type | None = None) -> dict[str, int]:
+def stat_counters(obj: drgn.Object, type_: drgn.Type | None = None) -> dict[str, int]:
     """Integer members of a stats struct (kvm->stat / vcpu->stat), flattened.
 
     Unnamed structs/unions are looked through (5.15 put pages_4k/2m/1g in
     one), and a one-member wrapper such as atomic64_t takes the member's name.
     """
     out: dict[str, int] = {}
-    for m in _bare(type_ if type_ is not None else obj.type_).members or ():
-        mt = _bare(m.type)
+    for m in bare_type(type_ if type_ is not None else obj.type_).members or ():
+        mt = bare_type(m.type)
         if m.name is None:
             if mt.kind in (drgn.TypeKind.STRUCT, drgn.TypeKind.UNION):
-                out.update(_counters(obj, mt))  # members reachable by name from obj
+                out.update(stat_counters(obj, mt))  # members reachable by name from obj
         elif mt.kind in (drgn.TypeKind.INT, drgn.TypeKind.BOOL):
             out[m.name] = getattr(obj, m.name).value_()
         elif mt.kind == drgn.TypeKind.STRUCT:
-            inner = _counters(getattr(obj, m.name))
+            inner = stat_counters(getattr(obj, m.name))
             if len(mt.members) == 1 and len(inner) == 1:
                 out[m.name] = next(iter(inner.values()))
             else:

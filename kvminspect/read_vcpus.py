@@ -22,7 +22,7 @@ from kvminspect.objects import (
     MmuRoots,
     RootRef,
     VCpu,
-    _struct_int,
+    struct_int,
 )
 from kvminspect.read_base import KernelBase
 from kvminspect.requests import RequestTable, bit_names, table_for
@@ -236,8 +236,8 @@ class VcpuReader(KernelBase):
             return None
 
         def info(off: int) -> tuple[int | None, int]:
-            h = _struct_int(d, off - start + hpa, 8)
-            return (None if h == INVALID_PAGE else h, _struct_int(d, off - start + pgd, 8))
+            h = struct_int(d, off - start + hpa, 8)
+            return (None if h == INVALID_PAGE else h, struct_int(d, off - start + pgd, 8))
 
         return info(root_off), tuple(info(prev_off + i * size) for i in range(n))
 

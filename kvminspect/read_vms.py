@@ -10,7 +10,7 @@ from drgn.helpers.linux.pid import find_task
 from kvminspect.errors import LookupFailed
 from kvminspect.layout import (
     UNKNOWN,
-    _bare,
+    bare_type,
     has_member,
     known,
 )
@@ -20,7 +20,7 @@ from kvminspect.objects import (
     VM_TYPES,
     Int,
     Memslot,
-    _counters,
+    stat_counters,
 )
 from kvminspect.read_base import KernelBase
 
@@ -157,7 +157,7 @@ class VmReader(KernelBase):
 
     def _stat(self, obj: drgn.Object, kind: str, addr: int) -> dict[str, int]:
         try:
-            return _counters(obj)
+            return stat_counters(obj)
         except drgn.FaultError as e:
             self.problem(kind, addr, f"unreadable ({e})")
             return {}
@@ -165,7 +165,7 @@ class VmReader(KernelBase):
     def _memslots(self, kvm: drgn.Object) -> list[Memslot]:
         """The memslots of every address space of one VM."""
         out: list[Memslot] = []
-        t = _bare(kvm.type_.type)
+        t = bare_type(kvm.type_.type)
         name = "memslots" if t.member("memslots").type.kind == drgn.TypeKind.ARRAY else None
         if name is None:
             return out
@@ -183,7 +183,7 @@ class VmReader(KernelBase):
 
     def _slots_of(self, slots: drgn.Object) -> Iterator[drgn.Object]:
         """struct kvm_memory_slot of one struct kvm_memslots."""
-        st = _bare(slots.type_.type)
+        st = bare_type(slots.type_.type)
         names = {m.name for m in st.members}
         if "gfn_tree" in names:  # 5.17: memslots in an rbtree per node_idx
             from drgn.helpers.linux.rbtree import rbtree_inorder_for_each

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import drgn
 
-from kvminspect.layout import UNKNOWN, _bare, has_member
+from kvminspect.layout import UNKNOWN, bare_type, has_member
 from kvminspect.objects import VM, Int
 from kvminspect.read_base import KernelBase
 
@@ -110,7 +110,7 @@ class VmStateReader(KernelBase):
                 if not has_member(arch.type_, name):
                     continue
                 m = arch.member_(name)
-                if _bare(m.type_).kind == drgn.TypeKind.ARRAY:
+                if bare_type(m.type_).kind == drgn.TypeKind.ARRAY:
                     kinds = _mmu_types(self.prog, len(m))
                     for i, e in enumerate(m):
                         by_mmu[kinds[i]] = (e.nr_pages.value_() if has_member(e.type_, "nr_pages")
@@ -136,7 +136,7 @@ class VmStateReader(KernelBase):
             return None
         h = arch.mmu_page_hash
         try:
-            if _bare(h.type_).kind == drgn.TypeKind.ARRAY:
+            if bare_type(h.type_).kind == drgn.TypeKind.ARRAY:
                 n, base = len(h), h.address_of_().value_()
             else:
                 base = h.value_()

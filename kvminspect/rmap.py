@@ -85,7 +85,7 @@ class RmapScan:
                        for a, base, n, lv in self.unreadable)
 
 
-def _bare(t: drgn.Type) -> drgn.Type:
+def bare_type(t: drgn.Type) -> drgn.Type:
     while t.kind == drgn.TypeKind.TYPEDEF:
         t = t.type
     return t
@@ -109,10 +109,10 @@ class DescLayout:
         self.size = t.size
         self.more = drgn.offsetof(t, "more")
         self.sptes = drgn.offsetof(t, "sptes")
-        self.ext = _bare(names["sptes"].type).length or 0
+        self.ext = bare_type(names["sptes"].type).length or 0
         self.count: tuple[int, int] | None = None  # (offset, size) of spte_count
         if "spte_count" in names:
-            self.count = (drgn.offsetof(t, "spte_count"), _bare(names["spte_count"].type).size)
+            self.count = (drgn.offsetof(t, "spte_count"), bare_type(names["spte_count"].type).size)
 
 
 class RmapReader:
