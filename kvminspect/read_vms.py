@@ -111,6 +111,10 @@ class VmReader(KernelBase):
             self._vms = vms
         return self._vms
 
+    def vms_if_read(self) -> list[VM] | None:
+        """The VMs vms() read, or None when it has not read them (or was interrupted)."""
+        return self._vms
+
     def kvm_object(self, vm: VM) -> drgn.Object:
         return drgn.Object(self.prog, "struct kvm *", vm.addr)
 
