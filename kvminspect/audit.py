@@ -1,13 +1,15 @@
 """The MMU audit the kernel removed (CONFIG_KVM_MMU_AUDIT), offline: ``check --audit``.
 
-arch/x86/kvm/mmu/mmu_audit.c (removed in 5.18) checked at page faults and
+arch/x86/kvm/mmu/mmu_audit.c (removed in 5.18 by "KVM: x86/mmu: Remove MMU
+auditing", 1bbc60d0c7e5) checked at page faults and
 syncs what this module checks on the model of a dump or a live host:
 
 * unsync only at level 1: kvminspect.check.check_unsync_pages (in every check);
 * every present leaf SPTE maps the host pfn the memslot translation of its
   gfn gives (audit_mappings): the leaf's gfn is kvm_mmu_page_get_gfn(sp, i)
   (sp->gfn-based for direct pages; sp->shadowed_translation[i] >> PAGE_SHIFT
-  from 6.1, sp->gfns[i] before), then kvminspect.walk.memslot_check; a large
+  from 6.0, "KVM: x86/mmu: Cache the access bits of shadowed translations"
+  (6a97575d5cff), sp->gfns[i] before), then kvminspect.walk.memslot_check; a large
   SPTE is checked on its first 4K;
 * rmap <-> SPTE for shadow-MMU pages (inspect_spte_has_rmap, check_mappings_rmap):
   every present leaf SPTE has an entry in its gfn's rmap at its level, and
@@ -17,34 +19,34 @@ syncs what this module checks on the model of a dump or a live host:
   kvm_mmu_slot_gfn_write_protect);
 * TDP MMU: a REMOVED_SPTE / FROZEN_SPTE (a dump taken mid-update) with what
   can be known of who holds mmu_lock, and kvm->arch.tdp_mmu_pages (the count,
-  6.3-7.x) against the pages found.
+  6.2-7.x) against the pages found.
 
-Findings are kvminspect.check.Finding; nothing here renders.
+The leaves are LeafSpte (one present leaf SPTE of a shadow page, with its
+gfn); findings are kvminspect.check.Finding; a leaf the dump cannot confirm
+is counted by its kvminspect.walk.MemslotOutcome. Nothing here renders.
 """
 
 from __future__ import annotations
 
-import array
 import bisect
-import sys
+from collections import Counter
 from dataclasses import dataclass, field
 
-import drgn
-
-from kvminspect.check import Finding, _page
+from kvminspect.check import Finding, FindingKind, Severity, sp_id
 from kvminspect.graph import VMGraph
 from kvminspect.layout import PAGE_SHIFT, known
-from kvminspect.model import VM, Kernel, ShadowPage
+from kvminspect.model import Kernel
+from kvminspect.objects import VM, ShadowPage
 from kvminspect.render import plural
-from kvminspect.rmap import LEVEL_NAMES, RmapReader, leaf_sptes
-from kvminspect.walk import memslot_check
+from kvminspect.rmap import LEVEL_NAMES, RmapHead, RmapReader, leaf_sptes
+from kvminspect.walk import MemslotCheck, MemslotOutcome, Verdict, memslot_check
 
 MAX_REPORTED = 64  # findings of one check per VM spelled out; the rest counted
 PT_WRITABLE_MASK = 1 << 1
 
 
 @dataclass(frozen=True)
-class Leaf:
+class LeafSpte:
     """One present leaf SPTE of a shadow page."""
 
     sp: ShadowPage
@@ -59,56 +61,21 @@ class Leaf:
 
     def where(self) -> str:
         gfn = "gfn ?" if self.gfn is None else f"gfn {self.gfn:#x}"
-        return f"{_page(self.sp)} spt[{self.index}] ({gfn}, {LEVEL_NAMES.get(self.sp.level, '?')})"
+        return f"{sp_id(self.sp)} spt[{self.index}] ({gfn}, {LEVEL_NAMES.get(self.sp.level, '?')})"
 
 
 @dataclass
 class AuditState:
     """What one VM's audit read: every present leaf SPTE and the frozen ones."""
 
-    leaves: list[Leaf] = field(default_factory=list)
+    leaves: list[LeafSpte] = field(default_factory=list)
     frozen: list[tuple[ShadowPage, int]] = field(default_factory=list)
     unreadable_gfns: int = 0
-
-
-class GfnReader:
-    """kvm_mmu_page_get_gfn() for indirect pages: sp->shadowed_translation[]
-    (6.1: gfn << PAGE_SHIFT | access) or sp->gfns[] (before), one 4 KiB read a page."""
-
-    def __init__(self, k: Kernel) -> None:
-        self.k = k
-        t = k.prog.type("struct kvm_mmu_page")
-        self.off, self.shift = None, 0
-        for name, shift in (("shadowed_translation", PAGE_SHIFT), ("gfns", 0)):
-            try:
-                self.off, self.shift = drgn.offsetof(t, name), shift
-                break
-            except LookupError:
-                continue
-
-    def gfns(self, sp: ShadowPage, indexes: list[int]) -> list[int] | None:
-        """The gfn of each spt index of *sp* in *indexes*; None if unreadable."""
-        if self.off is None:
-            return None
-        prog = self.k.prog
-        try:
-            ptr = self.k.read_word(sp.addr + self.off)
-            if not ptr:
-                return None
-            if len(indexes) <= 8:  # most leaf tables map a few pages: one word each
-                return [prog.read_u64(ptr + 8 * i) >> self.shift for i in indexes]
-            arr = array.array("Q", prog.read(ptr, 4096))
-        except drgn.FaultError:
-            return None
-        if sys.byteorder != "little":
-            arr.byteswap()
-        return [arr[i] >> self.shift for i in indexes]
 
 
 def collect(k: Kernel, vg: VMGraph) -> AuditState:
     """Every present leaf SPTE of every page (and each frozen SPTE of TDP MMU pages)."""
     st = AuditState()
-    gr = GfnReader(k)
     frozen = k.spte_masks(vg.vm).layout.frozen
     for sp in vg.pages():
         if not 1 <= sp.level <= 5 or sp.role.is_mirror:
@@ -124,69 +91,75 @@ def collect(k: Kernel, vg: VMGraph) -> AuditState:
         as_id = 1 if sp.role.get("smm") else 0
         if sp.role.direct:
             step = 9 * (sp.level - 1)
-            st.leaves.extend(Leaf(sp, i, v, sp.gfn + (i << step), as_id) for i, v in found)
+            st.leaves.extend(LeafSpte(sp, i, v, sp.gfn + (i << step), as_id) for i, v in found)
             continue
-        gfns = gr.gfns(sp, [i for i, _ in found])
+        gfns = k.leaf_gfns(sp, [i for i, _ in found])
         if gfns is None:
             st.unreadable_gfns += len(found)
-            st.leaves.extend(Leaf(sp, i, v, None, as_id) for i, v in found)
+            st.leaves.extend(LeafSpte(sp, i, v, None, as_id) for i, v in found)
         else:
-            st.leaves.extend(Leaf(sp, i, v, g, as_id)
+            st.leaves.extend(LeafSpte(sp, i, v, g, as_id)
                              for (i, v), g in zip(found, gfns, strict=True))
     return st
 
 
-def _capped(out: list[Finding], extra: int, check: str, what: str) -> list[Finding]:
+def _capped(out: list[Finding], extra: int, check: FindingKind, what: str) -> list[Finding]:
     if extra > 0:
-        out.append(Finding(check, "error", [], f"and {extra} more {what} (not listed)"))
+        out.append(Finding(check, Severity.ERROR, [], f"and {extra} more {what} (not listed)"))
     return out
+
+
+# Why present leaf SPTEs could not be checked against the memslot, in the
+# leaf-pfn-unchecked finding: one phrase per not-checkable MemslotOutcome, in
+# the order the finding lists them
+UNCHECKED = {
+    MemslotOutcome.CANNOT_TRANSLATE: "cannot translate the userspace address",
+    MemslotOutcome.NO_MEMSLOT: "no memslot holds the gfn",
+    MemslotOutcome.NO_MM: "the VM has no mm",
+    MemslotOutcome.NOT_IN_DUMP: "the VMM's page tables are not in the dump",
+    MemslotOutcome.NOT_MAPPED: "the VMM's page tables map nothing there",
+    MemslotOutcome.NO_GFN: "the leaf's gfn could not be read",
+}
 
 
 def check_leaf_pfns(k: Kernel, vm: VM, st: AuditState) -> list[Finding]:
     """audit_mappings(): each present leaf's pfn against gfn -> memslot -> hva -> host
     pfn (large SPTEs on their first 4K); the ones the dump cannot confirm counted."""
     out: list[Finding] = []
-    host: dict[tuple[int, int], object] = {}
-    unchecked: dict[str, int] = {}
+    host: dict[tuple[int, int], MemslotCheck] = {}  # (as_id, gfn): the first leaf's check
+    unchecked: Counter[MemslotOutcome] = Counter()
     bad = 0
     mask = k.layout.addr_mask
-    try:
-        mm: drgn.Object | None = k.kvm_object(vm).mm.read_()
-    except (drgn.FaultError, LookupError, AttributeError):
-        mm = None  # memslot_check says why, leaf by leaf
+    mm = k.vm_reader.vmm_mm(vm)  # None: memslot_check says why, leaf by leaf
     for leaf in st.leaves:
         if leaf.gfn is None:
-            unchecked["the leaf's gfn could not be read"] = unchecked.get(
-                "the leaf's gfn could not be read", 0) + 1
+            unchecked[MemslotOutcome.NO_GFN] += 1
             continue
         pfn = (leaf.value & mask) >> PAGE_SHIFT
         key = (leaf.as_id, leaf.gfn)
         c = host.get(key)
         if c is None:
             c = host[key] = memslot_check(k, vm, leaf.gfn, pfn, leaf.as_id, mm)
-        if c.host_pfn is None:  # type: ignore[attr-defined]
-            why = c.why.split(" (")[0]  # type: ignore[attr-defined]
-            why = "the VMM's page tables are not in the dump" if "not in the dump" in why \
-                else "the VMM's page tables map nothing there" if "do not map" in why \
-                else "no memslot holds the gfn" if "no memslot" in why else why
-            unchecked[why] = unchecked.get(why, 0) + 1
+        if c.verdict is Verdict.NOT_CHECKABLE:
+            unchecked[c.outcome] += 1
             continue
-        if c.host_pfn == pfn:  # type: ignore[attr-defined]
+        if c.host_pfn == pfn:  # (c may be another leaf's of this gfn: its verdict is not ours)
             continue
         bad += 1
         if bad > MAX_REPORTED:
             continue
         out.append(Finding(
-            "leaf-pfn", "error", [leaf.sp.addr],
+            FindingKind.LEAF_PFN, Severity.ERROR, [leaf.sp.addr],
             f"{leaf.where()} maps pfn {pfn:#x} but the memslot translation of gfn "
-            f"{leaf.gfn:#x} (hva {c.hva:#x}) is pfn {c.host_pfn:#x}"))  # type: ignore[attr-defined]
+            f"{leaf.gfn:#x} (hva {c.hva or 0:#x}) is pfn {c.host_pfn or 0:#x}"))
     if unchecked:
         n = sum(unchecked.values())
         out.append(Finding(
-            "leaf-pfn-unchecked", "info", [],
+            FindingKind.LEAF_PFN_UNCHECKED, Severity.INFO, [],
             f"{plural(n, 'present leaf SPTE', 'present leaf SPTEs')} not checkable against "
-            "the memslot: " + "; ".join(f"{v}: {w}" for w, v in sorted(unchecked.items()))))
-    return _capped(out, bad - MAX_REPORTED, "leaf-pfn", "leaf SPTEs with the wrong pfn")
+            "the memslot: " + "; ".join(f"{unchecked[o]}: {why}" for o, why in UNCHECKED.items()
+                                        if unchecked[o])))
+    return _capped(out, bad - MAX_REPORTED, FindingKind.LEAF_PFN, "leaf SPTEs with the wrong pfn")
 
 
 def check_rmaps(k: Kernel, vg: VMGraph, st: AuditState, reader: RmapReader) -> list[Finding]:
@@ -196,8 +169,8 @@ def check_rmaps(k: Kernel, vg: VMGraph, st: AuditState, reader: RmapReader) -> l
     if not reader.has_rmaps(vm):
         return []
     scan = reader.scan(vm)
-    out = [Finding("rmap-unreadable", "error", [where], f"rmap at {where:#x}: {why}")
-           for where, why in scan.problems[:MAX_REPORTED]]
+    out = [Finding(FindingKind.RMAP_UNREADABLE, Severity.ERROR, [where],
+                   f"rmap at {where:#x}: {why}") for where, why in scan.problems[:MAX_REPORTED]]
     leaves = {}
     missing = wrong = 0
     for leaf in st.leaves:
@@ -208,25 +181,26 @@ def check_rmaps(k: Kernel, vg: VMGraph, st: AuditState, reader: RmapReader) -> l
         if leaf.gfn is None:
             continue
         shift = 9 * (leaf.sp.level - 1)
-        want = (leaf.as_id, leaf.gfn, leaf.sp.level)
+        want = RmapHead(leaf.as_id, leaf.gfn, leaf.sp.level)
         if got is None and not scan.readable(*want):
             continue
         if got is None:
             missing += 1
             if missing <= MAX_REPORTED:
                 out.append(Finding(
-                    "rmap-missing", "error", [leaf.sp.addr],
+                    FindingKind.RMAP_MISSING, Severity.ERROR, [leaf.sp.addr],
                     f"{leaf.where()}: present leaf SPTE {leaf.value:#x} has no entry in the "
                     f"{LEVEL_NAMES[leaf.sp.level]} rmap of gfn {leaf.gfn:#x}"
                     + (f" (address space {leaf.as_id})" if leaf.as_id else "")))
-        elif (got[0], got[1] >> shift, got[2]) != (want[0], want[1] >> shift, want[2]):
+        elif (got.as_id, got.gfn >> shift, got.level) != (want.as_id, want.gfn >> shift,
+                                                           want.level):
             wrong += 1
             if wrong <= MAX_REPORTED:
                 out.append(Finding(
-                    "rmap-wrong-gfn", "error", [leaf.sp.addr],
+                    FindingKind.RMAP_WRONG_GFN, Severity.ERROR, [leaf.sp.addr],
                     f"{leaf.where()}: expected in the {LEVEL_NAMES[leaf.sp.level]} rmap of gfn "
-                    f"{leaf.gfn:#x}, found in the {LEVEL_NAMES.get(got[2], '?')} rmap of gfn "
-                    f"{got[1]:#x} (address space {got[0]})"))
+                    f"{leaf.gfn:#x}, found in the {LEVEL_NAMES.get(got.level, '?')} rmap of "
+                    f"gfn {got.gfn:#x} (address space {got.as_id})"))
     stale = 0
     for sptep, (as_id, gfn, level) in scan.entries.items():
         if sptep in leaves:
@@ -244,29 +218,33 @@ def check_rmaps(k: Kernel, vg: VMGraph, st: AuditState, reader: RmapReader) -> l
             if e.value is None:
                 what = f"points at spt[{e.index}] of sp {e.sp:#x}, which is unreadable"
             elif e.bits is not None and e.bits.present and e.bits.leaf:
-                what = (f"points at spt[{e.index}] of {_page(sp) if sp else hex(e.sp)}, a "
+                what = (f"points at spt[{e.index}] of {sp_id(sp) if sp else hex(e.sp)}, a "
                         "present leaf of a page no root or page list of this VM has")
             else:
                 what = (f"points at spt[{e.index}] = {e.value:#x} of "
-                        f"{_page(sp) if sp else hex(e.sp)}, which is not a present leaf")
+                        f"{sp_id(sp) if sp else hex(e.sp)}, which is not a present leaf")
         out.append(Finding(
-            "rmap-stale", "error", objs,
+            FindingKind.RMAP_STALE, Severity.ERROR, objs,
             f"the {LEVEL_NAMES.get(level, '?')} rmap of gfn {gfn:#x} holds sptep {sptep:#x} "
             f"that {what}"))
     if scan.unreadable:
         out.append(Finding(
-            "rmap-unchecked", "info", [],
+            FindingKind.RMAP_UNCHECKED, Severity.INFO, [],
             f"{plural(len(scan.unreadable), 'memslot rmap array', 'memslot rmap arrays')} "
             "not in the dump: the leaf SPTEs of those gfns are not checked against rmaps"))
-    _capped(out, missing - MAX_REPORTED, "rmap-missing", "leaf SPTEs without rmap entries")
-    _capped(out, wrong - MAX_REPORTED, "rmap-wrong-gfn", "leaf SPTEs in another gfn's rmap")
-    return _capped(out, stale - MAX_REPORTED, "rmap-stale", "stale rmap entries")
+    _capped(out, missing - MAX_REPORTED, FindingKind.RMAP_MISSING,
+            "leaf SPTEs without rmap entries")
+    _capped(out, wrong - MAX_REPORTED, FindingKind.RMAP_WRONG_GFN,
+            "leaf SPTEs in another gfn's rmap")
+    return _capped(out, stale - MAX_REPORTED, FindingKind.RMAP_STALE, "stale rmap entries")
 
 
 def shadowed_gfns(vg: VMGraph) -> dict[tuple[int, int], ShadowPage]:
     """(address space, gfn) -> a valid, synced, indirect shadow page of that gfn:
     the guest page tables account_shadowed() write-protected (passthrough
-    pages, 6.0+, shadow no guest table and are skipped)."""
+    pages, 5.19+, shadow no guest table and are skipped: role.passthrough came
+    with "KVM: X86/MMU: Fix shadowing 5-level NPT for 4-level NPT L1 guest",
+    84e5ffd045f3)."""
     out: dict[tuple[int, int], ShadowPage] = {}
     for sp in vg.pages():
         if (sp.role.direct or sp.tdp_mmu_page or sp.role.get("passthrough")
@@ -305,30 +283,26 @@ def check_write_protection(vg: VMGraph, st: AuditState) -> list[Finding]:
         if n > MAX_REPORTED:
             continue
         out.append(Finding(
-            "writable-shadowed", "error", [leaf.sp.addr, guest.addr],
+            FindingKind.WRITABLE_SHADOWED, Severity.ERROR, [leaf.sp.addr, guest.addr],
             f"{leaf.where()} is writable ({leaf.value:#x}) but gfn {gfn:#x} is a guest page "
-            f"table that {_page(guest)} shadows (synced: it must be write-protected)"))
-    return _capped(out, n - MAX_REPORTED, "writable-shadowed", "writable SPTEs to shadowed gfns")
+            f"table that {sp_id(guest)} shadows (synced: it must be write-protected)"))
+    return _capped(out, n - MAX_REPORTED, FindingKind.WRITABLE_SHADOWED,
+                   "writable SPTEs to shadowed gfns")
 
 
 def mmu_lock_state(k: Kernel, vm: VM) -> str:
-    """What kvm->mmu_lock says about its holder: a qrwlock (5.12+) counts readers
-    and a writer but names neither; a spinlock (before) is only locked or not."""
-    try:
-        lock = k.kvm_object(vm).mmu_lock
-        try:
-            cnts = lock.raw_lock.cnts.counter.value_() & 0xFFFFFFFF
-        except AttributeError:
-            val = lock.rlock.raw_lock.val.counter.value_()
-            return f"mmu_lock (a spinlock, no owner recorded) is {'held' if val & 0xFF else 'free'}"
-    except (drgn.FaultError, LookupError, AttributeError) as e:
-        return f"mmu_lock unreadable ({e})"
-    writer = cnts & 0xFF  # _QW_LOCKED
-    readers = cnts >> 9  # _QR_SHIFT
-    if writer:
+    """What kvm->mmu_lock says about its holder: a qrwlock (5.12+, "KVM: x86/mmu:
+    Use an rwlock for the x86 MMU", 531810caa9f4) counts readers and a writer but
+    names neither; a spinlock (before) is only locked or not."""
+    lock = k.vm_states.mmu_lock(vm)
+    if lock.error is not None:
+        return f"mmu_lock unreadable ({lock.error})"
+    if not lock.rwlock:
+        return f"mmu_lock (a spinlock, no owner recorded) is {'held' if lock.writer else 'free'}"
+    if lock.writer:
         state = "held for write"
-    elif readers:
-        state = f"held for read by {plural(readers, 'thread', 'threads')}"
+    elif lock.readers:
+        state = f"held for read by {plural(lock.readers, 'thread', 'threads')}"
     else:
         state = "free"
     return f"mmu_lock (a rwlock: no owner recorded) is {state}"
@@ -349,20 +323,17 @@ def check_frozen(k: Kernel, vg: VMGraph, st: AuditState) -> list[Finding]:
         "no runnable vCPU is outside guest mode: a VM-wide thread (memslot update, MMU "
         "notifier, NX huge page recovery) may hold it")
     return [Finding(
-        "frozen-spte", "info", sorted({sp.addr for sp, _ in st.frozen}),
+        FindingKind.FROZEN_SPTE, Severity.INFO, sorted({sp.addr for sp, _ in st.frozen}),
         f"{plural(len(st.frozen), 'frozen SPTE', 'frozen SPTEs')} ({where}): transient, "
         f"the dump was taken during a TDP MMU update under mmu_lock; "
         f"{mmu_lock_state(k, vg.vm)}; {who}")]
 
 
 def tdp_mmu_pages_count(k: Kernel, vm: VM) -> int | None:
-    """kvm->arch.tdp_mmu_pages as a count (atomic64_t, 6.3-7.x), None where it is
-    a list (5.10-6.2) or absent."""
-    try:
-        obj = k.kvm_object(vm).arch.tdp_mmu_pages
-        return obj.counter.value_()
-    except (LookupError, AttributeError, drgn.FaultError):
-        return None
+    """kvm->arch.tdp_mmu_pages as a count (atomic64_t, 6.2-7.x), None where it is
+    a list (5.10-6.1) or absent. 6.2: "KVM: x86/mmu: Track the number of TDP MMU
+    pages, but not the actual pages" (d25ceb926436)."""
+    return k.vm_reader.tdp_mmu_pages_count(vm)
 
 
 def check_tdp_mmu_pages(k: Kernel, vg: VMGraph) -> list[Finding]:
@@ -375,7 +346,7 @@ def check_tdp_mmu_pages(k: Kernel, vg: VMGraph) -> list[Finding]:
     if n == found:
         return []
     return [Finding(
-        "tdp-mmu-pages", "warning", [vg.vm.addr],
+        FindingKind.TDP_MMU_PAGES, Severity.WARNING, [vg.vm.addr],
         f"kvm->arch.tdp_mmu_pages is {n} but {found} non-root TDP MMU pages are reachable "
         "(a dump taken mid-update, or pages leaked/unaccounted)")]
 

@@ -17,50 +17,110 @@ the same algorithm back to 4.19):
   entry, of root_mmu and of guest_mmu (mmu_alloc_root; dropped by
   mmu_free_root_page), plus one for a valid TDP MMU root on tdp_mmu_roots
   (kvm_tdp_mmu_get_vcpu_root_hpa sets the refcount to 2: the vCPU's and the
-  TDP MMU's own; upstream since about 6.4, and in 6.1.y as the 6.1.192
-  fixtures show);
+  TDP MMU's own; upstream since 6.4, "KVM: x86: Preserve TDP MMU roots until
+  they are explicitly invalidated" (edbdb43fc96b), and in 6.1.y from 6.1.50 as
+  the 6.1.192 fixtures show);
 * obsolete roots (is_obsolete_sp) still in use, orphans, roots nobody holds;
 * every Problem the model recorded while reading (unreadable objects, levels
   out of range, a child whose level is not its parent's minus one).
 
-Each finding is a Finding naming the objects by address; nothing here reads
-anything the model has not already read, apart from sp->spt[].
+Each finding is a Finding: which check (FindingKind), how much it matters
+(Severity), the objects it names by address and a message; nothing here
+renders (kvminspect.shapes and the check command do) or reads anything the
+model has not already read, apart from sp->spt[].
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from enum import Enum
 
 from kvminspect.errors import Problem
 from kvminspect.graph import Holder, VMGraph
 from kvminspect.layout import NoValue, known
-from kvminspect.model import Kernel, ShadowPage
+from kvminspect.model import Kernel
+from kvminspect.objects import ShadowPage
 from kvminspect.render import plural
 
-SEVERITIES = ("error", "warning", "info")
 SPTE_ENT_PER_PAGE = 512
 MAX_LISTED = 8  # addresses spelled out in one message (all are in Finding.objects)
+
+
+class Severity(Enum):
+    """How much a finding matters, most first: the order check lists findings in.
+
+    ERROR: the kernel's own invariants do not hold; WARNING: a state the kernel
+    leaves only briefly (or a kernel version cannot be told apart); INFO:
+    noteworthy, expected. The value is the JSON and text name.
+    """
+
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+
+    @property
+    def rank(self) -> int:
+        """0 for errors, 1 for warnings, 2 for info: the sort key."""
+        return _SEVERITY_RANK[self]
+
+
+_SEVERITY_RANK = {s: i for i, s in enumerate(Severity)}
+SEVERITIES = tuple(s.value for s in Severity)  # their names, in order ("error", ...)
+
+
+class FindingKind(Enum):
+    """Which check made a finding; the value is its id (JSON "check", the CHECK column)."""
+
+    # check_vm: what the model read (kvminspect.errors.Problem)
+    MODEL = "model"
+    # unsync_children and unsync_child_bitmap (mark_unsync, __mmu_unsync_walk)
+    UNSYNC_CHILDREN = "unsync-children"
+    BIT_NOT_PRESENT = "bit-not-present"
+    STALE_BIT = "stale-bit"
+    BIT_ON_LEAF = "bit-on-leaf"
+    MISSING_BIT = "missing-bit"
+    UNSYNC_PAGE = "unsync-page"
+    # roots (mmu_alloc_root, mmu_free_root_page, is_obsolete_sp)
+    UNHELD_ROOT = "unheld-root"
+    ROOT_COUNT = "root-count"
+    OBSOLETE_ROOT = "obsolete-root"
+    ORPHANS = "orphans"
+    # page->private of each page's sp->spt (to_shadow_page, set_page_private)
+    SPT_OWNER = "spt-owner"
+    # kvm->arch.tdp_mmu_pages (kvminspect.audit.check_tdp_mmu_pages)
+    TDP_MMU_PAGES = "tdp-mmu-pages"
+    # check --audit (kvminspect.audit: mmu_audit.c)
+    LEAF_PFN = "leaf-pfn"
+    LEAF_PFN_UNCHECKED = "leaf-pfn-unchecked"
+    RMAP_UNREADABLE = "rmap-unreadable"
+    RMAP_MISSING = "rmap-missing"
+    RMAP_WRONG_GFN = "rmap-wrong-gfn"
+    RMAP_STALE = "rmap-stale"
+    RMAP_UNCHECKED = "rmap-unchecked"
+    WRITABLE_SHADOWED = "writable-shadowed"
+    FROZEN_SPTE = "frozen-spte"
 
 
 @dataclass(frozen=True)
 class Finding:
     """One inconsistency (or noteworthy state) of a VM's MMU."""
 
-    check: str  # short id, e.g. "unsync-children"
-    severity: str  # "error" | "warning" | "info"
+    check: FindingKind
+    severity: Severity
     objects: list[int] = field(default_factory=list)  # addresses it names
     message: str = ""
 
-    def to_json(self) -> dict:
-        return {"check": self.check, "severity": self.severity,
-                "objects": [hex(a) for a in self.objects], "message": self.message}
 
-
-def summary(findings: list[Finding]) -> dict[str, int]:
-    """{"error": n, "warning": n, "info": n}."""
+def summary(findings: list[Finding]) -> dict[Severity, int]:
+    """How many findings of each severity (every severity, in order, zeros too)."""
     c = Counter(f.severity for f in findings)
-    return {s: c.get(s, 0) for s in SEVERITIES}
+    return {s: c.get(s, 0) for s in Severity}
+
+
+def by_severity(findings: list[Finding]) -> list[Finding]:
+    """*findings* errors first, then warnings, then info (stable: each check's order kept)."""
+    return sorted(findings, key=lambda f: f.severity.rank)
 
 
 def _addrs(addrs: list[int]) -> str:
@@ -70,7 +130,8 @@ def _addrs(addrs: list[int]) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def _page(sp: ShadowPage) -> str:
+def sp_id(sp: ShadowPage) -> str:
+    """A shadow page as the findings name it: 'sp ADDR (gfn GFN LLEVEL)'."""
     return f"sp {sp.addr:#x} (gfn {sp.gfn:#x} L{sp.level})"
 
 
@@ -87,7 +148,9 @@ def _unsync_pages(vg: VMGraph) -> list[ShadowPage]:
     Not: bad levels, 6.14's mirror pages, and every page of a kernel that
     lacks one of the fields (UNKNOWN). From 6.14 unsync_children shares a
     union with external_spt, used by mirror (TDX) roots and their pages
-    (role.is_mirror).
+    (role.is_mirror): 6.14 "KVM: x86/mmu: Add an external pointer to struct
+    kvm_mmu_page" and "KVM: x86/mmu: Add an is_mirror member for union
+    kvm_mmu_page_role".
     """
     return [sp for sp in vg.pages()
             if 1 <= sp.level <= 5 and not sp.role.is_mirror
@@ -106,13 +169,14 @@ def check_unsync_count(vg: VMGraph, pages: list[ShadowPage] | None = None) -> li
     """
     out = []
     for sp in _unsync_pages(vg) if pages is None else pages:
-        if not (sp.unsync_children or sp.unsync_child_bitmap):
-            continue
-        n = sp.unsync_child_bitmap.bit_count()
+        bitmap = sp.unsync_child_bitmap
+        if isinstance(bitmap, NoValue) or not (sp.unsync_children or bitmap):
+            continue  # (_unsync_pages has no NoValue)
+        n = bitmap.bit_count()
         if sp.unsync_children != n:
             out.append(Finding(
-                "unsync-children", "error", [sp.addr],
-                f"{_page(sp)}: unsync_children {sp.unsync_children} but "
+                FindingKind.UNSYNC_CHILDREN, Severity.ERROR, [sp.addr],
+                f"{sp_id(sp)}: unsync_children {sp.unsync_children} but "
                 f"{n} bits set in unsync_child_bitmap"))
     return out
 
@@ -129,8 +193,8 @@ def _check_bit(kernel: Kernel, vg: VMGraph, sp: ShadowPage, i: int,
     if not e.present or e.large:
         what = "is not present" if not e.present else "maps a large page"
         return Finding(
-            "bit-not-present", "info", [sp.addr],
-            f"{_page(sp)}: unsync_child_bitmap bit {i} but spt[{i}] = {value:#x} {what}; "
+            FindingKind.BIT_NOT_PRESENT, Severity.INFO, [sp.addr],
+            f"{sp_id(sp)}: unsync_child_bitmap bit {i} but spt[{i}] = {value:#x} {what}; "
             "the kernel clears such bits lazily in __mmu_unsync_walk (e.g. after the "
             "unsync child was zapped)")
     if e.child is None:
@@ -141,16 +205,16 @@ def _check_bit(kernel: Kernel, vg: VMGraph, sp: ShadowPage, i: int,
     others = _parent_sptes(vg, child.addr) - 1
     if others > 0:
         return Finding(
-            "stale-bit", "info", [sp.addr, child.addr],
-            f"{_page(sp)}: unsync_child_bitmap bit {i} but its child {_page(child)} is "
+            FindingKind.STALE_BIT, Severity.INFO, [sp.addr, child.addr],
+            f"{sp_id(sp)}: unsync_child_bitmap bit {i} but its child {sp_id(child)} is "
             f"neither unsync nor has unsync_children; the child has "
             f"{plural(others, 'other parent SPTE', 'other parent SPTEs')} and "
             "mmu_pages_clear_parents clears only the path the walk took; "
             "__mmu_unsync_walk clears this bit lazily")
     return Finding(
-        "stale-bit", "warning", [sp.addr, child.addr],
-        f"{_page(sp)}: unsync_child_bitmap bit {i} but its only child there, "
-        f"{_page(child)}, is neither unsync nor has unsync_children; no kernel path is "
+        FindingKind.STALE_BIT, Severity.WARNING, [sp.addr, child.addr],
+        f"{sp_id(sp)}: unsync_child_bitmap bit {i} but its only child there, "
+        f"{sp_id(child)}, is neither unsync nor has unsync_children; no kernel path is "
         "expected to leave this (harmless: __mmu_unsync_walk clears it lazily)")
 
 
@@ -164,8 +228,8 @@ def check_bitmap_bits(kernel: Kernel, vg: VMGraph,
         bits = sp.bitmap_indexes()
         if sp.level == 1:
             out.append(Finding(
-                "bit-on-leaf", "error", [sp.addr],
-                f"{_page(sp)}: a level-1 page has no child pages, yet unsync_child_bitmap "
+                FindingKind.BIT_ON_LEAF, Severity.ERROR, [sp.addr],
+                f"{sp_id(sp)}: a level-1 page has no child pages, yet unsync_child_bitmap "
                 f"has {plural(len(bits), 'bit', 'bits')} set "
                 f"({', '.join(map(str, bits[:MAX_LISTED]))})"))
             continue
@@ -188,7 +252,7 @@ def check_parent_bits(vg: VMGraph, pages: list[ShadowPage] | None = None) -> lis
     becomes unsync or gets its first unsync child; link_shadow_page() marks a
     new parent of such a page.
     """
-    out = []
+    out: list[Finding] = []
     marked = {sp.addr: sp for sp in (_unsync_pages(vg) if pages is None else pages)
               if sp.unsync or sp.unsync_children}
     if not marked:
@@ -197,12 +261,13 @@ def check_parent_bits(vg: VMGraph, pages: list[ShadowPage] | None = None) -> lis
         parent = vg.sp(p)
         for i, c in pairs:
             sp = marked.get(c)
-            if sp is not None and not parent.unsync_child_bitmap >> i & 1:
+            bits = parent.unsync_child_bitmap
+            if sp is not None and known(bits) and not bits >> i & 1:
                 why = "is unsync" if sp.unsync else f"has unsync_children {sp.unsync_children}"
                 out.append(Finding(
-                    "missing-bit", "error", [parent.addr, sp.addr],
-                    f"{_page(sp)} {why} but bit {i} of the unsync_child_bitmap of its "
-                    f"parent {_page(parent)} is clear: mmu_sync_children from that "
+                    FindingKind.MISSING_BIT, Severity.ERROR, [parent.addr, sp.addr],
+                    f"{sp_id(sp)} {why} but bit {i} of the unsync_child_bitmap of its "
+                    f"parent {sp_id(parent)} is clear: mmu_sync_children from that "
                     "parent will not find it"))
     return out
 
@@ -226,13 +291,13 @@ def check_unsync_pages(vg: VMGraph, pages: list[ShadowPage] | None = None) -> li
                 bad.append(kind)
             if bad:
                 out.append(Finding(
-                    "unsync-page", "error", [sp.addr],
-                    f"{_page(sp)} is unsync but is a {' '.join(bad)}; only indirect "
+                    FindingKind.UNSYNC_PAGE, Severity.ERROR, [sp.addr],
+                    f"{sp_id(sp)} is unsync but is a {' '.join(bad)}; only indirect "
                     "level-1 shadow pages become unsync"))
         if kind and sp.unsync_children:
             out.append(Finding(
-                "unsync-page", "error", [sp.addr],
-                f"{_page(sp)}: {kind} with unsync_children {sp.unsync_children}; its "
+                FindingKind.UNSYNC_PAGE, Severity.ERROR, [sp.addr],
+                f"{sp_id(sp)}: {kind} with unsync_children {sp.unsync_children}; its "
                 "children are direct and never unsync"))
     return out
 
@@ -277,8 +342,9 @@ def _old_tdp_refcount(sp: ShadowPage, holders: list[Holder]) -> bool:
     """A valid TDP MMU root counted the old way: no reference for tdp_mmu_roots.
 
     "KVM: x86: Preserve TDP MMU roots until they are explicitly invalidated"
-    made kvm_tdp_mmu_get_vcpu_root_hpa() start a new root at 2 (upstream in 2023,
-    about 6.4; backported to 6.1.y, as the 6.1.192 fixtures show); before, at 1.
+    (edbdb43fc96b) made kvm_tdp_mmu_get_vcpu_root_hpa() start a new root at 2
+    (upstream in 6.4; backported to 6.3.2 and to 6.1.50, as the 6.1.192 fixtures
+    show); before, at 1.
     """
     return (sp.tdp_mmu_page and not sp.role.invalid and _on_tdp_list(holders)
             and sp.root_count == len(_vcpu_holders(holders)))
@@ -294,10 +360,11 @@ def _uncounted(vg: VMGraph) -> list[str]:
             continue
         roots = [v.root, *v.prev_roots]
         o = v.other_mmu
-        if o is not None and o.root is None:
-            out.append(f"{name}: {o.name} unreadable")
-        elif o is not None:
-            roots += [o.root, *o.prev_roots]
+        if o is not None:
+            if o.root is None:
+                out.append(f"{name}: {o.name} unreadable")
+            else:
+                roots += [o.root, *o.prev_roots]
         bad = [r for r in roots if r.special == "unreadable"]
         if bad:
             out.append(f"{name}: {plural(len(bad), 'root', 'roots')} whose hpa has no "
@@ -323,32 +390,32 @@ def check_root_counts(vg: VMGraph, list_ref: bool = True) -> list[Finding]:
         held = _vcpu_holders(holders)
         if not held and sp.root_count > max(want):
             out.append(Finding(
-                "unheld-root", "info", [addr],
-                f"{_page(sp)}: root_count {sp.root_count} but no vCPU holds it as root, "
+                FindingKind.UNHELD_ROOT, Severity.INFO, [addr],
+                f"{sp_id(sp)}: root_count {sp.root_count} but no vCPU holds it as root, "
                 "prev root or pae_root entry (being freed, or held outside vCPU MMUs)"))
             continue
-        severity = "error"
+        severity = Severity.ERROR
         note = ""
         if _old_tdp_refcount(sp, holders):
-            severity = "warning"
+            severity = Severity.WARNING
             note = (" (unless the kernel predates 'Preserve TDP MMU roots until they are "
                     "explicitly invalidated', when the list held no reference)")
         elif uncounted and sp.root_count > max(want):
-            severity = "warning"
+            severity = Severity.WARNING
             note = f" (not counted: {'; '.join(uncounted)})"
         expected = " or ".join(str(w) for w in sorted(want))
         out.append(Finding(
-            "root-count", severity, [addr],
-            f"{_page(sp)}: root_count {sp.root_count} but expected {expected}: {how}"
+            FindingKind.ROOT_COUNT, severity, [addr],
+            f"{sp_id(sp)}: root_count {sp.root_count} but expected {expected}: {how}"
             + (f" ({_names(held)})" if held else "") + note))
     for sp in vg.pages():
         if known(sp.root_count) and sp.root_count < 0 and sp.addr not in vg.roots:
-            out.append(Finding("root-count", "error", [sp.addr],
-                               f"{_page(sp)}: negative root_count {sp.root_count}"))
+            out.append(Finding(FindingKind.ROOT_COUNT, Severity.ERROR, [sp.addr],
+                               f"{sp_id(sp)}: negative root_count {sp.root_count}"))
     return out
 
 
-def _obsolete_why(sp: ShadowPage, vm_gen: int) -> str:
+def _obsolete_why(sp: ShadowPage, vm_gen: int | NoValue) -> str:
     why = []
     if sp.role.invalid:
         why.append("role.invalid")
@@ -375,15 +442,15 @@ def check_obsolete_roots(vg: VMGraph) -> list[Finding]:
         why = _obsolete_why(sp, vg.vm.mmu_valid_gen)
         if current:
             out.append(Finding(
-                "obsolete-root", "warning", [addr],
-                f"{_page(sp)} is obsolete ({why}) but is still in use as "
+                FindingKind.OBSOLETE_ROOT, Severity.WARNING, [addr],
+                f"{sp_id(sp)} is obsolete ({why}) but is still in use as "
                 f"{_names(current)}: normal right after a fast zap (memslot change, "
                 "kvm_mmu_zap_all_fast) until those vCPUs handle "
                 "KVM_REQ_MMU_FREE_OBSOLETE_ROOTS and reload their MMU"))
         else:
             out.append(Finding(
-                "obsolete-root", "info", [addr],
-                f"{_page(sp)} is obsolete ({why}) and still cached in {_names(held)}; "
+                FindingKind.OBSOLETE_ROOT, Severity.INFO, [addr],
+                f"{sp_id(sp)} is obsolete ({why}) and still cached in {_names(held)}; "
                 "freed when the vCPUs handle KVM_REQ_MMU_FREE_OBSOLETE_ROOTS"))
     return out
 
@@ -394,10 +461,25 @@ def check_orphans(vg: VMGraph) -> list[Finding]:
     if not orphans:
         return []
     return [Finding(
-        "orphans", "info", orphans,
+        FindingKind.ORPHANS, Severity.INFO, orphans,
         f"{plural(len(orphans), 'shadow page', 'shadow pages')} on the VM's page lists "
         f"{'is' if len(orphans) == 1 else 'are'} reachable from no "
         f"root: {_addrs(orphans)} (kept for reuse until zapped or recycled)")]
+
+
+def check_spt_owners(kernel: Kernel, vg: VMGraph) -> list[Finding]:
+    """Each page whose sp->spt page does not name it in page->private: the kernel
+    finds a page table's struct kvm_mmu_page by to_shadow_page(), which reads
+    page_private(virt_to_page(sp->spt)) (set by kvm_mmu_alloc_shadow_page() and
+    tdp_mmu_init_sp()), so an SPTE pointing at that table leads elsewhere."""
+    out = []
+    for sp, pfn, owner in kernel.pages.spt_owner_mismatches(vg.pages()):
+        other = "no shadow page" if owner is None else f"sp {owner:#x}"
+        out.append(Finding(
+            FindingKind.SPT_OWNER, Severity.ERROR, [sp] + ([] if owner is None else [owner]),
+            f"sp {sp:#x}: its spt page (pfn {pfn:#x}) names {other} in page->private: "
+            f"to_shadow_page() of an SPTE pointing at it does not find sp {sp:#x}"))
+    return out
 
 
 # -- what the model could not read ------------------------------------------------
@@ -410,7 +492,8 @@ def vm_problems(kernel: Kernel, vg: VMGraph) -> list[Problem]:
 
 def check_problems(kernel: Kernel, vg: VMGraph) -> list[Finding]:
     """Each Problem the model recorded (unreadable, impossible level, bad child level)."""
-    return [Finding("model", "error", [] if p.addr is None else [p.addr], str(p))
+    return [Finding(FindingKind.MODEL, Severity.ERROR, [] if p.addr is None else [p.addr],
+                    str(p))
             for p in vm_problems(kernel, vg)]
 
 
@@ -426,11 +509,12 @@ def check_vm(kernel: Kernel, vg: VMGraph) -> list[Finding]:
         *check_bitmap_bits(kernel, vg, pages),
         *check_parent_bits(vg, pages),
         *check_unsync_pages(vg, pages),
-        # 5.13 made the TDP MMU root count a refcount_t (tdp_mmu_root_count);
-        # before it tdp_mmu_roots held no reference of its own
+        # 5.13 "KVM: x86/mmu: Make TDP MMU root refcount atomic" (11cccf5c0472) made
+        # the TDP MMU root count a refcount_t (tdp_mmu_root_count); before it
+        # tdp_mmu_roots held no reference of its own
         *check_root_counts(vg, kernel.layout.tdp_root_refcount),
         *check_obsolete_roots(vg),
         *check_orphans(vg),
+        *check_spt_owners(kernel, vg),
     ]
-    order = {s: i for i, s in enumerate(SEVERITIES)}
-    return sorted(findings, key=lambda f: order[f.severity])
+    return by_severity(findings)

@@ -21,28 +21,28 @@ import shlex
 import sys
 import traceback
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import drgn
+from kvminspect import __version__, options, registry
+from kvminspect.errors import KvminspectError, UsageError
+from kvminspect.options import SHELLS, split_first_core
 
-from kvminspect import __version__
-from kvminspect.commands import asks_help, check_arguments, load_all
-from kvminspect.commands.diff import split_first_core
-from kvminspect.errors import UsageError, describe
-from kvminspect.session import Session
-from kvminspect.target import Target, open_core, open_live, open_qemu, open_sample
+if TYPE_CHECKING:
+    from kvminspect.session import Session
+    from kvminspect.target import Target
 
 REPLS = ("live", "vmcore")
 # global options that take a value, by every spelling, and the Globals field they fill
-VALUE_OPTIONS = {"-c": "core", "--core": "core", "-s": "symbols", "--symbols": "symbols",
-                 "--qemu": "qemu", "--vm": "vm", "-e": "exec", "--exec": "exec",
-                 "--completion": "completion"}
-FLAG_OPTIONS = {"--live": "live", "--sample": "sample", "--json": "json"}
-SHELLS = ("bash", "zsh")
+VALUE_OPTIONS = {f: o.dest for o in options.OPTIONS if o.takes_value and not o.first
+                 for f in o.flags}
+FLAG_OPTIONS = {f: o.dest for o in options.OPTIONS if not o.takes_value and not o.first
+                for f in o.flags}
+# -h, --help, --version: only before the command (after it, -h is the command's)
+FIRST_OPTIONS = {f: o.dest for o in options.OPTIONS if o.first for f in o.flags}
 
 
 def _commands_epilog() -> str:
-    ns = load_all()
-    rows = [f"  {name:<8} {cmd.description()}" for name, cmd in ns.enabled(None)]
+    rows = [f"  {name:<8} {cmd.description()}" for name, cmd in registry.entries().items()]
     return ("commands:\n" + "\n".join(rows) + "\n\n"
             "REPLs:\n  kvminspect live              the running kernel (root)\n"
             "  kvminspect live --qemu SOCK  a QEMU-emulated host, live, through QMP\n"
@@ -54,34 +54,28 @@ def _commands_epilog() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    """The top-level help text (the command line itself is read by split_argv)."""
+    """The top-level help text (the command line itself is read by split_argv),
+    from the table of global options (kvminspect.options)."""
     p = argparse.ArgumentParser(
         prog="kvminspect",
-        usage="kvminspect [-c CORE | --live | --qemu SOCKET | --sample] [-s PATH]... "
-              "[--vm ID] [--json] (COMMAND [ARGS] | -e 'CMD; CMD')",
+        usage=options.usage(),
         description="Show what KVM's MMU is doing in a Linux host kernel: "
         "VMs, vCPUs, roots, shadow pages, the unsync walk.",
         epilog=_commands_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        add_help=False,
     )
-    p.add_argument("-c", "--core", metavar="CORE",
-                   help="vmcore (ELF or kdump; .xz/.zst/.gz) or fixture directory")
-    p.add_argument("--live", action="store_true", help="the running kernel (/proc/kcore)")
-    p.add_argument("--qemu", metavar="SOCKET",
-                   help="a QEMU-emulated host, live, through its QMP unix socket")
-    p.add_argument("--sample", action="store_true", help="the sample vmcore in the package")
-    p.add_argument("-s", "--symbols", metavar="PATH",
-                   help="debug info file or directory (repeatable); default: drgn's search")
-    p.add_argument("--vm", metavar="ID",
-                   help="select a VM (index, pid:PID, kvm address, or name: kvm-PID or "
-                   "QEMU's -name)")
-    p.add_argument("--json", action="store_true",
-                   help="JSON output (with -e: one document per command)")
-    p.add_argument("-e", "--exec", metavar="CMDS",
-                   help="run commands ('CMD; CMD', repeatable) on one load, then exit")
-    p.add_argument("--completion", metavar="SHELL", choices=SHELLS,
-                   help="print a completion script for bash or zsh")
-    p.add_argument("--version", action="version", version=f"kvminspect {__version__}")
+    for o in options.OPTIONS:
+        if o.dest == "version":
+            p.add_argument(*o.flags, action="version", version=f"kvminspect {__version__}",
+                           help=o.help)
+        elif o.dest == "help":
+            p.add_argument(*o.flags, action="help", help=o.help)
+        elif o.takes_value:
+            p.add_argument(*o.flags, metavar=o.metavar, help=o.help,
+                           choices=o.choices or None)
+        else:
+            p.add_argument(*o.flags, action="store_true", help=o.help)
     return p
 
 
@@ -136,10 +130,8 @@ def split_argv(argv: list[str]) -> Globals:
             getattr(g, VALUE_OPTIONS[name]).append(value)
         elif name in FLAG_OPTIONS and value is None:
             setattr(g, FLAG_OPTIONS[name], True)
-        elif not g.words and arg in ("-h", "--help"):
-            g.help = True
-        elif not g.words and arg == "--version":
-            g.version = True
+        elif not g.words and arg in FIRST_OPTIONS:
+            setattr(g, FIRST_OPTIONS[arg], True)
         elif not g.words and arg.startswith("-") and arg != "-":
             raise UsageError(f"unknown option {arg} (see kvminspect --help)")
         else:
@@ -159,12 +151,14 @@ def _one(values: list[str], option: str) -> str | None:
 def target_source(g: Globals) -> tuple[str, str | None] | None:
     """The target the global options name: (kind, value) with kind core, live,
     qemu or sample; None if none. Two different ones are a UsageError."""
-    core, qemu = _one(g.core, "-c"), _one(g.qemu, "--qemu")
-    given = [(f"-c {core}", ("core", core)) if core is not None else None,
-             ("--live", ("live", None)) if g.live else None,
-             (f"--qemu {qemu}", ("qemu", qemu)) if qemu is not None else None,
-             ("--sample", ("sample", None)) if g.sample else None]
-    given = [x for x in given if x is not None]
+    given: list[tuple[str, tuple[str, str | None]]] = []
+    for o in options.targets():  # -c, --live, --qemu, --sample
+        if o.takes_value:
+            value = _one(getattr(g, o.dest), o.flags[0])
+            if value is not None:
+                given.append((f"{o.flags[0]} {value}", (o.dest, value)))
+        elif getattr(g, o.dest):
+            given.append((o.flags[0], (o.dest, None)))
     if len(given) > 1:
         raise UsageError(f"conflicting targets: {given[0][0]} and {given[1][0]}")
     return given[0][1] if given else None
@@ -197,11 +191,14 @@ def repl_source(g: Globals, source: tuple[str, str | None] | None
 
 def _label(source: tuple[str, str | None]) -> str:
     kind, value = source
-    return {"core": f"-c {value}", "qemu": f"--qemu {value}"}.get(kind, f"--{kind}")
+    flag = next(o.flags[0] for o in options.targets() if o.dest == kind)
+    return flag if value is None else f"{flag} {value}"
 
 
 def open_source(source: tuple[str, str | None], symbols: list[str]) -> Target:
     """Open the target *source* names (target_source, repl_source)."""
+    from kvminspect.target import open_core, open_live, open_qemu, open_sample
+
     kind, value = source
     if kind == "qemu":
         return open_qemu(value or "", symbols)
@@ -214,7 +211,9 @@ def open_source(source: tuple[str, str | None], symbols: list[str]) -> Target:
 
 def split_commands(text: str) -> list[str]:
     """'CMD; CMD' as its commands: ';' outside quotes separates; empty ones dropped."""
-    out, cur, quote = [], [], ""
+    out: list[str] = []
+    cur: list[str] = []
+    quote = ""
     for ch in text:
         if quote:
             quote = "" if ch == quote else quote
@@ -237,31 +236,27 @@ def with_json(line: str) -> str:
     return f"{words[0]} --json {line[len(words[0]):].lstrip()}".rstrip()
 
 
-def _takes(command: str, option: str) -> bool:
-    """Whether kvminspect command *command* has *option*."""
-    from kvminspect.repl import _options
-
-    try:
-        return option in _options(load_all().lookup(drgn.Program(), command))
-    except Exception:
-        return False
-
-
 def run_one(session: Session, argv: list[str]) -> None:
     """Run one command (argv[0] with its arguments) in *session*."""
-    ns = load_all()
-    if (cmd := asks_help(argv)) is not None:
+    from kvminspect.commands import NAMESPACE, check_arguments
+
+    if (cmd := registry.asks_help(argv)) is not None:
         argv = ["help", cmd]
     check_arguments(session.target.prog, argv)
     session.begin(progress="--json" not in argv)
-    ns.run(session.target.prog, shlex.join(argv), globals={"session": session})
+    entry = registry.entry(argv[0])
+    # py's words are its code as typed ('py "x + 1"'), not words to quote
+    line = " ".join(argv) if entry is not None and entry.spec.custom else shlex.join(argv)
+    NAMESPACE.run(session.target.prog, line, globals={"session": session})
 
 
 def run_help(argv: list[str]) -> None:
-    """'help [CMD]' or 'CMD ... --help' without a target: help reads no kernel."""
-    cmd = asks_help(argv)
-    load_all().run(drgn.Program(), shlex.join(["help", cmd] if cmd is not None else argv),
-                   globals={})
+    """'help [CMD]' or 'CMD ... --help' without a target: help reads no kernel,
+    and imports no command (kvminspect.registry knows them)."""
+    cmd = registry.asks_help(argv)
+    words = ["help", cmd] if cmd is not None else argv
+    registry.entries()["help"].check(words[1:])
+    registry.show_help(words[1] if len(words) > 1 else None, registry.entries())
 
 
 def run_script(session: Session, lines: list[str], json: bool) -> int:
@@ -269,7 +264,6 @@ def run_script(session: Session, lines: list[str], json: bool) -> int:
     the next runs); the exit status is Session.exit_status()."""
     from kvminspect.repl import run_guarded
 
-    load_all()
     for line in lines:
         if not run_guarded(session, with_json(line) if json else line):
             break
@@ -277,6 +271,8 @@ def run_script(session: Session, lines: list[str], json: bool) -> int:
 
 
 def _session(target: Target, vm: str | None) -> Session:
+    from kvminspect.session import Session
+
     session = Session(target)
     if vm is not None:
         session.select(vm)
@@ -294,7 +290,7 @@ def _main(argv: list[str] | None) -> int:
 
         shell = _one(g.completion, "--completion") or ""
         if shell not in SHELLS:
-            raise UsageError(f"--completion takes bash or zsh, not {shell!r}")
+            raise UsageError(f"--completion takes {' or '.join(SHELLS)}, not {shell!r}")
         print(script(shell), end="")
         return 0
     if g.help and not g.words:
@@ -320,25 +316,26 @@ def _main(argv: list[str] | None) -> int:
         if not lines:
             raise UsageError("-e has no command")
         if source is None:
-            raise UsageError("-e needs a target: -c CORE, --live, --qemu SOCKET or --sample")
+            raise UsageError(f"-e needs a target: {options.target_choices()}")
         return run_script(_session(open_source(source, g.symbols), vm), lines, g.json)
     if command is None:
         print(parser().format_usage(), end="", file=sys.stderr)
         raise UsageError("no command (see kvminspect --help)")
-    if command not in dict(load_all().enabled(None)):
+    entry = registry.entry(command)
+    if entry is None:
         raise UsageError(f"unknown command '{command}' (see kvminspect --help)")
     words = g.words + (["--json"] if g.json and "--json" not in g.words else [])
-    if command == "help" or asks_help(words):
+    if command == "help" or registry.asks_help(words):
         run_help(words)  # help reads no kernel: the target is not opened
         return 0
-    if vm is not None and _takes(command, "--vm"):
+    if vm is not None and entry.options().get("--vm"):
         words, vm = words + ["--vm", vm], None
     if command == "diff" and source is None:  # kvminspect diff A B
         core, rest = split_first_core(words[1:])
         source, words = ("core", core), ["diff", *rest]
+    entry.check(words[1:])  # a bad argument is said before the target is opened
     if source is None:
-        raise UsageError(f"'{command}' needs a target: -c CORE, --live, --qemu SOCKET "
-                         "or --sample")
+        raise UsageError(f"'{command}' needs a target: {options.target_choices()}")
     session = _session(open_source(source, g.symbols), vm)
     try:
         run_one(session, words)
@@ -346,8 +343,8 @@ def _main(argv: list[str] | None) -> int:
         if isinstance(e.__context__, BrokenPipeError):
             return 0
         raise
-    k = session.target._kernel
-    if k is not None and k._vms == [] and k.problems:
+    k = session.target.kernel_if_opened
+    if k is not None and k.vms_if_read() == [] and k.problems:
         return 1  # nothing could be read: the VM list itself is damaged
     return session.exit_status()
 
@@ -359,7 +356,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except KvminspectError as e:  # as errors.describe says it, without importing drgn
+        print(f"kvminspect: error: {e}", file=sys.stderr)
+        return e.status
     except Exception as e:  # one line, as in the REPL (errors.describe)
+        from kvminspect.errors import describe
+
         kind, text, status = describe(e, "see kvminspect --help")
         if kind == "error":
             print(f"kvminspect: error: {text}", file=sys.stderr)

@@ -1,50 +1,53 @@
 """Shell completion scripts for bash and zsh (kvminspect --completion SHELL).
 
-Made from the registered commands and their argparse options, so a new
-command or option completes without editing this file: command names (and
-the live / vmcore REPLs), each command's options, the global options, the
-choices of an option that has them (export --format), files after -c, -s,
---qemu and for the file arguments (vmcore PATH, diff B, export FILE), and
-command names after help.
+Made from the command registry (kvminspect.registry: each command's argparse
+options, without importing the commands) and the table of global options
+(kvminspect.options), so a new command or option completes without editing
+this file: command names (and the live / vmcore REPLs), each command's
+options, the global options, the choices of an option that has them (export
+--format, --completion), files after the global options that take a file
+(-c, -s, --qemu) and for the file arguments (vmcore PATH, diff B, export
+FILE), and command names after help.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import drgn
+from kvminspect import options, registry
 
-from kvminspect.commands import load_all
-
-# global options (kvminspect.cli), those that take a value, and those whose value is a file
-GLOBALS = ("-c", "--core", "-s", "--symbols", "--live", "--qemu", "--sample", "--vm", "--json",
-           "-e", "--exec", "--completion", "-h", "--help", "--version")
-GLOBAL_VALUES = ("-c", "--core", "-s", "--symbols", "--qemu", "--vm", "-e", "--exec",
-                 "--completion")
-FILE_OPTIONS = ("-c", "--core", "-s", "--symbols", "--qemu")
+# global options (kvminspect.options), those that take a value, and those whose value is a file
+GLOBALS = tuple(options.spellings())
+GLOBAL_VALUES = tuple(options.value_flags())
+FILE_OPTIONS = tuple(options.file_flags())
+# global options that take a value with choices (--completion bash|zsh), and the others
+GLOBAL_CHOICES = {f: o.choices for o in options.OPTIONS if o.choices for f in o.flags}
+GLOBAL_OTHER_VALUES = tuple(f for f in GLOBAL_VALUES
+                            if f not in FILE_OPTIONS and f not in GLOBAL_CHOICES)
 REPLS = {"live": "REPL on the running kernel (or --qemu SOCK)",
          "vmcore": "REPL on a vmcore (no PATH: the bundled sample)"}
 FILE_ARGS = ("vmcore", "diff", "export")  # commands whose positional argument is a file
-
-
-def _actions(cmd: Any) -> list[Any]:
-    """The argparse actions of a drgn command."""
-    return list(getattr(getattr(cmd, "_parser", None), "_actions", []) or [])
 
 
 def commands() -> dict[str, dict[str, Any]]:
     """Every command: its description, options (option -> choices, [] for a value,
     None for a flag)."""
     out: dict[str, dict[str, Any]] = {}
-    for name, cmd in sorted(load_all().enabled(drgn.Program())):
-        opts: dict[str, list[str] | None] = {}
-        for a in _actions(cmd):
-            for o in a.option_strings:
-                if o in ("-h", "--help"):
-                    continue
-                opts[o] = None if a.nargs == 0 else [str(c) for c in (a.choices or [])]
-        out[name] = {"description": cmd.description(), "options": opts}
+    for name, entry in sorted(registry.entries().items()):
+        choices = entry.choices()
+        opts = {o: choices.get(o, []) if value else None
+                for o, value in entry.options().items() if o not in registry.HELP_FLAGS}
+        out[name] = {"description": entry.description(), "options": opts}
     return out
+
+
+def _global_cases(indent: str, files: str, choices: str) -> str:
+    """The shell's case arms after a global option: files, its choices, or nothing."""
+    arms = [f"{indent}{_case(list(FILE_OPTIONS))}) {files}; return ;;"]
+    arms += [f"{indent}{o}) {choices.format(' '.join(c))}; return ;;"
+             for o, c in GLOBAL_CHOICES.items()]
+    arms.append(f"{indent}{_case(list(GLOBAL_OTHER_VALUES))}) return ;;")
+    return "\n".join(arms)
 
 
 def _with_globals(options: dict[str, Any]) -> str:
@@ -83,9 +86,8 @@ _kvminspect() {{
         esac
     done
     case "$prev" in
-        {_case(list(FILE_OPTIONS))}) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-        --completion) COMPREPLY=($(compgen -W "bash zsh" -- "$cur")); return ;;
-        --vm|-e|--exec) return ;;
+{_global_cases("        ", 'COMPREPLY=($(compgen -f -- "$cur"))',
+               'COMPREPLY=($(compgen -W "{}" -- "$cur"))')}
     esac
     case "$cmd:$prev" in
 {choice_cases}
@@ -153,9 +155,7 @@ _kvminspect() {{
     esac
   done
   case "$prev" in
-    {_case(list(FILE_OPTIONS))}) _files; return ;;
-    --completion) compadd -- bash zsh; return ;;
-    --vm|-e|--exec) return ;;
+{_global_cases("    ", "_files", "compadd -- {}")}
   esac
   case "$cmd:$prev" in
 {choice_cases}

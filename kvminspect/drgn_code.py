@@ -7,21 +7,29 @@ prev_roots, struct kvm_mmu_page and its spt[] SPTEs) and prints what it found.
 The code is written for the target's own KVM layout (kvminspect's probe: which
 members this kernel has), so it runs as printed on that kernel: it teaches the
 structures by construction. Built with drgn's DrgnCodeBuilder.
+
+The kernel's rules in it are not a second copy: the constants are printed from
+kvminspect.spte and kvminspect.helpers (SPTE_BASE_ADDR_MASK and the presence
+rule as helpers.spte_format() probes them on this kernel), and the functions
+(to_shadow_page, is_shadow_present_pte, is_large_pte, is_last_spte,
+spte_to_pfn) are those modules' own source, printed with inspect.getsource.
+The script needs drgn only.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
+import textwrap
 from collections.abc import Callable
 
 import drgn
 from drgn.commands import DrgnCodeBuilder
 
+from kvminspect import helpers, spte
 from kvminspect.errors import UsageError
 from kvminspect.layout import Layout, has_member
 from kvminspect.model import VM
-
-SPT_ENTRIES = 512  # SPTE_ENT_PER_PAGE: a page table holds 512 u64 SPTEs
 
 
 def print_code(args: argparse.Namespace, make: Callable[[], str]) -> None:
@@ -31,40 +39,70 @@ def print_code(args: argparse.Namespace, make: Callable[[], str]) -> None:
     print(make(), end="")
 
 
-def _constants(code: DrgnCodeBuilder, lay: Layout, sptes: bool) -> None:
-    """INVALID_PAGE, and the SPTE masks of this release (arch/x86/kvm/mmu/spte.h)."""
-    code.append("INVALID_PAGE = 0xFFFFFFFFFFFFFFFF  # an empty root (hpa)\n")
+# what the constants a printed function uses mean, in the order they are printed
+CONSTANTS = {
+    "INVALID_PAGE": "an empty root (hpa)",
+    "PAGE_SHIFT": "",
+    "PG_LEVEL_4K": "the level of a table of 4 KiB pages",
+    "SPTE_ENT_PER_PAGE": "u64 SPTEs in a page table",
+    "SPTE_BASE_ADDR_MASK": "the pfn bits of an SPTE (physical_mask & PAGE_MASK)",
+    "PT_PAGE_SIZE_MASK": "is_large_pte()",
+    "SPTE_MMU_PRESENT_MASK": "is_shadow_present_pte() from 5.13",
+    "SPTE_SPECIAL_MASK": "is_shadow_present_pte() before 5.13: MMIO SPTEs are not present",
+    "SPTE_MMIO_MASK": "",
+}
+
+
+def source(fn: Callable[..., object], name: str | None = None) -> str:
+    """The source of *fn* as a script's top-level function: without its
+    decorators (a drgn helper's ``@takes_program_or_default``) and its
+    docstring's ``>>>`` examples (they use the other helpers), renamed *name*."""
+    lines = textwrap.dedent(inspect.getsource(fn)).splitlines(keepends=True)
+    kept: list[str] = []
+    example = False
+    for line in lines:
+        if line.lstrip().startswith(">>>"):
+            example = True
+        elif example and not line.strip():
+            example = False
+            continue
+        if not example and not line.startswith("@"):
+            kept.append(line)
+    text = "".join(kept)
+    if name is not None:
+        text = text.replace(f"def {fn.__name__}(", f"def {name}(", 1)
+    return text
+
+
+def _rules(code: DrgnCodeBuilder, prog: drgn.Program, sptes: bool) -> None:
+    """The constants and functions of the kernel's rules the script uses, from
+    kvminspect.spte and kvminspect.helpers: to_shadow_page(), and with *sptes*
+    is_shadow_present_pte() (this release's rule, as helpers.spte_format()
+    probes it), is_large_pte(), is_last_spte() and spte_to_pfn()."""
+    fmt = helpers.spte_format(prog)
+    values = {"INVALID_PAGE": helpers.INVALID_PAGE, "SPTE_BASE_ADDR_MASK": fmt.addr_mask}
+    rules: list[tuple[Callable[..., object], str | None]] = [(helpers.to_shadow_page, None)]
+    used = {"INVALID_PAGE"}
     if sptes:
-        code.append(f"SPTE_BASE_ADDR_MASK = {lay.addr_mask:#x}  # the pfn bits of an SPTE\n")
-        code.append("PT_PAGE_SIZE_MASK = 1 << 7  # is_large_pte()\n")
-        if lay.present_bit:
-            code.append("SPTE_MMU_PRESENT_MASK = 1 << 11  # is_shadow_present_pte() (5.13+)\n")
-        else:
-            code.append("SPTE_MMIO_MASK = 3 << 52  # MMIO SPTEs are not present (before 5.13)\n")
-
-
-def _to_shadow_page(code: DrgnCodeBuilder) -> None:
-    """to_shadow_page(): a page table's struct kvm_mmu_page is its struct page's private."""
-    code.add_from_import("drgn", "Object")
+        present = spte.is_shadow_present_bit if fmt.present_bit else spte.is_shadow_present_not_mmio
+        rules += [(present, "is_shadow_present_pte"), (spte.is_large_pte, None),
+                  (spte.is_last_spte, None), (spte.spte_to_pfn, None)]
+        # spte_to_pfn's default mask, and the loops over sp->spt[]
+        used |= {"SPTE_BASE_ADDR_MASK", "SPTE_ENT_PER_PAGE"}
+    functions = [source(fn, name) for fn, name in rules]
+    for fn, _ in rules:
+        used |= set(inspect.unwrap(fn).__code__.co_names)
+    for name, what in CONSTANTS.items():
+        if name in used:
+            value = values[name] if name in values else getattr(spte, name)
+            mask = name.endswith("_MASK") or name == "INVALID_PAGE"
+            shown = f"{value:#x}" if mask else str(value)
+            code.append(f"{name} = {shown}" + (f"  # {what}\n" if what else "\n"))
+    code.add_import("operator")
+    code.add_from_import("drgn", "IntegerLike", "Object", "Program")  # to_shadow_page's
     code.add_from_import("drgn.helpers.linux.mm", "pfn_to_page")
-    code.append('''\n
-def to_shadow_page(hpa):
-    """to_shadow_page() / root_to_sp(): the struct kvm_mmu_page that owns the page
-    table at physical address hpa is page_private() of its struct page (0 for a
-    special root, mmu->pae_root, or a dummy root)."""
-    private = pfn_to_page(prog, hpa >> 12).private.value_()
-    return Object(prog, "struct kvm_mmu_page *", private) if private else None
-''')
-
-
-def _present(code: DrgnCodeBuilder, lay: Layout) -> None:
-    """is_shadow_present_pte() of this release."""
-    test = ("spte & SPTE_MMU_PRESENT_MASK" if lay.present_bit
-            else "spte != 0 and spte & SPTE_MMIO_MASK != SPTE_MMIO_MASK")
-    code.append(f'''\n
-def is_shadow_present_pte(spte):
-    return bool({test})
-''')
+    for text in functions:
+        code.append("\n\n" + text)
 
 
 def _begin_vms(code: DrgnCodeBuilder, vms: list[VM], every: bool) -> None:
@@ -108,8 +146,7 @@ def _roots_list(code: DrgnCodeBuilder, lay: Layout) -> None:
 def roots_code(prog: drgn.Program, lay: Layout, vms: list[VM], every: bool) -> str:
     """The drgn code of ``roots``: per vCPU, mmu->root and prev_roots[] with their pages."""
     code = DrgnCodeBuilder(prog)
-    _constants(code, lay, sptes=False)
-    _to_shadow_page(code)
+    _rules(code, prog, sptes=False)
     code.append("\n\n")
     _begin_vms(code, vms, every)
     _begin_vcpus(code, lay)
@@ -120,8 +157,8 @@ def roots_code(prog: drgn.Program, lay: Layout, vms: list[VM], every: bool) -> s
 if hpa == INVALID_PAGE:
     print(f"vcpu[{i}] cr3 {cr3:#x} {name}: pgd {pgd:#x} INVALID_PAGE")
     continue
-sp = to_shadow_page(hpa)
-if sp is None:
+sp = to_shadow_page(prog, hpa)
+if not sp:
     print(f"vcpu[{i}] cr3 {cr3:#x} {name}: pgd {pgd:#x} hpa {hpa:#x} special root")
     continue
 gfn = sp.gfn.value_()
@@ -143,9 +180,7 @@ def sp_code(prog: drgn.Program, lay: Layout, addr: int) -> str:
     """The drgn code of ``sp ADDR``: struct kvm_mmu_page's fields and present SPTEs."""
     code = DrgnCodeBuilder(prog)
     code.add_from_import("drgn", "Object")
-    _constants(code, lay, sptes=True)
-    _to_shadow_page(code)
-    _present(code, lay)
+    _rules(code, prog, sptes=True)
     code.append(f'\n\nsp = Object(prog, "struct kvm_mmu_page *", {addr:#x})\n')
     code.append("gfn = sp.gfn.value_()\n")
     code.append("role = sp.role  # union kvm_mmu_page_role: level, direct, invalid, ...\n")
@@ -159,18 +194,17 @@ def sp_code(prog: drgn.Program, lay: Layout, addr: int) -> str:
         shown = " ".join(f"{f} {{{f}}}" for f in fields[n:n + 3])
         code.append(f'print(f"  {shown}")\n')
     code.append("print(role.format_(dereference=False))\n")
-    code.append("""for i in range(512):
+    code.append("""for i in range(SPTE_ENT_PER_PAGE):
     spte = sp.spt[i].value_()
     if not is_shadow_present_pte(spte):
         continue
-    pfn = (spte & SPTE_BASE_ADDR_MASK) >> 12
-    large = level > 1 and bool(spte & PT_PAGE_SIZE_MASK)
-    if level == 1 or large:  # is_last_spte(): maps guest memory
+    pfn = spte_to_pfn(spte)
+    large = level > 1 and is_large_pte(spte)
+    if is_last_spte(spte, level):  # maps guest memory
         print(f"[{i}] spte {spte:#x} pfn {pfn:#x} {'large' if large else 'leaf'}")
-    else:  # a page table: its own shadow page
-        child = to_shadow_page(pfn << 12)
-        child_addr = child.value_() if child is not None else 0
-        print(f"[{i}] spte {spte:#x} pfn {pfn:#x} table child sp {child_addr:#x}")
+    else:  # a page table: its own shadow page (NULL, 0, if none)
+        child = to_shadow_page(prog, pfn << PAGE_SHIFT)
+        print(f"[{i}] spte {spte:#x} pfn {pfn:#x} table child sp {child.value_():#x}")
 """)
     return code.get()
 
@@ -179,9 +213,7 @@ def tree_code(prog: drgn.Program, lay: Layout, vms: list[VM], every: bool, top: 
               depth: int | None) -> str:
     """The drgn code of ``tree``: walk spt[] down from every root (or from one page)."""
     code = DrgnCodeBuilder(prog)
-    _constants(code, lay, sptes=True)
-    _to_shadow_page(code)
-    _present(code, lay)
+    _rules(code, prog, sptes=True)
     limit = "" if depth is None else f"\n    if depth == {depth}:  # --depth\n        return"
     code.append(f'''\n
 def walk(sp, index, depth, seen):
@@ -195,11 +227,11 @@ def walk(sp, index, depth, seen):
     seen.add(sp.value_()){limit}
     if level == 1:
         return
-    for i in range(512):
+    for i in range(SPTE_ENT_PER_PAGE):
         spte = sp.spt[i].value_()
-        if is_shadow_present_pte(spte) and not spte & PT_PAGE_SIZE_MASK:
-            child = to_shadow_page(spte & SPTE_BASE_ADDR_MASK)
-            if child is not None:
+        if is_shadow_present_pte(spte) and not is_last_spte(spte, level):
+            child = to_shadow_page(prog, spte_to_pfn(spte) << PAGE_SHIFT)
+            if child:
                 walk(child, i, depth + 1, seen)
 
 
@@ -214,7 +246,7 @@ def walk(sp, index, depth, seen):
     _begin_vcpus(code, lay)
     _roots_list(code, lay)
     code.append("""for name, hpa, pgd in vcpu_roots:
-    if hpa != INVALID_PAGE and (sp := to_shadow_page(hpa.value_())) is not None:
+    if hpa != INVALID_PAGE and (sp := to_shadow_page(prog, hpa)):
         tops.setdefault(sp.value_(), sp)
 """)
     code.end_block()

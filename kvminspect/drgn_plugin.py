@@ -11,15 +11,16 @@ The session (selected VM, built graphs) is kept in ``prog.config`` for the next
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import drgn
 from drgn.commands.linux import linux_kernel_raw_command
 
 from kvminspect.errors import DebugInfoError, KvmNotFound
-from kvminspect.layout import kernel_release
-from kvminspect.session import Session
-from kvminspect.target import KVM_MODULES, Target
+
+if TYPE_CHECKING:  # imported when %kvm runs: drgn imports this module at every start
+    from kvminspect.session import Session
+    from kvminspect.target import Target
 
 SESSION_KEY = "kvminspect_session"
 
@@ -27,6 +28,8 @@ SESSION_KEY = "kvminspect_session"
 def check_kvm_debug_info(prog: drgn.Program) -> None:
     """The kvm module (struct module "kvm") is loaded and drgn has its debug info;
     else one clear line (drgn loads debug info as the user asked, kvminspect does not)."""
+    from kvminspect.target import KVM_MODULES
+
     kvm = next((m for m, _ in prog.loaded_modules() if m.name in KVM_MODULES), None)
     if kvm is None:
         raise KvmNotFound("this kernel has no kvm module loaded")
@@ -38,6 +41,9 @@ def check_kvm_debug_info(prog: drgn.Program) -> None:
 def target_of(prog: drgn.Program) -> Target:
     """A kvminspect Target over a Program drgn opened: release from UTS_RELEASE,
     live when drgn reads a running kernel (/proc/kcore or QEMU)."""
+    from kvminspect.layout import kernel_release
+    from kvminspect.target import Target
+
     live = bool(prog.flags & drgn.ProgramFlags.IS_LIVE)
     name = "live" if live else "drgn"
     return Target(prog, name, kernel_release(prog), live=live)
@@ -45,6 +51,8 @@ def target_of(prog: drgn.Program) -> Target:
 
 def session_of_prog(prog: drgn.Program) -> Session:
     """The kvminspect Session kept on *prog* (made on the first %kvm)."""
+    from kvminspect.session import Session
+
     s = prog.config.get(SESSION_KEY)
     if not isinstance(s, Session) or s.target.prog is not prog:
         check_kvm_debug_info(prog)
@@ -58,10 +66,9 @@ def run_kvm(prog: drgn.Program, line: str) -> None:
 
     Errors are raised (drgn's REPL prints them as one line, run_command raises).
     """
-    from kvminspect.commands import NAMESPACE, load_all
+    from kvminspect.commands import NAMESPACE
     from kvminspect.repl import rewrite
 
-    load_all()
     text = line.strip() or "help"
     session = session_of_prog(prog)
     session.begin(progress="--json" not in text.split())

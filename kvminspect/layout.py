@@ -9,7 +9,7 @@ is for; docs/kernel-layouts.md lists them all, with how each is verified.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeGuard, TypeVar
 
 import drgn
 
@@ -56,10 +56,13 @@ class NoValue:
 
 UNKNOWN = NoValue("unknown")
 UNREADABLE = NoValue("unreadable")
+Int = int | NoValue  # a counter or id that this kernel may lack (UNKNOWN)
+_T = TypeVar("_T")
 
 
-def known(v: Any) -> bool:
-    """Whether *v* is a value read from the kernel (not UNKNOWN or UNREADABLE)."""
+def known(v: _T | NoValue) -> TypeGuard[_T]:
+    """Whether *v* is a value read from the kernel (not UNKNOWN or UNREADABLE);
+    a type guard: where it holds, *v* is the value's own type."""
     return not isinstance(v, NoValue)
 
 
@@ -143,6 +146,10 @@ def role_bitfields(role_type: drgn.Type) -> list[Bitfield]:
 
     Names vary (cr4_pae -> gpte_is_8_bytes -> has_4_byte_gpte, nxe -> efer_nx,
     passthrough from 5.19, is_mirror from 6.14): the DWARF tells which exist.
+    Kernel changes: 5.17 "KVM: X86: Rename gpte_is_8_bytes to has_4_byte_gpte and
+    invert the direction" (bb3b394d35e8); 5.19 "KVM: X86/MMU: Fix shadowing 5-level
+    NPT for 4-level NPT L1 guest" (84e5ffd045f3) added passthrough; 6.14 "KVM:
+    x86/mmu: Add an is_mirror member for union kvm_mmu_page_role".
     """
     out: list[Bitfield] = []
 
@@ -188,10 +195,10 @@ class Layout:
     """Everything about this kernel's KVM layout that kvminspect needs."""
 
     sp: SpLayout | None  # None: struct kvm_mmu_page lacks a structural member
-    vcpu_array: bool  # kvm->vcpu_array xarray (5.16) vs kvm->vcpus[]
+    vcpu_array: bool  # kvm->vcpu_array xarray (5.17) vs kvm->vcpus[]
     mmu_is_pointer: bool  # vcpu->arch.mmu is a pointer (4.20+) vs embedded
     root_info: bool  # mmu->root.{hpa,pgd} (5.18+) vs mmu->root_hpa
-    root_pgd_name: str | None  # root_pgd (5.8+) / root_cr3 (4.20-5.4) / None
+    root_pgd_name: str | None  # root_pgd (5.8+) / root_cr3 (4.20-5.7) / None
     prev_pgd_name: str  # prev_roots[].pgd (5.8+) vs .cr3
     root_role: bool  # mmu->root_role / cpu_role (5.19+) vs mmu_role / base_role
     special_roots: tuple[str, ...]  # pae_root, lm_root / pml4_root, pml5_root
@@ -205,17 +212,20 @@ class Layout:
     vmemmap_base: int
     page_offset_base: int
     # where kvm->arch.n_used_mmu_pages lives: "arch.n_used_mmu_pages" to 7.2,
-    # "stat.mmu_shadow_pages" from 7.3, None if neither exists
+    # "stat.mmu_shadow_pages" from 7.3, None if neither exists (the 7.3 change:
+    # kvm_account_mmu_page(); its commit was not found in the sources read)
     used_pages_path: str | None = None
     # KVM_X86_TDX_VM and friends: kvm->arch.vm_type (6.8+), else None
     vm_type: bool = False
     mirror_root: bool = False  # mmu->mirror_root_hpa (6.14+, TDX)
-    # 5.13: the TDP MMU root count became refcount_t tdp_mmu_root_count (in a
-    # union with root_count); before it tdp_mmu_roots held no reference
+    # 5.13 "KVM: x86/mmu: Make TDP MMU root refcount atomic" (11cccf5c0472): the TDP
+    # MMU root count became refcount_t tdp_mmu_root_count (in a union with
+    # root_count); before it tdp_mmu_roots held no reference
     tdp_root_refcount: bool = False
     # the struct kvm_mmu members of struct kvm_vcpu_arch that own roots: root_mmu
-    # and guest_mmu (L2's shadow NPT/EPT MMU) from 4.20; () when vcpu->arch.mmu is
-    # the one embedded MMU (4.19). nested_mmu is a guest page-table walker only.
+    # and guest_mmu (L2's shadow NPT/EPT MMU) from 4.20 ("x86/kvm/mmu: introduce
+    # guest_mmu"); () when vcpu->arch.mmu is the one embedded MMU (4.19).
+    # nested_mmu is a guest page-table walker only.
     root_mmus: tuple[str, ...] = ()
     missing: tuple[MissingMember, ...] = ()
     absent: frozenset[tuple[str, str]] = frozenset()  # (struct, member) of missing
@@ -232,6 +242,12 @@ class Layout:
         """Whether this kernel's *struct* lacks *member* (a MissingMember)."""
         return (struct, member) in self.absent
 
+    def value(self, obj: drgn.Object, struct: str, member: str) -> Int:
+        """obj.member's integer value, or UNKNOWN when *struct* lacks *member*."""
+        if self.lacks(struct, member):
+            return UNKNOWN
+        return int(obj.member_(member).value_())
+
 
 def _opt_offset(t: drgn.Type, name: str) -> int | None:
     """offsetof(t, name), or None when the member is not there."""
@@ -244,7 +260,8 @@ def _sp_layout(prog: drgn.Program) -> SpLayout | None:
     if not all(has_member(t, m) for m in SP_STRUCTURAL):
         return None
     # mmu_valid_gen: unsigned long in 4.19/4.20, u8 from 5.4, in a union with
-    # tdp_mmu_scheduled_root_to_zap from 6.6 (and in Debian's 6.1.192)
+    # tdp_mmu_scheduled_root_to_zap from 6.6 (and in Debian's 6.1.192): 6.6 "KVM:
+    # x86/mmu: Stop zapping invalidated TDP MMU roots asynchronously" (0df9dab891ff)
     return SpLayout(
         size=drgn.sizeof(t),
         link=member_offset(t, "link"),
@@ -257,12 +274,14 @@ def _sp_layout(prog: drgn.Program) -> SpLayout | None:
         bitmap_bytes=member_size(t, "unsync_child_bitmap")
         if has_member(t, "unsync_child_bitmap") else 0,
         # root_count: int to 5.12, union with refcount_t tdp_mmu_root_count
-        # from 5.13 (same offset, the int view is what the kernel prints)
+        # from 5.13 (same offset, the int view is what the kernel prints): 5.13
+        # "KVM: x86/mmu: Make TDP MMU root refcount atomic" (11cccf5c0472)
         root_count=_opt_offset(t, "root_count"),
         mmu_valid_gen=_opt_offset(t, "mmu_valid_gen"),
         mmu_valid_gen_size=member_size(t, "mmu_valid_gen")
         if has_member(t, "mmu_valid_gen") else 0,
-        tdp_mmu_page=_opt_offset(t, "tdp_mmu_page"),  # 5.10+
+        # 5.10 "kvm: x86/mmu: Allocate and free TDP MMU roots" (02c00b3a2f7e)
+        tdp_mmu_page=_opt_offset(t, "tdp_mmu_page"),
         role_fields=tuple(role_bitfields(t.member("role").type)),
     )
 
@@ -270,7 +289,7 @@ def _sp_layout(prog: drgn.Program) -> SpLayout | None:
 def _missing_members(prog: drgn.Program, release: str, used_pages_path: str | None
                      ) -> list[MissingMember]:
     """Every member the model reads that this kernel lacks, with what is shown instead."""
-    out = []
+    out: list[MissingMember] = []
     for struct, members in VALUE_MEMBERS.items():
         t = prog.type(struct)
         out.extend(MissingMember(struct, m, release, f"{m} shown as unknown")
@@ -340,6 +359,7 @@ def probe(prog: drgn.Program, release: str | None = None) -> Layout:
         used_pages_path: str | None = "arch.n_used_mmu_pages"
     elif has_member(bare_type(kvm.member("stat").type), "mmu_shadow_pages"):
         # 7.3 (kvm_account_mmu_page): the count moved to kvm->stat.mmu_shadow_pages
+        # (commit not found in the sources read; the 7.3 fixture shows it)
         used_pages_path = "stat.mmu_shadow_pages"
     else:
         used_pages_path = None
@@ -348,28 +368,38 @@ def probe(prog: drgn.Program, release: str | None = None) -> Layout:
     missing = _missing_members(prog, release, used_pages_path)
     return Layout(
         sp=_sp_layout(prog),
-        # 5.16: kvm->vcpus[KVM_MAX_VCPUS] became the vcpu_array xarray
+        # 5.17 "KVM: Convert the kvm->vcpus array to a xarray" (c5b077549136):
+        # kvm->vcpus[KVM_MAX_VCPUS] became the vcpu_array xarray
         vcpu_array=has_member(kvm, "vcpu_array"),
-        # 4.20: vcpu->arch.mmu became a pointer to root_mmu or guest_mmu
+        # 4.20 "x86/kvm/mmu: make vcpu->mmu a pointer to the current MMU"
+        # (44dd3ffa7bb3): vcpu->arch.mmu became a pointer to root_mmu or guest_mmu
         mmu_is_pointer=bare_type(mmu_member.type).kind == drgn.TypeKind.POINTER,
-        # 5.18: root_hpa/root_pgd folded into struct kvm_mmu_root_info root
+        # 5.18 "KVM: x86: use struct kvm_mmu_root_info for mmu->root" (b9e5603c2a3a):
+        # root_hpa/root_pgd folded into struct kvm_mmu_root_info root
         root_info=has_member(mmu, "root"),
+        # 5.8 "KVM: x86: Replace "cr3" with "pgd" in "new cr3/pgd" related code":
+        # mmu->root_cr3 renamed root_pgd, prev_roots[].cr3 renamed pgd
         root_pgd_name=next((n for n in ("root_pgd", "root_cr3") if has_member(mmu, n)), None),
-        # 5.8: prev_roots[].cr3 renamed pgd
         prev_pgd_name="pgd" if has_member(prev, "pgd") else "cr3",
-        # 5.19: mmu_role split into cpu_role and root_role
+        # 5.19 "KVM: x86/mmu: split cpu_role from mmu_role" (e5ed0fb01004), "KVM:
+        # x86/mmu: remove extended bits from mmu_role, rename field" (7a458f0e1ba1)
         root_role=has_member(mmu, "root_role"),
         special_roots=tuple(
             n for n in ("pae_root", "lm_root", "pml4_root", "pml5_root") if has_member(mmu, n)
         ),
-        # 6.3 moved tdp_mmu_enabled from struct kvm_arch to a kvm.ko global
+        # 6.3 "KVM: x86/mmu: Change tdp_mmu to a read-only parameter" (3af15ff47c4d)
+        # moved tdp_mmu_enabled from struct kvm_arch to a kvm.ko global
         tdp_mmu_per_vm=has_member(kvm_arch, "tdp_mmu_enabled"),
+        # 5.10 "kvm: x86/mmu: Allocate and free TDP MMU roots" (02c00b3a2f7e)
         tdp_mmu_roots=has_member(kvm_arch, "tdp_mmu_roots"),
-        # 6.2 replaced the tdp_mmu_pages list by a counter
+        # 6.2 "KVM: x86/mmu: Track the number of TDP MMU pages, but not the actual
+        # pages" (d25ceb926436) replaced the tdp_mmu_pages list by a counter
         tdp_mmu_pages_list=has_member(kvm_arch, "tdp_mmu_pages")
         and bare_type(kvm_arch.member("tdp_mmu_pages").type).tag == "list_head",
-        # 5.13 introduced SPTE_MMU_PRESENT_MASK (bit 11) together with the
-        # TDP MMU root refcount union; before it presence was "!= 0 && !mmio"
+        # 5.13 "KVM: x86/mmu: Use a dedicated bit to track shadow/MMU-present SPTEs"
+        # (edea7c4fc215) introduced SPTE_MMU_PRESENT_MASK (bit 11), in the same
+        # release as the TDP MMU root refcount union; before, presence was
+        # "!= 0 && !mmio"
         present_bit=has_member(sp_type, "tdp_mmu_root_count"),
         addr_mask=physical_mask & ~0xFFF & ((1 << 52) - 1),
         page_size=page_size,
@@ -377,9 +407,12 @@ def probe(prog: drgn.Program, release: str | None = None) -> Layout:
         vmemmap_base=_symbol_u64(prog, "vmemmap_base", 0xFFFFEA0000000000),
         page_offset_base=_symbol_u64(prog, "page_offset_base", 0xFFFF888000000000),
         used_pages_path=used_pages_path,
-        # 6.8 (confidential VMs): kvm->arch.vm_type, KVM_X86_TDX_VM from 6.16
+        # 6.8 "KVM: x86: Add support for "protected VMs" that can utilize private
+        # memory" (89ea60c2c7b5): kvm->arch.vm_type; KVM_X86_TDX_VM from 6.14
+        # ("KVM: x86: Add a VM type define for TDX")
         vm_type=has_member(kvm_arch, "vm_type"),
-        # 6.14 (TDX): mirror roots beside mmu->root
+        # 6.14 "KVM: x86/tdp_mmu: Support mirror root for TDP MMU" (TDX): mirror
+        # roots beside mmu->root
         mirror_root=has_member(mmu, "mirror_root_hpa"),
         tdp_root_refcount=has_member(sp_type, "tdp_mmu_root_count"),
         root_mmus=tuple(n for n in ("root_mmu", "guest_mmu") if has_member(vcpu_arch, n)

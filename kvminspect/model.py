@@ -1,25 +1,39 @@
 """The kernel model: KVM's VMs, vCPUs, MMU roots and shadow pages, read-only.
 
 Everything here reads the target through drgn and returns the plain, frozen
-dataclasses of kvminspect.objects; nothing renders. Kernel is the readers
-together: read_vms (struct kvm), read_vcpus (struct kvm_vcpu and its MMU),
-read_pages (struct kvm_mmu_page and spt[]). Hot paths read each object as one
-block and decode fields by offset. Anything unreadable is recorded as a
-Problem (owned by the VM being read) and skipped.
+data of kvminspect.objects; nothing renders. The model is parts, each owning
+its caches and its reset(), passed to each other explicitly:
+
+* Memory (memory.py): reads, a page cache, bounded list walks, problems;
+* SpteReader (read_spte.py): the SPTE format, kvm.ko's shadow_*_mask globals;
+* ShadowPages (read_pages.py): struct kvm_mmu_page, spt[], the page lists;
+* Vms (read_vms.py): struct kvm on vm_list, owners, counters, memslots;
+* Vcpus (read_vcpus.py): struct kvm_vcpu, its MMUs' roots and prev_roots;
+* VmStates (read_vmstate.py): MMU notifier, NX huge pages, the page hash.
+
+Kernel is the thin front that builds them for one target, so that commands
+read ``k.vms()``, ``k.vcpus(vm)``, ``k.shadow_page(addr)`` as before; analyses
+read through these parts, never through the drgn Program.
 """
 
 from __future__ import annotations
 
-from kvminspect.objects import (  # noqa: F401 (the model's data, re-exported)
-    KERNEL_MIN,
-    LIST_POISON,
-    MAX_LIST,
+import array
+import contextlib
+from collections.abc import Callable
+
+import drgn
+
+from kvminspect import spte
+from kvminspect.errors import Problems
+from kvminspect.layout import Layout, MissingMember, probe
+from kvminspect.memory import Memory
+from kvminspect.objects import (
     MP_STATES,
     VCPU_MODES,
     VENDOR_MODULES,
     VM,
     VM_TYPES,
-    Int,
     Memslot,
     MmuRoots,
     Role,
@@ -28,14 +42,184 @@ from kvminspect.objects import (  # noqa: F401 (the model's data, re-exported)
     Spte,
     VCpu,
     is_obsolete_sp,
-    stat_counters,
-    struct_int,
 )
-from kvminspect.read_pages import PageReader
-from kvminspect.read_vcpus import VcpuReader
-from kvminspect.read_vms import VmReader
-from kvminspect.read_vmstate import VmStateReader
+from kvminspect.read_pages import ShadowPages
+from kvminspect.read_spte import SpteReader
+from kvminspect.read_vcpus import MmuRootWords, RsvdMasks, Vcpus
+from kvminspect.read_vms import Vms
+from kvminspect.read_vmstate import VmState, VmStates
+
+# the model's data (kvminspect.objects), re-exported beside Kernel
+__all__ = ["MP_STATES", "VCPU_MODES", "VENDOR_MODULES", "VM", "VM_TYPES", "Kernel", "Memslot",
+           "MmuRoots", "Role", "RootRef", "ShadowPage", "Spte", "VCpu", "is_obsolete_sp"]
 
 
-class Kernel(VmReader, VcpuReader, PageReader, VmStateReader):
-    """KVM state of one target, read on demand and cached per target."""
+class Kernel:
+    """KVM state of one target, read on demand by its parts and cached per target.
+
+    ``prog`` is the drgn Program, for the parts and for the user's own drgn
+    code (``py``); analyses read through the parts only.
+    """
+
+    def __init__(self, prog: drgn.Program, release: str | None = None,
+                 layout: Layout | None = None) -> None:
+        self.prog = prog
+        self.layout: Layout = layout if layout is not None else probe(prog, release)
+        self.memory = Memory(prog)
+        self.spte = SpteReader(self.memory, self.layout)
+        self.pages = ShadowPages(self.memory, self.layout, self.spte)
+        self.vm_reader = Vms(self.memory, self.layout)
+        self.vcpu_reader = Vcpus(self.memory, self.layout, self.vm_reader, self.pages)
+        self.vm_states = VmStates(self.memory)
+
+    # what was met while reading
+
+    @property
+    def problems(self) -> Problems:
+        """The problems met so far (Memory's, each owned by a VM or none)."""
+        return self.memory.problems
+
+    @property
+    def missing(self) -> tuple[MissingMember, ...]:
+        """Members the model reads that this kernel lacks (shown as unknown)."""
+        return self.layout.missing
+
+    def problem(self, kind: str, addr: int | None, what: str) -> None:
+        """Record a problem owned by the VM being read (Memory.problem)."""
+        self.memory.problem(kind, addr, what)
+
+    def reading(self, vm: VM | int | None) -> contextlib.AbstractContextManager[None]:
+        """Problems met inside belong to *vm* (a VM or its struct kvm address)."""
+        return self.memory.reading(vm.addr if isinstance(vm, VM) else vm)
+
+    @property
+    def on_progress(self) -> Callable[[int], None] | None:
+        """Called with the pages read so far during long list walks."""
+        return self.memory.on_progress
+
+    @on_progress.setter
+    def on_progress(self, f: Callable[[int], None] | None) -> None:
+        self.memory.on_progress = f
+
+    def drop_blocks(self) -> None:
+        """Forget Memory's page cache (what it held is decoded by now)."""
+        self.memory.reset()
+
+    def forget(self, vm: VM) -> None:
+        """Drop what was read of *vm*'s vCPUs and of every shadow page (a re-read)."""
+        self.vcpu_reader.reset(vm)
+        self.pages.reset()
+        self.memory.reset()
+
+    # VMs (Vms)
+
+    def vms(self) -> list[VM]:
+        """Every struct kvm on the global vm_list, in list order."""
+        return self.vm_reader.vms()
+
+    def vms_if_read(self) -> list[VM] | None:
+        """The VMs vms() read, or None when it has not read them."""
+        return self.vm_reader.vms_if_read()
+
+    def vm_by_id(self, ident: str) -> VM:
+        """A VM by index, pid:N, struct kvm address or name (Vms.vm_by_id)."""
+        return self.vm_reader.vm_by_id(ident)
+
+    def kvm_object(self, vm: VM) -> drgn.Object:
+        """The struct kvm * of *vm*."""
+        return self.vm_reader.kvm_object(vm)
+
+    def change_marks(self, vm: VM) -> tuple[int, ...]:
+        """What moves when *vm*'s MMU changes, read anew (Vms.change_marks)."""
+        return self.vm_reader.change_marks(vm)
+
+    def vm_state(self, vm: VM, hash_chains: bool = True) -> VmState:
+        """*vm*'s invalidation, NX huge page and hash state (VmStates.vm_state)."""
+        return self.vm_states.vm_state(vm, hash_chains)
+
+    # vCPUs (Vcpus)
+
+    def vcpus(self, vm: VM) -> list[VCpu]:
+        """Every online vCPU of *vm*, with its MMU roots."""
+        return self.vcpu_reader.vcpus(vm)
+
+    def vcpu_objects(self, vm: VM) -> list[drgn.Object]:
+        """struct kvm_vcpu * of *vm* for index 0..online_vcpus-1."""
+        return self.vcpu_reader.vcpu_objects(vm)
+
+    def mmu_roots(self, v: VCpu) -> MmuRootWords | None:
+        """A vCPU's current root and prev_roots[] read as one block (Vcpus.mmu_roots)."""
+        return self.vcpu_reader.mmu_roots(v)
+
+    def rsvd_masks(self, v: VCpu) -> RsvdMasks | None:
+        """A vCPU's MMU reserved-bit masks (Vcpus.rsvd_masks)."""
+        return self.vcpu_reader.rsvd_masks(v)
+
+    # shadow pages (ShadowPages) and SPTEs (SpteReader)
+
+    def shadow_page(self, addr: int) -> ShadowPage | None:
+        """struct kvm_mmu_page at *addr*; None if unreadable (a problem)."""
+        return self.pages.shadow_page(addr)
+
+    def shadow_pages(self, addrs: list[int]) -> list[ShadowPage | None]:
+        """shadow_page() of each address."""
+        return self.pages.shadow_pages(addrs)
+
+    def to_shadow_page(self, pfn: int) -> int | None:
+        """to_shadow_page(): page_private(pfn_to_page(pfn)), or None."""
+        return self.pages.to_shadow_page(pfn)
+
+    def page_to_sp(self, pfn: int) -> int | None:
+        """to_shadow_page() (the name kvminspect used before the parts)."""
+        return self.pages.to_shadow_page(pfn)
+
+    def sptes(self, sp: ShadowPage, keep: bool = True) -> array.array[int] | None:
+        """sp->spt[0..511]; None if unreadable (ShadowPages.sptes)."""
+        return self.pages.sptes(sp, keep)
+
+    def links(self, sp: ShadowPage) -> list[tuple[int, int, int | None]]:
+        """(index, SPTE, child) of each present non-leaf SPTE of *sp*."""
+        return self.pages.links(sp)
+
+    def children(self, sp: ShadowPage) -> list[Spte]:
+        """Present non-leaf SPTEs of *sp* with their child shadow pages."""
+        return self.pages.children(sp)
+
+    def decode(self, sp: ShadowPage, index: int, value: int, resolve: bool = True) -> Spte:
+        """One SPTE of *sp*: presence, leaf-ness and the child shadow page."""
+        return self.pages.decode(sp, index, value, resolve)
+
+    def leaf_gfns(self, sp: ShadowPage, indexes: list[int]) -> list[int] | None:
+        """kvm_mmu_page_get_gfn() of each index (ShadowPages.leaf_gfns)."""
+        return self.pages.leaf_gfns(sp, indexes)
+
+    def active_pages(self, vm: VM) -> list[int]:
+        """Shadow pages on kvm->arch.active_mmu_pages (and 6.1's tdp_mmu_pages)."""
+        return self.pages.active_pages(vm)
+
+    def tdp_roots(self, vm: VM) -> list[int]:
+        """TDP MMU roots on kvm->arch.tdp_mmu_roots."""
+        return self.pages.tdp_roots(vm)
+
+    @property
+    def spte_format(self) -> spte.SpteFormat:
+        """This release's SPTE decoding rules (kvminspect.spte)."""
+        return self.spte.format
+
+    def spte_masks(self, vm: VM | None = None) -> spte.SpteMasks:
+        """kvm.ko's SPTE masks, with *vm*'s own MMIO value where kept (SpteReader.masks)."""
+        return self.spte.masks(None if vm is None else vm.addr)
+
+    def spte_present(self, value: int) -> bool:
+        """is_shadow_present_pte() of this release."""
+        return self.spte.present(value)
+
+    def spte_bits(self, sp: ShadowPage, value: int, vm: VM | None = None) -> spte.SpteBits:
+        """One SPTE of *sp*, every bit decoded."""
+        return self.pages.spte_bits(sp, value, vm)
+
+    def read_word(self, addr: int) -> int:
+        """The u64 at *addr* through Memory's page cache."""
+        return self.memory.read_word(addr)
+
+

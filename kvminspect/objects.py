@@ -11,16 +11,14 @@ from typing import NamedTuple
 
 import drgn
 
-from kvminspect.layout import (
+from kvminspect.layout import (  # Int: re-exported, the model's integers
+    Int,
     NoValue,
     bare_type,
     known,
 )
 from kvminspect.spte import SpteBits
 
-MAX_LIST = 1 << 20  # no kernel list kvminspect walks is this long
-KERNEL_MIN = 0xFF00000000000000  # 5-level paging puts the direct map at 0xff11...
-LIST_POISON = (0xDEAD000000000100, 0xDEAD000000000122)
 MP_STATES = {  # KVM_MP_STATE_* (include/uapi/linux/kvm.h)
     0: "RUNNABLE", 1: "UNINITIALIZED", 2: "INIT_RECEIVED", 3: "HALTED",
     4: "SIPI_RECEIVED", 5: "STOPPED", 6: "CHECK_STOP", 7: "OPERATING",
@@ -32,7 +30,6 @@ VM_TYPES = {  # kvm->arch.vm_type: KVM_X86_*_VM (arch/x86/include/uapi/asm/kvm.h
     0: "default", 1: "sw_protected", 2: "sev", 3: "sev_es", 4: "snp", 5: "tdx",
 }
 VENDOR_MODULES = ("kvm_amd", "kvm_intel")
-Int = int | NoValue  # a counter or id that this kernel may lack (UNKNOWN)
 
 
 @dataclass(frozen=True)
@@ -87,7 +84,9 @@ class ShadowPage(NamedTuple):
 
     def bitmap_indexes(self) -> list[int]:
         """Set bits of unsync_child_bitmap, ascending (none when unknown)."""
-        b, out = self.unsync_child_bitmap or 0, []
+        bitmap = self.unsync_child_bitmap
+        b = bitmap if known(bitmap) else 0
+        out: list[int] = []
         while b:
             low = b & -b
             out.append(low.bit_length() - 1)
@@ -239,7 +238,7 @@ def stat_counters(obj: drgn.Object, type_: drgn.Type | None = None) -> dict[str,
             out[m.name] = getattr(obj, m.name).value_()
         elif mt.kind == drgn.TypeKind.STRUCT:
             inner = stat_counters(getattr(obj, m.name))
-            if len(mt.members) == 1 and len(inner) == 1:
+            if len(mt.members or ()) == 1 and len(inner) == 1:
                 out[m.name] = next(iter(inner.values()))
             else:
                 out.update(inner)

@@ -1,12 +1,19 @@
-"""struct kvm_mmu_page: shadow pages, their spt[] and the VM page lists."""
+"""struct kvm_mmu_page: shadow pages, their spt[] and the VM page lists.
+
+ShadowPages is the model's part for arch/x86/kvm/mmu/mmu.c's and tdp_mmu.c's
+pages: it decodes struct kvm_mmu_page by offset (in runs, from the slab pages
+Memory caches), reads each page table's spt[], follows an SPTE to its child
+the way to_shadow_page() does (page_private(pfn_to_page(pfn))), and walks
+kvm->arch.active_mmu_pages, tdp_mmu_pages and tdp_mmu_roots.
+"""
 
 from __future__ import annotations
 
 import array
-import dataclasses
 import struct
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import drgn
 
@@ -14,20 +21,20 @@ from kvminspect import spte
 from kvminspect.layout import (
     PAGE_SHIFT,
     UNKNOWN,
+    Layout,
     SpLayout,
-    has_member,
 )
+from kvminspect.memory import KERNEL_MIN, MAX_LIST, PAGE_SIZE, Memory
 from kvminspect.objects import (
-    KERNEL_MIN,
-    MAX_LIST,
     VM,
     Role,
     ShadowPage,
     Spte,
 )
-from kvminspect.read_base import PAGE_SIZE, KernelBase
+from kvminspect.read_spte import SpteReader
 
 _U64 = struct.Struct("<Q")
+PRIVATES_RUN = 16  # vmemmap pages read at once by page_private() (1024 struct pages)
 _new = tuple.__new__  # ShadowPage(...) without NamedTuple's Python-level __new__
 
 
@@ -54,8 +61,8 @@ class SpDecoder:
         fmt, pos, at = "<", 0, 0
         slots: dict[str, int] = {}
         self.alone: dict[str, tuple[int, struct.Struct]] = {}
-        for name, (off, code) in sorted(((n, v) for n, v in spec.items() if v[0] is not None),
-                                        key=lambda nv: nv[1][0]):
+        present = {n: (off, code) for n, (off, code) in spec.items() if off is not None}
+        for name, (off, code) in sorted(present.items(), key=lambda nv: nv[1][0]):
             if off < pos:  # overlaps the previous field: read alone
                 self.alone[name] = (off, struct.Struct("<" + code))
                 continue
@@ -72,7 +79,7 @@ class SpDecoder:
         self.bitmap = (None if lay.unsync_child_bitmap is None else
                        (lay.unsync_child_bitmap, lay.unsync_child_bitmap + lay.bitmap_bytes))
 
-    def rows(self, blocks: list[bytes]) -> Iterator[tuple]:
+    def rows(self, blocks: list[bytes]) -> Iterator[tuple[Any, ...]]:
         """Per block (one struct's bytes each): the record's values, UNKNOWN,
         then the fields read alone (``index`` says where each scalar is)."""
         if not self.alone:
@@ -83,7 +90,7 @@ class SpDecoder:
             return (row + tail for row in rows)
         return self._rows_alone(blocks)
 
-    def _rows_alone(self, blocks: list[bytes]) -> Iterator[tuple]:
+    def _rows_alone(self, blocks: list[bytes]) -> Iterator[tuple[Any, ...]]:
         """rows() when some fields overlap others and are read one by one."""
         for d in blocks:
             row = list(self.record.unpack_from(d)) + [UNKNOWN]
@@ -92,33 +99,108 @@ class SpDecoder:
             yield tuple(row)
 
 
-class PageReader(KernelBase):
-    """struct kvm_mmu_page: shadow pages, their spt[] and the VM page lists."""
+class ShadowPages:
+    """struct kvm_mmu_page of one target: decoded pages, their spt[], the page lists.
+
+    Reads through *mem*, by the offsets of *layout*, and decodes SPTEs by the
+    format *sptes* probed. Owns the caches of what it decoded (reset()).
+    """
+
+    def __init__(self, mem: Memory, layout: Layout, sptes: SpteReader) -> None:
+        self.mem = mem
+        self.layout = layout
+        self.spte = sptes
+        self._sp_cache: dict[int, ShadowPage | None] = {}
+        self._spt_cache: dict[int, array.array[int] | None] = {}
+        self._roles: dict[int, Role] = {}  # one Role per distinct role word
+        # page_private(): the private words of each vmemmap page read, and how to
+        # take them out of its bytes (None: struct page does not tile 4 KiB)
+        self._privates: dict[int, array.array[int]] = {}
+        size, off = layout.page_size, layout.page_private
+        self._privates_of = (struct.Struct("<" + f"{off}xQ{size - off - 8}x" * (PAGE_SIZE // size))
+                             if PAGE_SIZE % size == 0 and off + 8 <= size else None)
+        self._role_widths = ({f.name: f.width for f in layout.sp.role_fields}
+                             if layout.sp else {})
+        self._decoder: SpDecoder | None = None
+        self._tdp_quirk: bool | None = None
+        self._gfn_array: tuple[int, int] | None = None  # see _translation_array()
+        self._gfn_array_probed = False
+
+    def reset(self) -> None:
+        """Forget every page decoded and every spt[] read (a re-read of a VM)."""
+        self._sp_cache.clear()
+        self._spt_cache.clear()
+        self._privates.clear()
 
     def page_private(self, pfn: int) -> int:
-        """page_private(pfn_to_page(pfn)); FaultError if there is no such struct page."""
-        lay = self.layout
-        page = lay.vmemmap_base + pfn * lay.page_size + lay.page_private
-        if page >= 2**64:
-            raise drgn.FaultError("pfn beyond any struct page", pfn)
-        return self.read_word(page)
+        """page_private(pfn_to_page(pfn)): struct page's private word, of the
+        vmemmap; FaultError if there is no such struct page.
 
-    def page_to_sp(self, pfn: int) -> int | None:
-        """The struct kvm_mmu_page of a page table (to_shadow_page), or None.
-
-        A page already decoded whose sp->spt is that pfn answers first (the
-        kernel sets page->private to the sp that owns sp->spt: no read), else
-        page_private of the pfn's struct page. None both when the page has no
-        private pointer and when its struct page cannot be read (e.g. an SPTE of
-        a garbage page table): callers say which object pointed there.
+        Where struct pages tile a 4 KiB page (sizeof 64: 64 of them), the
+        private words of the whole vmemmap page are read at once and only they
+        are kept (512 bytes, not 4 KiB): a 10^5-page MMU reads a few thousand.
         """
-        sp = self._by_spt.get(pfn)
-        if sp is not None:
-            return sp
+        lay = self.layout
+        at = lay.vmemmap_base + pfn * lay.page_size
+        if at + lay.page_size > 2**64:
+            raise drgn.FaultError("pfn beyond any struct page", pfn)
+        if self._privates_of is None:
+            return self.mem.read_word(at + lay.page_private)
+        block = at & ~(PAGE_SIZE - 1)
+        words = self._privates.get(block)
+        if words is None:
+            try:
+                words = self._read_privates(block)
+            except drgn.FaultError:
+                return self.mem.read_word(at + lay.page_private)  # a part may be readable
+        return words[(at - block) // lay.page_size]
+
+    def _read_privates(self, block: int) -> array.array[int]:
+        """The private words of the struct pages in the vmemmap page at *block*,
+        read with the pages around it: PRIVATES_RUN pages in one read (page
+        tables are allocated close together: their struct pages are neighbours),
+        one at a time where the run cannot be read whole."""
+        unpack = self._privates_of.unpack if self._privates_of else None
+        assert unpack is not None
+        run = PRIVATES_RUN * PAGE_SIZE
+        start = block & ~(run - 1)
+        try:
+            data = self.mem.read(start, run)
+        except drgn.FaultError:
+            start, data = block, self.mem.read(block, PAGE_SIZE)
+        for off in range(0, len(data), PAGE_SIZE):
+            if start + off not in self._privates:
+                self._privates[start + off] = array.array(
+                    "Q", unpack(data[off:off + PAGE_SIZE]))
+        return self._privates[block]
+
+    def to_shadow_page(self, pfn: int) -> int | None:
+        """to_shadow_page() (arch/x86/kvm/mmu/mmu_internal.h): the struct
+        kvm_mmu_page of the page table at *pfn*, page_private(pfn_to_page(pfn)),
+        as the kernel follows it; None when the page has no private pointer and
+        when its struct page cannot be read (e.g. an SPTE of a garbage page
+        table): callers say which object pointed there. Whether each decoded
+        page's sp->spt leads back to it is spt_owner_mismatches()'s question.
+        """
         try:
             return self.page_private(pfn) or None
         except drgn.FaultError:
             return None
+
+    def spt_owner_mismatches(self, pages: Iterable[ShadowPage]
+                             ) -> list[tuple[int, int, int | None]]:
+        """(sp, pfn of sp->spt, page_private of that pfn) of each of *pages*
+        whose spt[] page does not name it as its owner: the kernel's
+        to_shadow_page() would not lead to it (kvm_mmu_alloc_shadow_page() and
+        tdp_mmu_init_sp() set_page_private(virt_to_page(sp->spt), sp))."""
+        out = []
+        offset = self.layout.page_offset_base
+        for sp in pages:
+            pfn = (sp.spt - offset) >> PAGE_SHIFT
+            owner = self.to_shadow_page(pfn) if pfn >= 0 else None
+            if owner != sp.addr:
+                out.append((sp.addr, pfn, owner))
+        return out
 
     def shadow_page(self, addr: int) -> ShadowPage | None:
         """struct kvm_mmu_page at *addr*, decoded by offset; None if unreadable."""
@@ -133,9 +215,9 @@ class PageReader(KernelBase):
         try:
             if addr < KERNEL_MIN:
                 raise drgn.FaultError("not a kernel address", addr)
-            sp = self._decode_sp(addr, self.read_block(addr, lay.size))
+            sp = self._decode_sp(addr, self.mem.read_block(addr, lay.size))
         except drgn.FaultError as e:
-            self.problem("struct kvm_mmu_page", addr, f"unreadable ({e})")
+            self.mem.problem("struct kvm_mmu_page", addr, f"unreadable ({e})")
         self._sp_cache[addr] = sp
         return sp
 
@@ -152,16 +234,16 @@ class PageReader(KernelBase):
         """Structs kvm_mmu_page (their addresses and bytes) as ShadowPages.
 
         One SpDecoder.rows() pass, one Role per role word, impossible levels
-        and unsync_children recorded as problems; each page's sp->spt pfn is
-        remembered for links(). The hot loop of a 10^5-page MMU: ~1.5 us a page.
+        and unsync_children recorded as problems. The hot loop of a 10^5-page
+        MMU: ~1.5 us a page.
         """
         lay = self.layout.sp
         assert lay is not None
-        dec = self._sp_decoder
+        dec = self._decoder
         if dec is None:
-            dec = self._sp_decoder = SpDecoder(lay)
+            dec = self._decoder = SpDecoder(lay)
         ig, ir, isp, iu, ic, irc, igen, itdp = dec.index
-        roles, by_spt, offset = self._roles, self._by_spt, self.layout.page_offset_base
+        roles = self._roles
         bitmap = dec.bitmap
         b0, b1 = bitmap if bitmap is not None else (0, 0)
         from_bytes = int.from_bytes
@@ -181,16 +263,15 @@ class PageReader(KernelBase):
                     level -= 1
             else:
                 tdp = False
-            by_spt[(spt - offset) >> PAGE_SHIFT] = addr
             out.append(_new(ShadowPage, (
                 addr, row[ig], level, role, spt, unsync if unsync is UNKNOWN else unsync != 0,
                 children, from_bytes(d[b0:b1], "little") if bitmap else UNKNOWN,
                 root_count, row[igen], tdp)))
             if not 1 <= role.level <= 5:
-                self.problem("struct kvm_mmu_page", addr, f"impossible level {role.level}")
+                self.mem.problem("struct kvm_mmu_page", addr, f"impossible level {role.level}")
             if children is not UNKNOWN and children > 512:
-                self.problem("struct kvm_mmu_page", addr,
-                             f"impossible unsync_children {children}")
+                self.mem.problem("struct kvm_mmu_page", addr,
+                                 f"impossible unsync_children {children}")
         return out
 
     def _role(self, word: int) -> Role:
@@ -206,7 +287,7 @@ class PageReader(KernelBase):
         5.10's kvm_tdp_mmu_map() allocated each child page table with
         alloc_tdp_mmu_page(vcpu, iter.gfn, iter.level): the level of the SPTE
         pointing at it, one above its own (fixed by "KVM: x86/mmu: Fix TDP MMU
-        page table level", 5.13); roots were right. Decided once, from the
+        page table level" (5.14, f1b832550832)); roots were right. Decided once, from the
         first TDP MMU root with a child: is the child's role.level the root's?
         Read raw, without the shadow-page cache (whose levels depend on it).
         """
@@ -226,126 +307,55 @@ class PageReader(KernelBase):
         level_of = next((f for f in lay.sp.role_fields if f.name == "level"), None)
         if level_of is None:
             return False
-        off = drgn.offsetof(self.prog.type("struct kvm"), "arch") + drgn.offsetof(
-            self.prog.type("struct kvm_arch"), "tdp_mmu_roots")
-        vm_off = drgn.offsetof(self.prog.type("struct kvm"), "vm_list")
-        for node in self.list_nodes(self.prog.symbol("vm_list").address, "vm_list"):
-            for root in self.list_nodes(node - vm_off + off, "kvm->arch.tdp_mmu_roots"):
+        mem = self.mem
+        off = drgn.offsetof(mem.type("struct kvm"), "arch") + drgn.offsetof(
+            mem.type("struct kvm_arch"), "tdp_mmu_roots")
+        vm_off = drgn.offsetof(mem.type("struct kvm"), "vm_list")
+        for node in mem.list_nodes(mem.symbol_address("vm_list"), "vm_list"):
+            for root in mem.list_nodes(node - vm_off + off, "kvm->arch.tdp_mmu_roots"):
                 root -= lay.sp.link
-                level = level_of.get(self.prog.read_u32(root + lay.sp.role))
-                spt = self.prog.read_u64(root + lay.sp.spt)
-                for value in array.array("Q", self.prog.read(spt, 4096)):
-                    if self.spte_present(value) and not spte.is_large_pte(value):
-                        child = self.page_to_sp((value & lay.addr_mask) >> PAGE_SHIFT)
-                        if child:
-                            return level_of.get(self.prog.read_u32(child + lay.sp.role)) == level
+                level = level_of.get(mem.read_u32(root + lay.sp.role))
+                spt = mem.read_u64(root + lay.sp.spt)
+                table = array.array("Q", mem.read(spt, PAGE_SIZE))
+                for _, value in spte.present_non_leaf(table, self.spte.format):
+                    child = self.to_shadow_page((value & lay.addr_mask) >> PAGE_SHIFT)
+                    if child:
+                        return level_of.get(mem.read_u32(child + lay.sp.role)) == level
         return False
 
-    def sptes(self, sp: ShadowPage, keep: bool = True) -> array.array | None:
+    def sptes(self, sp: ShadowPage, keep: bool = True) -> array.array[int] | None:
         """sp->spt[0..511] as one 4 KiB read; None if unreadable (recorded, and
         remembered). *keep*: False reads a table without keeping it (an audit
         reads 10^5 level-1 tables once); a copy already kept is still used."""
         if sp.addr in self._spt_cache:
             return self._spt_cache[sp.addr]
-        out: array.array | None = array.array("Q")
+        out: array.array[int] | None = array.array("Q")
+        assert out is not None
         try:
             if sp.spt < KERNEL_MIN:
                 raise drgn.FaultError("not a kernel address", sp.spt)
-            out.frombytes(self.prog.read(sp.spt, 4096))
+            out.frombytes(self.mem.read(sp.spt, PAGE_SIZE))
             if sys.byteorder != "little":
                 out.byteswap()
         except drgn.FaultError as e:
-            self.problem("struct kvm_mmu_page", sp.addr, f"spt {sp.spt:#x} unreadable ({e})")
+            self.mem.problem("struct kvm_mmu_page", sp.addr, f"spt {sp.spt:#x} unreadable ({e})")
             out = None
         if keep or out is None:
             self._spt_cache[sp.addr] = out
         return out
 
-    @property
-    def spte_format(self) -> spte.SpteFormat:
-        """This release's SPTE decoding rules (kvminspect.spte)."""
-        if self._spte_format is None:
-            self._spte_format = spte.SpteFormat(self.layout.present_bit, self.layout.addr_mask)
-        return self._spte_format
-
-    def spte_masks(self, vm: VM | None = None) -> spte.SpteMasks:
-        """The SPTE format as this kernel holds it: kvm.ko's shadow_*_mask
-        globals (arch/x86/kvm/mmu/spte.c) and the probed SpteLayout; with *vm*,
-        its own kvm->arch.shadow_mmio_value where the kernel keeps one (6.10+).
-
-        A global the kernel lacks is a named fallback (5.10's SPTE_HOST_WRITEABLE
-        / SPTE_MMU_WRITEABLE constants, SPTE_SPECIAL_MASK for MMIO,
-        shadow_me_mask for shadow_me_value) or None ("unknown"), never an error.
-        """
-        if self._spte_masks is None:
-            self._spte_masks = self._read_spte_masks()
-        m = self._spte_masks
-        if vm is not None and self._has_vm_mmio_value():
-            try:
-                kvm = self.kvm_object(vm)
-                m = dataclasses.replace(m, mmio_value=kvm.arch.shadow_mmio_value.value_())
-            except (drgn.FaultError, LookupError, AttributeError):
-                pass
-        return m
-
-    def _has_vm_mmio_value(self) -> bool:
-        """Whether struct kvm_arch has shadow_mmio_value (6.10+, TDX preparation)."""
-        try:
-            return has_member(self.prog.type("struct kvm_arch"), "shadow_mmio_value")
-        except LookupError:
-            return False
-
-    def _global(self, name: str, size: int = 8) -> int | None:
-        """A kvm.ko global by its symbol (u64, or u8/bool), None if absent or unreadable."""
-        try:
-            addr = self.prog.symbol(name).address
-            if size == 1:
-                return self.prog.read_u8(addr)
-            return self.prog.read_u64(addr)
-        except (LookupError, drgn.FaultError, ValueError):
-            return None
-
-    def spte_layout(self) -> spte.SpteLayout:
-        """The SpteLayout of this kernel, probed: shadow_xu_mask (MBEC), then
-        kvm->arch.shadow_mmio_value (SHADOW_NONPRESENT_VALUE came with it in
-        6.10), then SPTE_MMU_PRESENT_MASK (Layout.present_bit, 5.13)."""
-        if self._global("shadow_xu_mask") is not None:
-            return spte.LAYOUT_MBEC
-        if self._has_vm_mmio_value():
-            return spte.LAYOUT_NONPRESENT
-        if self.layout.present_bit:
-            return spte.LAYOUT_PRESENT_BIT
-        return spte.LAYOUT_SPECIAL
-
-    def _read_spte_masks(self) -> spte.SpteMasks:
-        """See spte_masks(): every global spte.GLOBALS names, then the fallbacks."""
-        found = {name: v for name in spte.GLOBALS if (v := self._global(name)) is not None}
-        for name in ("shadow_phys_bits", "enable_mmio_caching"):
-            if (v := self._global(name, 1)) is not None:
-                found[name] = v
-        if "shadow_phys_bits" not in found:
-            try:  # 7.x: kvm_host.maxphyaddr
-                found["kvm_host.maxphyaddr"] = self.prog["kvm_host"].maxphyaddr.value_()
-            except (LookupError, drgn.FaultError, AttributeError):
-                pass
-        return spte.masks_from_globals(found, self.spte_layout())
-
     def spte_bits(self, sp: ShadowPage, value: int, vm: VM | None = None) -> spte.SpteBits:
         """One SPTE of *sp*, every bit decoded (kvminspect.spte.decode_bits)."""
-        return spte.decode_bits(value, sp.level, self.spte_format, self.spte_masks(vm))
-
-    def spte_present(self, value: int) -> bool:
-        """is_shadow_present_pte() of this release (kvminspect.spte)."""
-        return spte.is_shadow_present_pte(value, self.spte_format)
+        return self.spte.bits(sp.level, value, None if vm is None else vm.addr)
 
     def decode(self, sp: ShadowPage, index: int, value: int, resolve: bool = True) -> Spte:
         """One SPTE of *sp*: presence, leaf-ness and the child shadow page."""
-        d = spte.decode(value, sp.level, self.spte_format)
+        d = spte.decode(value, sp.level, self.spte.format)
         child = None
         if d.present and not d.leaf and resolve:
-            child = self.page_to_sp(d.pfn)
+            child = self.to_shadow_page(d.pfn)
         return Spte(index, value, d.present, d.large, d.leaf, d.pfn, child,
-                    spte.decode_bits(value, sp.level, self.spte_format, self.spte_masks()))
+                    self.spte.bits(sp.level, value))
 
     def children(self, sp: ShadowPage) -> list[Spte]:
         """Present non-leaf SPTEs of *sp* with their child shadow pages."""
@@ -355,31 +365,38 @@ class PageReader(KernelBase):
         """(index, SPTE, child struct kvm_mmu_page or None) of every present
         non-leaf SPTE of *sp* (a page above level 1): the graph's edges.
 
-        is_shadow_present_pte() and !is_large_pte() as masks over the whole
-        table (the same rules as kvminspect.spte), and page_to_sp() for the child.
+        spte.present_non_leaf() over the whole table, and to_shadow_page() for
+        the child (its struct page read through Memory's page cache, inline).
         """
         if sp.level <= 1:
             return []
         spt = self.sptes(sp)
         if spt is None:
             return []
-        large = spte.PT_PAGE_SIZE_MASK
-        if self.spte_format.present_bit:
-            bit = spte.SPTE_MMU_PRESENT_MASK
-            found = [(i, v) for i, v in enumerate(spt) if v & bit and not v & large]
-        else:
-            special, mmio = spte.SPTE_SPECIAL_MASK, spte.SPTE_MMIO_MASK
-            found = [(i, v) for i, v in enumerate(spt)
-                     if v and v & special != mmio and not v & large]
-        mask, to_sp = self.layout.addr_mask, self.page_to_sp
-        return [(i, v, to_sp((v & mask) >> PAGE_SHIFT)) for i, v in found]
+        found = spte.present_non_leaf(spt, self.spte.format)
+        lay = self.layout
+        mask, base, size = lay.addr_mask, lay.vmemmap_base, lay.page_size
+        privates, to_sp = self._privates, self.to_shadow_page
+        out = []
+        for i, v in found:  # page_private(pfn_to_page(pfn)), inline when its words are read
+            pfn = (v & mask) >> PAGE_SHIFT
+            at = base + pfn * size
+            block = at & ~(PAGE_SIZE - 1)
+            words = privates.get(block)
+            if words is not None:
+                out.append((i, v, words[(at - block) // size] or None))
+            else:
+                out.append((i, v, to_sp(pfn)))
+        return out
 
     def active_pages(self, vm: VM) -> list[int]:
-        """Shadow pages on kvm->arch.active_mmu_pages (and 6.1's tdp_mmu_pages)."""
+        """Shadow pages on kvm->arch.active_mmu_pages (and the tdp_mmu_pages list, 5.10-6.1)."""
         if self.layout.sp is None:
             return []
-        kvm = self.kvm_object(vm)
+        kvm = self.mem.object("struct kvm *", vm.addr)
         heads = [("active_mmu_pages", kvm.arch.active_mmu_pages.address_of_().value_())]
+        # a list to 6.1, then a counter: "KVM: x86/mmu: Track the number of TDP MMU pages,
+        # but not the actual pages" (6.2, d25ceb926436)
         if self.layout.tdp_mmu_pages_list:
             heads.append(("tdp_mmu_pages", kvm.arch.tdp_mmu_pages.address_of_().value_()))
         out = []
@@ -397,19 +414,20 @@ class PageReader(KernelBase):
         """
         lay = self.layout.sp
         assert lay is not None
+        mem = self.mem
         link, size, cache = lay.link, lay.size, self._sp_cache
-        block, unpack = self.read_block, _U64.unpack_from
+        block, unpack = mem.read_block, _U64.unpack_from
         out: list[int] = []
         todo: list[int] = []  # not decoded yet, and their bytes
         blocks: list[bytes] = []
         try:
-            node = self.read_word(head)
+            node = mem.read_word(head)
         except drgn.FaultError as e:
-            self.problem(kind, head, f"list head unreadable ({e})")
+            mem.problem(kind, head, f"list head unreadable ({e})")
             return out
         if node == 0:  # never initialised (e.g. the TDP MMU lists of a shadow VM)
             return out
-        pages, page_mask = self._pages, ~(PAGE_SIZE - 1)
+        cached, page_mask = mem.cached_page, ~(PAGE_SIZE - 1)
         # Brent's cycle detection (no set of every node): the tortoise jumps to
         # the current node after 1, 2, 4, ... steps; a loop is met within twice
         # its length and prefix
@@ -417,7 +435,7 @@ class PageReader(KernelBase):
         tick = 0x4000
         while node != head:
             if node < KERNEL_MIN:  # also LIST_POISON1/2 (0xdead...)
-                self.problem(kind, node, "list pointer is poisoned or not a kernel address")
+                mem.problem(kind, node, "list pointer is poisoned or not a kernel address")
                 break
             if node == tortoise or len(out) > MAX_LIST:
                 out = self._cut_loop(out, node, link, kind, head)
@@ -430,10 +448,10 @@ class PageReader(KernelBase):
             tick -= 1
             if not tick:
                 tick = 0x4000
-                if self.on_progress is not None:
-                    self.on_progress(len(out))
+                if mem.on_progress is not None:
+                    mem.on_progress(len(out))
             page = addr & page_mask
-            data = pages.get(page)
+            data = cached(page)
             off = addr - page
             try:
                 if data is not None and off + size <= PAGE_SIZE:  # read_block, inline
@@ -441,12 +459,12 @@ class PageReader(KernelBase):
                 else:
                     d = block(addr, size)
             except drgn.FaultError as e:
-                self.problem("struct kvm_mmu_page", addr, f"unreadable ({e})")
+                mem.problem("struct kvm_mmu_page", addr, f"unreadable ({e})")
                 cache[addr] = None
                 try:  # the list goes on if the node itself is readable
-                    node = self.read_word(node)
+                    node = mem.read_word(node)
                 except drgn.FaultError as e:
-                    self.problem(kind, node, f"list node unreadable ({e})")
+                    mem.problem(kind, node, f"list node unreadable ({e})")
                     break
                 continue
             if addr not in cache:  # (a list that loops may list a page twice: harmless)
@@ -468,19 +486,63 @@ class PageReader(KernelBase):
         seen: set[int] = set()
         for n, addr in enumerate(out):
             if addr in seen:
-                self.problem(kind, head, f"list loops at {addr + link:#x}")
+                self.mem.problem(kind, head, f"list loops at {addr + link:#x}")
                 return out[:n]
             seen.add(addr)
         if node - link in seen:
-            self.problem(kind, head, f"list loops at {node:#x}")
+            self.mem.problem(kind, head, f"list loops at {node:#x}")
         else:
-            self.problem(kind, head, f"list loops (more than {MAX_LIST} nodes)")
+            self.mem.problem(kind, head, f"list loops (more than {MAX_LIST} nodes)")
         return out
 
     def tdp_roots(self, vm: VM) -> list[int]:
         """TDP MMU roots on kvm->arch.tdp_mmu_roots (invalid roots stay listed)."""
         if not self.layout.tdp_mmu_roots or self.layout.sp is None:
             return []
-        kvm = self.kvm_object(vm)
+        kvm = self.mem.object("struct kvm *", vm.addr)
         head = kvm.arch.tdp_mmu_roots.address_of_().value_()
-        return [n - self.layout.sp.link for n in self.list_nodes(head, "kvm->arch.tdp_mmu_roots")]
+        link = self.layout.sp.link
+        return [n - link for n in self.mem.list_nodes(head, "kvm->arch.tdp_mmu_roots")]
+
+    def leaf_gfns(self, sp: ShadowPage, indexes: list[int]) -> list[int] | None:
+        """kvm_mmu_page_get_gfn(sp, index) of each index in *indexes* (mmu.c).
+
+        A direct page's gfn is sp->gfn + (index << 9 * (level - 1)); an
+        indirect one's is sp->shadowed_translation[index] >> PAGE_SHIFT ("KVM:
+        x86/mmu: Cache the access bits of shadowed translations" (6.0, 6a97575d5cff)) or
+        sp->gfns[index] before: one 4 KiB read a page (a word each for a few).
+        None if the array cannot be read.
+        """
+        if sp.role.direct:
+            return [sp.gfn + (i << (9 * (sp.level - 1))) for i in indexes]
+        where = self._translation_array()
+        if where is None:
+            return None
+        off, shift = where
+        mem = self.mem
+        try:
+            ptr = mem.read_word(sp.addr + off)
+            if not ptr:
+                return None
+            if len(indexes) <= 8:  # most leaf tables map a few pages: one word each
+                return [mem.read_u64(ptr + 8 * i) >> shift for i in indexes]
+            arr = array.array("Q", mem.read(ptr, PAGE_SIZE))
+        except drgn.FaultError:
+            return None
+        if sys.byteorder != "little":
+            arr.byteswap()
+        return [arr[i] >> shift for i in indexes]
+
+    def _translation_array(self) -> tuple[int, int] | None:
+        """(offset in struct kvm_mmu_page, shift) of shadowed_translation (6.0+)
+        or gfns (before); None when the struct has neither."""
+        if not self._gfn_array_probed:
+            self._gfn_array_probed = True
+            t = self.mem.type("struct kvm_mmu_page")
+            for name, shift in (("shadowed_translation", PAGE_SHIFT), ("gfns", 0)):
+                try:
+                    self._gfn_array = (drgn.offsetof(t, name), shift)
+                    break
+                except LookupError:
+                    continue
+        return self._gfn_array

@@ -1,4 +1,9 @@
-"""struct kvm on vm_list: VMs, their owners, counters and memslots."""
+"""struct kvm on vm_list: VMs, their owners, counters and memslots.
+
+Vms is the model's part for virt/kvm/kvm_main.c's VM list: every struct kvm
+on the global vm_list, its owner task, its kvm->stat and kvm->arch counters
+and its memslots (include/linux/kvm_host.h), read through Memory.
+"""
 
 from __future__ import annotations
 
@@ -10,37 +15,60 @@ from drgn.helpers.linux.pid import find_task
 from kvminspect.errors import LookupFailed
 from kvminspect.layout import (
     UNKNOWN,
+    Int,
+    Layout,
     bare_type,
     has_member,
     known,
 )
+from kvminspect.memory import Memory
 from kvminspect.objects import (
     VENDOR_MODULES,
     VM,
     VM_TYPES,
-    Int,
     Memslot,
     stat_counters,
 )
-from kvminspect.read_base import KernelBase
 
 
-class VmReader(KernelBase):
-    """struct kvm on vm_list: VMs, their owners, counters and memslots."""
+def read_counters(mem: Memory, obj: drgn.Object, kind: str, addr: int) -> dict[str, int]:
+    """The integer members of a stats struct (kvm->stat, vcpu->stat), flattened;
+    {} and a problem naming *kind* at *addr* when it cannot be read."""
+    try:
+        return stat_counters(obj)
+    except drgn.FaultError as e:
+        mem.problem(kind, addr, f"unreadable ({e})")
+        return {}
+
+
+class Vms:
+    """struct kvm on vm_list: VMs, their owners, counters and memslots.
+
+    Reads through *mem* by *layout*; owns the list of VMs read (reset()).
+    """
+
+    def __init__(self, mem: Memory, layout: Layout) -> None:
+        self.mem = mem
+        self.layout = layout
+        self._vms: list[VM] | None = None
+        self._vendor: str | None = None
+        self._vendor_read = False
+        self._has_stats_id: bool | None = None
+
+    def reset(self) -> None:
+        """Forget the VMs read (the next vms() walks vm_list again)."""
+        self._vms = None
 
     def tdp_enabled(self) -> bool:
         """kvm.ko's tdp_enabled: NPT/EPT in use for the guest's own MMU."""
-        try:
-            return bool(self.prog.read_u8(self.prog.symbol("tdp_enabled").address))
-        except (LookupError, drgn.FaultError):
-            return False
+        return bool(self.mem.global_int("tdp_enabled", 1))
 
     def vendor(self) -> str | None:
         """The vendor module loaded (kvm_amd or kvm_intel), None if neither."""
-        if not hasattr(self, "_vendor"):
-            self._vendor = None
+        if not self._vendor_read:
+            self._vendor_read = True
             try:
-                for mod, _ in self.prog.loaded_modules():
+                for mod, _ in self.mem.prog.loaded_modules():
                     if mod.name in VENDOR_MODULES:
                         self._vendor = mod.name
                         break
@@ -49,16 +77,18 @@ class VmReader(KernelBase):
         return self._vendor
 
     def _vm_type(self, kvm: drgn.Object) -> str | None:
-        """kvm->arch.vm_type by name (6.8+), None before."""
+        """kvm->arch.vm_type by name; None before "KVM: x86: Add support for "protected
+        VMs" that can utilize private memory" (6.8, 89ea60c2c7b5)."""
         if not self.layout.vm_type:
             return None
-        t = kvm.arch.vm_type.value_()
+        t = int(kvm.arch.vm_type.value_())
         return VM_TYPES.get(t, str(t))
 
     def _stats_id(self, kvm: drgn.Object) -> str | None:
-        """kvm->stats_id, "kvm-PID" (a char array, 5.14+); None on older kernels."""
-        if not hasattr(self, "_has_stats_id"):
-            self._has_stats_id = has_member(self.prog.type("struct kvm"), "stats_id")
+        """kvm->stats_id, "kvm-PID" (a char array); None on older kernels.
+        "KVM: stats: Add fd-based API to read binary stats data" (5.14, cb082bfab59a)"""
+        if self._has_stats_id is None:
+            self._has_stats_id = has_member(self.mem.type("struct kvm"), "stats_id")
         if not self._has_stats_id:
             return None
         return kvm.stats_id.string_().decode(errors="replace") or None
@@ -75,37 +105,37 @@ class VmReader(KernelBase):
         return qemu_guest_name([a.decode(errors="replace") for a in argv or []])
 
     def _used_pages(self, kvm: drgn.Object) -> Int:
-        """MMU pages in use: kvm->arch.n_used_mmu_pages, kvm->stat.mmu_shadow_pages in 7.3."""
+        """MMU pages in use: kvm->arch.n_used_mmu_pages, kvm->stat.mmu_shadow_pages in
+        7.3, as the 7.3 fixture's DWARF shows (commit not found)."""
         path = self.layout.used_pages_path
         if path is None:
             return UNKNOWN
         outer, inner = path.split(".")
-        return kvm.member_(outer).member_(inner).value_()
+        return int(kvm.member_(outer).member_(inner).value_())
 
     def _mmu_kind(self, kvm: drgn.Object) -> str:
         """shadow, tdp_mmu or tdp_legacy for one struct kvm."""
         if not self.tdp_enabled():
             return "shadow"
+        # "KVM: x86/mmu: Change tdp_mmu to a read-only parameter" (6.3, 3af15ff47c4d)
         if self.layout.tdp_mmu_per_vm:
             on = bool(kvm.arch.tdp_mmu_enabled.value_())
         else:
-            try:
-                on = bool(self.prog.read_u8(self.prog.symbol("tdp_mmu_enabled").address))
-            except (LookupError, drgn.FaultError):
-                on = False
+            on = bool(self.mem.global_int("tdp_mmu_enabled", 1))
         return "tdp_mmu" if on else "tdp_legacy"
 
     def vms(self) -> list[VM]:
         """Every struct kvm on the global vm_list, in list order."""
         if self._vms is None:
-            head = self.prog.symbol("vm_list").address
-            off = drgn.offsetof(self.prog.type("struct kvm"), "vm_list")
+            mem = self.mem
+            head = mem.symbol_address("vm_list")
+            off = drgn.offsetof(mem.type("struct kvm"), "vm_list")
             vms = []  # cached only when complete (Ctrl-C may interrupt the walk)
-            for i, node in enumerate(self.list_nodes(head, "vm_list")):
-                with self.reading(node - off):
+            for i, node in enumerate(mem.list_nodes(head, "vm_list")):
+                with mem.reading(node - off):
                     vm = self._read_vm(i, node - off)
                 if vm is None:  # shown by no document as a VM: its problems are the list's
-                    self.problems.disown(node - off)
+                    mem.problems.disown(node - off)
                 if vm is not None:
                     vms.append(vm)
             self._vms = vms
@@ -116,17 +146,18 @@ class VmReader(KernelBase):
         return self._vms
 
     def kvm_object(self, vm: VM) -> drgn.Object:
-        return drgn.Object(self.prog, "struct kvm *", vm.addr)
+        """The struct kvm * of *vm*."""
+        return self.mem.object("struct kvm *", vm.addr)
 
     def _read_vm(self, index: int, addr: int) -> VM | None:
         """One struct kvm; None (and a problem) when it cannot be read."""
-        kvm = drgn.Object(self.prog, "struct kvm *", addr)
-        v = self.value
+        kvm = self.mem.object("struct kvm *", addr)
+        v = self.layout.value
         try:
             pid = v(kvm, "struct kvm", "userspace_pid")
             comm = state = guest = None
             try:
-                task = find_task(self.prog, pid) if known(pid) else None
+                task = find_task(self.mem.prog, pid) if known(pid) else None
                 if task:
                     comm = task.comm.string_().decode(errors="replace")
                     from drgn.helpers.linux.sched import task_state_to_char
@@ -149,47 +180,95 @@ class VmReader(KernelBase):
                 indirect_shadow_pages=v(arch, "struct kvm_arch", "indirect_shadow_pages"),
                 memslots=self._memslots(kvm),
                 stat=({} if self.layout.lacks("struct kvm", "stat")
-                      else self._stat(kvm.stat, "kvm->stat", addr)),
+                      else read_counters(self.mem, kvm.stat, "kvm->stat", addr)),
                 vendor=self.vendor(),
                 vm_type=self._vm_type(kvm),
                 stats_id=self._stats_id(kvm),
                 guest_name=guest,
             )
         except drgn.FaultError as e:
-            self.problem("struct kvm", addr, f"unreadable ({e})")
+            self.mem.problem("struct kvm", addr, f"unreadable ({e})")
             return None
-
-    def _stat(self, obj: drgn.Object, kind: str, addr: int) -> dict[str, int]:
-        try:
-            return stat_counters(obj)
-        except drgn.FaultError as e:
-            self.problem(kind, addr, f"unreadable ({e})")
-            return {}
 
     def _memslots(self, kvm: drgn.Object) -> list[Memslot]:
         """The memslots of every address space of one VM."""
         out: list[Memslot] = []
+        for as_id, s in self.memslot_objects(kvm):
+            try:
+                out.append(Memslot(as_id, s.id.value_(), s.base_gfn.value_(), s.npages.value_(),
+                                   s.userspace_addr.value_(), s.flags.value_()))
+            except drgn.FaultError as e:
+                self.mem.problem("struct kvm_memory_slot", kvm.value_(),
+                                 f"memslot of address space {as_id} unreadable ({e})")
+        return out
+
+    def memslot_objects(self, kvm: drgn.Object) -> list[tuple[int, drgn.Object]]:
+        """(address space, struct kvm_memory_slot) of every memslot of a struct
+        kvm *, by address space; an unreadable struct kvm_memslots is a problem."""
+        out: list[tuple[int, drgn.Object]] = []
         t = bare_type(kvm.type_.type)
-        name = "memslots" if t.member("memslots").type.kind == drgn.TypeKind.ARRAY else None
-        if name is None:
+        if t.member("memslots").type.kind != drgn.TypeKind.ARRAY:
             return out
         for as_id, slots in enumerate(kvm.memslots):
             try:
                 if not slots:
                     continue
-                for s in self._slots_of(slots):
-                    out.append(Memslot(as_id, s.id.value_(), s.base_gfn.value_(),
-                                       s.npages.value_(), s.userspace_addr.value_(),
-                                       s.flags.value_()))
+                out.extend((as_id, s) for s in self._slots_of(slots))
             except (drgn.FaultError, LookupError, ValueError) as e:
-                self.problem("struct kvm_memslots", slots.value_(), f"unreadable ({e})")
+                self.mem.problem("struct kvm_memslots", slots.value_(), f"unreadable ({e})")
         return out
+
+    def memslot_rmaps(self, vm: VM, levels: int
+                      ) -> list[tuple[int, int, int, int, int, tuple[int, ...]]]:
+        """(address space, id, struct kvm_memory_slot address, base_gfn, npages,
+        slot->arch.rmap[0..levels-1]) of every memslot of *vm*: the rmap arrays'
+        addresses (all 0 when the VM never allocated rmaps: TDP MMU only)."""
+        out = []
+        for as_id, s in self.memslot_objects(self.kvm_object(vm)):
+            try:
+                heads = tuple(int(s.arch.rmap[i].value_()) for i in range(levels))
+                out.append((as_id, int(s.id.value_()), int(s.address_ or 0),
+                            int(s.base_gfn.value_()), int(s.npages.value_()), heads))
+            except (drgn.FaultError, LookupError, AttributeError) as e:
+                self.mem.problem("struct kvm_memslots", vm.addr,
+                                 f"memslot rmaps unreadable ({e})")
+        return out
+
+    def vmm_mm(self, vm: VM) -> drgn.Object | None:
+        """kvm->mm, the VMM's struct mm_struct *; None when NULL or unreadable."""
+        try:
+            mm = self.kvm_object(vm).mm.read_()
+        except (drgn.FaultError, LookupError, AttributeError):
+            return None
+        return mm if mm else None
+
+    def hva_to_pfn(self, mm: drgn.Object, hva: int) -> int:
+        """The host pfn the VMM's page tables (*mm*) map at *hva*: follow_pfn().
+
+        FaultError when a page-table entry is not present ("address not
+        mapped") or a page-table page is not in the dump; LookupError,
+        ValueError or NotImplementedError when the tables cannot be walked.
+        """
+        from drgn.helpers.linux.mm import follow_pfn
+
+        return int(follow_pfn(mm, hva).value_())
+
+    def tdp_mmu_pages_count(self, vm: VM) -> int | None:
+        """kvm->arch.tdp_mmu_pages as a count (atomic64_t; "KVM: x86/mmu: Track the
+        number of TDP MMU pages, but not the actual pages" (6.2, d25ceb926436));
+        None where it is a list (5.10-6.1), absent or unreadable."""
+        try:
+            return int(self.kvm_object(vm).arch.tdp_mmu_pages.counter.value_())
+        except (LookupError, AttributeError, drgn.FaultError):
+            return None
 
     def _slots_of(self, slots: drgn.Object) -> Iterator[drgn.Object]:
         """struct kvm_memory_slot of one struct kvm_memslots."""
         st = bare_type(slots.type_.type)
-        names = {m.name for m in st.members}
-        if "gfn_tree" in names:  # 5.17: memslots in an rbtree per node_idx
+        names = {m.name for m in st.members or ()}
+        # "KVM: Keep memslots in tree-based structures instead of array-based ones"
+        # (5.17, a54d806688fe): memslots in an rbtree per node_idx
+        if "gfn_tree" in names:
             from drgn.helpers.linux.rbtree import rbtree_inorder_for_each
 
             idx = slots.node_idx.value_()
@@ -197,10 +276,11 @@ class VmReader(KernelBase):
                 if i > 4096:
                     raise ValueError("gfn_tree too large")
                 yield drgn.container_of(node, "struct kvm_memory_slot", f"gfn_node[{idx}]")
-        elif "used_slots" in names:  # 5.8-5.15: memslots[0..used_slots)
+        # "kvm: optimize GFN to memslot lookup with large slots amount" (before 4.19, 9c1a5d38780e)
+        elif "used_slots" in names:  # memslots[0..used_slots): 4.19 to 5.16
             for i in range(min(slots.used_slots.value_(), 4096)):
                 yield slots.memslots[i]
-        else:  # 4.19/5.4: fixed array, ends at npages == 0
+        else:  # older than used_slots (before 4.19): fixed array, ends at npages == 0
             for s in slots.memslots:
                 if not s.npages:
                     break
@@ -214,20 +294,12 @@ class VmReader(KernelBase):
         marks = [kvm.arch.mmu_valid_gen.value_(), kvm.arch.active_mmu_pages.next.value_()]
         if self.layout.tdp_mmu_roots:
             marks.append(kvm.arch.tdp_mmu_roots.next.value_())
-        # 6.3 renamed mmu_notifier_seq to mmu_invalidate_seq
+        # "KVM: Rename mmu_notifier_* to mmu_invalidate_*" (6.0, 20ec3ebd707c)
         for name in ("mmu_invalidate_seq", "mmu_notifier_seq"):
             if has_member(kvm.type_, name):
                 marks.append(kvm.member_(name).value_())
                 break
         return tuple(marks)
-
-    def forget(self, vm: VM) -> None:
-        """Drop what was read of *vm*'s vCPUs and of every shadow page (a re-read)."""
-        self._vcpus.pop(vm.addr, None)
-        self._sp_cache.clear()
-        self._spt_cache.clear()
-        self._by_spt.clear()
-        self.drop_blocks()
 
     def vm_by_id(self, ident: str) -> VM:
         """A VM by index (0, 1, ...), owner pid (pid:N), struct kvm address, or name

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 import drgn
 
-from kvminspect.layout import UNKNOWN, bare_type, has_member
-from kvminspect.objects import VM, Int
-from kvminspect.read_base import KernelBase
+from kvminspect.layout import UNKNOWN, Int, bare_type, has_member
+from kvminspect.memory import Memory
+from kvminspect.objects import VM
 
 MAX_CHAIN = 1 << 20  # no hash chain is this long
 
@@ -22,11 +22,11 @@ class Invalidation:
     """struct kvm's MMU notifier state: a page fault that began before the last
     invalidation, or overlaps one in progress, retries (mmu_invalidate_retry)."""
 
-    prefix: str | None  # "mmu_invalidate" (6.3+), "mmu_notifier" (before), None: neither
+    prefix: str | None  # "mmu_invalidate" (6.0+), "mmu_notifier" (before), None: neither
     seq: Int
     in_progress: Int  # mmu_invalidate_in_progress / mmu_notifier_count
-    # gfn; UNKNOWN before 5.13, which began tracking the range: a kernel without it
-    # is a release difference (as kvm->stats_id before 5.14), not a warning
+    # gfn; UNKNOWN without the range: not in the 5.10 fixture's DWARF, in 6.1's (commit
+    # not found); a release difference (as kvm->stats_id before 5.14), not a warning
     range_start: Int
     range_end: Int
 
@@ -49,7 +49,20 @@ class NxHugePages:
 
     param: Int  # 1 on, 0 off, -1 auto not yet decided; UNKNOWN without the symbol
     possible: Int  # pages on the list(s); UNKNOWN without the member
-    by_mmu: dict[str, int] = field(default_factory=dict)  # 7.x: per MMU type
+    # per MMU type from 7.3, as the 7.3 fixture's DWARF shows (commit not found)
+    by_mmu: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MmuLock:
+    """kvm->mmu_lock: a qrwlock ("KVM: x86/mmu: Use an rwlock for the x86 MMU",
+    5.12, 531810caa9f4) counts readers and a writer but names neither; a
+    spinlock (before) is only locked or not."""
+
+    rwlock: bool
+    writer: bool  # rwlock: _QW_LOCKED; spinlock: locked
+    readers: int  # rwlock: cnts >> _QR_SHIFT; 0 for a spinlock
+    error: str | None = None  # unreadable: why (the rest is meaningless)
 
 
 @dataclass(frozen=True)
@@ -62,8 +75,14 @@ class VmState:
     hash_read: bool = True  # False: not asked for (a walk of every chain: 'vm' only)
 
 
-class VmStateReader(KernelBase):
-    """Reads VmState for a VM (not cached: 'vm' reads it once per VM)."""
+class VmStates:
+    """Reads VmState for a VM through *mem* (nothing cached: 'vm' reads it once per VM)."""
+
+    def __init__(self, mem: Memory) -> None:
+        self.mem = mem
+
+    def reset(self) -> None:
+        """Nothing to forget: every VmState is read anew."""
 
     def vm_state(self, vm: VM, hash_chains: bool = True) -> VmState:
         """The invalidation, NX huge page and hash state of *vm*'s struct kvm.
@@ -71,14 +90,29 @@ class VmStateReader(KernelBase):
         *hash_chains*: walk every mmu_page_hash chain (a read per shadow page:
         'vm' does, 'vms', which must stay as cheap as listing the VMs, does not).
         """
-        kvm = drgn.Object(self.prog, "struct kvm *", vm.addr)
-        with self.reading(vm):
+        kvm = self.mem.object("struct kvm *", vm.addr)
+        with self.mem.reading(vm.addr):
             return VmState(self._invalidation(kvm), self._nx(kvm),
                            self._hash(kvm) if hash_chains else None, hash_chains)
 
+    def mmu_lock(self, vm: VM) -> MmuLock:
+        """kvm->mmu_lock, read now: rwlock_t's qrwlock cnts (writer byte,
+        readers from _QR_SHIFT 9) or spinlock_t's queued spinlock val."""
+        try:
+            lock = self.mem.object("struct kvm *", vm.addr).mmu_lock
+            try:
+                cnts = int(lock.raw_lock.cnts.counter.value_()) & 0xFFFFFFFF
+            except AttributeError:
+                val = int(lock.rlock.raw_lock.val.counter.value_())
+                return MmuLock(False, bool(val & 0xFF), 0)
+        except (drgn.FaultError, LookupError, AttributeError) as e:
+            return MmuLock(False, False, 0, str(e))
+        return MmuLock(True, bool(cnts & 0xFF), cnts >> 9)  # _QW_LOCKED, _QR_SHIFT
+
     def _invalidation(self, kvm: drgn.Object) -> Invalidation:
-        """kvm->mmu_invalidate_{seq,in_progress,range_start,range_end}; 6.3 renamed
-        them from mmu_notifier_{seq,count,range_start,range_end} (the range: 5.13)."""
+        """kvm->mmu_invalidate_{seq,in_progress,range_start,range_end}, formerly
+        mmu_notifier_{seq,count,range_start,range_end}: "KVM: Rename mmu_notifier_* to
+        mmu_invalidate_*" (6.0, 20ec3ebd707c). The range: see Invalidation."""
         t = kvm.type_
         for prefix, count in (("mmu_invalidate", "in_progress"), ("mmu_notifier", "count")):
             if not has_member(t, f"{prefix}_seq"):
@@ -91,15 +125,17 @@ class VmStateReader(KernelBase):
                     kvm.member_(f"{prefix}_range_start").value_() if ranged else UNKNOWN,
                     kvm.member_(f"{prefix}_range_end").value_() if ranged else UNKNOWN)
             except drgn.FaultError as e:
-                self.problem("struct kvm", kvm.value_(), f"{prefix}_* unreadable ({e})")
+                self.mem.problem("struct kvm", kvm.value_(), f"{prefix}_* unreadable ({e})")
         return Invalidation(None, UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN)
 
     def _nx(self, kvm: drgn.Object) -> NxHugePages:
         """kvm.ko's nx_huge_pages and the length of kvm->arch.possible_nx_huge_pages
-        (6.2 renamed lpage_disallowed_mmu_pages; 7.x made it one struct
-        kvm_possible_nx_huge_pages {pages, nr_pages} per MMU type)."""
+        (formerly lpage_disallowed_mmu_pages: "KVM: x86/mmu: Rename NX huge pages
+        fields/functions for consistency" (6.2, 55c510e26ab6); one struct
+        kvm_possible_nx_huge_pages {pages, nr_pages} per MMU type in 7.3, as the 7.3
+        fixture's DWARF shows, commit not found)."""
         try:
-            param: Int = self.prog["nx_huge_pages"].value_()
+            param: Int = self.mem.variable("nx_huge_pages").value_()
         except (LookupError, drgn.FaultError):
             param = UNKNOWN
         arch = kvm.arch
@@ -111,7 +147,7 @@ class VmStateReader(KernelBase):
                     continue
                 m = arch.member_(name)
                 if bare_type(m.type_).kind == drgn.TypeKind.ARRAY:
-                    kinds = _mmu_types(self.prog, len(m))
+                    kinds = _mmu_types(self.mem, len(m))
                     for i, e in enumerate(m):
                         by_mmu[kinds[i]] = (e.nr_pages.value_() if has_member(e.type_, "nr_pages")
                                             else self._count(e.pages.address_of_().value_()))
@@ -120,17 +156,20 @@ class VmStateReader(KernelBase):
                     possible = self._count(m.address_of_().value_())
                 break
         except drgn.FaultError as e:
-            self.problem("struct kvm_arch", kvm.value_(), f"possible_nx_huge_pages ({e})")
+            self.mem.problem("struct kvm_arch", kvm.value_(), f"possible_nx_huge_pages ({e})")
             possible = UNKNOWN
         return NxHugePages(param, possible, by_mmu)
 
     def _count(self, head: int) -> int:
         """Nodes of one list_head list (bounded, cycle-safe)."""
-        return sum(1 for _ in self.list_nodes(head, "possible_nx_huge_pages"))
+        return sum(1 for _ in self.mem.list_nodes(head, "possible_nx_huge_pages"))
 
     def _hash(self, kvm: drgn.Object) -> HashStats | None:
-        """Chain lengths of kvm->arch.mmu_page_hash[KVM_NUM_MMU_PAGES] (an array to
-        6.3, a pointer allocated on the first shadow page from 6.4)."""
+        """Chain lengths of kvm->arch.mmu_page_hash[KVM_NUM_MMU_PAGES]: an array, then a
+        pointer from "KVM: x86/mmu: Dynamically allocate shadow MMU's hashed page list"
+        (6.17, 039ef33e2f93; in 6.12.y from 6.12.112), NULL until the first shadow page
+        from "KVM: x86/mmu: Defer allocation of shadow MMU's hashed page list" (6.17,
+        9c4fe6d1509b)."""
         arch = kvm.arch
         if not has_member(arch.type_, "mmu_page_hash"):
             return None
@@ -143,19 +182,19 @@ class VmStateReader(KernelBase):
                 if not base:
                     return None
                 n = 1 << 12  # KVM_NUM_MMU_PAGES (1 << KVM_MMU_HASH_SHIFT): a macro
-            data = self.prog.read(base, 8 * n)
+            data = self.mem.read(base, 8 * n)
         except drgn.FaultError as e:
-            self.problem("struct kvm_arch", kvm.value_(), f"mmu_page_hash unreadable ({e})")
+            self.mem.problem("struct kvm_arch", kvm.value_(), f"mmu_page_hash unreadable ({e})")
             return None
-        lengths = Counter()
+        lengths: Counter[int] = Counter()
         for i in range(n):
             node, length = int.from_bytes(data[8 * i:8 * i + 8], "little"), 0
             while node and length < MAX_CHAIN:
                 length += 1
                 try:
-                    node = self.read_word(node)  # hlist_node.next
+                    node = self.mem.read_word(node)  # hlist_node.next
                 except drgn.FaultError as e:
-                    self.problem("mmu_page_hash", node, f"chain of bucket {i} unreadable ({e})")
+                    self.mem.problem("mmu_page_hash", node, f"chain of bucket {i} unreadable ({e})")
                     break
             lengths[length] += 1
         used = n - lengths.get(0, 0)
@@ -163,11 +202,11 @@ class VmStateReader(KernelBase):
                          max(lengths), {k: v for k, v in sorted(lengths.items()) if k})
 
 
-def _mmu_types(prog: drgn.Program, n: int) -> list[str]:
+def _mmu_types(mem: Memory, n: int) -> list[str]:
     """Names of enum kvm_mmu_type (KVM_SHADOW_MMU, KVM_TDP_MMU) by value, "shadow"/"tdp"."""
     names = [str(i) for i in range(n)]
     try:
-        for e in prog.type("enum kvm_mmu_type").enumerators:
+        for e in mem.type("enum kvm_mmu_type").enumerators or ():
             if 0 <= e.value < n:
                 names[e.value] = e.name.removeprefix("KVM_").removesuffix("_MMU").lower()
     except LookupError:

@@ -17,22 +17,8 @@ from rich.table import Table
 from rich.text import Text
 
 from kvminspect.errors import Problem
+from kvminspect.fmt import hx as hx  # the one hex formatter, re-exported for the renderers
 from kvminspect.layout import MissingMember, NoValue
-
-
-def hx(v: int | NoValue | None) -> str | None:
-    """An address-like value as JSON: a "0x…" string (64-bit safe), null (none),
-    or the NoValue's name ("unknown", "unreadable")."""
-    if v is None or isinstance(v, NoValue):
-        return None if v is None else v.name
-    return hex(v)
-
-
-def hexs(v: int | NoValue | None) -> str:
-    """An address-like value for people: 0x…, "-" (none), "unknown" or "unreadable"."""
-    if v is None or isinstance(v, NoValue):
-        return "-" if v is None else v.name
-    return hex(v)
 
 
 def plural(n: int, one: str, many: str) -> str:
@@ -189,8 +175,8 @@ class Grid:
                 yield from _rstrip(line)
                 yield Segment.line()
             return
-        for line, style in self.records(width, fold=not console.soft_wrap):
-            yield Segment(line, console.get_style(style) if style else None)
+        for text, style in self.records(width, fold=not console.soft_wrap):
+            yield Segment(text, console.get_style(style) if style else None)
             yield Segment.line()
 
 

@@ -37,7 +37,8 @@ from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.input import Input
 from prompt_toolkit.output import Output
 
-from kvminspect.commands import NAMESPACE, asks_help, load_all
+from kvminspect import registry
+from kvminspect.commands import NAMESPACE, asks_help
 from kvminspect.errors import KvminspectError, describe
 from kvminspect.model import VM
 from kvminspect.session import Session
@@ -65,7 +66,7 @@ def history_path() -> Path:
     return base / "kvminspect" / "history"
 
 
-class _QuietFileHistory(FileHistory):
+class QuietFileHistory(FileHistory):
     """FileHistory that stops writing (keeping entries in memory) if the file fails."""
 
     def load_history_strings(self) -> Iterable[str]:
@@ -91,7 +92,7 @@ def open_history(path: Path | None = None) -> History:
         os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
     except OSError:
         return InMemoryHistory()
-    return _QuietFileHistory(str(path))
+    return QuietFileHistory(str(path))
 
 
 # -- running one line ---------------------------------------------------------
@@ -197,28 +198,22 @@ def run_guarded(session: Session, line: str) -> bool:
 # -- completion ---------------------------------------------------------------
 
 
-def _parser_actions(cmd: Any) -> list[Any] | None:
-    """The argparse actions of a drgn command, or None when it has no parser."""
-    parser = getattr(cmd, "_parser", None)
-    actions = getattr(parser, "_actions", None)
-    return list(actions) if isinstance(actions, list) else None
-
-
-def _options(cmd: Any) -> dict[str, bool]:
-    """Option string -> whether it takes a value, for one command."""
-    actions = _parser_actions(cmd)
-    if actions is not None:
-        return {opt: a.nargs != 0 for a in actions for opt in a.option_strings}
+def _options(name: str, cmd: Any) -> dict[str, bool]:
+    """Option string -> whether it takes a value, for command *name*: from the
+    registry, else (a command kvminspect did not register) from its usage line."""
+    entry = registry.entry(name)
+    if entry is not None:
+        return entry.options()
     usage = cmd.format_usage()
     return {m.group(1): bool(m.group(2))
             for m in re.finditer(r"(?<![\w-])(--?[\w][\w-]*)(?:[ =]([A-Z][A-Z_]*))?", usage)}
 
 
-def _positionals(cmd: Any) -> list[str]:
-    """The metavars (or dests) of a command's positional arguments, in order."""
-    actions = _parser_actions(cmd)
-    if actions is not None:
-        return [str(a.metavar or a.dest).upper() for a in actions if not a.option_strings]
+def _positionals(name: str, cmd: Any) -> list[str]:
+    """The metavars (or names) of a command's positional arguments, in order."""
+    entry = registry.entry(name)
+    if entry is not None:
+        return entry.positionals()
     usage = re.sub(r"\[?--?[\w-]+(?: [A-Z][A-Z_]*)?\]?", " ", cmd.format_usage())
     return re.findall(r"\b[A-Z][A-Z_]*\b", usage)
 
@@ -271,7 +266,7 @@ class ReplCompleter(Completer):
             cmd = NAMESPACE.lookup(self.session.target.prog, words[0])
         except CommandNotFoundError:
             return
-        options = _options(cmd)
+        options = _options(words[0], cmd)
         if len(words) > 1 and options.get(words[-1]):
             if words[-1] == "--vm":
                 yield from _matching(word, self._vm_ids(all_=False))
@@ -307,7 +302,7 @@ class ReplCompleter(Completer):
                 skip = options.get(w, False)
             else:
                 given += 1
-        positionals = _positionals(cmd)
+        positionals = _positionals(words[0], cmd)
         if given >= len(positionals):
             return
         metavar, name = positionals[given], words[0]
@@ -398,7 +393,6 @@ def make_prompt(session: Session, input: Input | None = None,
 def run_repl(session: Session, *, input: Input | None = None,
              output: Output | None = None) -> int:
     """Read and run commands until Ctrl-D, 'quit' or 'exit'; the exit status (0)."""
-    load_all()
     session.interactive = True
     if input is None and not _is_tty(sys.stdin):
         return _run_plain(session, sys.stdin)

@@ -49,6 +49,7 @@ TABLES = {
             "arch/x86/include/asm/kvm_host.h",
             {0: "TLB_FLUSH", 1: "MMU_RELOAD", 2: "PENDING_TIMER", 3: "UNHALT", 4: "VM_BUGGED",
              **_arch("MSR_FILTER_CHANGED")}),
+        # 6.1 "KVM: remove KVM_REQ_UNHALT" (c59fb1275838) dropped bit 3 (UNHALT)
         RequestTable(
             "6.1", "Debian linux-headers-6.1.0-56-common (6.1.192): include/linux/kvm_host.h, "
             "arch/x86/include/asm/kvm_host.h (no UNHALT: \"KVM: Remove KVM_REQ_UNHALT\")",

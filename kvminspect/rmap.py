@@ -15,12 +15,15 @@ from __future__ import annotations
 import array
 import sys
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import drgn
 
 from kvminspect import spte
-from kvminspect.layout import PAGE_SHIFT
-from kvminspect.model import VM, Kernel, ShadowPage
+from kvminspect.layout import PAGE_SHIFT, bare_type
+from kvminspect.memory import Memory
+from kvminspect.model import Kernel
+from kvminspect.objects import VM, ShadowPage
 
 LEVELS = (1, 2, 3)  # PG_LEVEL_4K .. PG_LEVEL_1G: KVM_NR_PAGE_SIZES rmap arrays
 LEVEL_NAMES = {1: "4K", 2: "2M", 3: "1G"}
@@ -66,29 +69,55 @@ class RmapEntry:
     index: int  # (sptep & 4095) / 8
     value: int | None  # *sptep (None: unreadable)
     bits: spte.SpteBits | None
-    source: str = "rmap"  # "rmap" or the TDP MMU root walked ("tdp_mmu_roots sp 0x...")
+    # where it was found: None for the memslot's rmap, else the struct
+    # kvm_mmu_page of the root on tdp_mmu_roots walked to the gfn (tdp_of_gfn)
+    tdp_root: int | None = None
+
+
+class RmapHead(NamedTuple):
+    """Which rmap head holds an sptep: slot->arch.rmap[level - 1] of this gfn."""
+
+    as_id: int
+    gfn: int  # the first gfn the head covers at its level
+    level: int
+
+
+class RmapArray(NamedTuple):
+    """One memslot's rmap array of one level (slot->arch.rmap[level - 1])."""
+
+    as_id: int
+    base_gfn: int
+    npages: int
+    level: int
+
+
+class Skipped(NamedTuple):
+    """An rmap object that could not be followed (a loop, an unreadable desc), and why."""
+
+    addr: int  # the rmap head (or its pte_list_desc chain) where it happened
+    why: str
+
+
+class GfnSptes(NamedTuple):
+    """Every SPTE that maps one gfn (sptes_of_gfn), and the rmap objects skipped."""
+
+    entries: list[RmapEntry]
+    skipped: list[Skipped]
 
 
 @dataclass
 class RmapScan:
-    """Every rmap entry of a VM: sptep -> (as_id, gfn, level), and what was garbage."""
+    """Every rmap entry of a VM: sptep -> its RmapHead, and what was garbage."""
 
-    entries: dict[int, tuple[int, int, int]] = field(default_factory=dict)
-    problems: list[tuple[int, str]] = field(default_factory=list)  # (object, why)
+    entries: dict[int, RmapHead] = field(default_factory=dict)
+    problems: list[Skipped] = field(default_factory=list)
     slots: int = 0  # memslots with rmaps
-    # rmap arrays the dump lacks: (as_id, first gfn, npages, level), not checkable
-    unreadable: list[tuple[int, int, int, int]] = field(default_factory=list)
+    unreadable: list[RmapArray] = field(default_factory=list)  # not in the dump: unchecked
 
     def readable(self, as_id: int, gfn: int, level: int) -> bool:
         """Whether the rmap array that would hold (gfn, level) was read."""
         return not any(a == as_id and lv == level and base <= gfn < base + n
                        for a, base, n, lv in self.unreadable)
-
-
-def bare_type(t: drgn.Type) -> drgn.Type:
-    while t.kind == drgn.TypeKind.TYPEDEF:
-        t = t.type
-    return t
 
 
 class DescLayout:
@@ -103,8 +132,8 @@ class DescLayout:
       the descs after it); each desc's own spte_count is what is read.
     """
 
-    def __init__(self, prog: drgn.Program) -> None:
-        t = prog.type("struct pte_list_desc")
+    def __init__(self, mem: Memory) -> None:
+        t = mem.type("struct pte_list_desc")
         names = {m.name: m for m in t.members}
         self.size = t.size
         self.more = drgn.offsetof(t, "more")
@@ -120,14 +149,14 @@ class RmapReader:
 
     def __init__(self, k: Kernel) -> None:
         self.k = k
-        self.prog = k.prog
+        self.mem = k.memory
         self._desc: DescLayout | None = None
         self._slots: dict[int, list[RmapSlot]] = {}
 
     @property
     def desc(self) -> DescLayout:
         if self._desc is None:
-            self._desc = DescLayout(self.prog)
+            self._desc = DescLayout(self.mem)
         return self._desc
 
     def slots(self, vm: VM) -> list[RmapSlot]:
@@ -135,19 +164,7 @@ class RmapReader:
         (all NULL when the VM never allocated rmaps: TDP MMU only)."""
         if vm.addr in self._slots:
             return self._slots[vm.addr]
-        out: list[RmapSlot] = []
-        k = self.k
-        try:
-            kvm = k.kvm_object(vm)
-            for as_id, slots in enumerate(kvm.memslots):
-                if not slots:
-                    continue
-                for s in k._slots_of(slots):
-                    heads = tuple(s.arch.rmap[i].value_() for i in range(len(LEVELS)))
-                    out.append(RmapSlot(as_id, s.id.value_(), s.address_,
-                                        s.base_gfn.value_(), s.npages.value_(), heads))
-        except (drgn.FaultError, LookupError, ValueError, AttributeError) as e:
-            k.problem("struct kvm_memslots", vm.addr, f"memslot rmaps unreadable ({e})")
+        out = [RmapSlot(*slot) for slot in self.k.vm_reader.memslot_rmaps(vm, len(LEVELS))]
         self._slots[vm.addr] = out
         return out
 
@@ -158,9 +175,9 @@ class RmapReader:
     def head(self, slot: RmapSlot, gfn: int, level: int) -> int:
         """The val of slot->arch.rmap[level - 1][gfn_to_index(...)] (FaultError if unreadable)."""
         base = slot.rmap[level - 1]
-        return self.prog.read_u64(base + 8 * gfn_to_index(gfn, slot.base_gfn, level))
+        return self.mem.read_u64(base + 8 * gfn_to_index(gfn, slot.base_gfn, level))
 
-    def sptes_of(self, val: int, where: int, problems: list[tuple[int, str]]) -> list[int]:
+    def sptes_of(self, val: int, where: int, problems: list[Skipped]) -> list[int]:
         """The sptep values one rmap head's *val* holds: itself, or its
         pte_list_desc chain's (bounded: a loop, an unreadable desc or a count
         beyond PTE_LIST_EXT is recorded in *problems* and cut there)."""
@@ -170,16 +187,16 @@ class RmapReader:
             return [val & RMAP_PTR_MASK]
         d = self.desc
         out: list[int] = []
-        desc, seen = val & RMAP_PTR_MASK, set()
+        desc, seen = val & RMAP_PTR_MASK, set[int]()
         while desc:
             if desc in seen or len(seen) >= MAX_CHAIN:
-                problems.append((where, f"pte_list_desc chain loops at {desc:#x}"))
+                problems.append(Skipped(where, f"pte_list_desc chain loops at {desc:#x}"))
                 break
             seen.add(desc)
             try:
-                data = self.prog.read(desc, d.size)
+                data = self.mem.read(desc, d.size)
             except drgn.FaultError as e:
-                problems.append((where, f"pte_list_desc {desc:#x} unreadable ({e})"))
+                problems.append(Skipped(where, f"pte_list_desc {desc:#x} unreadable ({e})"))
                 break
             ptrs = array.array("Q", data[d.sptes:d.sptes + 8 * d.ext])
             if sys.byteorder != "little":
@@ -188,7 +205,7 @@ class RmapReader:
                 off, size = d.count
                 n = int.from_bytes(data[off:off + size], "little")
                 if n > d.ext:
-                    problems.append((where, f"pte_list_desc {desc:#x} spte_count {n} > "
+                    problems.append(Skipped(where, f"pte_list_desc {desc:#x} spte_count {n} > "
                                      f"PTE_LIST_EXT {d.ext}"))
                     n = d.ext
                 out.extend(ptrs[:n])
@@ -210,9 +227,10 @@ class RmapReader:
                     continue
                 n = slot.entries(level)
                 try:
-                    heads = array.array("Q", self.prog.read(base, 8 * n))
+                    heads = array.array("Q", self.mem.read(base, 8 * n))
                 except drgn.FaultError:
-                    out.unreadable.append((slot.as_id, slot.base_gfn, slot.npages, level))
+                    out.unreadable.append(RmapArray(slot.as_id, slot.base_gfn, slot.npages,
+                                                    level))
                     continue
                 if sys.byteorder != "little":
                     heads.byteswap()
@@ -220,7 +238,7 @@ class RmapReader:
                 for i in [i for i, v in enumerate(heads) if v]:
                     gfn = max(first + (i << (9 * (level - 1))), slot.base_gfn)
                     for p in self.sptes_of(heads[i], base + 8 * i, out.problems):
-                        out.entries[p] = (slot.as_id, gfn, level)
+                        out.entries[p] = RmapHead(slot.as_id, gfn, level)
         return out
 
     def sp_of_sptep(self, sptep: int) -> int | None:
@@ -243,7 +261,7 @@ class RmapReader:
             value = None if spt is None else spt[index]
         else:
             try:
-                value = self.prog.read_u64(sptep)
+                value = self.mem.read_u64(sptep)
             except drgn.FaultError:
                 value = None
         bits = None
@@ -252,10 +270,10 @@ class RmapReader:
                                     k.spte_masks(vm))
         return RmapEntry(as_id, gfn, level, sptep, addr if sp else None, index, value, bits)
 
-    def of_gfn(self, vm: VM, gfn: int) -> tuple[list[RmapEntry], list[tuple[int, str]]]:
+    def of_gfn(self, vm: VM, gfn: int) -> GfnSptes:
         """Every rmap entry covering *gfn*, at each level, in each address space."""
         entries: list[RmapEntry] = []
-        problems: list[tuple[int, str]] = []
+        problems: list[Skipped] = []
         for slot in self.slots(vm):
             if not slot.holds(gfn):
                 continue
@@ -266,13 +284,13 @@ class RmapReader:
                 try:
                     val = self.head(slot, gfn, level)
                 except drgn.FaultError as e:
-                    problems.append((where, f"rmap head unreadable ({e})"))
+                    problems.append(Skipped(where, f"rmap head unreadable ({e})"))
                     continue
                 shift = 9 * (level - 1)
                 first = max((gfn >> shift) << shift, slot.base_gfn)
                 for p in self.sptes_of(val, where, problems):
                     entries.append(self.resolve(vm, slot.as_id, first, level, p))
-        return entries, problems
+        return GfnSptes(entries, problems)
 
 
 def tdp_of_gfn(k: Kernel, vm: VM, gfn: int) -> list[RmapEntry]:
@@ -286,24 +304,23 @@ def tdp_of_gfn(k: Kernel, vm: VM, gfn: int) -> list[RmapEntry]:
         if sp is None:
             continue
         w = walk(k, vm, gfn << PAGE_SHIFT, sp, f"sp {root:#x}", direct=True)
-        if w.stop not in ("leaf", "large"):
+        if not w.stop.maps:
             continue
         st = w.steps[-1]
-        assert st.value is not None
+        table = k.shadow_page(st.table)
+        assert st.value is not None and table is not None  # the walk read both
         shift = 9 * (st.level - 1)
         out.append(RmapEntry(1 if sp.role.get("smm") else 0, (gfn >> shift) << shift,
-                             st.level, k.shadow_page(st.table).spt + 8 * st.index,  # type: ignore[union-attr]
-                             st.table, st.index, st.value, st.bits,
-                             f"tdp_mmu_roots sp {root:#x}"))
+                             st.level, table.spt + 8 * st.index, st.table, st.index,
+                             st.value, st.bits, tdp_root=root))
     return out
 
 
-def sptes_of_gfn(k: Kernel, vm: VM, gfn: int, reader: RmapReader | None = None
-                 ) -> tuple[list[RmapEntry], list[tuple[int, str]]]:
+def sptes_of_gfn(k: Kernel, vm: VM, gfn: int, reader: RmapReader | None = None) -> GfnSptes:
     """Every SPTE that maps *gfn*: the rmaps' (shadow MMU), then the TDP MMU roots'."""
     reader = reader or RmapReader(k)
     entries, problems = reader.of_gfn(vm, gfn)
-    return entries + tdp_of_gfn(k, vm, gfn), problems
+    return GfnSptes(entries + tdp_of_gfn(k, vm, gfn), problems)
 
 
 # bytes.translate tables: 1 where a byte of the SPTE has the bit, else 0
@@ -311,7 +328,7 @@ _BIT11_BYTE = 1 if sys.byteorder == "little" else 6  # the SPTE byte holding bit
 _PRESENT_BYTE = bytes(1 if b & (spte.SPTE_MMU_PRESENT_MASK >> 8) else 0 for b in range(256))
 
 
-def leaf_sptes(k: Kernel, sp: ShadowPage, spt: array.array) -> list[tuple[int, int]]:
+def leaf_sptes(k: Kernel, sp: ShadowPage, spt: array.array[int]) -> list[tuple[int, int]]:
     """(index, value) of every present leaf SPTE of one table (is_last_spte).
 
     5.13+: SPTE_MMU_PRESENT_MASK (bit 11, bit 3 of each SPTE's second byte)

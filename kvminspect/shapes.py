@@ -1,9 +1,11 @@
 """One JSON shape per kernel object, used by every command and renderer.
 
-Each function turns one model object into the dict every document uses for
-it: a VM (struct kvm), a vCPU (struct kvm_vcpu), a root reference
-(mmu->root, prev_roots[i], pae_root[i]), a shadow page (struct
-kvm_mmu_page), an SPTE, a root holder and a check finding. The same object
+Each function turns one model object (kvminspect.objects), or a view of one
+a command computed (kvminspect.results), into the dict every document uses
+for it: a VM (struct kvm), a vCPU (struct kvm_vcpu), a root reference
+(mmu->root, prev_roots[i], pae_root[i]: RootView), a shadow page (struct
+kvm_mmu_page: PageView), an SPTE, a root holder and a check finding. The
+text renderers take the same objects, never these dicts. The same object
 has the same field names and types wherever it appears; the schema
 (kvminspect/schema.json, SCHEMA_VERSION) describes them all.
 
@@ -19,22 +21,36 @@ from __future__ import annotations
 
 from typing import Any
 
-from kvminspect.check import Finding
-from kvminspect.graph import Holder, VMGraph
-from kvminspect.layout import INVALID_PAGE, NoValue
-from kvminspect.model import VM, MmuRoots, RootRef, ShadowPage, Spte, VCpu
+from kvminspect.check import Finding, Severity
+from kvminspect.diff import Change, FieldValue, PageChange, PageField, VcpuChange, VmDiff
+from kvminspect.fmt import hpa_text, hx
+from kvminspect.graph import Holder
+from kvminspect.layout import NoValue
+from kvminspect.model import VM, MmuRoots, RootRef, ShadowPage, VCpu
 from kvminspect.read_vmstate import VmState
-from kvminspect.render import hx
-from kvminspect.rmap import RmapEntry
+from kvminspect.results import (
+    Exported,
+    PageView,
+    RootView,
+    SpDetail,
+    SpteRow,
+    TreeNode,
+    UnsyncRoot,
+    VcpuRoots,
+    VcpuWatch,
+    VmStats,
+)
+from kvminspect.results import root_hpa as _root_hpa
+from kvminspect.rmap import LEVEL_NAMES, RmapEntry, Skipped
 from kvminspect.spte import SpteBits
-from kvminspect.walk import Walk
+from kvminspect.walk import Walk, memslot_why
 
 SCHEMA_VERSION = 1
 
 
 def value(v: Any) -> Any:
     """An integer or string field: itself, or "unknown" / "unreadable"."""
-    return v.name if isinstance(v, NoValue) else v
+    return v.name if v.__class__ is NoValue else v  # NoValue has no subclasses
 
 
 def vm_ref(vm: VM) -> dict[str, Any]:
@@ -108,9 +124,7 @@ def other_mmu_json(o: MmuRoots | None) -> dict[str, Any] | None:
 
 def root_hpa(r: RootRef | None) -> str:
     """A root's hpa: "0x…", "INVALID_PAGE", or "unreadable" (its MMU could not be read)."""
-    if r is None:
-        return "unreadable"
-    return "INVALID_PAGE" if r.hpa is None or r.hpa == INVALID_PAGE else hex(r.hpa)
+    return hpa_text(_root_hpa(r))
 
 
 def holder_json(h: Holder) -> dict[str, Any]:
@@ -118,39 +132,64 @@ def holder_json(h: Holder) -> dict[str, Any]:
     return h.to_json()
 
 
-def sp_json(sp: ShadowPage, g: VMGraph) -> dict[str, Any]:
-    """struct kvm_mmu_page: the fields every command shows for a shadow page."""
+def page_json(p: PageView) -> dict[str, Any]:
+    """struct kvm_mmu_page (kvminspect.results.PageView): the fields every command
+    shows for a shadow page. Made once per page of a tree: kept cheap."""
+    sp = p.sp
+    role = sp.role
+    bits = role.fields  # PageView.smm and .guest_mode, without two calls each
     return {
-        "sp": hx(sp.addr), "gfn": hx(sp.gfn), "level": sp.level, "direct": sp.role.direct,
+        "sp": hx(sp.addr), "gfn": hx(sp.gfn), "level": sp.level, "direct": role.direct,
         "tdp_mmu_page": sp.tdp_mmu_page, "unsync": value(sp.unsync),
-        "unsync_children": value(sp.unsync_children), "invalid": sp.role.invalid,
-        "obsolete": g.obsolete(sp), "root_count": value(sp.root_count),
-        "smm": bool(sp.role.get("smm")), "guest_mode": bool(sp.role.get("guest_mode")),
-        "orphan": g.is_orphan(sp.addr) if sp.addr in g else False,
-        "holders": [holder_json(h) for h in g.roots.get(sp.addr, [])],
+        "unsync_children": value(sp.unsync_children), "invalid": role.invalid,
+        "obsolete": p.obsolete, "root_count": value(sp.root_count),
+        "smm": bool(bits.get("smm")), "guest_mode": bool(bits.get("guest_mode")),
+        "orphan": p.orphan, "holders": [h.to_json() for h in p.holders] if p.holders else [],
     }
 
 
-def root_json(r: RootRef | None, g: VMGraph) -> dict[str, Any]:
-    """A root reference (mmu->root or prev_roots[i]): always the same keys.
+def root_view_json(r: RootView) -> dict[str, Any]:
+    """A root reference (kvminspect.results.RootView: mmu->root or prev_roots[i]):
+    always the same keys.
 
     "state": "page" (a shadow page), "invalid_page", "pae_root" / "pml4_root" /
     "pml5_root" (a special root: its pae_root[i] pages follow), "dummy" (6.6:
     no memslot behind the guest's CR3), or "unreadable".
     """
-    if r is None:
-        return {"pgd": "unreadable", "hpa": "unreadable", "state": "unreadable",
-                "page": None, "pae_roots": []}
-    if r.hpa is None:
-        state = "invalid_page"
-    elif r.sp is not None:
-        state = "page"
-    else:
-        state = r.special or "unreadable"
-    page = sp_json(r.sp, g) if r.sp is not None and r.sp.addr in g else None
-    return {"pgd": hx(r.pgd), "hpa": root_hpa(r), "state": state, "page": page,
-            "pae_roots": [{"index": i, "page": sp_json(g.sp(a), g)}
-                          for i, a in r.pae_roots if a in g]}
+    return {"pgd": hx(r.pgd), "hpa": hpa_text(r.hpa), "state": r.state.value,
+            "page": None if r.page is None else page_json(r.page),
+            "pae_roots": [{"index": e.index, "page": page_json(e.page)} for e in r.pae_roots]}
+
+
+def vcpu_roots_json(v: VcpuRoots) -> dict[str, Any]:
+    """One vCPU's roots (roots): mmu->root and prev_roots[], then those of its other
+    MMU (guest_mmu, or root_mmu while the vCPU runs a nested guest)."""
+    vcpu, o = v.vcpu, v.other_mmu
+    return {**vcpu_ref(vcpu), "cr3": hx(vcpu.cr3), "mmu": vcpu.mmu_name,
+            "root": root_view_json(v.root),
+            "prev_roots": [root_view_json(r) for r in v.prev_roots],
+            "other_mmu": None if o is None else {
+                "mmu": o.mmu, "root": root_view_json(o.root),
+                "prev_roots": [root_view_json(r) for r in o.prev_roots]}}
+
+
+def tree_node_json(n: TreeNode) -> dict[str, Any]:
+    """A tree node (tree): its page, slot in the parent, whether it is a reference
+    to a page shown above, children cut by --depth, and its children."""
+    d = page_json(n.page)  # filled in place: once per page of a tree
+    d["index"], d["ref"], d["children_omitted"] = n.slot, n.ref, n.children_omitted
+    d["children"] = [tree_node_json(c) for c in n.children] if n.children else []
+    return d
+
+
+def export_node_json(p: PageView, root: bool) -> dict[str, Any]:
+    """A node of export's graph: page_json() with holders by name (GraphML holds no
+    objects), then "addr" (the page again) and "root"."""
+    d = page_json(p)
+    d["holders"] = [str(h) for h in p.holders]
+    d["addr"] = d["sp"]
+    d["root"] = root
+    return d
 
 
 def role_json(sp: ShadowPage) -> dict[str, Any]:
@@ -161,8 +200,23 @@ def role_json(sp: ShadowPage) -> dict[str, Any]:
     return out
 
 
-def spte_json(e: Spte, child: ShadowPage | None) -> dict[str, Any]:
+def sp_detail_json(d: SpDetail) -> dict[str, Any]:
+    """Everything sp shows of one shadow page (kvminspect.results.SpDetail):
+    page_json() and its role, spt, bitmap, parents and present SPTEs."""
+    sp = d.page.sp
+    return {
+        **page_json(d.page), "role": role_json(sp), "spt": hx(sp.spt),
+        "unsync_child_bitmap": sp.bitmap_indexes(), "mmu_valid_gen": value(sp.mmu_valid_gen),
+        "on_active_list": d.on_active_list,
+        "parents": [{"sp": hx(p.sp), "level": p.level, "indexes": p.indexes}
+                    for p in d.parents],
+        "sptes": [spte_json(r) for r in d.sptes], "non_present": d.non_present,
+    }
+
+
+def spte_json(r: SpteRow) -> dict[str, Any]:
     """One present SPTE of spt[]: what it maps, or the child page table it points to."""
+    e, child = r.spte, r.child
     return {"index": e.index, "value": hx(e.value), "leaf": e.leaf, "large": e.large,
             "pfn": hx(e.pfn), "writable": bool(e.value & 2), "child": hx(e.child),
             "child_gfn": hx(child.gfn) if child else None,
@@ -187,38 +241,138 @@ def spte_bits_json(b: SpteBits | None) -> dict[str, Any] | None:
     }
 
 
+def exported_json(e: Exported) -> dict[str, Any]:
+    """What export wrote (after the VM's opening fields): file, format, nodes, edges."""
+    return {"file": e.file, "format": e.format, "nodes": e.nodes, "edges": e.edges}
+
+
+def replay_json(u: UnsyncRoot) -> dict[str, Any]:
+    """One page's replay of the unsync walk (unsync): its batches (struct
+    kvm_mmu_pages), leaves with their mmu_page_path parents, and walk errors."""
+    r = u.replay
+    return {
+        "sp": hx(r.root), "zap": u.zap, "holders": [holder_json(h) for h in u.holders],
+        "batches": [{
+            "pages": [{"sp": hx(e.sp), "level": e.level, "idx": e.idx} for e in b.pages],
+            "leaves": [{"sp": hx(leaf.sp), "gfn": hx(leaf.gfn),
+                        "parents": [{"sp": hx(p), "level": lvl} for p, lvl in leaf.parents]}
+                       for leaf in b.leaves],
+        } for b in r.batches],
+        "errors": list(r.errors),
+    }
+
+
+def stats_json(s: VmStats) -> dict[str, Any]:
+    """kvm->stat's MMU counters and each vCPU's vcpu->stat ones (stats)."""
+    return {"stat": s.stat, "vcpus": [{**vcpu_ref(v.vcpu), "stat": v.stat} for v in s.vcpus]}
+
+
+def watch_vcpu_json(w: VcpuWatch) -> dict[str, Any]:
+    """What watch saw of one vCPU's roots across its samples."""
+    return {**vcpu_ref(w.vcpu), "switches": w.switches, "prev_root_hits": w.prev_root_hits,
+            "new_roots": w.new_roots, "unsettled": w.unsettled,
+            "cr3s": [hx(c) for c in w.cr3s]}
+
+
 def walk_json(w: Walk) -> dict[str, Any]:
     """One address walked through one root (kvminspect.walk.Walk): each level's
     table, index and SPTE, where and why it stopped, and the memslot check."""
     c = w.check
     return {
-        "addr": hx(w.addr), "kind": w.kind, "root": w.root, "root_table": hx(w.root_addr),
+        "addr": hx(w.addr), "kind": w.kind.value, "root": w.root, "root_table": hx(w.root_addr),
         "root_invalid": w.root_invalid,
         "steps": [{"level": st.level, "table": hx(st.table), "table_gfn": hx(st.table_gfn),
                    "index": st.index,
                    "value": "unreadable" if st.value is None else hx(st.value),
                    "bits": spte_bits_json(st.bits), "reserved": st.reserved,
                    "child": hx(st.child)} for st in w.steps],
-        "stop": w.stop, "why": w.why, "offset": hx(w.offset), "pfn": hx(w.pfn),
+        "stop": w.stop.value, "why": w.why, "offset": hx(w.offset), "pfn": hx(w.pfn),
         "reserved_checked": w.checked_reserved,
         "memslot": None if c is None else {
             "gfn": hx(c.gfn), "as_id": c.slot.as_id if c.slot else None,
             "slot": c.slot.id if c.slot else None, "hva": hx(c.hva),
-            "host_pfn": hx(c.host_pfn), "verdict": c.verdict, "why": c.why},
+            "host_pfn": hx(c.host_pfn), "verdict": c.verdict.value, "why": memslot_why(c)},
     }
 
 
 def rmap_entry_json(e: RmapEntry, sp: ShadowPage | None) -> dict[str, Any]:
     """One SPTE that maps a gfn (kvminspect.rmap.RmapEntry): where it is (sptep,
-    shadow page and index), the mapping level, its value and bits, and its source."""
+    shadow page and index), the mapping level, its value and bits, and its source:
+    "rmap", or the TDP MMU root walked ("tdp_mmu_roots sp 0x…")."""
     return {"as_id": e.as_id, "gfn": hx(e.gfn), "level": e.level,
-            "size": {1: "4K", 2: "2M", 3: "1G"}.get(e.level, str(e.level)),
+            "size": LEVEL_NAMES.get(e.level, str(e.level)),
             "sptep": hx(e.sptep), "sp": hx(e.sp), "sp_gfn": hx(sp.gfn) if sp else None,
             "sp_level": sp.level if sp else None, "index": e.index,
             "value": "unreadable" if e.value is None else hx(e.value),
-            "bits": spte_bits_json(e.bits), "source": e.source}
+            "bits": spte_bits_json(e.bits),
+            "source": "rmap" if e.tdp_root is None else f"tdp_mmu_roots sp {e.tdp_root:#x}"}
+
+
+def skipped_json(s: Skipped) -> dict[str, Any]:
+    """An rmap object rmap could not follow (kvminspect.rmap.Skipped): where, and why."""
+    return {"object": hex(s.addr), "why": s.why}
 
 
 def finding_json(f: Finding) -> dict[str, Any]:
-    """One check finding: its check id, severity, the objects it names, the message."""
-    return f.to_json()
+    """One check finding (kvminspect.check.Finding): its check id, severity, the
+    objects it names, the message."""
+    return {"check": f.check.value, "severity": f.severity.value,
+            "objects": [hex(a) for a in f.objects], "message": f.message}
+
+
+def summary_json(counts: dict[Severity, int]) -> dict[str, int]:
+    """A VM's findings counted by severity (kvminspect.check.summary):
+    {"error": n, "warning": n, "info": n}."""
+    return {s.value: counts.get(s, 0) for s in Severity}
+
+
+def change_json(c: Change[Any]) -> dict[str, Any]:
+    """A value before and after (kvminspect.diff.Change): {"old", "new"}."""
+    return {"old": value(c.old), "new": value(c.new)}
+
+
+def diff_page_json(p: PageView) -> dict[str, Any]:
+    """A shadow page in a diff: page_json() and its role word (half of what matches it)."""
+    return {**page_json(p), "role": hx(p.sp.role.word)}
+
+
+def _field_json(f: PageField, v: FieldValue) -> Any:
+    return hx(v) if f.address else value(v)
+
+
+def page_change_json(c: PageChange) -> dict[str, Any]:
+    """A matched page (kvminspect.diff.PageChange) as it is in B, with "changes":
+    each changed field (sp, role, unsync, ...) -> {"old", "new"}."""
+    return {**diff_page_json(c.new), "changes": {
+        f.value: {"old": _field_json(f, ch.old), "new": _field_json(f, ch.new)}
+        for f, ch in c.changes.items()}}
+
+
+def vcpu_change_json(v: VcpuChange) -> dict[str, Any]:
+    """A vCPU in a diff (kvminspect.diff.VcpuChange): its id fields (as in B), cr3
+    old/new, status, and each changed root slot's root in A and in B (null: none)."""
+    return {**vcpu_ref(v.vcpu), "cr3": {"old": hx(v.cr3.old), "new": hx(v.cr3.new)},
+            "status": v.status.value,
+            "roots": [{"slot": str(r.slot),
+                       "old": None if r.old is None else root_view_json(r.old),
+                       "new": None if r.new is None else root_view_json(r.new)}
+                      for r in v.roots]}
+
+
+def vm_diff_json(d: VmDiff) -> dict[str, Any]:
+    """One VM's entry of a diff document (kvminspect.diff.VmDiff): the VM as in A
+    (as in B if added), status, how it was matched, both sides' vm_ref, and what
+    changed (empty for a VM on one side only)."""
+    return {
+        **vm_ref(d.vm), "status": d.status.value,
+        "matched_by": None if d.matched_by is None else d.matched_by.value,
+        "before": None if d.old is None else vm_ref(d.old),
+        "after": None if d.new is None else vm_ref(d.new),
+        "pages": change_json(d.pages),
+        "counters": {k: change_json(c) for k, c in d.counters.items()},
+        "stat": {k: change_json(c) for k, c in d.stat.items()},
+        "vcpus": [vcpu_change_json(v) for v in d.vcpus],
+        "pages_added": [diff_page_json(p) for p in d.pages_added],
+        "pages_zapped": [diff_page_json(p) for p in d.pages_zapped],
+        "pages_changed": [page_change_json(c) for c in d.pages_changed],
+    }

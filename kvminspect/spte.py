@@ -7,22 +7,35 @@ Intel), because presence is KVM's own software bit, not the hardware's RWX:
 an access-tracked EPT SPTE has R, W and X clear and is still present, an MMIO
 SPTE has them set and is not. Only the kernel release changes the rules:
 
-* 5.13 (SPTE_MMU_PRESENT_MASK): present is bit 11. From 6.12 a non-present
-  SPTE is SHADOW_NONPRESENT_VALUE (bit 63) and a frozen one (FROZEN_SPTE)
-  has bits 63 and 7 set, so neither "!= 0" nor bit 7 alone says anything.
+* 5.13 (SPTE_MMU_PRESENT_MASK, "KVM: x86/mmu: Use a dedicated bit to track
+  shadow/MMU-present SPTEs", edea7c4fc215): present is bit 11. From 6.10 ("KVM:
+  x86/mmu: Allow non-zero value for non-present SPTE and removed SPTE",
+  7f01cab84928) a non-present SPTE is SHADOW_NONPRESENT_VALUE (bit 63) and a
+  frozen one (REMOVED_SPTE, FROZEN_SPTE in 6.12) has bits 63 and 7 set, so
+  neither "!= 0" nor bit 7 alone says anything.
 * Before 5.13: present is "non-zero and not MMIO", where 5.10 marks MMIO
   SPTEs with SPTE_SPECIAL_MASK (bits 52-53) == SPTE_MMIO_MASK (both set).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-SPTE_MMU_PRESENT_MASK = 1 << 11  # 5.13+
+# The rule's constants, one home: kvminspect.helpers (the drgn helpers) and
+# the code --drgn prints (kvminspect.drgn_code) take them from here.
+SPTE_MMU_PRESENT_MASK = 1 << 11  # 5.13+ (edea7c4fc215, see LAYOUT_PRESENT_BIT)
 PT_PAGE_SIZE_MASK = 1 << 7  # is_large_pte()
 SPTE_SPECIAL_MASK = 3 << 52  # before 5.13: MMIO when both bits are set
 SPTE_MMIO_MASK = 3 << 52
 PAGE_SHIFT = 12
+PG_LEVEL_4K = 1  # is_last_spte(): every SPTE of a level-1 table maps memory
+SPTE_ENT_PER_PAGE = 512  # u64 SPTEs in a page table (PT64_ENT_PER_PAGE before 6.0)
+# 6.0 "KVM: x86/mmu: Use separate namespaces for guest PTEs and shadow PTEs"
+# renamed PT64_ENT_PER_PAGE and PT64_BASE_ADDR_MASK to the SPTE_ names.
+# SPTE_BASE_ADDR_MASK (PT64_BASE_ADDR_MASK before 6.0) without
+# CONFIG_DYNAMIC_PHYSICAL_MASK: physical-address bits 12..51
+SPTE_BASE_ADDR_MASK = ((1 << 52) - 1) & ~((1 << PAGE_SHIFT) - 1)
 
 
 @dataclass(frozen=True)
@@ -33,16 +46,61 @@ class SpteFormat:
     addr_mask: int  # SPTE_BASE_ADDR_MASK: physical_mask & PAGE_MASK
 
 
+def spte_base_addr_mask(physical_mask: int | None) -> int:
+    """SPTE_BASE_ADDR_MASK: ``physical_mask & PAGE_MASK`` with
+    CONFIG_DYNAMIC_PHYSICAL_MASK (the vmlinux global physical_mask, which SME
+    clears its C-bit from), else bits 12..51 (*physical_mask* None)."""
+    if physical_mask is None:
+        return SPTE_BASE_ADDR_MASK
+    return physical_mask & SPTE_BASE_ADDR_MASK
+
+
+def is_shadow_present_bit(value: int) -> bool:
+    """is_shadow_present_pte() from 5.13: KVM's software bit SPTE_MMU_PRESENT_MASK."""
+    return bool(value & SPTE_MMU_PRESENT_MASK)
+
+
+def is_shadow_present_not_mmio(value: int) -> bool:
+    """is_shadow_present_pte() before 5.13: not zero and not an MMIO SPTE
+    (SPTE_SPECIAL_MASK bits both set, SPTE_MMIO_MASK)."""
+    return value != 0 and value & SPTE_SPECIAL_MASK != SPTE_MMIO_MASK
+
+
 def is_shadow_present_pte(value: int, fmt: SpteFormat) -> bool:
     """is_shadow_present_pte() of the release *fmt* describes."""
     if fmt.present_bit:
-        return bool(value & SPTE_MMU_PRESENT_MASK)
-    return value != 0 and (value & SPTE_SPECIAL_MASK) != SPTE_MMIO_MASK
+        return is_shadow_present_bit(value)
+    return is_shadow_present_not_mmio(value)
 
 
 def is_large_pte(value: int) -> bool:
     """is_large_pte(): the PS bit (meaningful only for a present SPTE above level 1)."""
     return bool(value & PT_PAGE_SIZE_MASK)
+
+
+def is_last_spte(value: int, level: int) -> bool:
+    """is_last_spte(): an SPTE of a level-*level* table maps memory (level 1, or a
+    large page) rather than pointing at a child table (meaningful if present)."""
+    return level == PG_LEVEL_4K or is_large_pte(value)
+
+
+def spte_to_pfn(value: int, addr_mask: int = SPTE_BASE_ADDR_MASK) -> int:
+    """spte_to_pfn(): the host pfn an SPTE points at, through SPTE_BASE_ADDR_MASK."""
+    return (value & addr_mask) >> PAGE_SHIFT
+
+
+def present_non_leaf(table: Iterable[int], fmt: SpteFormat) -> list[tuple[int, int]]:
+    """(index, SPTE) of each entry of a page table above level 1 that points at
+    a child page table: is_shadow_present_pte() && !is_large_pte(), the test
+    of for_each_shadow_entry's users and of mmu_page_zap_pte(), over a whole
+    table in one comprehension (the same rule as is_shadow_present_pte)."""
+    large = PT_PAGE_SIZE_MASK
+    if fmt.present_bit:
+        bit = SPTE_MMU_PRESENT_MASK
+        return [(i, v) for i, v in enumerate(table) if v & bit and not v & large]
+    special, mmio = SPTE_SPECIAL_MASK, SPTE_MMIO_MASK
+    return [(i, v) for i, v in enumerate(table)
+            if v and v & special != mmio and not v & large]
 
 
 @dataclass(frozen=True)
@@ -59,8 +117,8 @@ def decode(value: int, level: int, fmt: SpteFormat) -> Decoded:
     """An SPTE of a level-*level* page table (the table's real level)."""
     present = is_shadow_present_pte(value, fmt)
     large = present and level > 1 and is_large_pte(value)
-    return Decoded(present, large, present and (level == 1 or large),
-                   (value & fmt.addr_mask) >> PAGE_SHIFT)
+    return Decoded(present, large, present and is_last_spte(value, level),
+                   spte_to_pfn(value, fmt.addr_mask))
 
 
 # --- Full decoding from the kernel's own masks ------------------------------
@@ -100,18 +158,24 @@ class SpteLayout:
 # 3-11 and 54-62, SPTE_HOST/MMU_WRITEABLE bits 10/11; no REMOVED_SPTE yet
 LAYOUT_SPECIAL = SpteLayout("5.10 (SPTE_SPECIAL_MASK)", 52, 54, 0x5, (3, 11), (54, 62),
                             None, 0, 1 << 10, 1 << 11)
-# 5.13 "Use a dedicated bit to track shadow/MMU-present SPTEs": bit 11 is
-# SPTE_MMU_PRESENT_MASK, generation 3-10 and 52-62, REMOVED_SPTE 0x5a0
+# 5.13 "KVM: x86/mmu: Use a dedicated bit to track shadow/MMU-present SPTEs"
+# (edea7c4fc215): bit 11 is SPTE_MMU_PRESENT_MASK; "KVM: x86/mmu: Use MMIO SPTE
+# bits 53 and 52 for the MMIO generation" (b0de568018a6): generation 3-10 and
+# 52-62; "KVM: x86/mmu: Use low available bits for removed SPTEs" (715f1079eee1):
+# REMOVED_SPTE 0x5a0
 LAYOUT_PRESENT_BIT = SpteLayout("5.13 (SPTE_MMU_PRESENT_MASK)", 52, 54, 0x5, (3, 10), (52, 62),
                                 0x5A0, 0, 1 << 9, 1 << 10)
 # 6.10 TDX preparation: SHADOW_NONPRESENT_VALUE (bit 63) in every non-present
 # SPTE and a per-VM kvm->arch.shadow_mmio_value; REMOVED_SPTE (later
-# FROZEN_SPTE) gains bit 63
+# FROZEN_SPTE) gains bit 63: "KVM: x86/mmu: Allow non-zero value for non-present
+# SPTE and removed SPTE" (7f01cab84928), "KVM: x86/mmu: Track shadow MMIO value
+# on a per-VM basis" (949019b98289)
 LAYOUT_NONPRESENT = SpteLayout("6.10 (SHADOW_NONPRESENT_VALUE)", 52, 54, 0x5, (3, 10), (52, 62),
                                (1 << 63) | 0x5A0, 1 << 63, 1 << 9, 1 << 10)
 # 7.x MBEC (shadow_xs_mask/shadow_xu_mask): bit 10 is EPT's XU, so the A/D
 # type moves to bits 60-61, the saved bits to 52/54/62 (R, X, XU), generation
-# to 3-9 and 52-62, FROZEN_SPTE to bit 63 | 0x1a0
+# to 3-9 and 52-62, FROZEN_SPTE to bit 63 | 0x1a0 (the commit was not found in
+# the sources read; the 7.3 fixture shows the layout)
 LAYOUT_MBEC = SpteLayout("7.x (MBEC: shadow_xs_mask/shadow_xu_mask)", 60, 52, 0x405, (3, 9),
                          (52, 62), (1 << 63) | 0x1A0, 1 << 63, 1 << 9, 1 << 10)
 
@@ -142,7 +206,7 @@ class SpteMasks:
     nonpresent_or_rsvd: int | None = None  # shadow_nonpresent_or_rsvd_mask
     lower_gfn: int | None = None  # shadow_nonpresent_or_rsvd_lower_gfn_mask
     phys_bits: int | None = None  # shadow_phys_bits (kvm_host.maxphyaddr in 7.x)
-    mmio_caching: bool = True  # enable_mmio_caching (5.10 has none: always)
+    mmio_caching: bool = True  # enable_mmio_caching (5.13, b09763da4dd8; 5.10: always)
     sources: tuple[tuple[str, str], ...] = ()  # (field, where it came from) for a reader
 
     @property
@@ -237,6 +301,11 @@ def masks_from_globals(found: dict[str, int], layout: SpteLayout) -> SpteMasks:
     * 7.x: no shadow_phys_bits, kvm_host.maxphyaddr; no shadow_x_mask, shadow_xs_mask;
     * no enable_mmio_caching (5.10): MMIO SPTEs always cached.
 
+    The writable masks came with 5.13 "KVM: x86/mmu: Make Host-writable and
+    MMU-writable bit locations dynamic" (5fc3424f8b85), enable_mmio_caching with
+    5.13 "KVM: x86/mmu: Add module param to disable MMIO caching (for testing)"
+    (b09763da4dd8).
+
     Anything else missing stays None ("unknown").
     """
     got: dict[str, int | None] = {}
@@ -307,7 +376,7 @@ def decode_bits(value: int, level: int, fmt: SpteFormat, m: SpteMasks) -> SpteBi
     present = is_shadow_present_pte(value, fmt)
     frozen = not present and lay.frozen is not None and value == lay.frozen
     mmio = bool(not present and not frozen and is_mmio_spte(value, m))
-    pfn = (value & fmt.addr_mask) >> PAGE_SHIFT
+    pfn = spte_to_pfn(value, fmt.addr_mask)
     if mmio:
         gfn = None
         if m.lower_gfn is not None and m.nonpresent_or_rsvd is not None:

@@ -92,7 +92,7 @@ def find_core(d: Path) -> Path:
     return d / found[0]
 
 
-def _fixture_parts(d: Path) -> tuple[Path, list[Path]]:
+def fixture_parts(d: Path) -> tuple[Path, list[Path]]:
     """A crash or fixture directory's vmcore and its debug files."""
     core = find_core(d)
     debug = sorted(p for p in d.iterdir()
@@ -241,6 +241,11 @@ class Target:
             self._kernel = Kernel(self.prog, self.release)
         return self._kernel
 
+    @property
+    def kernel_if_opened(self) -> Kernel | None:
+        """The KVM model if a command has asked for it (kernel), else None: no probe."""
+        return self._kernel
+
     def fresh(self) -> bool:
         """On a live target, start a new reading (same layout); False on a vmcore."""
         if not self.live or self._kernel is None:
@@ -299,7 +304,7 @@ def open_core(path: str, debug: list[str]) -> Target:
         raise TargetError(f"{path}: no such file or directory")
     files = _debug_files(debug)
     if p.is_dir():
-        core, extra = _fixture_parts(p)
+        core, extra = fixture_parts(p)
         files = files + extra
     else:
         core = p

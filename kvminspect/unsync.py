@@ -39,6 +39,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from kvminspect.fmt import hx
+
 KVM_PAGE_ARRAY_NR = 16  # entries in struct kvm_mmu_pages
 INVALID_INDEX = -1  # idx of the first kvm_mmu_pages entry (the walk's root)
 PT64_ROOT_MAX_LEVEL = 5  # entries in struct mmu_page_path
@@ -60,6 +62,8 @@ SKIP = _Skip()
 class Slot:
     """What the walk needs from ``sp->spt[i]``."""
 
+    # bit 11 since 5.13, "KVM: x86/mmu: Use a dedicated bit to track shadow/MMU-present
+    # SPTEs" (edea7c4fc215)
     present: bool  # is_shadow_present_pte(): bit 11 (SPTE_MMU_PRESENT_MASK) in 6.1 and 6.12
     large: bool  # is_large_pte(): bit 7
     child: int | None  # spte_to_child_sp(): the child struct kvm_mmu_page (None: unresolvable)
@@ -122,14 +126,6 @@ class Replay:
     final: dict[int, WalkPage] = field(default_factory=dict)
 
 
-def _hex(value: object) -> str:
-    """Format an address for an error message, whatever it is."""
-    try:
-        return f"{value:#x}"  # type: ignore[str-format]
-    except (TypeError, ValueError):
-        return repr(value)
-
-
 def _is_int(value: object) -> bool:
     """True for a real integer (bool is not one here)."""
     return isinstance(value, int) and not isinstance(value, bool)
@@ -189,7 +185,7 @@ class _Walker:
             return self.state[sp]
         where = f" ({via})" if via else ""
         if not _is_int(sp):
-            self.error(f"sp {_hex(sp)}{where}: page address is not an integer")
+            self.error(f"sp {hx(sp)}{where}: page address is not an integer")
             return None
         if sp in self.bad:
             return None
@@ -229,7 +225,7 @@ class _Walker:
             return None
         problems = []
         if addr != sp:
-            problems.append(f"snapshot is keyed {sp:#x} but says sp={_hex(addr)}")
+            problems.append(f"snapshot is keyed {sp:#x} but says sp={hx(addr)}")
         if not _is_int(level) or not 1 <= level <= PT64_ROOT_MAX_LEVEL:
             problems.append(f"role.level {level!r} is not 1..{PT64_ROOT_MAX_LEVEL}")
         if not _is_int(children) or not 0 <= children <= SPTE_ENT_PER_PAGE:
@@ -300,7 +296,7 @@ class _Walker:
             return None
         if child in self.on_path:
             self.error(f"sp {sp:#x}: slot {i} points back up the walk's path to "
-                       f"sp {_hex(child)}; skipped")
+                       f"sp {hx(child)}; skipped")
             return None
         cst = self.page(child, via=f"child of sp {sp:#x} slot {i}")
         if cst is None:
@@ -459,10 +455,10 @@ def _replay(root: int, pages: Mapping[int, WalkPage], zap: bool, max_batches: in
     replay = Replay(root=root, batches=[], errors=walker.errors)
     try:
         if not _is_int(max_batches) or max_batches < 0:
-            walker.error(f"sp {_hex(root)}: max_batches {max_batches!r} invalid; using 10000")
+            walker.error(f"sp {hx(root)}: max_batches {max_batches!r} invalid; using 10000")
             max_batches = 10_000
         if not isinstance(pages, Mapping):
-            walker.error(f"sp {_hex(root)}: page snapshot is not a mapping")
+            walker.error(f"sp {hx(root)}: page snapshot is not a mapping")
             return replay
         st = walker.page(root, via="root")
         if st is None:
@@ -494,12 +490,12 @@ def _replay(root: int, pages: Mapping[int, WalkPage], zap: bool, max_batches: in
                 replay.truncated = True
                 break
     except Exception as exc:  # belt and braces: corrupt input must never raise
-        walker.error(f"sp {_hex(root)}: replay aborted by an internal error: {exc!r}")
+        walker.error(f"sp {hx(root)}: replay aborted by an internal error: {exc!r}")
         replay.truncated = True
     try:
         replay.final = walker.snapshot()
     except Exception as exc:
-        walker.error(f"sp {_hex(root)}: final snapshot failed: {exc!r}")
+        walker.error(f"sp {hx(root)}: final snapshot failed: {exc!r}")
     return replay
 
 

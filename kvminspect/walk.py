@@ -9,21 +9,83 @@ translates a guest virtual address, a TDP or direct root a guest physical
 one. A PAE root (mmu->pae_root[], 32-bit guests) starts at pae_root[addr
 bits 31:30]. The leaf's host pfn is then checked against the memslot: gfn ->
 struct kvm_memory_slot -> userspace address -> the pfn the VMM's page tables
-(kvm->mm) map there. Nothing here renders.
+(kvm->mm) map there. The results are typed (Walk, Step, Stop, MemslotCheck,
+MemslotOutcome); nothing here prints: memslot_why() words a memslot check for
+the renderers (text and JSON alike).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from enum import Enum
 
 import drgn
 
 from kvminspect import spte
 from kvminspect.layout import PAGE_SHIFT, PT_PRESENT_MASK
-from kvminspect.model import VM, Kernel, Memslot, RootRef, ShadowPage, VCpu
+from kvminspect.model import Kernel
+from kvminspect.objects import VM, Memslot, RootRef, ShadowPage, VCpu
 
 ENTRIES = 512
 PT32E_ROOT_LEVEL = 3
+# mmu->shadow_zero_check (struct rsvd_bits_validate): (rsvd_bits_mask[2][N], bad_mt_xwr)
+RsvdMasks = tuple[tuple[tuple[int, ...], ...], int]
+
+
+class AddressKind(Enum):
+    """What a root translates, so what kind of address a walk takes (JSON "kind")."""
+
+    GVA = "gva"  # a shadow (indirect) root: guest virtual addresses
+    GPA = "gpa"  # a TDP or direct root: guest physical addresses
+
+
+class Stop(Enum):
+    """Where for_each_shadow_entry() ends, or why the walk cannot go on (JSON "stop")."""
+
+    LEAF = "leaf"  # is_last_spte() at level 1: a 4 KiB page
+    LARGE = "large"  # is_last_spte() above level 1: is_large_pte()
+    NOT_PRESENT = "not_present"  # !is_shadow_present_pte()
+    MMIO = "mmio"  # is_mmio_spte(): emulated, no page
+    FROZEN = "frozen"  # is_removed_spte() / is_frozen_spte(): a TDP MMU update under way
+    RESERVED = "reserved"  # is_rsvd_spte() by the vCPU's shadow_zero_check
+    NO_SHADOW_PAGE = "no_shadow_page"  # a non-leaf SPTE to a page with no kvm_mmu_page
+    UNREADABLE = "unreadable"  # a table or struct kvm_mmu_page the dump lacks, or a loop
+    NO_ROOT = "no_root"  # INVALID_PAGE, or a special root with nothing to walk
+
+    @property
+    def maps(self) -> bool:
+        """Whether the walk ended at a page the address maps to (LEAF, LARGE)."""
+        return self in (Stop.LEAF, Stop.LARGE)
+
+
+class Verdict(Enum):
+    """The memslot check's answer (JSON "verdict")."""
+
+    MATCH = "match"
+    MISMATCH = "mismatch"
+    NOT_CHECKABLE = "not checkable"
+
+
+class MemslotOutcome(Enum):
+    """How memslot_check() ended: a verdict, and for NOT_CHECKABLE what was missing
+    (memslot_why() words it; check --audit counts leaves by it: kvminspect.audit)."""
+
+    MATCH = "match"  # the VMM maps the SPTE's page at the memslot's hva
+    MISMATCH = "mismatch"  # the VMM maps another page there
+    CANNOT_TRANSLATE = "cannot_translate"  # follow_pfn() cannot walk these page tables
+    NO_MEMSLOT = "no_memslot"  # no memslot of the address space holds the gfn
+    NO_MM = "no_mm"  # kvm->mm is NULL
+    NOT_IN_DUMP = "not_in_dump"  # the VMM's page tables there are not in the dump
+    NOT_MAPPED = "not_mapped"  # the VMM's page tables map nothing at the hva
+    NO_GFN = "no_gfn"  # kvm_mmu_page_get_gfn() could not be read
+
+    @property
+    def verdict(self) -> Verdict:
+        if self is MemslotOutcome.MATCH:
+            return Verdict.MATCH
+        if self is MemslotOutcome.MISMATCH:
+            return Verdict.MISMATCH
+        return Verdict.NOT_CHECKABLE
 
 
 @dataclass(frozen=True)
@@ -44,12 +106,38 @@ class Step:
 class MemslotCheck:
     """The leaf's pfn against gfn -> memslot -> userspace address -> host pfn."""
 
-    gfn: int | None
+    gfn: int | None  # the leaf's gfn (None: unreadable)
+    pfn: int  # the host pfn the SPTE maps
+    outcome: MemslotOutcome
+    as_id: int = 0  # the address space searched (1: SMM)
     slot: Memslot | None = None
     hva: int | None = None
-    host_pfn: int | None = None
-    verdict: str = "not checkable"  # "match" | "mismatch" | "not checkable"
-    why: str = ""
+    host_pfn: int | None = None  # what the VMM's page tables map at hva
+    error: str | None = None  # drgn's words, for NOT_IN_DUMP and CANNOT_TRANSLATE
+
+    @property
+    def verdict(self) -> Verdict:
+        return self.outcome.verdict
+
+
+def memslot_why(c: MemslotCheck) -> str:
+    """A memslot check's outcome in words (the text's "check:" line, JSON "why")."""
+    o, hva = c.outcome, f"{c.hva:#x}" if c.hva is not None else "?"
+    if o is MemslotOutcome.MATCH:
+        return "maps the page the memslot says"
+    if o is MemslotOutcome.MISMATCH:
+        return f"the memslot's page is pfn {c.host_pfn or 0:#x}, the SPTE maps {c.pfn:#x}"
+    if o is MemslotOutcome.NO_GFN:
+        return "the leaf's gfn could not be read"
+    if o is MemslotOutcome.NO_MEMSLOT:
+        return f"no memslot of address space {c.as_id} holds gfn {c.gfn or 0:#x}"
+    if o is MemslotOutcome.NO_MM:
+        return "the VM has no mm (kvm->mm is NULL)"
+    if o is MemslotOutcome.NOT_MAPPED:
+        return f"the VMM's page tables do not map {hva} (no page there now)"
+    if o is MemslotOutcome.NOT_IN_DUMP:
+        return f"the VMM's page tables for {hva} are not in the dump ({c.error})"
+    return f"cannot translate {hva} ({c.error})"
 
 
 @dataclass(frozen=True)
@@ -57,13 +145,12 @@ class Walk:
     """One address walked through one root."""
 
     addr: int
-    kind: str  # "gva" (shadow root) or "gpa" (TDP / direct root)
+    kind: AddressKind
     root: str  # where the walk started: "vcpu0.root", "sp 0x...", ...
     root_addr: int | None  # the top table (struct kvm_mmu_page or pae_root)
     steps: list[Step] = field(default_factory=list)
-    stop: str = "leaf"  # leaf | large | not_present | mmio | frozen | reserved |
-    #                     no_shadow_page | unreadable | no_root
-    why: str = ""
+    stop: Stop = Stop.LEAF
+    why: str = ""  # the stop in words: the level and index, what the SPTE holds
     offset: int | None = None  # offset of addr in the mapped page (4 KiB or large)
     pfn: int | None = None  # the host pfn of addr's page (a large page's pfn + offset)
     check: MemslotCheck | None = None
@@ -81,79 +168,35 @@ def spte_index(addr: int, level: int) -> int:
     return (addr >> level_shift(level)) & (ENTRIES - 1)
 
 
-def rsvd_masks(k: Kernel, vcpu: VCpu) -> tuple[tuple[tuple[int, ...], ...], int] | None:
-    """The vCPU's MMU reserved-bit masks: mmu->shadow_zero_check (7.x: mmu->fmt),
-    struct rsvd_bits_validate / kvm_page_format: (rsvd_bits_mask[2][N], bad_mt_xwr);
-    None if this kernel has neither or they cannot be read."""
-    try:
-        v = drgn.Object(k.prog, "struct kvm_vcpu *", vcpu.addr)
-        mmu = v.arch.mmu if k.layout.mmu_is_pointer else v.arch.mmu.address_of_()
-        for name in ("shadow_zero_check", "fmt"):
-            try:
-                zc = mmu.member_(name)
-            except LookupError:
-                continue
-            rows = tuple(tuple(int(x) for x in zc.rsvd_bits_mask[b].read_()) for b in (0, 1))
-            return rows, zc.bad_mt_xwr.value_()
-    except (drgn.FaultError, LookupError, AttributeError, TypeError):
-        pass
-    return None
-
-
-def leaf_gfn(k: Kernel, sp: ShadowPage, index: int) -> int | None:
-    """kvm_mmu_page_get_gfn(sp, index): a direct page's sp->gfn + index <<
-    9 * (level - 1); an indirect one's sp->shadowed_translation[index] >>
-    PAGE_SHIFT (6.1+) or sp->gfns[index] (before); None if unreadable."""
-    if sp.role.direct:
-        return sp.gfn + (index << (9 * (sp.level - 1)))
-    try:
-        obj = drgn.Object(k.prog, "struct kvm_mmu_page *", sp.addr)
-        for name, shift in (("shadowed_translation", PAGE_SHIFT), ("gfns", 0)):
-            try:
-                arr = obj.member_(name)
-            except LookupError:
-                continue
-            if not arr:
-                return None
-            return arr[index].value_() >> shift
-    except (drgn.FaultError, LookupError):
-        pass
-    return None
-
-
 def memslot_check(k: Kernel, vm: VM, gfn: int | None, pfn: int, as_id: int = 0,
                   mm: drgn.Object | None = None) -> MemslotCheck:
     """gfn -> its memslot (kvm->memslots[as_id]) -> userspace_addr + offset ->
     follow_pfn() in the VMM's mm (kvm->mm, or *mm* when the caller read it): the
-    pfn the leaf must map."""
+    pfn the leaf must map (*pfn*: the one it maps)."""
     if gfn is None:
-        return MemslotCheck(None, why="the leaf's gfn could not be read")
+        return MemslotCheck(None, pfn, MemslotOutcome.NO_GFN, as_id)
     slot = next((s for s in vm.memslots if s.as_id == as_id
                  and s.base_gfn <= gfn < s.base_gfn + s.npages), None)
     if slot is None:
-        return MemslotCheck(gfn, why=f"no memslot of address space {as_id} holds gfn {gfn:#x}")
+        return MemslotCheck(gfn, pfn, MemslotOutcome.NO_MEMSLOT, as_id)
     hva = slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT)
-    from drgn.helpers.linux.mm import follow_pfn
-
     try:
         if mm is None:
-            mm = k.kvm_object(vm).mm
-        if not mm:
-            return MemslotCheck(gfn, slot, hva, why="the VM has no mm (kvm->mm is NULL)")
-        host = follow_pfn(mm, hva).value_()
+            mm = k.vm_reader.vmm_mm(vm)
+        if mm is None:
+            return MemslotCheck(gfn, pfn, MemslotOutcome.NO_MM, as_id, slot, hva)
+        host = k.vm_reader.hva_to_pfn(mm, hva)
     except drgn.FaultError as e:
-        what = str(e)
-        if "not mapped" in what:
-            why = f"the VMM's page tables do not map {hva:#x} (no page there now)"
-        else:
-            why = f"the VMM's page tables for {hva:#x} are not in the dump ({what})"
-        return MemslotCheck(gfn, slot, hva, why=why)
+        # drgn says which: a page-table entry not present ("address not mapped"),
+        # or a page-table page the dump lacks
+        outcome = (MemslotOutcome.NOT_MAPPED if "not mapped" in e.message
+                   else MemslotOutcome.NOT_IN_DUMP)
+        return MemslotCheck(gfn, pfn, outcome, as_id, slot, hva, error=str(e))
     except (LookupError, ValueError, NotImplementedError) as e:
-        return MemslotCheck(gfn, slot, hva, why=f"cannot translate {hva:#x} ({e})")
-    if host == pfn:
-        return MemslotCheck(gfn, slot, hva, host, "match", "maps the page the memslot says")
-    return MemslotCheck(gfn, slot, hva, host, "mismatch",
-                        f"the memslot's page is pfn {host:#x}, the SPTE maps {pfn:#x}")
+        return MemslotCheck(gfn, pfn, MemslotOutcome.CANNOT_TRANSLATE, as_id, slot, hva,
+                            error=str(e))
+    outcome = MemslotOutcome.MATCH if host == pfn else MemslotOutcome.MISMATCH
+    return MemslotCheck(gfn, pfn, outcome, as_id, slot, hva, host)
 
 
 def walk(k: Kernel, vm: VM, addr: int, root: RootRef | ShadowPage, label: str,
@@ -164,37 +207,41 @@ def walk(k: Kernel, vm: VM, addr: int, root: RootRef | ShadowPage, label: str,
     checked). *direct*: whether the root translates guest physical addresses
     (default: the top shadow page's role.direct).
     """
-    rsvd = rsvd_masks(k, vcpu) if vcpu is not None else None
-    kind = "gpa" if direct else "gva"
+    rsvd = k.rsvd_masks(vcpu) if vcpu is not None else None
+    kind = _kind(direct)
     if isinstance(root, ShadowPage):
         sp = root
     elif root.hpa is None:
-        return Walk(addr, kind, label, None, stop="no_root", why="the root is INVALID_PAGE")
+        return Walk(addr, kind, label, None, stop=Stop.NO_ROOT, why="the root is INVALID_PAGE")
     elif root.special == "pae_root":
         return _walk_pae(k, vm, addr, root, label, rsvd, direct)
     elif root.sp is None:
-        return Walk(addr, kind, label, root.hpa, stop="no_root",
+        return Walk(addr, kind, label, root.hpa, stop=Stop.NO_ROOT,
                     why=f"the root is {root.special or 'unreadable'}: nothing to walk")
     else:
         sp = root.sp
     if direct is None:
         direct = sp.role.direct
-    w = Walk(addr, "gpa" if direct else "gva", label, sp.addr, root_invalid=sp.role.invalid)
+    w = Walk(addr, _kind(direct), label, sp.addr, root_invalid=sp.role.invalid)
     return _descend(k, vm, w, sp, rsvd)
 
 
-def _walk_pae(k: Kernel, vm: VM, addr: int, root: RootRef, label: str, rsvd: tuple | None,
-              direct: bool | None) -> Walk:
+def _kind(direct: bool | None) -> AddressKind:
+    return AddressKind.GPA if direct else AddressKind.GVA
+
+
+def _walk_pae(k: Kernel, vm: VM, addr: int, root: RootRef, label: str,
+              rsvd: RsvdMasks | None, direct: bool | None) -> Walk:
     """shadow_walk_init_using_root() for a PAE root: pae_root[(addr >> 30) & 3]
     is a level-3 entry (PT_PRESENT_MASK), its child the level-2 shadow page."""
     assert root.hpa is not None
     table = root.hpa + k.layout.page_offset_base
     i = (addr >> 30) & 3
-    kind = "gpa" if direct else "gva"
+    kind = _kind(direct)
     try:
-        value = k.prog.read_u64(table + 8 * i)
+        value = k.memory.read_u64(table + 8 * i)
     except drgn.FaultError as e:
-        return Walk(addr, kind, label, table, stop="unreadable",
+        return Walk(addr, kind, label, table, stop=Stop.UNREADABLE,
                     why=f"pae_root {table:#x} unreadable ({e})")
     child = None
     present = bool(value & PT_PRESENT_MASK)
@@ -204,37 +251,37 @@ def _walk_pae(k: Kernel, vm: VM, addr: int, root: RootRef, label: str, rsvd: tup
     w = Walk(addr, kind, f"{label} pae_root[{i}]", table, [step],
              checked_reserved=rsvd is not None)
     if not present:
-        return _stopped(w, "not_present",
+        return _stopped(w, Stop.NOT_PRESENT,
                         f"pae_root[{i}] is not present (no shadow page for addr bits 31:30)")
     if child is None:
-        return _stopped(w, "no_shadow_page", f"pae_root[{i}] points to no shadow page")
+        return _stopped(w, Stop.NO_SHADOW_PAGE, f"pae_root[{i}] points to no shadow page")
     sp = k.shadow_page(child)
     if sp is None:
-        return _stopped(w, "unreadable", f"struct kvm_mmu_page {child:#x} unreadable")
+        return _stopped(w, Stop.UNREADABLE, f"struct kvm_mmu_page {child:#x} unreadable")
     return _descend(k, vm, w, sp, rsvd)
 
 
-def _stopped(w: Walk, stop: str, why: str, **more: object) -> Walk:
-    from dataclasses import replace
+def _stopped(w: Walk, stop: Stop, why: str, offset: int | None = None,
+             pfn: int | None = None, check: MemslotCheck | None = None) -> Walk:
+    """*w* ended at *stop* (*why* in words); a leaf's offset, pfn and memslot check."""
+    return replace(w, stop=stop, why=why, offset=offset, pfn=pfn, check=check)
 
-    return replace(w, stop=stop, why=why, **more)  # type: ignore[arg-type]
 
-
-def _descend(k: Kernel, vm: VM, w: Walk, sp: ShadowPage, rsvd: tuple | None) -> Walk:
+def _descend(k: Kernel, vm: VM, w: Walk, sp: ShadowPage, rsvd: RsvdMasks | None) -> Walk:
     """for_each_shadow_entry() from *sp* down; the stop and the memslot check."""
     addr, seen = w.addr, set()
     masks = k.spte_masks(vm)
-    w = _stopped(w, w.stop, w.why, checked_reserved=rsvd is not None)
+    w = replace(w, checked_reserved=rsvd is not None)
     while True:
         if sp.addr in seen or len(w.steps) > 6:
-            return _stopped(w, "unreadable", f"the tables loop at sp {sp.addr:#x}")
+            return _stopped(w, Stop.UNREADABLE, f"the tables loop at sp {sp.addr:#x}")
         seen.add(sp.addr)
         level = sp.level
         i = spte_index(addr, level)
         spt = k.sptes(sp)
         if spt is None:
             w.steps.append(Step(level, sp.addr, sp.gfn, i, None, None))
-            return _stopped(w, "unreadable", f"spt[] of sp {sp.addr:#x} unreadable")
+            return _stopped(w, Stop.UNREADABLE, f"spt[] of sp {sp.addr:#x} unreadable")
         value = spt[i]
         bits = spte.decode_bits(value, level, k.spte_format, masks)
         reserved = None
@@ -246,21 +293,22 @@ def _descend(k: Kernel, vm: VM, w: Walk, sp: ShadowPage, rsvd: tuple | None) -> 
         w.steps.append(Step(level, sp.addr, sp.gfn, i, value, bits, reserved, child))
         where = f"L{level} index {i}"
         if bits.frozen:
-            return _stopped(w, "frozen", f"{where}: frozen (REMOVED/FROZEN_SPTE): a TDP MMU "
+            return _stopped(w, Stop.FROZEN, f"{where}: frozen (REMOVED/FROZEN_SPTE): a TDP MMU "
                             "update was in progress when the dump was taken")
         if bits.mmio:
-            gfn = "" if bits.mmio_gfn is None else f" gfn {bits.mmio_gfn:#x}"
+            mgfn = "" if bits.mmio_gfn is None else f" gfn {bits.mmio_gfn:#x}"
             gen = "" if bits.mmio_gen is None else f", generation {bits.mmio_gen:#x}"
-            return _stopped(w, "mmio", f"{where}: MMIO SPTE{gfn}{gen} (emulated, no page)")
+            return _stopped(w, Stop.MMIO, f"{where}: MMIO SPTE{mgfn}{gen} (emulated, no page)")
         if not bits.present:
-            return _stopped(w, "not_present", f"{where}: not present")
+            return _stopped(w, Stop.NOT_PRESENT, f"{where}: not present")
         if reserved:
-            return _stopped(w, "reserved", f"{where}: reserved bits set (is_rsvd_spte)")
+            return _stopped(w, Stop.RESERVED, f"{where}: reserved bits set (is_rsvd_spte)")
         if bits.leaf:
             size = 1 << level_shift(level)
             offset = addr & (size - 1)
             pfn = bits.pfn + (offset >> PAGE_SHIFT)
-            gfn = leaf_gfn(k, sp, i)
+            gfns = k.leaf_gfns(sp, [i])
+            gfn = None if gfns is None else gfns[0]
             if gfn is not None and bits.large:
                 gfn += offset >> PAGE_SHIFT
             as_id = 1 if sp.role.get("smm") else 0
@@ -268,14 +316,14 @@ def _descend(k: Kernel, vm: VM, w: Walk, sp: ShadowPage, rsvd: tuple | None) -> 
             if bits.large:
                 why = (f"{where}: large page ({size >> 20} MiB) at pfn {bits.pfn:#x}, "
                        f"offset {offset:#x}")
-                return _stopped(w, "large", why, offset=offset, pfn=pfn, check=check)
-            return _stopped(w, "leaf", f"{where}: 4 KiB page pfn {pfn:#x}, offset {offset:#x}",
+                return _stopped(w, Stop.LARGE, why, offset=offset, pfn=pfn, check=check)
+            return _stopped(w, Stop.LEAF, f"{where}: 4 KiB page pfn {pfn:#x}, offset {offset:#x}",
                             offset=offset, pfn=pfn, check=check)
         if child is None:
-            return _stopped(w, "no_shadow_page",
+            return _stopped(w, Stop.NO_SHADOW_PAGE,
                             f"{where}: points to pfn {bits.pfn:#x}, which has no shadow page")
         nxt = k.shadow_page(child)
         if nxt is None:
-            return _stopped(w, "unreadable", f"{where}: struct kvm_mmu_page {child:#x} "
+            return _stopped(w, Stop.UNREADABLE, f"{where}: struct kvm_mmu_page {child:#x} "
                             "unreadable")
         sp = nxt

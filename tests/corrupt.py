@@ -25,7 +25,7 @@ import drgn
 from drgn.helpers.linux.mm import follow_phys
 
 from kvminspect.model import VM, Kernel
-from kvminspect.target import Target, _fixture_parts, decompressed, open_core
+from kvminspect.target import Target, decompressed, fixture_parts, open_core
 
 VMCORES = Path(__file__).resolve().parent / "vmcores"
 UNMAPPED = 0xFFFFC8FFFFF00000  # vmalloc space nothing maps in these small hosts
@@ -189,6 +189,18 @@ def wrong_child_level(k: Kernel) -> list[Patch]:
     return [Patch(sp.addr + k.layout.sp.role, _role_word(k, sp, 2), f"{sp.addr:#x}")]
 
 
+def private_mismatch(k: Kernel) -> list[Patch]:
+    """The struct page of the root's level-3 page table names the level-2 page
+    below it as its owner (page->private): to_shadow_page() of the root's SPTE
+    leads to the level-2 page, while the level-3 page's sp->spt is that page."""
+    l3 = _child(k, _root_sp(k), 1)
+    l2 = _child(k, l3, 1)
+    lay = k.layout
+    pfn = (l3.spt - lay.page_offset_base) >> 12
+    at = lay.vmemmap_base + pfn * lay.page_size + lay.page_private
+    return [Patch(at, u64(l2.addr), f"struct page of {l3.addr:#x}'s spt -> {l2.addr:#x}")]
+
+
 # -- the MMU audit's invariants (check --audit), one broken each ------------------
 
 
@@ -260,6 +272,7 @@ CASES: dict[str, Callable[[Kernel], list[Patch]]] = {
     "unsync-children-huge": unsync_children_huge,
     "spte-cycle": spte_cycle,
     "wrong-child-level": wrong_child_level,
+    "private-mismatch": private_mismatch,
     "leaf-wrong-pfn": leaf_wrong_pfn,
     "rmap-removed": rmap_removed,
     "unsync-level2": unsync_level2,
@@ -273,7 +286,7 @@ def make(fixture: str, case: str, out: Path) -> list[Patch]:
     target: Target = open_core(str(src), [])
     k = Kernel(target.prog)
     patches = CASES[case](k)
-    core_src, debug = _fixture_parts(src)
+    core_src, debug = fixture_parts(src)
     plain = decompressed(core_src)
     out.mkdir(parents=True, exist_ok=True)
     dst = out / "vmcore"

@@ -20,11 +20,12 @@ import drgn
 import pytest
 
 from kvminspect.audit import audit_vm, check_tdp_mmu_pages, collect
-from kvminspect.check import check_vm
+from kvminspect.check import FindingKind, Severity, check_vm
 from kvminspect.cli import main
-from kvminspect.rmap import DescLayout, RmapReader, sptes_of_gfn
+from kvminspect.memory import Memory
+from kvminspect.rmap import DescLayout, RmapHead, RmapReader, sptes_of_gfn
 from kvminspect.session import Session
-from kvminspect.walk import walk
+from kvminspect.walk import Stop, walk
 from tests.conftest import FIXTURES, LARGE, MULTI_VM, SMM, VMCORES, open_fixture, truth
 from tests.corrupt import UNMAPPED, make
 from tests.test_walk import WALKED, touched
@@ -44,10 +45,10 @@ def test_clean_fixtures_audit_clean(name: str) -> None:
     for vm in k.vms():
         vg = s.graph(vm)
         findings = check_tdp_mmu_pages(k, vg) + audit_vm(k, vg)
-        assert [f for f in findings if f.severity != "info"] == [], findings
-        unsync = [f for f in check_vm(k, vg) if f.check == "unsync-page"]
+        assert [f for f in findings if f.severity is not Severity.INFO] == [], findings
+        unsync = [f for f in check_vm(k, vg) if f.check is FindingKind.UNSYNC_PAGE]
         assert unsync == []
-        assert not any(f.check == "leaf-pfn-unchecked" for f in findings), findings
+        assert not any(f.check is FindingKind.LEAF_PFN_UNCHECKED for f in findings), findings
         st = collect(k, vg)
         assert st.leaves or truth(name).get("zapped")
         shadow_leaves = {x.sptep for x in st.leaves if not x.sp.tdp_mmu_page}
@@ -65,7 +66,8 @@ def test_large_leaves_audited_on_their_first_4k(name: str) -> None:
         large = [x for x in st.leaves if x.sp.level > 1]
         assert large, "the fixture's guest maps 2 MiB pages"
         findings = audit_vm(k, vg)
-        assert not [f for f in findings if f.check.startswith("leaf-pfn")], findings
+        leaf_pfn = (FindingKind.LEAF_PFN, FindingKind.LEAF_PFN_UNCHECKED)
+        assert not [f for f in findings if f.check in leaf_pfn], findings
 
 
 # case -> (check id, gfn the finding names); all on 6.1-shadow, rmap-removed also
@@ -131,18 +133,18 @@ def planted_frozen(monkeypatch):
     sp = next(p for p in vg.pages() if p.tdp_mmu_page and p.level == 1)
     new = array.array("Q", k.sptes(sp))
     new[3] = (1 << 63) | 0x5A0
-    monkeypatch.setitem(k._spt_cache, sp.addr, new)
+    monkeypatch.setitem(k.pages._spt_cache, sp.addr, new)
     return k, vg, sp
 
 
 def test_frozen_spte_is_transient_info(monkeypatch) -> None:
     k, vg, sp = planted_frozen(monkeypatch)
     findings = audit_vm(k, vg)
-    (f,) = [f for f in findings if f.check == "frozen-spte"]
-    assert f.severity == "info" and f.objects == [sp.addr]
+    (f,) = [f for f in findings if f.check is FindingKind.FROZEN_SPTE]
+    assert f.severity is Severity.INFO and f.objects == [sp.addr]
     assert f"sp {sp.addr:#x} spt[3]" in f.message
     assert "mmu_lock (a rwlock: no owner recorded) is free" in f.message
-    assert [x for x in findings if x.severity != "info"] == []
+    assert [x for x in findings if x.severity is not Severity.INFO] == []
 
 
 def test_tdp_mmu_pages_count_against_pages_found() -> None:
@@ -156,7 +158,7 @@ def test_tdp_mmu_pages_count_against_pages_found() -> None:
     del vg.nodes[leaf.addr]
     vg._changed()
     (f,) = check_tdp_mmu_pages(k, vg)
-    assert f.check == "tdp-mmu-pages" and f.severity == "warning"
+    assert f.check is FindingKind.TDP_MMU_PAGES and f.severity is Severity.WARNING
     assert "tdp_mmu_pages is 4 but 3 non-root TDP MMU pages" in f.message
 
 
@@ -170,7 +172,7 @@ def test_rmap_finds_what_the_walk_finds(name: str) -> None:
     for i, v in enumerate(k.vcpus(vm)):
         for addr in touched(truth(name), i):
             w = walk(k, vm, addr, v.root, f"vcpu{i}.root", v, direct=v.direct)
-            assert w.stop == "leaf" and w.check is not None
+            assert w.stop is Stop.LEAF and w.check is not None
             entries, skipped = sptes_of_gfn(k, vm, w.check.gfn, reader)
             assert skipped == []
             found = {(e.sp, e.index): e for e in entries}
@@ -209,14 +211,14 @@ def test_rmap_chains_are_bounded_on_garbage() -> None:
         return bytes(b)
 
     a, b = 0xFFFF888000100000, 0xFFFF888000200000
-    r.prog = FakeProg({a: desc(2, b, [0x1008, 0x2010]), b: desc(1, a, [0x3018])})
+    r.mem = Memory(FakeProg({a: desc(2, b, [0x1008, 0x2010]), b: desc(1, a, [0x3018])}))
     problems: list = []
     assert r.sptes_of(a | 1, 0x99, problems) == [0x1008, 0x2010, 0x3018]
     assert problems == [(0x99, f"pte_list_desc chain loops at {a:#x}")]
     problems = []
     assert r.sptes_of(UNMAPPED | 1, 0x99, problems) == []
     assert "unreadable" in problems[0][1] and f"{UNMAPPED:#x}" in problems[0][1]
-    r.prog = FakeProg({a: desc(99, 0, [0x1008] * 14)})
+    r.mem = Memory(FakeProg({a: desc(99, 0, [0x1008] * 14)}))
     problems = []
     assert len(r.sptes_of(a | 1, 0x99, problems)) == 14
     assert "spte_count 99 > PTE_LIST_EXT 14" in problems[0][1]
@@ -273,7 +275,8 @@ def test_rmap_array_missing_from_the_dump_is_not_checkable() -> None:
     reader._slots[vm.addr] = [replace(sl, rmap=(UNMAPPED, *sl.rmap[1:]))
                               for sl in reader.slots(vm)]
     findings = check_rmaps(k, vg, collect(k, vg), reader)
-    assert [(f.check, f.severity) for f in findings] == [("rmap-unchecked", "info")]
+    assert [(f.check, f.severity) for f in findings] == [
+        (FindingKind.RMAP_UNCHECKED, Severity.INFO)]
     assert "1 memslot rmap array not in the dump" in findings[0].message
 
 
@@ -291,16 +294,17 @@ def test_plain_check_has_the_tdp_mmu_pages_count(monkeypatch, capsys) -> None:
 def test_large_writable_spte_over_a_shadowed_gfn() -> None:
     """A writable 2 MiB leaf whose range holds a shadowed gfn (not its first):
     write protection is checked over the whole range, large pfns on their first 4K."""
-    from kvminspect.audit import AuditState, Leaf, check_write_protection, shadowed_gfns
+    from kvminspect.audit import AuditState, LeafSpte, check_write_protection, shadowed_gfns
 
     s = session("6.1-shadow")
     k = s.kernel
     vg = s.graph(k.vms()[0])
     gfn = min(g for a, g in shadowed_gfns(vg) if a == 0 and g & 511)
     l2 = next(p for p in vg.pages() if p.level == 2 and not p.role.direct)
-    large = Leaf(l2, 7, (0x40000 << 12) | 0x80 | 0x7, gfn & ~511, 0)
+    large = LeafSpte(l2, 7, (0x40000 << 12) | 0x80 | 0x7, gfn & ~511, 0)
     (f,) = check_write_protection(vg, AuditState([large]))
-    assert f.check == "writable-shadowed" and f"gfn {gfn:#x} is a guest page table" in f.message
+    assert f.check is FindingKind.WRITABLE_SHADOWED
+    assert f"gfn {gfn:#x} is a guest page table" in f.message
     assert f"spt[7] (gfn {gfn & ~511:#x}, 2M)" in f.message
     read_only = large.__class__(l2, 7, large.value & ~2, gfn & ~511, 0)
     assert check_write_protection(vg, AuditState([read_only])) == []
@@ -319,9 +323,9 @@ def test_rmap_entry_at_a_non_present_spte_is_stale() -> None:
     reader = RmapReader(k)
     scan = reader.scan(vm)
     sp = next(p for p in vg.pages() if p.level == 1 and not k.spte_present(k.sptes(p)[511]))
-    scan.entries[sp.spt + 8 * 511] = (0, 0x123, 1)
+    scan.entries[sp.spt + 8 * 511] = RmapHead(0, 0x123, 1)
     reader.scan = lambda vm: scan  # type: ignore[method-assign]
     (f,) = check_rmaps(k, vg, st, reader)
-    assert (f.check, f.severity, f.objects) == ("rmap-stale", "error", [sp.addr])
+    assert (f.check, f.severity, f.objects) == (FindingKind.RMAP_STALE, Severity.ERROR, [sp.addr])
     assert f"the 4K rmap of gfn 0x123 holds sptep {sp.spt + 8 * 511:#x}" in f.message
     assert f"spt[511] = {k.sptes(sp)[511]:#x}" in f.message and "not a present leaf" in f.message

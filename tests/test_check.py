@@ -16,7 +16,7 @@ import networkx as nx
 import pytest
 
 from kvminspect import check
-from kvminspect.check import Finding, check_vm
+from kvminspect.check import Finding, FindingKind, Severity, check_vm
 from kvminspect.cli import run_one
 from kvminspect.graph import Holder, VMGraph
 from kvminspect.model import Kernel, ShadowPage
@@ -53,10 +53,10 @@ def edit(vg: VMGraph, addr: int, **changes) -> ShadowPage:
     return sp
 
 
-def only(findings: list[Finding], check_id: str) -> Finding:
+def only(findings: list[Finding], check_id: FindingKind) -> Finding:
     """The single finding of *check_id*, and nothing else of error/warning severity."""
-    (f,) = [f for f in findings if f.check == check_id]
-    others = [x for x in findings if x is not f and x.severity != "info"]
+    (f,) = [f for f in findings if f.check is check_id]
+    others = [x for x in findings if x is not f and x.severity is not Severity.INFO]
     assert others == [], others
     return f
 
@@ -142,8 +142,8 @@ def test_wrong_unsync_children(name: str) -> None:
     k, vg = copied(name)
     pd = next(s for s in vg.pages() if s.level == 2 and s.unsync_children)
     edit(vg, pd.addr, unsync_children=pd.unsync_children + 1)
-    f = only(check_vm(k, vg), "unsync-children")
-    assert f.severity == "error" and f.objects == [pd.addr]
+    f = only(check_vm(k, vg), FindingKind.UNSYNC_CHILDREN)
+    assert f.severity is Severity.ERROR and f.objects == [pd.addr]
     assert f"{pd.addr:#x}" in f.message
     assert f"unsync_children {pd.unsync_children + 1} but {pd.unsync_children} bits" in f.message
 
@@ -157,8 +157,8 @@ def test_stale_bit_on_shared_child_is_info() -> None:
     assert len(vg.parents(child)) > 1 and not vg.sp(child).unsync
     edit(vg, pd.addr, unsync_child_bitmap=pd.unsync_child_bitmap | 1,
          unsync_children=pd.unsync_children + 1)
-    f = only(check_vm(k, vg), "stale-bit")
-    assert f.severity == "info" and f.objects == [pd.addr, child]
+    f = only(check_vm(k, vg), FindingKind.STALE_BIT)
+    assert f.severity is Severity.INFO and f.objects == [pd.addr, child]
     assert "bit 0" in f.message and "other" in f.message
 
 
@@ -171,8 +171,8 @@ def test_stale_bit_on_only_child_is_warning() -> None:
     sp = vg.sp(parent)
     edit(vg, parent, unsync_child_bitmap=sp.unsync_child_bitmap | 1 << i,
          unsync_children=sp.unsync_children + 1)
-    (f,) = [f for f in check_vm(k, vg) if f.check == "stale-bit"]
-    assert f.severity == "warning" and f.objects == [parent, child]
+    (f,) = [f for f in check_vm(k, vg) if f.check is FindingKind.STALE_BIT]
+    assert f.severity is Severity.WARNING and f.objects == [parent, child]
     assert f"bit {i}" in f.message and f"{child:#x}" in f.message
 
 
@@ -184,18 +184,18 @@ def test_bit_over_non_present_spte_is_info() -> None:
     edit(vg, pd.addr, unsync_child_bitmap=pd.unsync_child_bitmap | 1 << i,
          unsync_children=pd.unsync_children + 1)
     findings = check_vm(k, vg)
-    (f,) = [f for f in findings if f.check == "bit-not-present"]
-    assert f.severity == "info" and f.objects == [pd.addr]
+    (f,) = [f for f in findings if f.check is FindingKind.BIT_NOT_PRESENT]
+    assert f.severity is Severity.INFO and f.objects == [pd.addr]
     assert f"bit {i}" in f.message and "__mmu_unsync_walk" in f.message
-    assert [x for x in findings if x.severity != "info"] == []
+    assert [x for x in findings if x.severity is not Severity.INFO] == []
 
 
 def test_bit_on_level1_page() -> None:
     k, vg = copied("6.1-shadow")
     leaf, _, _ = unsync_leaf(vg)
     edit(vg, leaf.addr, unsync_child_bitmap=1 << 7, unsync_children=1)
-    f = only(check_vm(k, vg), "bit-on-leaf")
-    assert f.severity == "error" and f.objects == [leaf.addr] and "(7)" in f.message
+    f = only(check_vm(k, vg), FindingKind.BIT_ON_LEAF)
+    assert f.severity is Severity.ERROR and f.objects == [leaf.addr] and "(7)" in f.message
 
 
 @pytest.mark.parametrize("name", ["6.1-shadow", "6.12-shadow-6x6"])
@@ -206,8 +206,8 @@ def test_missing_parent_bit(name: str) -> None:
     assert p.unsync_child_bitmap >> i & 1
     edit(vg, parent, unsync_child_bitmap=p.unsync_child_bitmap & ~(1 << i),
          unsync_children=p.unsync_children - 1)
-    f = only(check_vm(k, vg), "missing-bit")
-    assert f.severity == "error" and f.objects == [parent, leaf.addr]
+    f = only(check_vm(k, vg), FindingKind.MISSING_BIT)
+    assert f.severity is Severity.ERROR and f.objects == [parent, leaf.addr]
     assert f"bit {i}" in f.message and "is unsync" in f.message
 
 
@@ -220,20 +220,20 @@ def test_missing_bit_for_unsync_children() -> None:
     edit(vg, parent, unsync_child_bitmap=p.unsync_child_bitmap & ~(1 << i),
          unsync_children=p.unsync_children - 1)
     findings = check_vm(k, vg)
-    (f,) = [f for f in findings if f.severity == "error"]
-    assert f.check == "missing-bit" and f.objects == [parent, pd.addr]
+    (f,) = [f for f in findings if f.severity is Severity.ERROR]
+    assert f.check is FindingKind.MISSING_BIT and f.objects == [parent, pd.addr]
     assert f"unsync_children {pd.unsync_children}" in f.message
     # the level-3 parent now has no unsync children, so the root's bit over it is stale
     (root,) = vg.parents(parent)
-    (stale,) = [f for f in findings if f.check == "stale-bit"]
-    assert stale.objects == [root[0], parent] and stale.severity == "warning"
+    (stale,) = [f for f in findings if f.check is FindingKind.STALE_BIT]
+    assert stale.objects == [root[0], parent] and stale.severity is Severity.WARNING
 
 
 def test_unsync_page_not_level1() -> None:
     k, vg = copied("6.1-shadow")
     pd = next(s for s in vg.pages() if s.level == 2)
     edit(vg, pd.addr, unsync=True)
-    found = [f for f in check_vm(k, vg) if f.check == "unsync-page"]
+    found = [f for f in check_vm(k, vg) if f.check is FindingKind.UNSYNC_PAGE]
     assert [f.objects for f in found] == [[pd.addr]] and "level 2" in found[0].message
 
 
@@ -243,7 +243,7 @@ def test_unsync_tdp_page() -> None:
     edit(vg, leaf.addr, unsync=True)
     root = next(iter(vg.roots))
     edit(vg, root, unsync_children=1, unsync_child_bitmap=1)
-    found = {tuple(f.objects): f for f in check_vm(k, vg) if f.check == "unsync-page"}
+    found = {tuple(f.objects): f for f in check_vm(k, vg) if f.check is FindingKind.UNSYNC_PAGE}
     assert set(found) == {(leaf.addr,), (root,)}
     assert "TDP MMU page" in found[(leaf.addr,)].message
     assert "unsync_children 1" in found[(root,)].message
@@ -259,8 +259,8 @@ def test_root_count_off_by_one(name: str, delta: int) -> None:
     root = next(a for a, h in vg.roots.items() if any(x.kind == "root" for x in h))
     sp = vg.sp(root)
     edit(vg, root, root_count=sp.root_count + delta)
-    f = only(check_vm(k, vg), "root-count")
-    assert f.severity == "error" and f.objects == [root]
+    f = only(check_vm(k, vg), FindingKind.ROOT_COUNT)
+    assert f.severity is Severity.ERROR and f.objects == [root]
     assert f"root_count {sp.root_count + delta} but expected {sp.root_count}" in f.message
     n = len(vg.roots[root])
     assert f"{n} vCPU reference{'' if n == 1 else 's'}" in f.message
@@ -272,25 +272,25 @@ def test_tdp_root_count_includes_the_list(name: str) -> None:
     (root,) = vg.roots
     if not k.layout.tdp_root_refcount:  # 5.10-5.12: one reference per vCPU, none for the list
         assert vg.sp(root).root_count == 4 and len(vg.vcpus) == 4
-        assert [f for f in check_vm(k, vg) if f.check == "root-count"] == []
+        assert [f for f in check_vm(k, vg) if f.check is FindingKind.ROOT_COUNT] == []
         edit(vg, root, root_count=5)
-        f = only(check_vm(k, vg), "root-count")
-        assert f.severity == "error" and "root_count 5 but expected 4" in f.message
+        f = only(check_vm(k, vg), FindingKind.ROOT_COUNT)
+        assert f.severity is Severity.ERROR and "root_count 5 but expected 4" in f.message
         return
     assert vg.sp(root).root_count == 5 and len(vg.vcpus) == 4
     edit(vg, root, root_count=6)
-    f = only(check_vm(k, vg), "root-count")
-    assert f.severity == "error" and "root_count 6 but expected 5" in f.message
+    f = only(check_vm(k, vg), FindingKind.ROOT_COUNT)
+    assert f.severity is Severity.ERROR and "root_count 6 but expected 5" in f.message
     assert "4 vCPU references + 1 for tdp_mmu_roots" in f.message
     # one reference per vCPU only: how kernels counted before the list held one
     edit(vg, root, root_count=4)
-    f = only(check_vm(k, vg), "root-count")
-    assert f.severity == "warning" and "expected 5" in f.message
+    f = only(check_vm(k, vg), FindingKind.ROOT_COUNT)
+    assert f.severity is Severity.WARNING and "expected 5" in f.message
     assert "Preserve TDP MMU roots" in f.message
     # an invalid root may have dropped the list's reference already
     for n in (4, 5):
         edit(vg, root, root_count=n, role=invalid_role(k, vg.sp(root)))
-        assert [f.check for f in check_vm(k, vg) if f.check == "root-count"] == []
+        assert [f.check for f in check_vm(k, vg) if f.check is FindingKind.ROOT_COUNT] == []
 
 
 def test_unheld_root() -> None:
@@ -298,16 +298,16 @@ def test_unheld_root() -> None:
     pd = next(s for s in vg.pages() if s.level == 2)
     edit(vg, pd.addr, root_count=1)
     vg.roots[pd.addr] = [Holder("root_count")]
-    f = only(check_vm(k, vg), "unheld-root")
-    assert f.severity == "info" and f.objects == [pd.addr] and "root_count 1" in f.message
+    f = only(check_vm(k, vg), FindingKind.UNHELD_ROOT)
+    assert f.severity is Severity.INFO and f.objects == [pd.addr] and "root_count 1" in f.message
 
 
 def test_obsolete_current_root() -> None:
     k, vg = copied("6.12-shadow")
     v0 = vg.vcpus[0]
     edit(vg, v0.root.sp.addr, mmu_valid_gen=7)  # an old generation: obsolete
-    f = only(check_vm(k, vg), "obsolete-root")
-    assert f.severity == "warning" and f.objects == [v0.root.sp.addr]
+    f = only(check_vm(k, vg), FindingKind.OBSOLETE_ROOT)
+    assert f.severity is Severity.WARNING and f.objects == [v0.root.sp.addr]
     assert "vcpu0.root" in f.message and "mmu_valid_gen 7 != kvm->arch.mmu_valid_gen 0" in f.message
 
 
@@ -326,8 +326,8 @@ def test_orphans() -> None:
     lost = ({l3} | nx.descendants(vg.graph, l3)) - reach
     assert set(vg.orphans()) == lost
     assert l3 in lost and len(lost) >= 3  # level 3, 2 and the set's own page tables
-    f = only(check_vm(k, vg), "orphans")
-    assert f.severity == "info" and set(f.objects) == lost
+    f = only(check_vm(k, vg), FindingKind.ORPHANS)
+    assert f.severity is Severity.INFO and set(f.objects) == lost
     assert f.message.startswith(f"{len(lost)} shadow page{'' if len(lost) == 1 else 's'} ")
     assert f"{min(lost):#x}" in f.message
     if len(lost) > check.MAX_LISTED:
@@ -394,5 +394,5 @@ def test_root_count_with_nested_vcpu() -> None:
     vg.vcpus = [dataclasses.replace(vg.vcpus[0], mmu_name="guest_mmu"), *vg.vcpus[1:]]
     # the roots of both root_mmu and guest_mmu are in the model (VCpu.other_mmu,
     # tests/test_nested.py): a nested vCPU no longer excuses an extra reference
-    f = only(check_vm(k, vg), "root-count")
-    assert f.severity == "error" and "not counted" not in f.message
+    f = only(check_vm(k, vg), FindingKind.ROOT_COUNT)
+    assert f.severity is Severity.ERROR and "not counted" not in f.message

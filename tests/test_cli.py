@@ -363,11 +363,10 @@ def test_vm_by_name(capsys) -> None:
 def test_guest_name_selects(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """A VM whose owner is QEMU started with -name guest=web1 (the command line
     made up: the fixtures' VMM is not QEMU) is --vm web1 and shown by vms."""
-    from kvminspect import read_vms
+    import drgn.helpers.linux.mm
 
-    monkeypatch.setattr(read_vms.VmReader, "_guest_name",
-                        lambda self, task: read_vms.qemu_guest_name(
-                            ["qemu-system-x86_64", "-name", "guest=web1,debug-threads=on"]))
+    argv = [b"qemu-system-x86_64", b"-name", b"guest=web1,debug-threads=on"]
+    monkeypatch.setattr(drgn.helpers.linux.mm, "cmdline", lambda task: argv)
     core = str(VMCORES / "6.12-shadow")  # not the cached fixture target: read anew
     status, out, err = run(["-c", core, "--vm", "web1", "vms", "--json"], capsys)
     assert status == 0, err

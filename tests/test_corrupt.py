@@ -33,6 +33,7 @@ CASES = {
     "unsync-children-huge": ("6.1-shadow", "impossible unsync_children 1000"),
     "spte-cycle": ("6.1-shadow", "has level 4, expected 1"),
     "wrong-child-level": ("6.12-shadow", "has level 2, expected 3"),
+    "private-mismatch": ("6.1-shadow", "has level 2, expected 3"),
 }
 
 

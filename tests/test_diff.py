@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from kvminspect.cli import run_one
-from kvminspect.commands.diff import pair_pages, split_first_core
+from kvminspect.diff import pair_pages
 from kvminspect.graph import VMGraph
 from kvminspect.model import Role, ShadowPage
+from kvminspect.options import split_first_core
 from kvminspect.session import Session
 from kvminspect.target import open_core
 from tests.conftest import FIXTURES, MULTI_VM, VMCORES, open_fixture, truth

@@ -104,7 +104,7 @@ def test_pyproject_names_the_plugin() -> None:
     value = project["entry-points"]["drgn.plugins"]["kvminspect"]
     assert value == drgn_plugin.__name__ == "kvminspect.drgn_plugin"
     # drgn loads the plugin by importing that module; its import registers %kvm
-    assert drgn_plugin._cmd_kvm.__module__ == value
+    assert drgn_plugin.run_kvm.__module__ == value  # (registered: test_kvm_command_prints...)
 
 
 def _run_drgn_cli(env_extra: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -159,9 +159,10 @@ def test_live_without_access() -> None:
     """`kvminspect --live` as a user who cannot read /proc/kcore."""
     if os.geteuid() != 0:
         cmd = [sys.executable, "-m", "kvminspect", "--live", "vms"]
-    else:  # import as root, then drop to nobody before opening the target
+    else:  # import as root (kvminspect imports lazily), then drop to nobody
         cmd = [sys.executable, "-c",
-               "import os, sys; from kvminspect.cli import main, parser; parser(); "
+               "import os, sys; from kvminspect import commands, drgn_compat, manifest, target; "
+               "from kvminspect.cli import main; commands.load_all(); "
                "os.setgroups([]); os.setgid(65534); os.setuid(65534); "
                "sys.exit(main(['--live', 'vms']))"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60,

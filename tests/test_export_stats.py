@@ -8,12 +8,11 @@ from pathlib import Path
 
 import networkx as nx
 import pytest
-from drgn.commands import CommandArgumentError
 
 from kvminspect.cli import run_one
 from kvminspect.commands.export import dot_quote
 from kvminspect.commands.stats import VCPU_NAMES, VCPU_PREFIXES, VM_PREFIXES
-from kvminspect.errors import KvminspectError
+from kvminspect.errors import KvminspectError, UsageError
 from kvminspect.graph import VMGraph
 from kvminspect.session import Session
 from tests.conftest import FIXTURES, fixtures, open_fixture, truth
@@ -151,7 +150,7 @@ def test_export_human_and_errors(tmp_path: Path, capsys) -> None:
     assert str(path) in err and path.exists()
     with pytest.raises(KvminspectError, match="cannot write"):
         run_one(s, ["export", "-f", "json", str(tmp_path / "missing" / "g.json")])
-    with pytest.raises(CommandArgumentError):  # exit status 2 (errors.describe)
+    with pytest.raises(UsageError):  # exit status 2 (errors.describe), before any reading
         run_one(s, ["export", "-f", "pdf", str(path)])
 
 

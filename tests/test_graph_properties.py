@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvminspect import graph
-from kvminspect.check import check_vm
+from kvminspect.check import FindingKind, Severity, check_vm
 from kvminspect.commands.unsync import walk_pages, walk_roots
 from kvminspect.model import Kernel, Role
 from kvminspect.unsync import replay_sync
@@ -60,11 +60,11 @@ def damaged_kernel(changes) -> Kernel:
         spt = array.array("Q", k.sptes(sp))
         for i, v in slots.items():
             spt[i] = v
-        k._spt_cache[addr] = spt
+        k.pages._spt_cache[addr] = spt
         level = fields.get("level")
         if level is not None:
             fields["role"] = Role(sp.role.word, {**sp.role.fields, "level": level})
-        k._sp_cache[addr] = sp._replace(**fields)
+        k.pages._sp_cache[addr] = sp._replace(**fields)
     return k
 
 
@@ -86,13 +86,13 @@ def test_graph_unsync_check_survive_random_state(changes) -> None:
             for leaf in b.leaves:
                 assert pages[leaf.sp].level == 1 and pages[leaf.sp].unsync
     findings = check_vm(k, g)
-    assert all(f.severity in ("error", "warning", "info") for f in findings)
+    assert all(isinstance(f.severity, Severity) for f in findings)
     # unsync_children vs the bitmap: a finding exactly for the pages that disagree
-    named = {f.objects[0] for f in findings if f.check == "unsync-children"}
+    named = {f.objects[0] for f in findings if f.check is FindingKind.UNSYNC_CHILDREN}
     assert named == {s.addr for s in g.pages() if 1 <= s.level <= 5
                      and s.unsync_children != s.unsync_child_bitmap.bit_count()}
     # every model problem met for this VM is an error finding, and only those
-    model = {f.message for f in findings if f.check == "model"}
+    model = {f.message for f in findings if f.check is FindingKind.MODEL}
     assert model == {str(p) for p in k.problems.of([vm.addr])}
     for p in k.problems:
         assert str(p)

@@ -16,11 +16,12 @@ import json
 import drgn
 import pytest
 
-from kvminspect.check import check_root_counts
+from kvminspect.check import FindingKind, Severity, check_root_counts
 from kvminspect.commands.roots import roots_table, vcpu_roots_json
 from kvminspect.commands.vcpus import vcpu_table
 from kvminspect.graph import build
 from kvminspect.render import Grid
+from kvminspect.results import vcpu_roots
 from kvminspect.shapes import vcpu_json
 from kvminspect.target import open_core
 from tests.conftest import VMCORES, open_fixture
@@ -107,7 +108,7 @@ def test_guest_mmu_root_held_while_l1_runs(clean):
     assert check_root_counts(g) == []
     d = vcpu_roots_json(v, g)
     assert d["other_mmu"]["root"]["page"]["holders"][0]["mmu"] == "guest_mmu"
-    text = _text(roots_table([vcpu_roots_json(x, g) for x in g.vcpus]))
+    text = _text(roots_table([vcpu_roots(x, g) for x in g.vcpus]))
     row = next(line for line in text.splitlines() if "guest_mmu.root" in line)
     assert hex(L2_PGD) in row and row.rstrip().endswith("nested")
     assert text.count("guest_mmu.") == 1  # the INVALID_PAGE ones are not shown
@@ -131,7 +132,7 @@ def test_guest_mmu_current_while_l2_runs(clean):
     assert {"vcpu0.root_mmu.root", "vcpu0.root_mmu.prev_roots[0]"} <= held
     assert check_root_counts(g) == []
     assert g.roots.keys() == g0.roots.keys() | {sp.addr}
-    text = _text(roots_table([vcpu_roots_json(x, g) for x in g.vcpus]))
+    text = _text(roots_table([vcpu_roots(x, g) for x in g.vcpus]))
     lines = text.splitlines()
     first = next(line for line in lines if "vcpu[0]" in line)
     assert hex(L2_PGD) in first and first.rstrip().endswith("nested")
@@ -145,7 +146,7 @@ def test_extra_reference_on_guest_mmu_root_reported(clean):
     _, _, sp = clean
     k, vm, g, _ = planted(clean, current=False, root_count=2)
     found = check_root_counts(g)
-    assert [(f.check, f.severity) for f in found] == [("root-count", "error")]
+    assert [(f.check, f.severity) for f in found] == [(FindingKind.ROOT_COUNT, Severity.ERROR)]
     assert f"{sp.addr:#x}" in found[0].message or found[0].objects == [sp.addr]
     assert "expected 1" in found[0].message and "vcpu0.guest_mmu.root" in found[0].message
 

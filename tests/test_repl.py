@@ -21,8 +21,8 @@ from prompt_toolkit.output.plain_text import PlainTextOutput
 from kvminspect.commands import NAMESPACE, load_all
 from kvminspect.errors import LookupFailed, describe
 from kvminspect.repl import (
+    QuietFileHistory,
     ReplCompleter,
-    _QuietFileHistory,
     history_path,
     open_history,
     run_repl,
@@ -184,7 +184,7 @@ def test_help(session: Session, capfd: pytest.CaptureFixture) -> None:
 
 def test_help_without_a_help_command(session: Session, monkeypatch: pytest.MonkeyPatch,
                                      capfd: pytest.CaptureFixture) -> None:
-    monkeypatch.delitem(NAMESPACE._commands, "help")
+    monkeypatch.delitem(NAMESPACE.commands, "help")
     drive(session, "help", "help roots")
     out, err = capfd.readouterr()
     assert "  roots    per vCPU" in out and "Ctrl-D" in out  # the REPL's own list
@@ -214,7 +214,7 @@ def interrupting(monkeypatch: pytest.MonkeyPatch) -> None:
         raise ZeroDivisionError("division by zero")
 
     for name, cmd in scratch.enabled(None):
-        monkeypatch.setitem(NAMESPACE._commands, name, cmd)
+        monkeypatch.setitem(NAMESPACE.commands, name, cmd)
 
 
 def test_ctrl_c_cancels_the_running_command(session: Session, interrupting: None,
@@ -280,7 +280,7 @@ def test_history_falls_back_to_memory(session: Session, tmp_path: Path,
 
 
 def test_history_write_errors_are_silent(tmp_path: Path) -> None:
-    h = _QuietFileHistory(str(tmp_path))  # a directory: every open() fails
+    h = QuietFileHistory(str(tmp_path))  # a directory: every open() fails
     h.store_string("vms")
     assert list(h.load_history_strings()) == []
 

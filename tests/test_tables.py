@@ -146,24 +146,35 @@ def test_flags_column_has_a_header(capsys, monkeypatch) -> None:
 
 def test_diff_tables_at_every_width(capsys, monkeypatch) -> None:
     """diff's tables (no committed pair of fixtures differs: made from real roots/pages)."""
+    from kvminspect.diff import (
+        Change,
+        PageChange,
+        PageField,
+        RootChange,
+        RootSlot,
+        Status,
+        VcpuChange,
+    )
+    from kvminspect.results import page_view, root_view
+
     s = session("sample")
-    capsys.readouterr()
-    run_one(s, ["roots", "--json"])
-    v0, v1 = json.loads(capsys.readouterr().out)["vms"][0]["vcpus"][:2]
-    vcpus = [{"vcpu_idx": 0, "status": "changed", "cr3": {"old": v0["cr3"], "new": v1["cr3"]},
-              "roots": [{"slot": "root", "old": v0["root"], "new": v1["root"]},
-                        {"slot": "prev[0]", "old": v0["prev_roots"][0], "new": None}]}]
-    page = v0["root"]["page"]
-    pages = [{**page, "role": "0x1", "changes": {"unsync_children": {"old": 0, "new": 1}}}]
-    for grid in (diff_cmd.roots_table(vcpus), diff_cmd.pages_table(pages, True),
-                 diff_cmd.pages_table([{**page, "role": "0x1"}], False)):
+    g = s.graph(s.kernel.vms()[0])
+    v0, v1 = g.vcpus[:2]
+    vcpus = [VcpuChange(Status.CHANGED, v0, v1, (
+        RootChange(RootSlot(None), root_view(v0.root, g), root_view(v1.root, g)),
+        RootChange(RootSlot(0), root_view(v0.prev_roots[0], g), None)))]
+    page = page_view(v0.root.sp, g)
+    changed = [PageChange(page, page, {PageField.UNSYNC_CHILDREN: Change(0, 1)})]
+    sp = hex(page.sp.addr)
+    for grid in (diff_cmd.roots_table(vcpus), diff_cmd.changed_table(changed),
+                 diff_cmd.pages_table([page])):
         for cols in ("200", *WIDTHS):
             monkeypatch.setenv("COLUMNS", cols)
             from kvminspect.render import console
 
             console().print(grid)
             out = capsys.readouterr().out
-            assert page["sp"] in out.split() and "…" not in out, cols
+            assert sp in out.split() and "…" not in out, cols
             assert all(line == line.rstrip() for line in out.splitlines()), cols
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from kvminspect.layout import UNKNOWN, has_member, known
 from kvminspect.requests import TABLES, bit_names, table_for
-from kvminspect.walk import walk
+from kvminspect.walk import Stop, Verdict, walk
 from tests.conftest import FIXTURES, LARGE, SMM, open_fixture, run_main, truth
 from tests.test_schema import validate
 
@@ -154,14 +154,14 @@ def test_walk_stops_at_the_large_spte(name: str) -> None:
     k, vm = the_vm(name)
     for i, v in enumerate(k.vcpus(vm)):
         w = walk(k, vm, data, v.root, f"vcpu{i}.root", v, direct=v.direct)
-        assert w.stop == "large", (w.stop, w.why)
+        assert w.stop is Stop.LARGE, (w.stop, w.why)
         last = w.steps[-1]
         assert last.level == 2 and last.bits.large and last.bits.leaf
         assert w.offset == OFF and "2 MiB" in w.why
         assert last.bits.nx  # nx_huge_pages: a huge page is never executable
         c = w.check
         assert c.gfn == (int(lg["gpa"], 16) + OFF) >> 12
-        assert c.verdict == "match" and c.host_pfn == w.pfn, c  # the 4 KiB at OFF
+        assert c.verdict is Verdict.MATCH and c.host_pfn == w.pfn, c  # the 4 KiB at OFF
         assert last.value >> 12 & 0xFFFFFFFFFF == w.pfn - (OFF >> 12)  # the SPTE's pfn
         assert c.hva == int(lg["hva"], 16) + int(lg["gpa"], 16) + (OFF & ~0xFFF)
 
@@ -174,10 +174,10 @@ def test_executed_huge_page_is_split(name: str) -> None:
     k, vm = the_vm(name)
     v = k.vcpus(vm)[0]
     w = walk(k, vm, code, v.root, "vcpu0.root", v, direct=v.direct)
-    assert w.stop == "leaf" and w.steps[-1].level == 1
+    assert w.stop is Stop.LEAF and w.steps[-1].level == 1
     assert not w.steps[-2].bits.large and w.steps[-1].bits.x
     assert w.check.gfn == (int(lg["exec_gpa"], 16) + int(lg["exec_off"], 16)) >> 12
-    assert w.check.verdict == "match"
+    assert w.check.verdict is Verdict.MATCH
 
 
 @pytest.mark.parametrize("name", LARGE)
@@ -279,10 +279,10 @@ def test_smm_walk_uses_address_space_1() -> None:
     for key in ("entry", "read", "write"):
         addr = int(smm[key], 16)
         w = walk(k, vm, addr, v.root, "root", v, direct=v.direct)
-        assert w.stop == "leaf" and w.steps[-1].level == 1, (key, w.why)
+        assert w.stop is Stop.LEAF and w.steps[-1].level == 1, (key, w.why)
         assert k.shadow_page(w.steps[-1].table).role.get("smm") == 1
         assert w.check.slot.as_id == 1 and w.check.gfn == addr >> 12
-        assert w.check.verdict == "match", w.check
+        assert w.check.verdict is Verdict.MATCH, w.check
 
 
 def test_vms_walks_no_hash_chain_vm_does(capsys) -> None:

@@ -22,7 +22,15 @@ import pytest
 
 from kvminspect.cli import run_one
 from kvminspect.session import Session
-from kvminspect.walk import memslot_check, walk
+from kvminspect.walk import (
+    AddressKind,
+    MemslotOutcome,
+    Stop,
+    Verdict,
+    memslot_check,
+    memslot_why,
+    walk,
+)
 from tests.conftest import FIXTURES, open_fixture, run_main, truth
 from tests.test_schema import validate
 
@@ -56,13 +64,15 @@ def the_vm(name: str):
 def accept(w) -> None:
     """A present leaf that the memslot translation confirms, or that says the
     dump lacks what would confirm it: nothing else."""
-    assert w.stop == "leaf", (w.stop, w.why)
+    assert w.stop is Stop.LEAF, (w.stop, w.why)
     c = w.check
     assert c is not None
-    if c.verdict != "match":
-        assert c.verdict == "not checkable" and "not in the dump" in c.why, c
+    if c.verdict is not Verdict.MATCH:
+        assert c.outcome is MemslotOutcome.NOT_IN_DUMP, c
+        assert c.verdict is Verdict.NOT_CHECKABLE and "not in the dump" in memslot_why(c), c
     else:
-        assert c.host_pfn == w.pfn and c.why == "maps the page the memslot says"
+        assert c.outcome is MemslotOutcome.MATCH and c.host_pfn == w.pfn
+        assert memslot_why(c) == "maps the page the memslot says"
 
 
 @pytest.mark.parametrize("name", WALKED)
@@ -74,7 +84,7 @@ def test_touched_addresses_reach_the_vmms_pages(name: str) -> None:
     for i, v in enumerate(vcpus):
         for addr, gfn in touched(t, i).items():
             w = walk(k, vm, addr, v.root, f"vcpu{i}.root", v, direct=v.direct)
-            assert w.kind == ("gva" if t["mmu"] == "shadow" else "gpa")
+            assert w.kind is (AddressKind.GVA if t["mmu"] == "shadow" else AddressKind.GPA)
             accept(w)
             assert w.check.gfn == gfn, (hex(addr), w.check)
             assert w.offset == addr & 0xFFF and w.steps[-1].level == 1
@@ -95,7 +105,7 @@ def test_untouched_addresses_stop_not_present_at_their_level(name: str) -> None:
     for addr, level in ((WIN_VA + 0x1000, 1), (WIN_VA + 8 * HUGE + nwin * HUGE, 2),
                         (1 << 30, 3)):
         w = walk(k, vm, addr, v.root, "vcpu0.root", v, direct=v.direct)
-        assert w.stop == "not_present" and w.check is None, (hex(addr), w)
+        assert w.stop is Stop.NOT_PRESENT and w.check is None, (hex(addr), w)
         assert w.steps[-1].level == level and "not present" in w.why
         assert w.pfn is None
 
@@ -112,22 +122,29 @@ def test_pae_root_starts_at_the_addresses_top_bits() -> None:
     assert first.child == dict(v.root.pae_roots)[0]
     assert [s.level for s in w.steps] == [3, 2, 1]
     w = walk(k, vm, 3 << 30, v.root, "vcpu0.root", v)
-    assert w.root.endswith("pae_root[3]") and w.stop == "not_present"
+    assert w.root.endswith("pae_root[3]") and w.stop is Stop.NOT_PRESENT
 
 
 def test_memslot_check_verdicts() -> None:
     """The three verdicts on a real VM: the right pfn matches, another is a
-    mismatch, a gfn no memslot holds or a userspace page not mapped is not checkable."""
+    mismatch, a gfn no memslot holds or a userspace page not mapped is not
+    checkable; each outcome in words (memslot_why: the text and JSON "why")."""
     k, vm = the_vm("6.1-shadow")
     v = k.vcpus(vm)[0]
     pfn = walk(k, vm, DATA_GPA, v.root, "vcpu0.root", v).pfn
-    assert memslot_check(k, vm, DATA_GPA >> 12, pfn).verdict == "match"
+    good = memslot_check(k, vm, DATA_GPA >> 12, pfn)
+    assert good.verdict is Verdict.MATCH and good.outcome is MemslotOutcome.MATCH
     bad = memslot_check(k, vm, DATA_GPA >> 12, pfn + 1)
-    assert bad.verdict == "mismatch" and f"{pfn:#x}" in bad.why
+    assert bad.verdict is Verdict.MISMATCH and bad.host_pfn == pfn
+    assert memslot_why(bad) == f"the memslot's page is pfn {pfn:#x}, the SPTE maps {pfn + 1:#x}"
     none = memslot_check(k, vm, 0x100000, pfn)
-    assert none.verdict == "not checkable" and "no memslot" in none.why
+    assert none.verdict is Verdict.NOT_CHECKABLE and none.outcome is MemslotOutcome.NO_MEMSLOT
+    assert memslot_why(none) == "no memslot of address space 0 holds gfn 0x100000"
     unmapped = memslot_check(k, vm, (DATA_GPA >> 12) + 1, pfn)
-    assert unmapped.verdict == "not checkable" and "do not map" in unmapped.why
+    assert unmapped.verdict is Verdict.NOT_CHECKABLE
+    assert unmapped.outcome is MemslotOutcome.NOT_MAPPED and unmapped.hva is not None
+    assert memslot_why(unmapped) == (f"the VMM's page tables do not map {unmapped.hva:#x} "
+                                     "(no page there now)")
 
 
 def test_root_sp_walks_from_any_page(capsys) -> None:
@@ -239,7 +256,7 @@ def planted(name: str, monkeypatch, level: int, index: int, value: int):
     spt = k.sptes(sp)
     new = type(spt)("Q", spt)
     new[index] = value
-    monkeypatch.setitem(k._spt_cache, sp.addr, new)
+    monkeypatch.setitem(k.pages._spt_cache, sp.addr, new)
     return k, vm, v
 
 
@@ -250,10 +267,10 @@ def test_large_page_stops_with_its_offset(monkeypatch) -> None:
     value = (base << 12) | 0xE00 | 0x80 | 0x67  # hw mw present, PS, A D U W P
     k, vm, v = planted("6.1-shadow", monkeypatch, 2, 1, value)
     w = walk(k, vm, WIN_VA + 0x5123, v.root, "vcpu0.root", v)
-    assert w.stop == "large" and w.steps[-1].level == 2 and w.steps[-1].bits.large
+    assert w.stop is Stop.LARGE and w.steps[-1].level == 2 and w.steps[-1].bits.large
     assert w.offset == 0x5123 and w.pfn == base + 5
     assert "large page (2 MiB)" in w.why and not w.steps[-1].reserved
-    assert w.check is not None and w.check.verdict in ("mismatch", "not checkable")
+    assert w.check is not None and w.check.verdict in (Verdict.MISMATCH, Verdict.NOT_CHECKABLE)
 
 
 def test_reserved_bits_stop(monkeypatch) -> None:
@@ -261,7 +278,7 @@ def test_reserved_bits_stop(monkeypatch) -> None:
     is_rsvd_spte() by the vCPU's shadow_zero_check."""
     k, vm, v = planted("6.1-shadow", monkeypatch, 1, 0, (1 << 45) | 0xA25 | (0x1234 << 12))
     w = walk(k, vm, WIN_VA, v.root, "vcpu0.root", v)
-    assert w.stop == "reserved" and w.steps[-1].reserved and w.check is None
+    assert w.stop is Stop.RESERVED and w.steps[-1].reserved and w.check is None
 
 
 def test_mmio_stop_with_generation(monkeypatch) -> None:
@@ -271,7 +288,7 @@ def test_mmio_stop_with_generation(monkeypatch) -> None:
                        ((1 << 51) | 1) | 0x6 | 0xFEE00000 | (0x5 << 3) | (1 << 52))
     w = walk(k, vm, WIN_VA + 0x1000, v.root, "vcpu0.root", v)
     b = w.steps[-1].bits
-    assert w.stop == "mmio" and b.mmio and not b.present
+    assert w.stop is Stop.MMIO and b.mmio and not b.present
     assert (b.mmio_gfn, b.mmio_gen, b.mmio_access) == (0xFEE00, 0x105, 0x6)
     assert "gfn 0xfee00, generation 0x105" in w.why
 
@@ -280,7 +297,7 @@ def test_frozen_stop(monkeypatch) -> None:
     """6.12's FROZEN_SPTE (SHADOW_NONPRESENT_VALUE | 0x5a0) in a TDP MMU table."""
     k, vm, v = planted("6.12-tdp", monkeypatch, 2, 1, (1 << 63) | 0x5A0)
     w = walk(k, vm, DATA_GPA, v.root, "vcpu0.root", v, direct=True)
-    assert w.stop == "frozen" and w.steps[-1].bits.frozen and "in progress" in w.why
+    assert w.stop is Stop.FROZEN and w.steps[-1].bits.frozen and "in progress" in w.why
 
 
 def test_no_shadow_page_stop(monkeypatch) -> None:
@@ -291,7 +308,7 @@ def test_no_shadow_page_stop(monkeypatch) -> None:
     data_pfn = walk(k, vm, WIN_VA, v.root, "vcpu0.root", v).pfn
     k, vm, v = planted("6.1-shadow", monkeypatch, 2, 1, (data_pfn << 12) | 0x827)
     w = walk(k, vm, WIN_VA, v.root, "vcpu0.root", v)
-    assert w.stop == "no_shadow_page" and w.steps[-1].child is None
+    assert w.stop is Stop.NO_SHADOW_PAGE and w.steps[-1].child is None
     assert f"pfn {data_pfn:#x}, which has no shadow page" in w.why
 
 

@@ -4,34 +4,70 @@ Commands are drgn commands (``drgn.commands``): argparse-declared, with
 ``| shell`` pipes and ``> file`` redirects in the REPL. They take the Session
 from ``globals["session"]`` and return nothing; with ``--json`` they print
 one JSON document.
+
+A command's module is imported when the command first runs: until then
+NAMESPACE holds its kvminspect.registry.Entry (from the manifest), which
+lists, describes and helps without importing it. This package itself imports
+neither the model nor the graph.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import inspect
-import io
-import shlex
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from drgn import Program
-from drgn.commands import CommandArgumentError, CommandNamespace, argument, command
+from drgn.commands import (
+    Command,
+    CommandNamespace,
+    CommandNotFoundError,
+    ParsedCommand,
+    argument,
+    command,
+    custom_command,
+)
 
+from kvminspect import registry
 from kvminspect.errors import Problem, UsageError
-from kvminspect.layout import MissingMember
-from kvminspect.model import VM
-from kvminspect.render import console, emit_json, warn_problems
-from kvminspect.session import Session
-from kvminspect.shapes import SCHEMA_VERSION, vm_ref
+from kvminspect.registry import Entry, asks_help
+
+if TYPE_CHECKING:
+    from kvminspect.layout import MissingMember
+    from kvminspect.model import VM
+    from kvminspect.session import Session
 
 NO_VMS = "no VMs (vm_list is empty)"
 
-NAMESPACE = CommandNamespace(func_name_prefix="_cmd_")
 MODULES = ("vms", "vm", "vcpus", "roots", "tree", "sp", "walk", "rmap", "unsync", "stats", "check",
            "export", "watch", "diff", "rate", "pyshell", "help")
+
+
+class KvmNamespace(CommandNamespace):
+    """drgn's CommandNamespace with its commands in a public dict, *commands*:
+    a registry.Entry per command until the command's module registers the real one."""
+
+    def __init__(self) -> None:
+        super().__init__(func_name_prefix="_cmd_")
+        self.commands: dict[str, Command[Any]] = {}
+
+    def register(self, name: str, command: Command[Any]) -> None:
+        self.commands[name] = command
+
+    def lookup(self, prog: Program, name: str) -> Command[object]:
+        cmd = self.commands.get(name)
+        if cmd is None or not cmd.enabled(prog):
+            raise CommandNotFoundError(name)
+        return cmd
+
+    def enabled(self, prog: Program) -> Iterable[tuple[str, Command[object]]]:
+        return [(n, c) for n, c in self.commands.items() if c.enabled(prog)]
+
+
+NAMESPACE = KvmNamespace()
+NAMESPACE.commands.update(registry.entries())
 
 JSON_ARG = argument("--json", action="store_true", help="print one JSON document")
 VM_ARG = argument("--vm", metavar="ID",
@@ -39,56 +75,58 @@ VM_ARG = argument("--vm", metavar="ID",
                   "(default: the selected VM, else all VMs; export: else the only VM)")
 
 
-def kvm_command(*arguments: Any, vm: bool = True, json: bool = True) -> Callable:
-    """Register a kvminspect command in NAMESPACE (drgn.commands.command).
+def kvm_command(*arguments: Any, vm: bool = True, json: bool = True,
+                parse: Callable[[str], ParsedCommand[Any]] | None = None,
+                usage: str | None = None) -> Callable:
+    """Register a kvminspect command in NAMESPACE (drgn.commands.command), and its
+    spec in kvminspect.registry.LIVE (the manifest is made from those).
 
     The description is the first line of the function's docstring, the long
     description the rest (its paragraphs kept); --vm ID and --json follow the command's own
-    *arguments* unless *vm* / *json* is False.
+    *arguments* unless *vm* / *json* is False. With *parse* (and its *usage*) the
+    command parses its own words (drgn.commands.custom_command).
     """
     extra = ((VM_ARG,) if vm else ()) + ((JSON_ARG,) if json else ())
 
     def register(func: Callable) -> Callable:
         first, _, rest = inspect.cleandoc(func.__doc__ or "").partition("\n")
         paragraphs = [" ".join(p.split()) for p in rest.split("\n\n") if p.strip()]
-        return command(description=first.strip(),
-                       long_description="\n\n".join(paragraphs) or None,
-                       arguments=(*arguments, *extra), namespace=NAMESPACE)(func)
+        args = (*arguments, *extra)
+        spec = registry.CommandSpec(
+            name=func.__name__.removeprefix("_cmd_"), module=func.__module__,
+            description=first.strip(), long_description="\n\n".join(paragraphs) or None,
+            usage=usage, arguments=tuple(registry.spec_of(a) for a in args),
+            custom=parse is not None)
+        registry.LIVE[spec.name] = spec
+        if parse is not None:
+            return custom_command(description=spec.description, usage=usage,
+                                  long_description=spec.long_description, arguments=args,
+                                  parse=parse, namespace=NAMESPACE)(func)
+        return command(description=spec.description,
+                       long_description=spec.long_description,
+                       arguments=args, namespace=NAMESPACE)(func)
 
     return register
 
 
-def load_all() -> CommandNamespace:
+def load_all() -> KvmNamespace:
     """Import every command module (each registers itself)."""
     for m in MODULES:
         importlib.import_module(f"kvminspect.commands.{m}")
     return NAMESPACE
 
 
-HELP_FLAGS = ("-h", "--help")
-
-
-def asks_help(words: list[str]) -> str | None:
-    """The command of 'CMD ... -h' / '--help' (shown as 'help CMD': drgn commands
-    have no -h), else None. The CLI and the REPL both ask this."""
-    if len(words) > 1 and any(w in HELP_FLAGS for w in words[1:]):
-        return words[0]
-    return None
-
-
 def check_arguments(prog: Program, argv: list[str]) -> None:
     """Parse a one-shot command's arguments before it runs: a bad one is then
-    one line, "CMD: what is wrong; usage: CMD ...", instead of argparse's
-    usage line and error line (still a CommandArgumentError: exit status 2)."""
+    one line, "CMD: what is wrong; usage: CMD ..." (a UsageError: exit status 2),
+    instead of argparse's usage line and error line. A command that parses
+    its own words (py) is left to do so."""
     cmd = NAMESPACE.lookup(prog, argv[0])
-    parser = getattr(cmd, "_parser", None)  # drgn's argparse command keeps its parser
-    if not isinstance(parser, argparse.ArgumentParser):
-        return  # the command reports its own argument errors
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage line
-            parser.parse_args(cmd.parse(shlex.join(argv[1:])).args)
-    except CommandArgumentError as e:
-        raise CommandArgumentError(f"{e}; usage: {cmd.format_usage().strip()}") from None
+    if isinstance(cmd, Entry):
+        cmd.real()  # its module imported, its spec is live (with its types)
+    spec = registry.LIVE.get(argv[0])
+    if spec is not None:
+        Entry(spec).check(argv[1:], typed=True)
 
 
 def session_of(kwargs: dict[str, Any]) -> Session:
@@ -153,6 +191,9 @@ def finish(session: Session, args: argparse.Namespace, command: str, doc: dict[s
     and *missing* instead, for a command that reads two targets); stderr
     repeats none already printed in this session.
     """
+    from kvminspect.render import emit_json, warn_problems
+    from kvminspect.shapes import SCHEMA_VERSION
+
     if problems is None:
         problems = session.kernel.problems.of(vm.addr for vm in vms)
     if missing is None:
@@ -207,6 +248,9 @@ def per_vm(kwargs: dict[str, Any], args: argparse.Namespace, command: str, *,
     the JSON document is {"vms": [{vm_ref..., **to_json(vm, data)}]}; the
     text says when there are no VMs, and prints *header* then *show* per VM.
     """
+    from kvminspect.render import console
+    from kvminspect.shapes import vm_ref
+
     s = session_of(kwargs)
     vms = s.vms(getattr(args, "vm", None)) if vms is None else vms
     items = []
@@ -226,5 +270,5 @@ def per_vm(kwargs: dict[str, Any], args: argparse.Namespace, command: str, *,
     finish(s, args, command, doc, human, vms)
 
 
-__all__ = ["NAMESPACE", "JSON_ARG", "NO_VMS", "VM_ARG", "Program", "finish", "load_all",
-           "parse_int", "per_vm", "session_of", "sp_flags", "sp_scope", "vm_header"]
+__all__ = ["NAMESPACE", "JSON_ARG", "NO_VMS", "VM_ARG", "Program", "asks_help", "finish",
+           "load_all", "parse_int", "per_vm", "session_of", "sp_flags", "sp_scope", "vm_header"]

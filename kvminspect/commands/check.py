@@ -9,14 +9,14 @@ from drgn import Program
 from drgn.commands import argument
 
 from kvminspect.audit import audit_vm, check_tdp_mmu_pages
-from kvminspect.check import SEVERITIES, Finding, check_vm, summary
+from kvminspect.check import Finding, Severity, by_severity, check_vm, summary
 from kvminspect.commands import kvm_command, per_vm, vm_header
-from kvminspect.model import VM
+from kvminspect.objects import VM
 from kvminspect.render import Grid, console
 from kvminspect.session import Session
-from kvminspect.shapes import finding_json
+from kvminspect.shapes import finding_json, summary_json
 
-STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
+STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "dim"}
 
 
 def findings_table(findings: list[Finding]) -> Grid:
@@ -25,7 +25,7 @@ def findings_table(findings: list[Finding]) -> Grid:
     for col in ("SEVERITY", "CHECK", "MESSAGE"):
         t.add_column(col, text=col == "MESSAGE")
     for f in findings:
-        t.add_row(f.severity, f.check, f.message, style=STYLE.get(f.severity))
+        t.add_row(f.severity.value, f.check.value, f.message, style=STYLE[f.severity])
     return t
 
 
@@ -45,10 +45,11 @@ def _cmd_check(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
     level-1 pages are unsync; root_count against the vCPU references (root,
     prev_roots[], pae_root[]; +1 for a valid TDP MMU root on tdp_mmu_roots); obsolete
     roots still in use (a warning, normal right after a fast zap); orphan pages;
-    kvm->arch.tdp_mmu_pages (the count, 6.3+) against the TDP MMU pages found; and
+    kvm->arch.tdp_mmu_pages (the count, 6.2+) against the TDP MMU pages found; and
     every object the model could not read or found impossible (errors).
 
-    --audit adds what the kernel's CONFIG_KVM_MMU_AUDIT (mmu_audit.c, removed in 5.18)
+    --audit adds what the kernel's CONFIG_KVM_MMU_AUDIT (mmu_audit.c, removed in 5.18
+    by "KVM: x86/mmu: Remove MMU auditing", 1bbc60d0c7e5)
     checked, reading every leaf table: each present leaf SPTE maps the host page the
     memslot translation of its gfn gives (gfn, memslot, userspace address, the VMM's
     page tables; large SPTEs on their first 4K; pages the dump cannot confirm are
@@ -67,19 +68,19 @@ def _cmd_check(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
 
     def header(vm: VM, findings: list[Finding]) -> str:
         n = summary(findings)
-        return vm_header(vm, f"{n['error']} errors, {n['warning']} warnings, {n['info']} info")
+        return vm_header(vm, f"{n[Severity.ERROR]} errors, {n[Severity.WARNING]} warnings, "
+                         f"{n[Severity.INFO]} info")
 
     def collect(s: Session, vm: VM) -> list[Finding]:
         g = s.graph(vm)
         findings = check_vm(s.kernel, g) + check_tdp_mmu_pages(s.kernel, g)
         if args.audit:
             findings += audit_vm(s.kernel, g)
-        order = {sev: i for i, sev in enumerate(SEVERITIES)}
-        findings.sort(key=lambda f: order[f.severity])
-        s.check_errors = s.check_errors or summary(findings)["error"] > 0  # exit status 3
+        findings = by_severity(findings)
+        s.check_errors = s.check_errors or summary(findings)[Severity.ERROR] > 0  # exit status 3
         return findings
 
     per_vm(kwargs, args, "check", collect=collect,
            show=show, header=header,
            to_json=lambda vm, findings: {"findings": [finding_json(f) for f in findings],
-                                         "summary": summary(findings)})
+                                         "summary": summary_json(summary(findings))})

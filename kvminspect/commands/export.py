@@ -19,11 +19,13 @@ from drgn.commands import argument
 
 from kvminspect.commands import finish, kvm_command, session_of
 from kvminspect.errors import KvminspectError, LookupFailed, UsageError
+from kvminspect.fmt import hx
 from kvminspect.graph import VMGraph
 from kvminspect.model import VM
 from kvminspect.render import dumps
+from kvminspect.results import Exported, page_view
 from kvminspect.session import Session
-from kvminspect.shapes import sp_json, vm_json, vm_ref
+from kvminspect.shapes import export_node_json, exported_json, vm_json, vm_ref
 
 FORMATS = ("dot", "graphml", "json", "svg", "png")
 PICTURES = ("svg", "png")
@@ -36,19 +38,18 @@ PICTURE_LIMIT = 2000
 
 
 def node_attrs(g: VMGraph, addr: int) -> dict[str, Any]:
-    """One struct kvm_mmu_page (shapes.sp_json) as plain attributes: holders as names."""
-    d = sp_json(g.sp(addr), g)
-    return {**d, "addr": d.pop("sp"), "root": addr in g.roots,
-            "holders": [h["holder"] for h in d["holders"]]}
+    """One struct kvm_mmu_page as plain attributes (shapes.export_node_json)."""
+    return export_node_json(page_view(g.sp(addr), g), addr in g.roots)
 
 
 def plain_graph(g: VMGraph) -> nx.DiGraph:
-    """The VMGraph with "0x…" node ids and JSON-able attributes (SPTE indexes on edges)."""
+    """The VMGraph with "0x…" node ids and JSON-able attributes (SPTE indexes on edges):
+    what dot, GraphML and JSON write, and what DOT's and pictures' colours are read from."""
     out = nx.DiGraph()
     for sp in g.pages():  # roots first, then by level and gfn
-        out.add_node(hex(sp.addr), **node_attrs(g, sp.addr))
+        out.add_node(hx(sp.addr), **node_attrs(g, sp.addr))
     for a, b, indexes in g.edges():
-        out.add_edge(hex(a), hex(b), indexes=sorted(indexes))
+        out.add_edge(hx(a), hx(b), indexes=sorted(indexes))
     return out
 
 
@@ -278,14 +279,12 @@ def _cmd_export(prog: Program, name: str, args: argparse.Namespace, **kwargs: An
         note = write(g, vm, fmt, path)
     except OSError as e:
         raise KvminspectError(f"cannot write {where}: {e.strerror or e}") from None
-    n, m = g.number_of_nodes(), g.number_of_edges()
+    done = Exported(args.file, fmt, g.number_of_nodes(), g.number_of_edges())
     if note:
         print(f"kvminspect: {note}", file=sys.stderr)
 
     def human() -> None:
-        print(f"wrote {n} shadow pages and {m} edges of VM {vm.index} (kvm {vm.addr:#x}) "
-              f"to {where} ({fmt})", file=sys.stderr)
+        print(f"wrote {done.nodes} shadow pages and {done.edges} edges of VM {vm.index} "
+              f"(kvm {hx(vm.addr)}) to {where} ({done.format})", file=sys.stderr)
 
-    doc = {"vms": [{**vm_ref(vm), "file": args.file, "format": fmt, "nodes": n,
-                    "edges": m}]}
-    finish(s, args, "export", doc, human, [vm])
+    finish(s, args, "export", {"vms": [{**vm_ref(vm), **exported_json(done)}]}, human, [vm])

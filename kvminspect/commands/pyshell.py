@@ -9,15 +9,17 @@ drgn's own interactive shell on the same program.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import shutil
 import sys
 import types
 from typing import Any
 
 import drgn
-from drgn.commands import _parse_py_command, custom_command
+from drgn.commands import ParsedCommand, parse_shell_command
 
-from kvminspect.commands import NAMESPACE, kvm_command, session_of
+from kvminspect.commands import kvm_command, session_of
 from kvminspect.errors import KvminspectError, UsageError
 from kvminspect.session import Session
 
@@ -75,22 +77,46 @@ def run_python(session: Session, code: types.CodeType) -> None:
         sys.displayhook = old
 
 
-@custom_command(
-    description="evaluate Python with prog, kvm (the selected struct kvm *) and session",
-    usage="**py** *code*",
-    long_description="""
+PyCode = types.CodeType | SyntaxError | None
+
+
+def parse_py(source: str) -> ParsedCommand[PyCode]:
+    """py's words: the Python code, then any '| shell' pipe and '> file' redirects.
+
+    As drgn's own py command splits them: the code ends at the first '|', '<'
+    or '>' before which it compiles; with none, all of it is the code (a
+    SyntaxError is the command's to raise). The code is compiled as a "single"
+    statement, so an expression's value is printed.
+    """
+    for match in re.finditer(r"[|<>]", source):
+        code_text = source[:match.start()]
+        try:
+            code = None if code_text.isspace() or not code_text else compile(
+                code_text, "<input>", "single")
+        except SyntaxError:
+            continue
+        parsed = parse_shell_command(source[match.start():])
+        if parsed.args:
+            raise SyntaxError("py does not support arguments after redirections")
+        return dataclasses.replace(parsed, args=code)  # type: ignore[arg-type,return-value]
+    if not source or source.isspace():
+        return ParsedCommand(None)
+    try:
+        return ParsedCommand(compile(source, "<input>", "single"))
+    except SyntaxError as e:
+        return ParsedCommand(e)
+
+
+@kvm_command(vm=False, json=False, parse=parse_py, usage="**py** *code*")
+def _cmd_py(prog: drgn.Program, name: str, code: PyCode, **kwargs: Any) -> None:
+    """evaluate Python with prog, kvm (the selected struct kvm *) and session
+
     Run Python code (an expression's value is printed as drgn's REPL prints
     it) with prog (the drgn Program), kvm (the selected VM's struct kvm *, or
     None), session and drgn's helpers bound. Names assigned stay for the next
     py line. A pipe or redirect after the code applies to its output:
     py kvm.nr_memslot_pages | cat. An exception is one error line.
-    """,
-    parse=_parse_py_command,
-    namespace=NAMESPACE,
-)
-def _cmd_py(prog: drgn.Program, name: str, code: types.CodeType | SyntaxError | None,
-            **kwargs: Any) -> None:
-    """py CODE: Python on the program."""
+    """
     if code is None:
         raise UsageError("py needs Python code, e.g. 'py kvm.online_vcpus'")
     if isinstance(code, SyntaxError):

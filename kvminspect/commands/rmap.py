@@ -9,16 +9,14 @@ from drgn import Program
 from drgn.commands import argument
 
 from kvminspect.commands import kvm_command, parse_gfn, per_vm, session_of
-from kvminspect.model import VM
+from kvminspect.objects import VM
 from kvminspect.render import Grid, console
-from kvminspect.rmap import LEVEL_NAMES, RmapEntry, RmapReader, sptes_of_gfn
+from kvminspect.rmap import LEVEL_NAMES, GfnSptes, RmapReader, sptes_of_gfn
 from kvminspect.session import Session
-from kvminspect.shapes import rmap_entry_json
-
-Found = tuple[list[RmapEntry], list[tuple[int, str]]]
+from kvminspect.shapes import rmap_entry_json, skipped_json
 
 
-def render(s: Session, vm: VM, gfn: int, found: Found) -> None:
+def render(s: Session, vm: VM, gfn: int, found: GfnSptes) -> None:
     """One VM's SPTEs of *gfn*: a row each, then what was skipped."""
     c = console()
     entries, skipped = found
@@ -34,7 +32,8 @@ def render(s: Session, vm: VM, gfn: int, found: Found) -> None:
             row = [LEVEL_NAMES.get(e.level, str(e.level)),
                    "-" if e.sp is None else hex(e.sp), "-" if sp is None else hex(sp.gfn),
                    str(e.index), "unreadable" if e.value is None else f"{e.value:#018x}",
-                   e.bits.flags() if e.bits else "-", e.source.replace("tdp_mmu_roots sp", "root")]
+                   e.bits.flags() if e.bits else "-",
+                   "rmap" if e.tdp_root is None else f"root {e.tdp_root:#x}"]
             t.add_row(*([str(e.as_id)] if smm else []), *row)
         c.print(t)
     for where, why in skipped:
@@ -69,6 +68,6 @@ def _cmd_rmap(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any)
            to_json=lambda vm, found: {
                "gfn": hex(gfn),
                "sptes": [rmap_entry_json(e, s.kernel.shadow_page(e.sp) if e.sp else None)
-                         for e in found[0]],
-               "skipped": [{"object": hex(w), "why": why} for w, why in found[1]]},
+                         for e in found.entries],
+               "skipped": [skipped_json(x) for x in found.skipped]},
            show=lambda vm, found: render(s, vm, gfn, found))

@@ -9,96 +9,105 @@ from typing import Any
 from drgn import Program
 from drgn.commands import drgn_argument
 
-from kvminspect.commands import kvm_command, per_vm, session_of, sp_flags, vm_header
+from kvminspect import shapes
+from kvminspect.commands import kvm_command, per_vm, session_of, vm_header
 from kvminspect.drgn_code import print_code, roots_code
+from kvminspect.fmt import hpa_text, hx
 from kvminspect.graph import VMGraph
-from kvminspect.layout import INVALID_PAGE
 from kvminspect.model import VM, VCpu
-from kvminspect.render import Grid, console, hx
+from kvminspect.render import Grid, console
+from kvminspect.results import (
+    GUEST_MMU,
+    MmuRootsView,
+    PageView,
+    RootState,
+    RootView,
+    VcpuRoots,
+    vcpu_roots,
+)
 from kvminspect.session import Session
-from kvminspect.shapes import root_json, vcpu_ref
+
+Row = tuple[str, ...]
 
 
-def page_cells(d: dict[str, Any] | None, shared: Counter) -> tuple[str, str, str]:
-    """(sp, gfn/level, flags) of a root's shadow page (shapes.sp_json) for the table."""
-    if d is None:
-        return ("-", "-", "")
-    shared_by = [f"shared x{shared[d['sp']]}"] if shared[d["sp"]] > 1 else []
-    return (d["sp"], f"{d['gfn']}/L{d['level']}", " ".join(shared_by + sp_flags(d)))
+def flags_cell(words: list[str], page: PageView | None, nested: bool) -> str:
+    """The FLAGS cell: *words*, then "nested" for a row of a nested MMU (unless its
+    page says so itself: role.guest_mode)."""
+    if nested and (page is None or not page.guest_mode):
+        words = [*words, "nested"]
+    return " ".join(words)
 
 
-def is_empty(d: dict[str, Any]) -> bool:
-    """An unused prev_roots[] slot (KVM_MMU_ROOT_INFO_INVALID): pgd and hpa both
-    INVALID_PAGE (shapes.root_json)."""
-    return d["state"] == "invalid_page" and d["pgd"] == hx(INVALID_PAGE)
+def page_cells(p: PageView | None, shared: Counter[int], nested: bool = False
+               ) -> tuple[str, str, str]:
+    """(sp, gfn/level, flags) of a root's shadow page for the table; *shared*: how
+    many vCPUs have each page as their current root."""
+    if p is None:
+        return ("-", "-", flags_cell([], None, nested))
+    sp = p.sp
+    n = shared[sp.addr]
+    shared_by = [f"shared x{n}"] if n > 1 else []
+    return (hx(sp.addr), f"{hx(sp.gfn)}/L{sp.level}", flags_cell(shared_by + p.flags(), p, nested))
 
 
-def root_rows(d: dict[str, Any], shared: Counter) -> list[tuple[str, ...]]:
-    """A root (shapes.root_json) as table rows: the root, then its pae_root[i] pages."""
-    if is_empty(d):
-        rows = [("-", "-", "-", "-", "empty")]
-    elif d["state"] in ("page", "invalid_page", "unreadable"):
-        rows = [(d["pgd"], d["hpa"], *page_cells(d["page"], shared))]
+def root_view_rows(r: RootView, shared: Counter[int], nested: bool = False) -> list[Row]:
+    """A root as table rows (PGD, HPA, SP, GFN/LVL, FLAGS): the root, then its
+    pae_root[i] pages (ROOT in the PGD column). *nested*: a root of guest_mmu (the
+    shadow NPT/EPT MMU of a nested guest), each row flagged nested."""
+    if r.empty:
+        rows: list[Row] = [("-", "-", "-", "-", flags_cell(["empty"], None, nested))]
+    elif not r.state.special:  # a page, INVALID_PAGE or unreadable
+        rows = [(hx(r.pgd), hpa_text(r.hpa), *page_cells(r.page, shared, nested))]
     else:  # a special root (pae_root, ...) or a dummy root: no struct kvm_mmu_page
-        rows = [(d["pgd"], d["hpa"], d["state"], "-", d["state"])]
-    rows += [(f"pae_root[{e['index']}]", "", *page_cells(e["page"], shared))
-             for e in d["pae_roots"]]
+        rows = [(hx(r.pgd), hpa_text(r.hpa), r.state.value, "-",
+                 flags_cell([r.state.value], None, nested))]
+    rows += [(f"pae_root[{e.index}]", "", *page_cells(e.page, shared, nested))
+             for e in r.pae_roots]
     return rows
 
 
-def vcpu_roots_json(v: VCpu, g: VMGraph) -> dict[str, Any]:
-    """One vCPU's roots: mmu->root and prev_roots[], then those of its other MMU
-    (guest_mmu, or root_mmu while the vCPU runs a nested guest)."""
-    o = v.other_mmu
-    return {**vcpu_ref(v), "cr3": hx(v.cr3), "mmu": v.mmu_name,
-            "root": root_json(v.root, g), "prev_roots": [root_json(r, g) for r in v.prev_roots],
-            "other_mmu": None if o is None else {
-                "mmu": o.name, "root": root_json(o.root, g),
-                "prev_roots": [root_json(r, g) for r in o.prev_roots]}}
-
-
-def _nested(rows: list[tuple[str, ...]], mmu: str) -> list[tuple[str, ...]]:
-    """Rows of guest_mmu (the shadow NPT/EPT MMU of a nested guest) flagged nested."""
-    if mmu != "guest_mmu":
-        return rows
-    return [(*r[:-1], r[-1] if "nested" in r[-1].split() else (r[-1] + " nested").strip())
-            for r in rows]
-
-
-def other_rows(o: dict[str, Any] | None) -> list[tuple[str, ...]]:
+def other_rows(o: MmuRootsView | None) -> list[Row]:
     """The other MMU's roots that are in use (not INVALID_PAGE) as (ROOT, ...) rows:
     "guest_mmu.root", "guest_mmu.prev[i]" (or root_mmu's while in L2)."""
     if o is None:
         return []
-    named = [("root", o["root"])] + [(f"prev[{i}]", r) for i, r in enumerate(o["prev_roots"])]
-    out = []
+    named = [("root", o.root)] + [(f"prev[{i}]", r) for i, r in enumerate(o.prev_roots)]
+    out: list[Row] = []
     for label, r in named:
-        if r["state"] == "invalid_page":
+        if r.state is RootState.INVALID_PAGE:
             continue
-        for j, row in enumerate(_nested(root_rows(r, Counter()), o["mmu"])):
-            out.append((f"{o['mmu']}.{label}", *row) if j == 0 else (row[0], "", "", *row[2:]))
+        for j, row in enumerate(root_view_rows(r, Counter(), o.mmu == GUEST_MMU)):
+            out.append((f"{o.mmu}.{label}", *row) if j == 0 else (row[0], "", "", *row[2:]))
     return out
 
 
-def roots_table(vcpus: list[dict[str, Any]]) -> Grid:
+def roots_table(vcpus: list[VcpuRoots]) -> Grid:
     """One block of rows per vCPU: root (with pae_root[i]), then prev_roots[i]."""
-    current = Counter(p["sp"] for v in vcpus for p in
-                      [v["root"]["page"], *(e["page"] for e in v["root"]["pae_roots"])] if p)
+    current = Counter(p.sp.addr for v in vcpus
+                      for p in [v.root.page, *(e.page for e in v.root.pae_roots)]
+                      if p is not None)
     t = Grid()
     for col in ("VCPU", "CR3", "ROOT", "PGD", "HPA", "SP", "GFN/LVL", "FLAGS"):
         t.add_column(col, text=col == "FLAGS", carry=col in ("VCPU", "CR3"))
     for v in vcpus:
-        for j, row in enumerate(_nested(root_rows(v["root"], current), v["mmu"])):
+        vcpu = v.vcpu
+        nested = vcpu.mmu_name == GUEST_MMU
+        for j, row in enumerate(root_view_rows(v.root, current, nested)):
             if j == 0:
-                t.add_row(f"vcpu[{v['vcpu_idx']}]", str(v["cr3"]), "root", *row)
+                t.add_row(f"vcpu[{vcpu.vcpu_idx}]", hx(vcpu.cr3), "root", *row)
             else:
                 t.add_row("", "", row[0], "", "", *row[2:])
-        for i, r in enumerate(v["prev_roots"]):
-            for row in _nested(root_rows(r, Counter()), v["mmu"]):
+        for i, r in enumerate(v.prev_roots):
+            for row in root_view_rows(r, Counter(), nested):
                 t.add_row("", "", f"prev[{i}]", *row)
-        for row in other_rows(v.get("other_mmu")):
+        for row in other_rows(v.other_mmu):
             t.add_row("", "", *row)
     return t
+
+
+def vcpu_roots_json(v: VCpu, g: VMGraph) -> dict[str, Any]:
+    """One vCPU's roots as the roots document has them."""
+    return shapes.vcpu_roots_json(vcpu_roots(v, g))
 
 
 @kvm_command(drgn_argument)
@@ -132,11 +141,12 @@ def _cmd_roots(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
         print_code(args, lambda: roots_code(prog, s.kernel.layout, vms,
                                                  every=args.vm is None and s.selected is None))
         return
-    def collect(s: Session, vm: VM) -> list[dict[str, Any]]:
+
+    def collect(s: Session, vm: VM) -> list[VcpuRoots]:
         g = s.graph(vm)
-        return [vcpu_roots_json(v, g) for v in g.vcpus]
+        return [vcpu_roots(v, g) for v in g.vcpus]
 
     per_vm(kwargs, args, "roots", collect=collect,
-           to_json=lambda vm, vcpus: {"vcpus": vcpus},
+           to_json=lambda vm, vcpus: {"vcpus": [shapes.vcpu_roots_json(v) for v in vcpus]},
            header=lambda vm, vcpus: vm_header(vm) + f"  mmu_valid_gen {vm.mmu_valid_gen}",
            show=lambda vm, vcpus: console().print(roots_table(vcpus)))

@@ -11,14 +11,16 @@ from drgn.commands import argument, drgn_argument, mutually_exclusive_group
 from kvminspect.commands import kvm_command, parse_gfn, parse_int, per_vm, session_of
 from kvminspect.drgn_code import print_code, sp_code
 from kvminspect.errors import LookupFailed, UsageError
+from kvminspect.fmt import hx
 from kvminspect.graph import VMGraph
 from kvminspect.model import VM, Kernel, ShadowPage
-from kvminspect.render import Grid, console, hx
-from kvminspect.shapes import role_json, sp_json, spte_json, value
+from kvminspect.render import Grid, console
+from kvminspect.results import SpDetail, SpParent, SpteRow, page_view
+from kvminspect.shapes import sp_detail_json
 
 
-def spte_rows(k: Kernel, sp: ShadowPage) -> tuple[list[dict[str, Any]], int]:
-    """Present SPTEs of *sp* (shapes.spte_json), and how many entries are not present."""
+def spte_rows(k: Kernel, sp: ShadowPage) -> tuple[list[SpteRow], int]:
+    """Present SPTEs of *sp* with their child pages, and how many entries are not present."""
     spt = k.sptes(sp)
     if spt is None:
         return [], 0
@@ -28,47 +30,52 @@ def spte_rows(k: Kernel, sp: ShadowPage) -> tuple[list[dict[str, Any]], int]:
         if not e.present:
             absent += 1
             continue
-        rows.append(spte_json(e, k.shadow_page(e.child) if e.child else None))
+        rows.append(SpteRow(e, k.shadow_page(e.child) if e.child else None))
     return rows, absent
 
 
-def sp_detail(k: Kernel, g: VMGraph, sp: ShadowPage) -> dict[str, Any]:
-    """Everything kvminspect knows about one shadow page: shapes.sp_json and more."""
+def sp_detail(k: Kernel, g: VMGraph, sp: ShadowPage) -> SpDetail:
+    """Everything kvminspect knows about one shadow page."""
     sptes, absent = spte_rows(k, sp)
-    return {
-        **sp_json(sp, g), "role": role_json(sp), "spt": hx(sp.spt),
-        "unsync_child_bitmap": sp.bitmap_indexes(), "mmu_valid_gen": value(sp.mmu_valid_gen),
-        "on_active_list": sp.addr in g.active,
-        "parents": [{"sp": hx(p), "level": g.sp(p).level, "indexes": idx}
-                    for p, idx in g.parents(sp.addr)],
-        "sptes": sptes, "non_present": absent,
-    }
+    return SpDetail(page=page_view(sp, g), on_active_list=sp.addr in g.active,
+                    parents=[SpParent(p, g.sp(p).level, idx) for p, idx in g.parents(sp.addr)],
+                    sptes=sptes, non_present=absent)
 
 
-def render(d: dict[str, Any]) -> None:
+def role_text(sp: ShadowPage) -> str:
+    """The role word and each field as name=value (1-bit fields 0 or 1)."""
+    role = sp.role
+    return f"role {hx(role.word)}: " + " ".join(
+        f"{name}={int(bool(v)) if role.width(name) == 1 else v}"
+        for name, v in role.fields.items())
+
+
+def render(d: SpDetail) -> None:
     c = console()
-    role = d["role"]
-    c.print(f"sp {d['sp']}  gfn {d['gfn']}  level {d['level']}", markup=False)
-    flags = [k for k in ("unsync", "obsolete", "tdp_mmu_page", "orphan") if d[k]]
-    c.print("  ".join([f"  spt {d['spt']}", f"root_count {d['root_count']}",
-                       f"unsync_children {d['unsync_children']}",
-                       f"mmu_valid_gen {d['mmu_valid_gen']}", *flags]), markup=False)
-    c.print("  role " + role["word"] + ": " + " ".join(
-        f"{k}={int(v)}" for k, v in role.items() if k != "word"), markup=False)
-    if d["unsync_child_bitmap"]:
-        c.print(f"  unsync_child_bitmap: {d['unsync_child_bitmap']}", markup=False)
-    if d["holders"]:
-        c.print("  root of: " + ", ".join(h["holder"] for h in d["holders"]), markup=False)
-    for p in d["parents"]:
-        c.print(f"  parent {p['sp']} (L{p['level']}) slot {p['indexes']}", markup=False)
-    t = Grid(title=f"{len(d['sptes'])} present SPTEs, {d['non_present']} not present")
+    p = d.page
+    sp = p.sp
+    c.print(f"sp {hx(sp.addr)}  gfn {hx(sp.gfn)}  level {sp.level}", markup=False)
+    flags = [w for on, w in ((sp.unsync is True, "unsync"), (p.obsolete, "obsolete"),
+                             (sp.tdp_mmu_page, "tdp_mmu_page"), (p.orphan, "orphan")) if on]
+    c.print("  ".join([f"  spt {hx(sp.spt)}", f"root_count {sp.root_count}",
+                       f"unsync_children {sp.unsync_children}",
+                       f"mmu_valid_gen {sp.mmu_valid_gen}", *flags]), markup=False)
+    c.print("  " + role_text(sp), markup=False)
+    if bitmap := sp.bitmap_indexes():
+        c.print(f"  unsync_child_bitmap: {bitmap}", markup=False)
+    if p.holders:
+        c.print("  root of: " + ", ".join(str(h) for h in p.holders), markup=False)
+    for parent in d.parents:
+        c.print(f"  parent {hx(parent.sp)} (L{parent.level}) slot {parent.indexes}",
+                markup=False)
+    t = Grid(title=f"{len(d.sptes)} present SPTEs, {d.non_present} not present")
     for col in ("IDX", "SPTE", "KIND", "PFN", "W", "CHILD SP", "CHILD GFN/LVL", "FLAGS"):
         t.add_column(col)
-    for e in d["sptes"]:
-        kind = "large" if e["large"] else ("leaf" if e["leaf"] else "table")
-        child = f"{e['child_gfn']}/L{e['child_level']}" if e["child_gfn"] else ""
-        t.add_row(str(e["index"]), e["value"], kind, e["pfn"], "w" if e["writable"] else "",
-                  e["child"] or "", child, e["bits"]["flags"] if e["bits"] else "?")
+    for e, child in d.sptes:
+        kind = "large" if e.large else ("leaf" if e.leaf else "table")
+        below = "" if child is None else f"{hx(child.gfn)}/L{child.level}"
+        t.add_row(str(e.index), hx(e.value), kind, hx(e.pfn), "w" if e.value & 2 else "",
+                  hx(e.child) or "", below, "?" if e.bits is None else e.bits.flags())
     c.print(t)
 
 
@@ -108,7 +115,7 @@ def _cmd_sp(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -
             if pages := s.graph(vm).find_gfn(gfn):
                 found[vm.addr] = pages
         if not found:
-            raise LookupFailed(f"no shadow page shadows gfn {gfn:#x}")
+            raise LookupFailed(f"no shadow page shadows gfn {hx(gfn)}")
     elif args.addr is not None:
         vm, sp = s.find_sp(parse_int(args.addr, "shadow page address"), vms)
         found[vm.addr] = [sp]
@@ -118,11 +125,11 @@ def _cmd_sp(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -
     else:
         raise UsageError("sp needs ADDR or --gfn GFN")
 
-    def show(vm: VM, pages: list[dict[str, Any]]) -> None:
+    def show(vm: VM, pages: list[SpDetail]) -> None:
         for d in pages:
             render(d)
 
     per_vm(kwargs, args, "sp", vms=[vm for vm in vms if vm.addr in found],
            collect=lambda s, vm: [sp_detail(s.kernel, s.graph(vm), sp)
                                   for sp in found[vm.addr]],
-           to_json=lambda vm, pages: {"pages": pages}, show=show)
+           to_json=lambda vm, pages: {"pages": [sp_detail_json(d) for d in pages]}, show=show)

@@ -8,10 +8,11 @@ from typing import Any
 from drgn import Program
 
 from kvminspect.commands import kvm_command, per_vm, vm_header
-from kvminspect.model import VM, VCpu
+from kvminspect.model import VM
 from kvminspect.render import Grid, console
+from kvminspect.results import VcpuStat, VmStats
 from kvminspect.session import Session
-from kvminspect.shapes import vcpu_ref
+from kvminspect.shapes import stats_json
 
 # struct kvm_vm_stat (arch/x86/include/asm/kvm_host.h) and its generic part
 VM_PREFIXES = ("mmu_", "nx_", "pages_", "lpages", "max_mmu_", "remote_tlb_flush")
@@ -40,7 +41,7 @@ def vm_table(stat: dict[str, int]) -> Grid:
     return t
 
 
-def vcpu_table(rows: list[tuple[VCpu, dict[str, int]]]) -> Grid:
+def vcpu_table(rows: list[VcpuStat]) -> Grid:
     """vcpu->stat: one vCPU per row, one counter per column."""
     t = Grid()
     t.add_column("VCPU")
@@ -63,18 +64,18 @@ def _cmd_stats(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
     remote_tlb_flush*) and of each vCPU's vcpu->stat (pf_* page faults, tlb_flush,
     invlpg), as the kernel holds them: cumulative since the VM or vCPU was created.
     """
-    def collect(s: Session, vm: VM) -> tuple[dict[str, int], list[tuple[VCpu, dict]]]:
-        return vm_mmu_stat(vm.stat), [(v, vcpu_mmu_stat(v.stat)) for v in s.kernel.vcpus(vm)]
+    def collect(s: Session, vm: VM) -> VmStats:
+        return VmStats(vm_mmu_stat(vm.stat),
+                       [VcpuStat(v, vcpu_mmu_stat(v.stat)) for v in s.kernel.vcpus(vm)])
 
-    def show(vm: VM, data: tuple[dict[str, int], list[tuple[VCpu, dict]]]) -> None:
+    def show(vm: VM, data: VmStats) -> None:
         c = console()
-        stat, vcpus = data
-        c.print(vm_table(stat) if stat else "  kvm->stat: no MMU counters", markup=False)
-        if vcpus:
-            c.print(vcpu_table(vcpus), markup=False)
+        c.print(vm_table(data.stat) if data.stat else "  kvm->stat: no MMU counters",
+                markup=False)
+        if data.vcpus:
+            c.print(vcpu_table(data.vcpus), markup=False)
 
     per_vm(kwargs, args, "stats", collect=collect, show=show,
            header=lambda vm, data: vm_header(vm) + f"  mmu pages {vm.n_used_mmu_pages}/"
            f"{vm.n_max_mmu_pages}",
-           to_json=lambda vm, data: {"stat": data[0], "vcpus": [
-               {**vcpu_ref(v), "stat": st} for v, st in data[1]]})
+           to_json=lambda vm, data: stats_json(data))

@@ -11,31 +11,27 @@ from drgn import Program
 from drgn.commands import argument, drgn_argument
 from rich.tree import Tree
 
-from kvminspect.commands import (
-    kvm_command,
-    non_negative,
-    per_vm,
-    session_of,
-    sp_flags,
-    sp_scope,
-    vm_header,
-)
+from kvminspect.commands import kvm_command, non_negative, per_vm, session_of, sp_scope, vm_header
 from kvminspect.drgn_code import print_code, tree_code
 from kvminspect.errors import UsageError
+from kvminspect.fmt import hx
 from kvminspect.graph import VMGraph
 from kvminspect.model import VM
 from kvminspect.render import Stream, compact, console
+from kvminspect.results import TreeNode, page_view
 from kvminspect.session import Session
-from kvminspect.shapes import sp_json
+from kvminspect.shapes import tree_node_json
 
 
-def sp_label(d: dict[str, Any]) -> str:
-    """One line for a shadow page (shapes.sp_json + index): slot, address, gfn, level, state."""
-    parts = [f"[{d['index']}]" if d["index"] is not None else "",
-             f"sp {d['sp']} gfn {d['gfn']} L{d['level']}", *sp_flags(d)]
-    if d["holders"]:
-        parts.append("<- " + ", ".join(h["holder"] for h in d["holders"]))
-    return " ".join(p for p in parts if p)
+def sp_label(n: TreeNode) -> str:
+    """One line for a tree's page: slot, address, gfn, level, state, holders."""
+    p = n.page
+    sp = p.sp
+    parts = [f"[{n.slot}]" if n.slot is not None else "",
+             f"sp {hx(sp.addr)} gfn {hx(sp.gfn)} L{sp.level}", *p.flags()]
+    if p.holders:
+        parts.append("<- " + ", ".join(str(h) for h in p.holders))
+    return " ".join(x for x in parts if x)
 
 
 def _wanted(g: VMGraph, unsync_only: bool) -> set[int] | None:
@@ -53,50 +49,47 @@ def _wanted(g: VMGraph, unsync_only: bool) -> set[int] | None:
 
 
 def subtree(g: VMGraph, addr: int, index: int | None, depth: int | None,
-            keep: set[int] | None, seen: set[int]) -> dict[str, Any]:
-    """The JSON tree under *addr*: a page shown twice is a reference ("ref")."""
-    node: dict[str, Any] = {**sp_json(g.sp(addr), g), "index": index, "ref": False,
-                            "children_omitted": 0, "children": []}
+            keep: set[int] | None, seen: set[int]) -> TreeNode:
+    """The tree under *addr*: a page shown twice is a reference (TreeNode.ref)."""
+    page = page_view(g.sp(addr), g)
     if addr in seen and g.children(addr):
-        node["ref"] = True
-        return node
+        return TreeNode(page, index, True, 0, ())
     seen.add(addr)
     kids = [(i, c) for i, c in g.children(addr) if keep is None or c in keep]
     if depth is not None and depth <= 0:
-        node["children_omitted"] = len(kids)
-        return node
-    node["children"] = [subtree(g, c, i, None if depth is None else depth - 1, keep, seen)
-                        for i, c in kids]
-    return node
+        return TreeNode(page, index, False, len(kids), ())
+    return TreeNode(page, index, False, 0,
+                    [subtree(g, c, i, None if depth is None else depth - 1, keep, seen)
+                     for i, c in kids])
 
 
 def _single(g: VMGraph, addr: int, index: int | None, depth: int | None,
-            keep: set[int] | None, seen: set[int]) -> dict[str, Any] | None:
+            keep: set[int] | None, seen: set[int]) -> TreeNode | None:
     """subtree() of *addr* if it has no children to show (a leaf, a reference
     to a page shown above, or cut by --depth), else None; marks it seen."""
     kids = g.children(addr)
     if addr in seen and kids:
-        return {**sp_json(g.sp(addr), g), "index": index, "ref": True,
-                "children_omitted": 0, "children": []}
+        return TreeNode(page_view(g.sp(addr), g), index, True, 0, ())
     if keep is not None and kids:
         kids = [k for k in kids if k[1] in keep]
     if kids and (depth is None or depth > 0):
         return None
     seen.add(addr)
-    return {**sp_json(g.sp(addr), g), "index": index, "ref": False,
-            "children_omitted": len(kids), "children": []}
+    return TreeNode(page_view(g.nodes[addr], g), index, False, len(kids), ())  # hot: g.nodes
 
 
 def subtree_chunks(g: VMGraph, addr: int, index: int | None, depth: int | None,
                    keep: set[int] | None, seen: set[int]) -> Iterator[str]:
-    """subtree() as JSON text, piece by piece (render.Stream): the same
-    document, never held whole; runs of childless pages are encoded together."""
+    """subtree() as JSON text (shapes.tree_node_json), piece by piece
+    (render.Stream): the same document, never held whole; runs of childless
+    pages are encoded together."""
     one = _single(g, addr, index, depth, keep, seen)
     if one is not None:
-        yield compact(one)
+        yield compact(tree_node_json(one))
         return
     seen.add(addr)
-    node = {**sp_json(g.sp(addr), g), "index": index, "ref": False, "children_omitted": 0}
+    node = tree_node_json(TreeNode(page_view(g.sp(addr), g), index, False, 0, ()))
+    del node["children"]  # they follow, piece by piece
     yield compact(node)[:-1] + ', "children": [\n'
     below = None if depth is None else depth - 1
     run: list[dict[str, Any]] = []
@@ -106,7 +99,7 @@ def subtree_chunks(g: VMGraph, addr: int, index: int | None, depth: int | None,
             continue
         leaf = _single(g, c, i, below, keep, seen)
         if leaf is not None:
-            run.append(leaf)
+            run.append(tree_node_json(leaf))
             continue
         if run:
             yield sep + compact(run)[1:-1]
@@ -128,8 +121,8 @@ class TreePlan:
     depth: int | None
     keep: set[int] | None
 
-    def trees(self) -> list[dict[str, Any]]:
-        """Every tree, as nested subtree() documents."""
+    def trees(self) -> list[TreeNode]:
+        """Every tree, as nested subtree() nodes."""
         seen: set[int] = set()
         return [subtree(self.g, a, None, self.depth, self.keep, seen) for a in self.tops]
 
@@ -144,14 +137,14 @@ class TreePlan:
         yield "]"
 
 
-def to_rich(node: dict[str, Any], parent: Tree | None) -> Tree:
+def to_rich(node: TreeNode, parent: Tree | None) -> Tree:
     label = sp_label(node)
-    if node["ref"]:
+    if node.ref:
         label += " (subtree shown above)"
-    if node["children_omitted"]:
-        label += f" (+{node['children_omitted']} below --depth)"
+    if node.children_omitted:
+        label += f" (+{node.children_omitted} below --depth)"
     t = parent.add(label) if parent is not None else Tree(label)
-    for c in node["children"]:
+    for c in node.children:
         to_rich(c, t)
     return t
 

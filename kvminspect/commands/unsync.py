@@ -10,12 +10,14 @@ from drgn import Program
 from drgn.commands import argument
 
 from kvminspect.commands import kvm_command, per_vm, session_of, sp_scope
+from kvminspect.fmt import hx
 from kvminspect.graph import VMGraph
 from kvminspect.model import VM, Kernel, ShadowPage
-from kvminspect.render import Grid, console, hx, plural
+from kvminspect.render import Grid, console, plural
+from kvminspect.results import UnsyncRoot
 from kvminspect.session import Session
-from kvminspect.shapes import holder_json
-from kvminspect.unsync import Replay, Slot, WalkPage, replay_sync, replay_zap
+from kvminspect.shapes import replay_json
+from kvminspect.unsync import Slot, WalkPage, replay_sync, replay_zap
 
 
 class WalkPages(Mapping[int, WalkPage]):
@@ -74,42 +76,31 @@ def walk_roots(k: Kernel, g: VMGraph, top: int | None) -> list[int]:
     return [a for a in g.root_order() if g.sp(a).unsync_children]
 
 
-def replay_json(r: Replay, g: VMGraph, zap: bool = False) -> dict[str, Any]:
-    """One root's replay: its batches (kvm_mmu_pages), leaves and walk errors."""
-    return {
-        "sp": hx(r.root), "zap": zap, "holders": [holder_json(h) for h in g.roots.get(r.root, [])],
-        "batches": [{
-            "pages": [{"sp": hx(e.sp), "level": e.level, "idx": e.idx} for e in b.pages],
-            "leaves": [{"sp": hx(leaf.sp), "gfn": hx(leaf.gfn),
-                        "parents": [{"sp": hx(p), "level": lvl} for p, lvl in leaf.parents]}
-                       for leaf in b.leaves],
-        } for b in r.batches],
-        "errors": list(r.errors),
-    }
-
-
-def render_replay(d: dict[str, Any]) -> None:
+def render_replay(u: UnsyncRoot) -> None:
+    """One page's replay: a line for the page, then per batch its entries and a
+    line per unsync leaf with its parents, then the walk's errors."""
     c = console()
-    verb = "zap" if d["zap"] else "sync"
-    nleaves = sum(len(b["leaves"]) for b in d["batches"])
-    what = f"root sp {d['sp']} ({', '.join(h['holder'] for h in d['holders'])})" \
-        if d["holders"] else f"sp {d['sp']}"
-    c.print(f"{what}: {plural(len(d['batches']), 'batch', 'batches')}, "
+    r = u.replay
+    verb = "zap" if u.zap else "sync"
+    nleaves = sum(len(b.leaves) for b in r.batches)
+    what = f"root sp {hx(r.root)} ({', '.join(str(h) for h in u.holders)})" \
+        if u.holders else f"sp {hx(r.root)}"
+    c.print(f"{what}: {plural(len(r.batches), 'batch', 'batches')}, "
             f"{plural(nleaves, 'unsync leaf', 'unsync leaves')}", markup=False)
-    for n, b in enumerate(d["batches"], 1):
-        t = Grid(title=f"batch {n}: {len(b['pages'])} entries")
+    for n, b in enumerate(r.batches, 1):
+        t = Grid(title=f"batch {n}: {len(b.pages)} entries")
         t.add_column("SP Index", justify="right")
         t.add_column("SP Level", justify="right")
         t.add_column("SP")
-        for e in b["pages"]:
-            t.add_row(str(e["idx"]), str(e["level"]), e["sp"])
+        for e in b.pages:
+            t.add_row(str(e.idx), str(e.level), hx(e.sp))
         c.print(t)
-        for leaf in b["leaves"]:
-            parents = "  ".join(f"L{p['level']} {p['sp']}" for p in leaf["parents"])
-            c.print(f"  {verb} sp {leaf['sp']} gfn {leaf['gfn']}  parents: {parents}",
+        for leaf in b.leaves:
+            parents = "  ".join(f"L{lvl} {hx(p)}" for p, lvl in leaf.parents)
+            c.print(f"  {verb} sp {hx(leaf.sp)} gfn {hx(leaf.gfn)}  parents: {parents}",
                     markup=False)
-    for e in d["errors"]:
-        c.print(f"  walk error: {e}", markup=False)
+    for err in r.errors:
+        c.print(f"  walk error: {err}", markup=False)
 
 
 @kvm_command(
@@ -135,18 +126,18 @@ def _cmd_unsync(prog: Program, name: str, args: argparse.Namespace, **kwargs: An
     s = session_of(kwargs)
     vms, top = sp_scope(s, args.vm, args.sp)
 
-    def collect(s: Session, vm: VM) -> list[dict[str, Any]]:
+    def collect(s: Session, vm: VM) -> list[UnsyncRoot]:
         g = s.graph(vm)
         pages = walk_pages(s.kernel, g)
         replay = replay_zap if args.zap else replay_sync
-        return [replay_json(replay(a, pages), g, args.zap)
+        return [UnsyncRoot(replay(a, pages), args.zap, g.roots.get(a, []))
                 for a in walk_roots(s.kernel, g, top)]
 
-    def show(vm: VM, replays: list[dict[str, Any]]) -> None:
+    def show(vm: VM, replays: list[UnsyncRoot]) -> None:
         if not replays:
             console().print("  no root has unsync children")
-        for d in replays:
-            render_replay(d)
+        for u in replays:
+            render_replay(u)
 
     per_vm(kwargs, args, "unsync", vms=vms, collect=collect, show=show,
-           to_json=lambda vm, replays: {"roots": replays})
+           to_json=lambda vm, replays: {"roots": [replay_json(u) for u in replays]})

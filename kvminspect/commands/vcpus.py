@@ -8,35 +8,40 @@ from typing import Any
 from drgn import Program
 
 from kvminspect.commands import kvm_command, per_vm, vm_header
+from kvminspect.fmt import hpa_text, hx
+from kvminspect.layout import known
 from kvminspect.model import VCpu
 from kvminspect.render import Grid, console
+from kvminspect.results import GUEST_MMU, root_hpa
 from kvminspect.shapes import vcpu_json
 
 
-def mmu_cell(d: dict[str, Any]) -> str:
+def mmu_cell(v: VCpu) -> str:
     """The MMU column: the current MMU, then the other one with its root hpa when
-    that root is in use, flagged nested when either is guest_mmu's."""
-    o = d["other_mmu"]
-    cell = d["mmu"]
-    in_use = o is not None and o["root_hpa"] != "INVALID_PAGE"
-    if in_use:
-        cell += f" ({o['mmu']} {o['root_hpa']})"
-    if d["mmu"] == "guest_mmu" or (in_use and o["mmu"] == "guest_mmu"):
+    that root is in use (not INVALID_PAGE), flagged nested when either is guest_mmu's."""
+    cell = v.mmu_name
+    o = v.other_mmu
+    hpa = None if o is None else root_hpa(o.root)
+    if o is not None and hpa is not None:  # in use (UNREADABLE too: shown as such)
+        cell += f" ({o.name} {hpa_text(hpa)})"
+    else:
+        o = None
+    if v.mmu_name == GUEST_MMU or (o is not None and o.name == GUEST_MMU):
         cell += " nested"
     return cell
 
 
 def vcpu_table(vcpus: list[VCpu]) -> Grid:
-    """One row per vCPU (shapes.vcpu_json's fields)."""
+    """One row per vCPU (the fields of shapes.vcpu_json)."""
     t = Grid()
     for col in ("IDX", "ID", "VCPU", "TID", "CPU", "MODE", "MP_STATE", "CR3", "MMU",
                 "ROOT HPA", "REQUESTS"):
         t.add_column(col)
     for v in vcpus:
-        d = vcpu_json(v)
-        t.add_row(str(d["vcpu_idx"]), str(d["vcpu_id"]), d["vcpu"], str(d["tid"] or "-"),
-                  str(d["cpu"]), str(d["mode"]), str(d["mp_state"]), str(d["cr3"]), mmu_cell(d),
-                  d["root_hpa"], ",".join(d["request_names"]) or "-")
+        tid = str(v.tid) if v.tid or not known(v.tid) else "-"  # None (no thread yet)
+        t.add_row(str(v.vcpu_idx), str(v.vcpu_id), hx(v.addr), tid, str(v.cpu), str(v.mode),
+                  str(v.mp_state), hx(v.cr3), mmu_cell(v), hpa_text(root_hpa(v.root)),
+                  ",".join(v.request_names) or "-")
     return t
 
 

@@ -10,6 +10,7 @@ from drgn.commands import argument
 
 from kvminspect.commands import NO_VMS, finish, kvm_command, session_of
 from kvminspect.errors import UsageError
+from kvminspect.fmt import hx
 from kvminspect.layout import known
 from kvminspect.model import VM
 from kvminspect.read_vmstate import VmState
@@ -35,8 +36,10 @@ def state_lines(st: VmState) -> list[str]:
     p = inv.prefix or "mmu_invalidate"
     count = "mmu_notifier_count" if inv.prefix == "mmu_notifier" else f"{p}_in_progress"
     rng = ("" if not known(inv.range_start)
-           else f", range gfn {inv.range_start:#x}-{inv.range_end:#x}")
-    param = {1: "on", 0: "off", -1: "auto (undecided)"}.get(nx.param, str(nx.param))
+           else f", range gfn {hx(inv.range_start)}-{hx(inv.range_end)}")
+    param = str(nx.param)  # UNKNOWN without the symbol
+    if isinstance(nx.param, int):
+        param = {1: "on", 0: "off", -1: "auto (undecided)"}.get(nx.param, param)
     by = "".join(f", {k} {n}" for k, n in nx.by_mmu.items())
     out = [f"  MMU notifier: {p}_seq {inv.seq}, {count} {inv.in_progress}{rng}",
            f"  NX huge pages: nx_huge_pages {param}, possible_nx_huge_pages {nx.possible}{by}"]
@@ -54,7 +57,7 @@ def show_vm(vm: VM, st: VmState | None = None) -> None:
     """One VM's struct kvm: owner, vCPUs, MMU page counts, invalidation, NX huge
     page and hash state, and memslots."""
     c = console()
-    c.print(f"VM {vm.index}: kvm {vm.addr:#x}  pid {vm.pid} ({vm.comm or '?'}, "
+    c.print(f"VM {vm.index}: kvm {hx(vm.addr)}  pid {vm.pid} ({vm.comm or '?'}, "
             f"state {vm.task_state or '?'})  vCPUs {vm.online_vcpus}/{vm.created_vcpus}",
             markup=False)
     c.print(f"  MMU {vm.mmu}: {vm.n_used_mmu_pages} of {vm.n_max_mmu_pages} pages used "
@@ -66,8 +69,8 @@ def show_vm(vm: VM, st: VmState | None = None) -> None:
     for col in ("AS", "ID", "BASE GFN", "NPAGES", "USERSPACE ADDR", "FLAGS"):
         t.add_column(col)
     for m in vm.memslots:
-        t.add_row(str(m.as_id), str(m.id), hex(m.base_gfn), str(m.npages),
-                  hex(m.userspace_addr), hex(m.flags))
+        t.add_row(str(m.as_id), str(m.id), hx(m.base_gfn), str(m.npages),
+                  hx(m.userspace_addr), hx(m.flags))
     c.print(t)
 
 

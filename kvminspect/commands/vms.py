@@ -8,6 +8,7 @@ from typing import Any
 from drgn import Program
 
 from kvminspect.commands import NO_VMS, finish, kvm_command, session_of
+from kvminspect.fmt import hx
 from kvminspect.model import VM
 from kvminspect.render import Grid, console
 from kvminspect.shapes import vm_json
@@ -53,7 +54,7 @@ def _cmd_vms(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) 
             t.add_column(col, justify="right" if col in ("VM", "PID", "GEN") else "left")
         for vm in vms:
             mark = "*" if s.selected and s.selected.addr == vm.addr else ""
-            t.add_row(f"{mark}{vm.index}", hex(vm.addr), str(vm.pid), vm.comm or "?",
+            t.add_row(f"{mark}{vm.index}", hx(vm.addr), str(vm.pid), vm.comm or "?",
                       vm_name(vm), vm.task_state or "?", f"{vm.online_vcpus}/{vm.created_vcpus}",
                       vm.mmu + (f" ({vm.vm_type})" if vm.vm_type not in (None, "default")
                                 else ""), vm.vendor or "?",

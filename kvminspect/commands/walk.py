@@ -10,14 +10,16 @@ from drgn.commands import argument, mutually_exclusive_group
 
 from kvminspect.commands import kvm_command, parse_int, per_vm, session_of
 from kvminspect.errors import LookupFailed, UsageError
-from kvminspect.model import VM, VCpu
+from kvminspect.objects import VM, VCpu
 from kvminspect.render import Grid, console
 from kvminspect.session import Session
 from kvminspect.shapes import walk_json
-from kvminspect.walk import Walk, walk
+from kvminspect.walk import AddressKind, Verdict, Walk, memslot_why, walk
 
-KINDS = {"gva": "guest virtual address (shadow root)",
-         "gpa": "guest physical address (TDP/direct root)"}
+KINDS = {AddressKind.GVA: "guest virtual address (shadow root)",
+         AddressKind.GPA: "guest physical address (TDP/direct root)"}
+VERDICTS = {Verdict.MATCH: "", Verdict.MISMATCH: "MISMATCH: ",
+            Verdict.NOT_CHECKABLE: "not checkable: "}
 
 
 def _vcpu(s: Session, vm: VM, n: int) -> VCpu:
@@ -66,7 +68,7 @@ def render(w: Walk) -> None:
                       "unreadable" if st.value is None else f"{st.value:#018x}", flags,
                       "" if st.child is None else hex(st.child))
         c.print(t)
-    c.print(f"  stop: {w.stop.replace('_', ' ')}: {w.why}", markup=False)
+    c.print(f"  stop: {w.stop.value.replace('_', ' ')}: {w.why}", markup=False)
     if not w.checked_reserved and w.steps:
         c.print("  reserved bits: not checked (no vCPU holds this root)", markup=False)
     m = w.check
@@ -78,9 +80,8 @@ def render(w: Walk) -> None:
             line += f" -> hva {m.hva:#x}"
         if m.host_pfn is not None:
             line += f" -> host pfn {m.host_pfn:#x}"
-        verdict = {"match": "", "mismatch": "MISMATCH: ", "not checkable": "not checkable: "}
         c.print(line, markup=False)
-        c.print(f"  check: {verdict[m.verdict]}{m.why}", markup=False)
+        c.print(f"  check: {VERDICTS[m.verdict]}{memslot_why(m)}", markup=False)
 
 
 @kvm_command(

@@ -12,10 +12,15 @@ from drgn.commands import argument
 
 from kvminspect.commands import kvm_command, per_vm, session_of, vm_header
 from kvminspect.errors import UsageError
+from kvminspect.fmt import hx
 from kvminspect.model import VM, VCpu
-from kvminspect.render import Grid, console, hx
+from kvminspect.render import Grid, console
+from kvminspect.results import VcpuWatch
 from kvminspect.session import Session
-from kvminspect.shapes import vcpu_ref
+from kvminspect.shapes import watch_vcpu_json
+
+# one sample of a vCPU's MMU: ((root hpa, pgd), ((hpa, pgd) of each prev_roots[i]))
+Sample = tuple[tuple[int | None, int], tuple[tuple[int | None, int], ...]]
 
 
 @dataclass
@@ -31,7 +36,7 @@ class Track:
     last: tuple[int | None, int] | None = None  # (root hpa, pgd)
     cached: set[int] = field(default_factory=set)  # prev_roots hpas of the last sample
 
-    def add(self, roots: tuple | None) -> None:
+    def add(self, roots: Sample | None) -> None:
         """One sample of this vCPU: (root, prev_roots) of its struct kvm_mmu.
 
         A sample whose root is INVALID_PAGE (kvm_mmu_free_roots() ran and
@@ -54,20 +59,20 @@ class Track:
         self.last = now
         self.cached = {h for h, _ in prev if h is not None}
 
-    def to_json(self) -> dict[str, Any]:
-        return {**vcpu_ref(self.vcpu), "switches": self.switches, "prev_root_hits": self.hits,
-                "new_roots": self.misses, "unsettled": self.unsettled,
-                "cr3s": [hx(c) for c in self.cr3s]}
+    def result(self) -> VcpuWatch:
+        """What was seen, once the samples are taken."""
+        return VcpuWatch(self.vcpu, self.switches, self.hits, self.misses, self.unsettled,
+                         tuple(self.cr3s))
 
 
-def _roots_of(v: VCpu) -> tuple | None:
+def _roots_of(v: VCpu) -> Sample | None:
     """(root, prev_roots) from an ordinary reading (kernels before 5.18)."""
     if v.root is None:
         return None
     return (v.root.hpa, v.root.pgd), tuple((r.hpa, r.pgd) for r in v.prev_roots)
 
 
-def sample(s: Session, vm: VM, interval: float, count: int) -> list[Track]:
+def sample(s: Session, vm: VM, interval: float, count: int) -> list[VcpuWatch]:
     """*count* samples of *vm*'s vCPUs' roots, *interval* seconds apart, each vCPU's
     root and prev_roots read in one block (Kernel.mmu_roots) so they agree."""
     vcpus = s.kernel.vcpus(vm)
@@ -83,17 +88,17 @@ def sample(s: Session, vm: VM, interval: float, count: int) -> list[Track]:
                 fresh = {v.addr: v for v in k.vcpus(vm)}.get(t.vcpu.addr)
                 roots = _roots_of(fresh) if fresh else None
             t.add(roots)
-    return tracks
+    return [t.result() for t in tracks]
 
 
-def watch_table(tracks: list[Track]) -> Grid:
+def watch_table(seen: list[VcpuWatch]) -> Grid:
     """Per vCPU: switches seen, prev_roots hits and misses, the CR3s it was on."""
     t = Grid()
     for col in ("VCPU", "SWITCHES", "PREV_ROOTS HITS", "NEW ROOTS", "UNSETTLED", "CR3s"):
         t.add_column(col, text=col == "CR3s")
-    for tr in tracks:
-        t.add_row(f"vcpu[{tr.vcpu.vcpu_idx}]", str(tr.switches), str(tr.hits), str(tr.misses),
-                  str(tr.unsettled), " ".join(hex(c) for c in tr.cr3s))
+    for w in seen:
+        t.add_row(f"vcpu[{w.vcpu.vcpu_idx}]", str(w.switches), str(w.prev_root_hits),
+                  str(w.new_roots), str(w.unsettled), " ".join(hx(c) for c in w.cr3s))
     return t
 
 
@@ -125,4 +130,4 @@ def _cmd_watch(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
                vm, f"{args.count} samples, {args.interval:g} s apart"),
            show=lambda vm, tracks: console().print(watch_table(tracks), markup=False),
            to_json=lambda vm, tracks: {"samples": args.count, "interval": args.interval,
-                                       "vcpus": [t.to_json() for t in tracks]})
+                                       "vcpus": [watch_vcpu_json(w) for w in tracks]})

@@ -1,0 +1,369 @@
+"""The command registry: every kvminspect command, known without importing it.
+
+A command module (kvminspect.commands.*) imports what its command reads with:
+the model, the graph (networkx), drgn's helpers. Listing the commands,
+``help CMD``, ``--help``, the completion scripts and argument errors need
+none of that, only what each command is: its module, description, usage and
+arguments. kvminspect.commands.kvm_command records that spec when a command
+registers (LIVE); ``python3 -m kvminspect.registry`` writes every spec to
+kvminspect/manifest.py (tests/test_registry.py fails when it is stale), and
+this module reads that file. An Entry is a command as the manifest says it
+is: it formats its own usage and help (the same text drgn's command gives,
+from the same argparse arguments) and checks arguments without the types
+it cannot import; as a drgn command (kvminspect.commands.NAMESPACE holds
+one per command until its module is imported) it imports its module on
+first use and hands over to the real command, which replaces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import importlib
+import re
+import sys
+import textwrap
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kvminspect.errors import KvminspectError, UsageError
+
+# argparse actions that take no value
+FLAG_ACTIONS = ("store_true", "store_false", "store_const", "append_const", "count", "help",
+                "version")
+HELP_FLAGS = ("-h", "--help")
+MANIFEST = "kvminspect/manifest.py"
+LITERALS = (str, int, float, bool, type(None))
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """What a command is: what kvminspect.commands.kvm_command registered.
+
+    *arguments* are plain data: {"args": [...], "kwargs": {...}} for an
+    argument, {"group": TITLE, "description": ..., "arguments": [...]} for an
+    argument group, {"exclusive": REQUIRED, "arguments": [...]} for a mutually
+    exclusive group. A live spec's "type" is the callable; the manifest's is
+    its name ("builtins.int"). *custom*: the command parses its own words
+    (py): no argparse check.
+    """
+
+    name: str
+    module: str
+    description: str
+    long_description: str | None = None
+    usage: str | None = None
+    epilog: str | None = None
+    arguments: tuple[dict[str, Any], ...] = ()
+    custom: bool = False
+
+    def to_data(self) -> dict[str, Any]:
+        """The manifest's entry: literals only."""
+        return {"module": self.module, "description": self.description,
+                "long_description": self.long_description, "usage": self.usage,
+                "epilog": self.epilog, "custom": self.custom,
+                "arguments": [_plain(a, self.name) for a in self.arguments]}
+
+    @classmethod
+    def from_data(cls, name: str, data: Mapping[str, Any]) -> CommandSpec:
+        return cls(name, data["module"], data["description"], data["long_description"],
+                   data["usage"], data["epilog"], tuple(data["arguments"]), data["custom"])
+
+
+def spec_of(arg: Any) -> dict[str, Any]:
+    """A drgn.commands argument, argument_group or mutually_exclusive_group as data
+    (by their public attributes: drgn documents them as argparse's)."""
+    if hasattr(arg, "kwargs"):
+        return {"args": list(arg.args), "kwargs": dict(arg.kwargs)}
+    if hasattr(arg, "title"):
+        return {"group": arg.title, "description": arg.description,
+                "arguments": [spec_of(a) for a in arg.arguments]}
+    return {"exclusive": bool(arg.required), "arguments": [spec_of(a) for a in arg.arguments]}
+
+
+def _plain(arg: dict[str, Any], command: str) -> dict[str, Any]:
+    """*arg* with its type callable as a name; ValueError on another non-literal."""
+    if "arguments" in arg:
+        return {**arg, "arguments": [_plain(a, command) for a in arg["arguments"]]}
+    kwargs = dict(arg["kwargs"])
+    if callable(kwargs.get("type")):
+        kwargs["type"] = f"{kwargs['type'].__module__}.{kwargs['type'].__qualname__}"
+    for key, value in kwargs.items():
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        if not all(isinstance(v, LITERALS) for v in items):
+            raise ValueError(f"{command}: argument {arg['args']}: {key}={value!r} is not "
+                             "a literal (the manifest keeps literals only)")
+    return {"args": list(arg["args"]), "kwargs": kwargs}
+
+
+# -- the argparse parser of a spec ------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one UsageError line: 'CMD: what; usage: ...'."""
+
+    def error(self, message: str) -> Any:
+        usage = self.format_usage().removeprefix("usage: ").strip()
+        raise UsageError(f"{self.prog}: {message}; usage: {usage}")
+
+
+def _sanitize_rst(text: str | None) -> str | None:
+    """A reStructuredText usage as drgn shows it: '**py** *code*' -> 'py code'."""
+    return re.sub(r"\\(.)|[*\\]", r"\1", text) if text else text
+
+
+def _decimal_or_hexadecimal(s: str) -> int:
+    try:
+        return int(s)
+    except ValueError:
+        return int(s, 16)
+
+
+def _type(value: Any, typed: bool) -> Any:
+    """An argument's type: the callable (typed), a builtin by name, else None
+    (a type the manifest only names is checked when the command runs)."""
+    if callable(value):
+        return value if typed or getattr(value, "__module__", None) == "builtins" else None
+    if isinstance(value, str) and value.startswith("builtins."):
+        return getattr(builtins, value.removeprefix("builtins."))
+    if value in ("hexadecimal", "decimal_or_hexadecimal"):
+        return value
+    return None
+
+
+def _add(parser: Any, arg: dict[str, Any], typed: bool) -> None:
+    if "exclusive" in arg:
+        group = parser.add_mutually_exclusive_group(required=arg["exclusive"])
+    elif "group" in arg:
+        group = parser.add_argument_group(title=arg["group"], description=arg["description"])
+    else:
+        kwargs = dict(arg["kwargs"])
+        if "%" in kwargs.get("help", ""):  # argparse formats help with %
+            kwargs["help"] = kwargs["help"].replace("%", "%%")
+        if "type" in kwargs:
+            kwargs["type"] = _type(kwargs["type"], typed)
+            if kwargs["type"] is None:
+                del kwargs["type"]
+        parser.add_argument(*arg["args"], **kwargs)
+        return
+    for a in arg["arguments"]:
+        _add(group, a, typed)
+
+
+def build_parser(spec: CommandSpec, typed: bool = False) -> argparse.ArgumentParser:
+    """The argparse parser drgn makes for *spec* (drgn.commands.command), with
+    drgn's help formatter; *typed*: with the spec's type callables."""
+    from kvminspect.drgn_compat import HelpFormatter
+
+    parser = _Parser(prog=spec.name, description=spec.long_description,
+                     usage=_sanitize_rst(spec.usage), epilog=spec.epilog,
+                     formatter_class=HelpFormatter, add_help=False, allow_abbrev=False)
+    parser.register("type", "hexadecimal", lambda s: int(s, 16))
+    parser.register("type", "decimal_or_hexadecimal", _decimal_or_hexadecimal)
+    for arg in spec.arguments:
+        _add(parser, arg, typed)
+    return parser
+
+
+def _arguments(spec: CommandSpec) -> Iterable[dict[str, Any]]:
+    """Every argument of *spec*, groups flattened, in order."""
+    stack = list(reversed(spec.arguments))
+    while stack:
+        arg = stack.pop()
+        if "arguments" in arg:
+            stack += reversed(arg["arguments"])
+        else:
+            yield arg
+
+
+# -- a command as the registry knows it --------------------------------------------
+
+
+class Entry:
+    """One command: its spec, help, options and argument check, and (as a drgn
+    command in kvminspect.commands.NAMESPACE) a stand-in that imports its module
+    when it is run. Implements drgn.commands.Command."""
+
+    def __init__(self, spec: CommandSpec) -> None:
+        self.spec = spec
+        self.name = spec.name
+
+    def __repr__(self) -> str:
+        return f"Entry({self.name!r}, {self.spec.module!r})"
+
+    # drgn.commands.Command
+
+    def description(self) -> str:
+        return self.spec.description
+
+    def format_usage(self) -> str:
+        """As drgn's format_usage: the usage line without 'usage: '."""
+        return build_parser(self.spec).format_usage().removeprefix("usage: ").rstrip()
+
+    def format_help(self, *, indent: str = "") -> str:
+        """As drgn's format_help: the help after the usage line, indented."""
+        parser = build_parser(self.spec)
+        usage, text = parser.format_usage(), parser.format_help()
+        if text.startswith(usage):
+            text = text[len(usage):].lstrip()
+        return textwrap.indent(text, indent).rstrip()
+
+    def enabled(self, prog: Any) -> bool:
+        return True
+
+    def parse(self, source: str, /) -> Any:
+        return self.real().parse(source)
+
+    def run(self, prog: Any, name: str, args: Any, /, **kwargs: Any) -> Any:
+        return self.real().run(prog, name, args, **kwargs)
+
+    def real(self) -> Any:
+        """The command its module registers (the module imported on first use)."""
+        importlib.import_module(self.spec.module)
+        from kvminspect.commands import NAMESPACE
+
+        cmd = NAMESPACE.commands.get(self.name)
+        if cmd is None or isinstance(cmd, Entry):
+            raise KvminspectError(f"{self.spec.module} registers no command '{self.name}' "
+                                  f"(kvminspect's {MANIFEST} is stale)")
+        return cmd
+
+    # what the CLI, the REPL and the completion scripts ask
+
+    def options(self) -> dict[str, bool]:
+        """Option string -> whether it takes a value."""
+        return {o: a["kwargs"].get("action") not in FLAG_ACTIONS and a["kwargs"].get("nargs") != 0
+                for a in _arguments(self.spec) for o in a["args"] if o.startswith("-")}
+
+    def choices(self) -> dict[str, list[str]]:
+        """Option string -> its choices, for the options that have them."""
+        return {o: [str(c) for c in a["kwargs"]["choices"]]
+                for a in _arguments(self.spec) if a["kwargs"].get("choices")
+                for o in a["args"] if o.startswith("-")}
+
+    def positionals(self) -> list[str]:
+        """The metavars (else the names, upper case) of its positional arguments."""
+        return [str(a["kwargs"].get("metavar") or a["args"][0]).upper()
+                for a in _arguments(self.spec) if not a["args"][0].startswith("-")]
+
+    def check(self, words: list[str], typed: bool = False) -> None:
+        """Parse the command's words (no pipes or redirects: a command line's);
+        UsageError 'CMD: what is wrong; usage: CMD ...' when they do not parse.
+        Without *typed*, values are checked only by builtin types (int, float)."""
+        if not self.spec.custom:
+            build_parser(self.spec, typed).parse_args(words)
+
+
+def _manifest() -> dict[str, dict[str, Any]]:
+    from kvminspect.manifest import COMMANDS
+
+    return COMMANDS
+
+
+# specs of the commands registered so far in this process (kvm_command): the truth
+# the manifest is made from, with the type callables
+LIVE: dict[str, CommandSpec] = {}
+
+
+def entries() -> dict[str, Entry]:
+    """Every command, in registration order: registered ones as registered (LIVE),
+    the others as the manifest has them."""
+    out = {name: Entry(LIVE.get(name) or CommandSpec.from_data(name, data))
+           for name, data in _manifest().items()}
+    out.update((name, Entry(spec)) for name, spec in LIVE.items() if name not in out)
+    return out
+
+
+def entry(name: str) -> Entry | None:
+    """Command *name* (None if there is none)."""
+    return entries().get(name)
+
+
+def asks_help(words: list[str]) -> str | None:
+    """The command of 'CMD ... -h' / '--help' (shown as 'help CMD': drgn commands
+    have no -h), else None. The CLI and the REPL both ask this."""
+    if len(words) > 1 and any(w in HELP_FLAGS for w in words[1:]):
+        return words[0]
+    return None
+
+
+# -- help ---------------------------------------------------------------------------
+
+
+class Describable(Protocol):
+    def description(self) -> str: ...
+
+    def format_usage(self) -> str: ...
+
+    def format_help(self, *, indent: str = "") -> str: ...
+
+
+def show_help(name: str | None, commands: Mapping[str, Describable]) -> None:
+    """What 'help' prints: the list of *commands*, or command *name*'s usage,
+    description and options. UsageError for a command not in *commands*."""
+    from kvminspect.render import console
+
+    c = console()
+    if name:
+        cmd = commands.get(name)
+        if cmd is None:
+            raise UsageError(f"unknown command '{name}'")
+        c.print(f"usage: {cmd.format_usage()}\n\n{cmd.description()}\n", markup=False)
+        c.print(cmd.format_help(indent="  "), markup=False)
+        return
+    for cmd_name, cmd in sorted(commands.items()):
+        c.print(f"  {cmd_name:<8} {cmd.description()}", markup=False)
+    c.print("\nCommands that print data take --json (one JSON document). "
+            "In the REPL: 'cmd | shell', 'cmd > file'; Ctrl-C cancels, Ctrl-D exits.",
+            markup=False)
+
+
+# -- the manifest -------------------------------------------------------------------
+
+
+def generate() -> dict[str, dict[str, Any]]:
+    """Every command's manifest entry, from the command modules themselves."""
+    from kvminspect.commands import MODULES, load_all
+
+    load_all()
+
+    def order(spec: CommandSpec) -> int:
+        short = spec.module.rpartition(".")[2]
+        return MODULES.index(short) if short in MODULES else len(MODULES)
+
+    return {s.name: s.to_data() for s in sorted(LIVE.values(), key=order)}
+
+
+def manifest_text(commands: dict[str, dict[str, Any]]) -> str:
+    """The text of kvminspect/manifest.py for *commands*."""
+    import pprint
+
+    body = pprint.pformat(commands, width=99, sort_dicts=False)
+    return ('"""Every command\'s spec, made by kvminspect.registry: do not edit; after '
+            'changing a\ncommand, run python3 -m kvminspect.registry to write it anew."""\n\n'
+            "from typing import Any\n\n"
+            f"COMMANDS: dict[str, dict[str, Any]] = {body}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python3 -m kvminspect.registry [--check]: write (or check) the manifest."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent / "manifest.py"
+    text = manifest_text(generate())
+    if "--check" in (sys.argv[1:] if argv is None else argv):
+        if path.read_text() != text:
+            print(f"{MANIFEST} is stale: run python3 -m kvminspect.registry", file=sys.stderr)
+            return 1
+        return 0
+    if path.read_text() != text:
+        path.write_text(text)
+        print(f"wrote {MANIFEST}")
+    return 0
+
+
+if __name__ == "__main__":  # run as kvminspect.registry, whose LIVE the commands fill
+    from kvminspect.registry import main as registry_main
+
+    sys.exit(registry_main())
