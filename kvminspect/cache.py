@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from kvminspect.errors import TargetError
 
@@ -93,9 +93,9 @@ def content_key(path: Path) -> str:
 def _decompressor(path: Path) -> BinaryIO:
     """A file object that decompresses *path* by its extension."""
     if path.suffix == ".xz":
-        return lzma.open(path)
+        return cast(BinaryIO, lzma.open(path))
     if path.suffix == ".gz":
-        return gzip.open(path)
+        return cast(BinaryIO, gzip.open(path))
     try:
         import zstandard
     except ImportError:

@@ -47,6 +47,7 @@ CONSTANTS = {
     "SPTE_ENT_PER_PAGE": "u64 SPTEs in a page table",
     "SPTE_BASE_ADDR_MASK": "the pfn bits of an SPTE (physical_mask & PAGE_MASK)",
     "PT_PAGE_SIZE_MASK": "is_large_pte()",
+    # "KVM: x86/mmu: Use a dedicated bit to track shadow/MMU-present SPTEs" (5.13, edea7c4fc215)
     "SPTE_MMU_PRESENT_MASK": "is_shadow_present_pte() from 5.13",
     "SPTE_SPECIAL_MASK": "is_shadow_present_pte() before 5.13: MMIO SPTEs are not present",
     "SPTE_MMIO_MASK": "",
@@ -120,23 +121,28 @@ def _begin_vms(code: DrgnCodeBuilder, vms: list[VM], every: bool) -> None:
 def _begin_vcpus(code: DrgnCodeBuilder, lay: Layout) -> None:
     """``vcpu`` and ``mmu``: each online struct kvm_vcpu and its current struct kvm_mmu."""
     code.begin_block("for i in range(kvm.online_vcpus.counter):\n")
+    # "KVM: Convert the kvm->vcpus array to a xarray" (5.17, c5b077549136)
     if lay.vcpu_array:
         code.add_from_import("drgn", "cast")
         code.add_from_import("drgn.helpers.linux.xarray", "xa_load")
         code.append('vcpu = cast("struct kvm_vcpu *", xa_load(kvm.vcpu_array.address_of_(), i))\n')
     else:
         code.append("vcpu = kvm.vcpus[i]\n")
+    # "x86/kvm/mmu: make vcpu->mmu a pointer to the current MMU" (4.20, 44dd3ffa7bb3)
     code.append("mmu = vcpu.arch.mmu" + ("" if lay.mmu_is_pointer else ".address_of_()")
                 + "  # root_mmu, or guest_mmu while in L2\n")
 
 
 def _roots_list(code: DrgnCodeBuilder, lay: Layout) -> None:
     """``vcpu_roots``: (name, hpa, pgd) of mmu's root and each prev_roots[] entry."""
+    # "KVM: x86: use struct kvm_mmu_root_info for mmu->root" (5.18, b9e5603c2a3a)
     if lay.root_info:
         current = "mmu.root.hpa, mmu.root.pgd"
     else:
+        # "KVM: x86: Replace "cr3" with "pgd" in "new cr3/pgd" related code" (5.8)
         pgd = f"mmu.{lay.root_pgd_name}" if lay.root_pgd_name else "0"
         current = f"mmu.root_hpa, {pgd}"
+    # prev_roots[].pgd: "KVM: x86: Replace "cr3" with "pgd" in "new cr3/pgd" related code" (5.8)
     code.append(f'''vcpu_roots = [("root", {current})] + [
     (f"prev[{{j}}]", prev.hpa, prev.{lay.prev_pgd_name}) for j, prev in enumerate(mmu.prev_roots)
 ]
@@ -250,6 +256,7 @@ def walk(sp, index, depth, seen):
         tops.setdefault(sp.value_(), sp)
 """)
     code.end_block()
+    # "kvm: x86/mmu: Allocate and free TDP MMU roots" (5.10, 02c00b3a2f7e)
     if lay.tdp_mmu_roots and any(vm.mmu == "tdp_mmu" for vm in vms):
         code.append('''if kvm.arch.tdp_mmu_roots.next:  # never initialised in a shadow-paging VM
     for sp in list_for_each_entry("struct kvm_mmu_page",

@@ -44,7 +44,8 @@ class Holder:
     """
 
     kind: str
-    vcpu: int | None = None  # vcpu_idx (vcpu_id before 5.11)
+    # "KVM: remember position in kvm->vcpus array" (before 5.10, 8750e72a79dd) added vcpu_idx
+    vcpu: int | None = None  # vcpu_idx (vcpu_id on kernels without it)
     index: int | None = None  # prev_roots[index]
     pae: int | None = None
     mmu: str | None = None  # the non-current MMU (VCpu.other_mmu) holding it
@@ -63,7 +64,7 @@ class Holder:
         """A vCPU reference (counted in root_count): root, prev_roots[i], pae_root[i]."""
         return self.vcpu is not None
 
-    def order(self) -> tuple:
+    def order(self) -> tuple[int, bool, int, int, int]:
         """Current roots by vCPU, then cached ones, then the VM's own references;
         the other MMU's after the current MMU's of the same kind."""
         return (self.KINDS.index(self.kind), self.mmu is not None, self.vcpu or 0,
@@ -215,7 +216,8 @@ def _holders(vcpus: list[VCpu]) -> list[tuple[RootRef, Holder]]:
     MMU, then of the other one (guest_mmu or root_mmu, VCpu.other_mmu)."""
     out = []
     for v in vcpus:
-        n = v.vcpu_idx if v.vcpu_idx >= 0 else v.vcpu_id
+        # vcpu_idx: "KVM: remember position in kvm->vcpus array" (before 5.10)
+        n = v.vcpu_idx if v.vcpu_idx >= 0 else v.vcpu_id if known(v.vcpu_id) else -1
         if v.root is not None:
             out.append((v.root, Holder("root", n)))
         out.extend((r, Holder("prev_root", n, i)) for i, r in enumerate(v.prev_roots))

@@ -105,8 +105,7 @@ def vm_vcpus(kvm: Object) -> Iterator[Object]:
     :param kvm: ``struct kvm *``
     :return: Iterator of ``struct kvm_vcpu *`` objects.
     """
-    # 5.17 "KVM: Convert the kvm->vcpus array to a xarray" (c5b077549136):
-    # kvm->vcpus[KVM_MAX_VCPUS] became the vcpu_array xarray
+    # "KVM: Convert the kvm->vcpus array to a xarray" (5.17, c5b077549136)
     xarray = _struct(kvm).has_member("vcpu_array")
     for i in range(kvm.online_vcpus.counter.value_()):
         if xarray:
@@ -129,8 +128,7 @@ def vcpu_mmu(vcpu: Object) -> Object:
     :return: ``struct kvm_mmu *``
     """
     mmu = vcpu.arch.mmu
-    # 4.20 "x86/kvm/mmu: make vcpu->mmu a pointer to the current MMU": before
-    # it vcpu->arch.mmu was the one embedded struct kvm_mmu
+    # "x86/kvm/mmu: make vcpu->mmu a pointer to the current MMU" (4.20, 44dd3ffa7bb3)
     return mmu if _is_pointer(mmu) else mmu.address_of_()
 
 
@@ -167,20 +165,18 @@ def mmu_roots(mmu: Object) -> list[MmuRoot]:
     :return: list of :class:`MmuRoot`, the current root first.
     """
     t = _struct(mmu)
-    # 5.18 "KVM: x86: use struct kvm_mmu_root_info for mmu->root": root_hpa
-    # and root_pgd folded into struct kvm_mmu_root_info root
+    # "KVM: x86: use struct kvm_mmu_root_info for mmu->root" (5.18, b9e5603c2a3a)
     if t.has_member("root"):
         out = [MmuRoot("root", mmu.root.hpa.value_(), mmu.root.pgd.value_())]
     else:
-        # 5.8 "KVM: x86: Replace "cr3" with "pgd" in "new cr3/pgd" related
-        # code": root_cr3 became root_pgd
+        # "KVM: x86: Replace "cr3" with "pgd" in "new cr3/pgd" related code" (5.8)
         name = next((n for n in ("root_pgd", "root_cr3") if t.has_member(n)), None)
         pgd = mmu.member_(name).value_() if name else 0
         out = [MmuRoot("root", mmu.root_hpa.value_(), pgd)]
     if not t.has_member("prev_roots"):
         return out
     prev = mmu.prev_roots
-    # the same 5.8 change renamed struct kvm_mmu_root_info's cr3 to pgd
+    # prev_roots[].pgd: "KVM: x86: Replace "cr3" with "pgd" in "new cr3/pgd" related code" (5.8)
     pgd_name = "pgd" if _struct(prev[0]).has_member("pgd") else "cr3"
     for i in range(len(prev)):
         out.append(MmuRoot(f"prev_roots[{i}]", prev[i].hpa.value_(),
@@ -240,8 +236,7 @@ def for_each_tdp_mmu_root(kvm: Object) -> Iterator[Object]:
     :param kvm: ``struct kvm *``
     :return: Iterator of ``struct kvm_mmu_page *`` objects.
     """
-    # 5.10 "kvm: x86/mmu: Allocate and free TDP MMU roots" (02c00b3a2f7e), the
-    # TDP MMU: kvm->arch.tdp_mmu_roots
+    # "kvm: x86/mmu: Allocate and free TDP MMU roots" (5.10, 02c00b3a2f7e)
     if not _struct(kvm.arch).has_member("tdp_mmu_roots"):
         return iter(())
     return _sp_list(kvm, "tdp_mmu_roots")
@@ -260,8 +255,8 @@ def for_each_tdp_mmu_page(kvm: Object) -> Iterator[Object]:
     :return: Iterator of ``struct kvm_mmu_page *`` objects.
     """
     t = _struct(kvm.arch)
-    # 6.2 "KVM: x86/mmu: Track the number of TDP MMU pages, but not the actual
-    # pages": the list_head became an atomic64_t counter of the same name
+    # a list_head, then an atomic64_t counter: "KVM: x86/mmu: Track the number of TDP MMU
+    # pages, but not the actual pages" (6.2, d25ceb926436)
     if not t.has_member("tdp_mmu_pages"):
         return iter(())
     if t.member("tdp_mmu_pages").type.unaliased().tag != "list_head":
@@ -311,9 +306,8 @@ def spte_format(prog: Program) -> SpteFormat:
     key = "kvminspect.helpers.spte_format"
     fmt: SpteFormat | None = prog.cache.get(key)
     if fmt is None:
-        # 5.13 "KVM: x86/mmu: Use a dedicated bit to track shadow/MMU-present
-        # SPTEs" made presence SPTE_MMU_PRESENT_MASK, a macro the DWARF lacks; the
-        # same release made root_count a union with refcount_t tdp_mmu_root_count
+        # "KVM: x86/mmu: Use a dedicated bit to track shadow/MMU-present SPTEs" (5.13,
+        # edea7c4fc215), a macro: probed by tdp_mmu_root_count, of the same release
         present_bit = prog.type("struct kvm_mmu_page").has_member("tdp_mmu_root_count")
         try:
             # vmlinux has physical_mask with CONFIG_DYNAMIC_PHYSICAL_MASK only

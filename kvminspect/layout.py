@@ -121,12 +121,12 @@ def has_member(type_: drgn.Type, name: str) -> bool:
 
 def member_offset(type_: drgn.Type, name: str) -> int:
     """Byte offset of member *name*, looking through anonymous unions."""
-    return drgn.offsetof(type_, name)
+    return int(drgn.offsetof(type_, name))
 
 
 def member_size(type_: drgn.Type, name: str) -> int:
     """Size in bytes of member *name*."""
-    return drgn.sizeof(type_.member(name).type)
+    return int(drgn.sizeof(type_.member(name).type))
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,8 @@ def role_bitfields(role_type: drgn.Type) -> list[Bitfield]:
     invert the direction" (bb3b394d35e8); 5.19 "KVM: X86/MMU: Fix shadowing 5-level
     NPT for 4-level NPT L1 guest" (84e5ffd045f3) added passthrough; 6.14 "KVM:
     x86/mmu: Add an is_mirror member for union kvm_mmu_page_role".
+    cr4_pae -> gpte_is_8_bytes by 5.4, nxe -> efer_nx by 5.15, as the DWARF trees in
+    tests/layouts show (4.19, 5.4, 5.15; commits not found).
     """
     out: list[Bitfield] = []
 
@@ -259,7 +261,8 @@ def _sp_layout(prog: drgn.Program) -> SpLayout | None:
     t = prog.type("struct kvm_mmu_page")
     if not all(has_member(t, m) for m in SP_STRUCTURAL):
         return None
-    # mmu_valid_gen: unsigned long in 4.19/4.20, u8 from 5.4, in a union with
+    # mmu_valid_gen: unsigned long in 4.19, u8 in 5.4 (as the tests/layouts DWARF trees
+    # show; commit not found), in a union with
     # tdp_mmu_scheduled_root_to_zap from 6.6 (and in Debian's 6.1.192): 6.6 "KVM:
     # x86/mmu: Stop zapping invalidated TDP MMU roots asynchronously" (0df9dab891ff)
     return SpLayout(
@@ -314,7 +317,7 @@ def _missing_members(prog: drgn.Program, release: str, used_pages_path: str | No
 def kernel_release(prog: drgn.Program) -> str:
     """UTS_RELEASE of the target (from VMCOREINFO), or "?"."""
     try:
-        return prog["UTS_RELEASE"].string_().decode(errors="replace")
+        return str(prog["UTS_RELEASE"].string_().decode(errors="replace"))
     except (LookupError, drgn.FaultError, ValueError, TypeError):
         return "?"
 
@@ -322,7 +325,7 @@ def kernel_release(prog: drgn.Program) -> str:
 def _symbol_u64(prog: drgn.Program, name: str, default: int | None = None) -> int:
     """Read a u64 global through the symbol table (works without its DWARF)."""
     try:
-        return prog.read_u64(prog.symbol(name).address)
+        return int(prog.read_u64(prog.symbol(name).address))
     except (LookupError, drgn.FaultError):
         if default is None:
             raise
@@ -352,7 +355,8 @@ def probe(prog: drgn.Program, release: str | None = None) -> Layout:
     except LookupError:
         page_size, page_private = 64, 40  # x86-64 without struct page debug info
     # SPTE_BASE_ADDR_MASK is physical_mask & PAGE_MASK with
-    # CONFIG_DYNAMIC_PHYSICAL_MASK (SME), else bits 12..51
+    # CONFIG_DYNAMIC_PHYSICAL_MASK (SME), else bits 12..51; PT64_BASE_ADDR_MASK before
+    # "KVM: x86/mmu: Use separate namespaces for guest PTEs and shadow PTEs" (6.0)
     physical_mask = _symbol_u64(prog, "physical_mask", (1 << 52) - 1)
     mmu_member = vcpu_arch.member("mmu")
     if has_member(kvm_arch, "n_used_mmu_pages"):
@@ -384,6 +388,9 @@ def probe(prog: drgn.Program, release: str | None = None) -> Layout:
         # 5.19 "KVM: x86/mmu: split cpu_role from mmu_role" (e5ed0fb01004), "KVM:
         # x86/mmu: remove extended bits from mmu_role, rename field" (7a458f0e1ba1)
         root_role=has_member(mmu, "root_role"),
+        # pml5_root: "KVM: x86/mmu: Support shadowing NPT when 5-level paging is enabled
+        # in host" (5.15, cb0f722aff6e); lm_root -> pml4_root: lm_root in the 5.10 fixture,
+        # pml4_root in the 5.15 DWARF tree (commit not found)
         special_roots=tuple(
             n for n in ("pae_root", "lm_root", "pml4_root", "pml5_root") if has_member(mmu, n)
         ),

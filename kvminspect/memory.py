@@ -67,19 +67,19 @@ class Memory:
 
     def read(self, addr: int, size: int) -> bytes:
         """*size* bytes at *addr*, read now (no cache)."""
-        return self.prog.read(addr, size)
+        return bytes(self.prog.read(addr, size))
 
     def read_u64(self, addr: int) -> int:
         """The u64 at *addr*, read now (no cache)."""
-        return self.prog.read_u64(addr)
+        return int(self.prog.read_u64(addr))
 
     def read_u32(self, addr: int) -> int:
         """The u32 at *addr*, read now (no cache)."""
-        return self.prog.read_u32(addr)
+        return int(self.prog.read_u32(addr))
 
     def read_u8(self, addr: int) -> int:
         """The u8 at *addr*, read now (no cache)."""
-        return self.prog.read_u8(addr)
+        return int(self.prog.read_u8(addr))
 
     # the debug info
 
@@ -97,7 +97,7 @@ class Memory:
 
     def symbol_address(self, name: str) -> int:
         """The address of the kernel or module symbol *name* (LookupError if none)."""
-        return self.prog.symbol(name).address
+        return int(self.prog.symbol(name).address)
 
     def global_int(self, name: str, size: int = 8) -> int | None:
         """A global by its symbol: u64, or u8 when *size* is 1; None if absent or unreadable."""

@@ -194,7 +194,7 @@ class Kernel:
         return self.pages.leaf_gfns(sp, indexes)
 
     def active_pages(self, vm: VM) -> list[int]:
-        """Shadow pages on kvm->arch.active_mmu_pages (and 6.1's tdp_mmu_pages)."""
+        """Shadow pages on kvm->arch.active_mmu_pages (and the tdp_mmu_pages list, 5.10-6.1)."""
         return self.pages.active_pages(vm)
 
     def tdp_roots(self, vm: VM) -> list[int]:

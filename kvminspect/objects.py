@@ -43,7 +43,8 @@ class Role:
     level: int = field(init=False, compare=False)
     direct: bool = field(init=False, compare=False)
     invalid: bool = field(init=False, compare=False)
-    is_mirror: bool = field(init=False, compare=False)  # 6.14+
+    # "KVM: x86/mmu: Add an is_mirror member for union kvm_mmu_page_role" (6.14)
+    is_mirror: bool = field(init=False, compare=False)
 
     def __post_init__(self) -> None:
         f = self.fields
@@ -64,7 +65,8 @@ class ShadowPage(NamedTuple):
     """struct kvm_mmu_page: one shadow (or TDP) page table and its state.
 
     ``level`` is the page table's level: role.level, except for the child
-    pages of 5.10's TDP MMU, whose role.level is one too high (see
+    pages of the TDP MMU before "KVM: x86/mmu: Fix TDP MMU page table level"
+    (5.14, f1b832550832), whose role.level is one too high (see
     Kernel.tdp_child_level_is_parents). A NamedTuple, not a dataclass: the
     model makes one per shadow page (10^5 and more), and a tuple is built
     ten times faster than a frozen dataclass; change one with ``_replace``.
@@ -139,7 +141,7 @@ class VCpu:
     root, prev_roots, root_level and direct are those of the current MMU;
     *other_mmu* holds the roots of the MMU that is not current (guest_mmu, the
     L2 shadow NPT/EPT MMU, while the vCPU runs L1; root_mmu while it runs L2),
-    None before 4.20 (no guest_mmu) or when it cannot be read.
+    None before "x86/kvm/mmu: introduce guest_mmu" (4.20) or when it cannot be read.
     """
 
     addr: int
@@ -194,8 +196,11 @@ class VM:
     memslots: list[Memslot]
     stat: dict[str, int]
     vendor: str | None = None  # kvm_amd / kvm_intel: the vendor module loaded
-    vm_type: str | None = None  # kvm->arch.vm_type (6.8+): default, sev, ..., tdx
-    stats_id: str | None = None  # kvm->stats_id, "kvm-PID" (5.14+); None before
+    # kvm->arch.vm_type: default, sev, ..., tdx; from "KVM: x86: Add support for "protected
+    # VMs" that can utilize private memory" (6.8, 89ea60c2c7b5)
+    vm_type: str | None = None
+    # "KVM: stats: Add fd-based API to read binary stats data" (5.14, cb082bfab59a)
+    stats_id: str | None = None  # kvm->stats_id, "kvm-PID"; None before
     guest_name: str | None = None  # QEMU's -name guest=NAME in the owner's command line
 
     @property
@@ -225,8 +230,9 @@ def struct_int(data: bytes, off: int, size: int, signed: bool = False) -> int:
 def stat_counters(obj: drgn.Object, type_: drgn.Type | None = None) -> dict[str, int]:
     """Integer members of a stats struct (kvm->stat / vcpu->stat), flattened.
 
-    Unnamed structs/unions are looked through (5.15 put pages_4k/2m/1g in
-    one), and a one-member wrapper such as atomic64_t takes the member's name.
+    Unnamed structs/unions are looked through ("KVM: x86/mmu: Add detailed page
+    size stats" (5.15) put pages_4k/2m/1g in one), and a one-member wrapper such
+    as atomic64_t takes the member's name.
     """
     out: dict[str, int] = {}
     for m in bare_type(type_ if type_ is not None else obj.type_).members or ():

@@ -40,7 +40,7 @@ class SpteReader:
         """The SPTE format as this kernel holds it: kvm.ko's shadow_*_mask
         globals (arch/x86/kvm/mmu/spte.c) and the probed SpteLayout; with
         *vm_addr* (a struct kvm), its own kvm->arch.shadow_mmio_value where the
-        kernel keeps one (6.10+).
+        kernel keeps one (6.10+, see has_vm_mmio_value).
 
         A global the kernel lacks is a named fallback (5.10's SPTE_HOST_WRITEABLE
         / SPTE_MMU_WRITEABLE constants, SPTE_SPECIAL_MASK for MMIO,
@@ -58,7 +58,8 @@ class SpteReader:
         return m
 
     def has_vm_mmio_value(self) -> bool:
-        """Whether struct kvm_arch has shadow_mmio_value (6.10+, TDX preparation)."""
+        """Whether struct kvm_arch has shadow_mmio_value (TDX preparation): "KVM:
+        x86/mmu: Track shadow MMIO value on a per-VM basis" (6.10, 949019b98289)."""
         if self._vm_mmio is None:
             try:
                 self._vm_mmio = has_member(self.mem.type("struct kvm_arch"), "shadow_mmio_value")
@@ -67,9 +68,13 @@ class SpteReader:
         return self._vm_mmio
 
     def spte_layout(self) -> spte.SpteLayout:
-        """The SpteLayout of this kernel, probed: shadow_xu_mask (MBEC), then
-        kvm->arch.shadow_mmio_value (SHADOW_NONPRESENT_VALUE came with it in
-        6.10), then SPTE_MMU_PRESENT_MASK (Layout.present_bit, 5.13)."""
+        """The SpteLayout of this kernel, probed, newest first:
+        shadow_xu_mask (MBEC): 7.3, as the 7.3 fixture's kvm.ko shows (commit not found);
+        kvm->arch.shadow_mmio_value (has_vm_mmio_value): SHADOW_NONPRESENT_VALUE came in
+        the same release, "KVM: x86/mmu: Allow non-zero value for non-present SPTE and
+        removed SPTE" (6.10, 7f01cab84928); SPTE_MMU_PRESENT_MASK (Layout.present_bit):
+        "KVM: x86/mmu: Use a dedicated bit to track shadow/MMU-present SPTEs" (5.13,
+        edea7c4fc215)."""
         if self.mem.global_int("shadow_xu_mask") is not None:
             return spte.LAYOUT_MBEC
         if self.has_vm_mmio_value():
@@ -86,7 +91,8 @@ class SpteReader:
             if (v := g(name, 1)) is not None:
                 found[name] = v
         if "shadow_phys_bits" not in found:
-            try:  # 7.x: kvm_host.maxphyaddr
+            # kvm_host.maxphyaddr, as the 6.12 and 7.3 fixtures' kvm.ko show (commit not found)
+            try:
                 found["kvm_host.maxphyaddr"] = self.mem.variable("kvm_host").maxphyaddr.value_()
             except (LookupError, drgn.FaultError, AttributeError):
                 pass

@@ -55,8 +55,8 @@ class NxHugePages:
 
 @dataclass(frozen=True)
 class MmuLock:
-    """kvm->mmu_lock: a qrwlock ("KVM: x86/mmu: Use an rwlock for the x86 MMU",
-    5.12, 531810caa9f4) counts readers and a writer but names neither; a
+    """kvm->mmu_lock: a qrwlock ("KVM: x86/mmu: Use an rwlock for the x86 MMU"
+    (5.12, 531810caa9f4)) counts readers and a writer but names neither; a
     spinlock (before) is only locked or not."""
 
     rwlock: bool
@@ -71,7 +71,7 @@ class VmState:
 
     invalidation: Invalidation
     nx: NxHugePages
-    hash: HashStats | None  # None: no hash (never allocated: 6.x allocates it lazily)
+    hash: HashStats | None  # None: no hash (never allocated: lazily from 6.17, see _hash)
     hash_read: bool = True  # False: not asked for (a walk of every chain: 'vm' only)
 
 

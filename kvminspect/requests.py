@@ -27,7 +27,7 @@ _X86_COMMON = (
 )
 
 
-def _arch(*names: str) -> dict[int, str]:
+def _arch(*names: str | None) -> dict[int, str]:
     """{bit: name} of x86's KVM_ARCH_REQ(0..): the common ones, then *names*
     (None skips a number)."""
     return {ARCH_BASE + i: n for i, n in enumerate(_X86_COMMON + names) if n}

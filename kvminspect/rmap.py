@@ -134,14 +134,15 @@ class DescLayout:
 
     def __init__(self, mem: Memory) -> None:
         t = mem.type("struct pte_list_desc")
-        names = {m.name: m for m in t.members}
-        self.size = t.size
+        names = {m.name: m for m in t.members or ()}
+        self.size = t.size or 0
         self.more = drgn.offsetof(t, "more")
         self.sptes = drgn.offsetof(t, "sptes")
         self.ext = bare_type(names["sptes"].type).length or 0
         self.count: tuple[int, int] | None = None  # (offset, size) of spte_count
         if "spte_count" in names:
-            self.count = (drgn.offsetof(t, "spte_count"), bare_type(names["spte_count"].type).size)
+            self.count = (drgn.offsetof(t, "spte_count"),
+                          bare_type(names["spte_count"].type).size or 4)
 
 
 class RmapReader:

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from kvminspect import graph
 from kvminspect.errors import LookupFailed, Problem
+from kvminspect.graph import VMGraph
 from kvminspect.layout import known
 from kvminspect.model import VM, Kernel, ShadowPage
 from kvminspect.target import Target, open_core
@@ -94,7 +95,7 @@ class Session:
                                              else graph.build(k, vm))
         return self._graphs[vm.addr]
 
-    def _live_graph(self, vm: VM) -> graph.VMGraph:
+    def _live_graph(self, vm: VM) -> VMGraph:
         """graph.build on a running kernel: retried once if the MMU changed meanwhile."""
         k = self.kernel
         for attempt in (1, 2):
@@ -103,9 +104,8 @@ class Session:
                 g = graph.build(k, vm)
                 if k.change_marks(vm) == before:
                     return g
-            except drgn.FaultError as e:  # freed under us
+            except drgn.FaultError:  # freed under us
                 g = graph.VMGraph(vm, [])
-                before = str(e)
             if attempt == 1:
                 k.forget(vm)
         with k.reading(vm):

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any, TypeGuard
 
 from kvminspect.fmt import hx
 
@@ -126,7 +127,7 @@ class Replay:
     final: dict[int, WalkPage] = field(default_factory=dict)
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     """True for a real integer (bool is not one here)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -209,17 +210,18 @@ class _Walker:
         self.state[sp] = state
         return state
 
-    def _validate(self, sp: int, src: object, where: str) -> _State | None:
-        """Check one snapshot against what a struct kvm_mmu_page can hold."""
+    def _validate(self, sp: int, src: Any, where: str) -> _State | None:
+        """Check one snapshot against what a struct kvm_mmu_page can hold (*src*
+        is whatever the mapping held: validated here, never trusted)."""
         name = f"sp {sp:#x}{where}"
         try:
-            addr = src.sp  # type: ignore[attr-defined]
-            level = src.level  # type: ignore[attr-defined]
-            gfn = src.gfn  # type: ignore[attr-defined]
-            unsync = bool(src.unsync)  # type: ignore[attr-defined]
-            children = src.unsync_children  # type: ignore[attr-defined]
-            bitmap = src.bitmap  # type: ignore[attr-defined]
-            slots = src.slots  # type: ignore[attr-defined]
+            addr = src.sp
+            level = src.level
+            gfn = src.gfn
+            unsync = bool(src.unsync)
+            children = src.unsync_children
+            bitmap = src.bitmap
+            slots = src.slots
         except Exception as exc:
             self.error(f"{name}: unreadable snapshot: {exc!r}")
             return None

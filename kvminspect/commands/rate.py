@@ -135,24 +135,24 @@ def _cmd_rate(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any)
     tfs = tracefs()
 
     def collect(s: Session, vm: VM) -> list[tuple[Any, list[int]]]:
-        vcpus = [v for v in s.kernel.vcpus(vm) if isinstance(v.tid, int)]
+        vcpus = [(v, v.tid) for v in s.kernel.vcpus(vm) if isinstance(v.tid, int)]
         text = not getattr(args, "json", False)
 
         def each(n: int, sec: dict[int, int]) -> None:
             if text:
                 console().print(f"  {n:>3}s  " + "  ".join(
-                    f"vcpu[{v.vcpu_idx}] {sec[v.tid]}" for v in vcpus), markup=False)
+                    f"vcpu[{v.vcpu_idx}] {sec[tid]}" for v, tid in vcpus), markup=False)
             if text and n % 10 == 0:
                 console().print(hist_table([x for xs in per.values() for x in xs]),
                                 markup=False)
 
-        per: dict[int, list[int]] = {v.tid: [] for v in vcpus}
+        per: dict[int, list[int]] = {tid: [] for _, tid in vcpus}
         with kprobe(tfs) as hist:
             try:
                 count(hist, per, args.seconds, each)
             except KeyboardInterrupt:
                 pass  # the kprobe is removed on the way out; what was counted is shown
-        return [(v, per[v.tid]) for v in vcpus]
+        return [(v, per[tid]) for v, tid in vcpus]
 
     per_vm(kwargs, args, "rate", collect=collect,
            header=lambda vm, data: vm_header(vm, "kvm_mmu_load calls per second"),

@@ -12,6 +12,7 @@ from drgn.commands import argument
 from kvminspect.commands import kvm_command, per_vm, session_of, sp_scope
 from kvminspect.fmt import hx
 from kvminspect.graph import VMGraph
+from kvminspect.layout import known
 from kvminspect.model import VM, Kernel, ShadowPage
 from kvminspect.render import Grid, console, plural
 from kvminspect.results import UnsyncRoot
@@ -53,8 +54,10 @@ class WalkPages(Mapping[int, WalkPage]):
             for i in idx:
                 e = self.k.decode(sp, i, spt[i])
                 slots[i] = Slot(present=e.present, large=e.large, child=e.child)
-        return WalkPage(sp=sp.addr, level=sp.level, gfn=sp.gfn, unsync=sp.unsync,
-                        unsync_children=sp.unsync_children, bitmap=sp.unsync_child_bitmap,
+        # unsync_known: the walk runs only where the kernel has all three members
+        return WalkPage(sp=sp.addr, level=sp.level, gfn=sp.gfn, unsync=sp.unsync is True,
+                        unsync_children=sp.unsync_children if known(sp.unsync_children) else 0,
+                        bitmap=sp.unsync_child_bitmap if known(sp.unsync_child_bitmap) else 0,
                         slots=slots)
 
 
