@@ -34,11 +34,12 @@ from dataclasses import dataclass, field
 
 from kvminspect.check import Finding, FindingKind, Severity, sp_id
 from kvminspect.graph import VMGraph
-from kvminspect.layout import PAGE_SHIFT, known
+from kvminspect.layout import known
 from kvminspect.model import Kernel
 from kvminspect.objects import VM, ShadowPage
 from kvminspect.render import plural
 from kvminspect.rmap import LEVEL_NAMES, RmapHead, RmapReader, leaf_sptes
+from kvminspect.spte import PAGE_SHIFT
 from kvminspect.walk import MemslotCheck, MemslotOutcome, Verdict, memslot_check
 
 MAX_REPORTED = 64  # findings of one check per VM spelled out; the rest counted

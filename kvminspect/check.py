@@ -42,8 +42,8 @@ from kvminspect.layout import NoValue, known
 from kvminspect.model import Kernel
 from kvminspect.objects import ShadowPage
 from kvminspect.render import plural
+from kvminspect.spte import SPTE_ENT_PER_PAGE
 
-SPTE_ENT_PER_PAGE = 512
 MAX_LISTED = 8  # addresses spelled out in one message (all are in Finding.objects)
 
 

@@ -40,7 +40,7 @@ from drgn.helpers.linux.mm import pfn_to_page
 from drgn.helpers.linux.xarray import xa_load
 
 from kvminspect import spte as _spte
-from kvminspect.spte import PAGE_SHIFT, SPTE_ENT_PER_PAGE, SpteFormat
+from kvminspect.spte import INVALID_PAGE, PAGE_SHIFT, SPTE_ENT_PER_PAGE, SpteFormat
 
 __all__ = (
     "INVALID_PAGE",
@@ -64,7 +64,7 @@ __all__ = (
     "vm_vcpus",
 )
 
-INVALID_PAGE = (1 << 64) - 1  # mmu.h: (~(hpa_t)0), the hpa of an empty root
+
 
 
 def _struct(obj: Object) -> Type:

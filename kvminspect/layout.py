@@ -14,10 +14,7 @@ from typing import TypeGuard, TypeVar
 import drgn
 
 from kvminspect.errors import KvmNotFound
-
-INVALID_PAGE = 2**64 - 1
-PAGE_SHIFT = 12
-PT_PRESENT_MASK = 1  # bit 0: present in pae_root[] entries and old SPTEs
+from kvminspect.spte import spte_base_addr_mask
 
 
 class NoValue:
@@ -408,7 +405,7 @@ def probe(prog: drgn.Program, release: str | None = None) -> Layout:
         # release as the TDP MMU root refcount union; before, presence was
         # "!= 0 && !mmio"
         present_bit=has_member(sp_type, "tdp_mmu_root_count"),
-        addr_mask=physical_mask & ~0xFFF & ((1 << 52) - 1),
+        addr_mask=spte_base_addr_mask(physical_mask),
         page_size=page_size,
         page_private=page_private,
         vmemmap_base=_symbol_u64(prog, "vmemmap_base", 0xFFFFEA0000000000),

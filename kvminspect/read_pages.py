@@ -18,12 +18,7 @@ from typing import Any
 import drgn
 
 from kvminspect import spte
-from kvminspect.layout import (
-    PAGE_SHIFT,
-    UNKNOWN,
-    Layout,
-    SpLayout,
-)
+from kvminspect.layout import UNKNOWN, Layout, SpLayout
 from kvminspect.memory import KERNEL_MIN, MAX_LIST, PAGE_SIZE, Memory
 from kvminspect.objects import (
     VM,
@@ -32,6 +27,7 @@ from kvminspect.objects import (
     Spte,
 )
 from kvminspect.read_spte import SpteReader
+from kvminspect.spte import PAGE_SHIFT
 
 _U64 = struct.Struct("<Q")
 PRIVATES_RUN = 16  # vmemmap pages read at once by page_private() (1024 struct pages)

@@ -12,9 +12,6 @@ import drgn
 from drgn.helpers.linux.pid import pid_task
 
 from kvminspect.layout import (
-    INVALID_PAGE,
-    PAGE_SHIFT,
-    PT_PRESENT_MASK,
     UNKNOWN,
     UNREADABLE,
     Layout,
@@ -36,6 +33,7 @@ from kvminspect.objects import (
 from kvminspect.read_pages import ShadowPages
 from kvminspect.read_vms import Vms, read_counters
 from kvminspect.requests import RequestTable, bit_names, table_for
+from kvminspect.spte import INVALID_PAGE, PAGE_SHIFT, PT_PRESENT_MASK
 
 # (root, prev_roots[]) of one struct kvm_mmu as (hpa or None, pgd) pairs: mmu_roots()
 RootPair = tuple[int | None, int]

@@ -22,11 +22,13 @@ from enum import Enum
 from typing import NamedTuple
 
 from kvminspect.graph import Holder, VMGraph
-from kvminspect.layout import INVALID_PAGE, UNREADABLE, NoValue
+from kvminspect.layout import UNREADABLE, NoValue
 from kvminspect.objects import RootRef, ShadowPage, Spte, VCpu, is_obsolete_sp
+from kvminspect.spte import INVALID_PAGE
 from kvminspect.unsync import Replay
 
 _NO_HOLDERS: tuple[Holder, ...] = ()
+_new = tuple.__new__  # a NamedTuple without its Python-level __new__: once per page of a tree
 GUEST_MMU = "guest_mmu"  # VCpu.mmu_name, MmuRoots.name: the shadow NPT/EPT MMU of a nested guest
 
 
@@ -81,8 +83,8 @@ class PageView(NamedTuple):
 def page_view(sp: ShadowPage, g: VMGraph) -> PageView:
     """*sp* as shown: obsolete against *g*'s VM, orphan and holders in *g*."""
     a = sp.addr
-    return PageView(sp, is_obsolete_sp(sp, g.vm), a in g.orphan_set and a in g.nodes,
-                    g.roots.get(a, _NO_HOLDERS))
+    return _new(PageView, (sp, is_obsolete_sp(sp, g.vm), a in g.orphan_set and a in g.nodes,
+                           g.roots.get(a, _NO_HOLDERS)))
 
 
 # -- roots -----------------------------------------------------------------------

@@ -20,10 +20,11 @@ from typing import NamedTuple
 import drgn
 
 from kvminspect import spte
-from kvminspect.layout import PAGE_SHIFT, bare_type
+from kvminspect.layout import bare_type
 from kvminspect.memory import Memory
 from kvminspect.model import Kernel
 from kvminspect.objects import VM, ShadowPage
+from kvminspect.spte import PAGE_SHIFT
 
 LEVELS = (1, 2, 3)  # PG_LEVEL_4K .. PG_LEVEL_1G: KVM_NR_PAGE_SIZES rmap arrays
 LEVEL_NAMES = {1: "4K", 2: "2M", 3: "1G"}
@@ -324,30 +325,7 @@ def sptes_of_gfn(k: Kernel, vm: VM, gfn: int, reader: RmapReader | None = None) 
     return GfnSptes(entries + tdp_of_gfn(k, vm, gfn), problems)
 
 
-# bytes.translate tables: 1 where a byte of the SPTE has the bit, else 0
-_BIT11_BYTE = 1 if sys.byteorder == "little" else 6  # the SPTE byte holding bit 11
-_PRESENT_BYTE = bytes(1 if b & (spte.SPTE_MMU_PRESENT_MASK >> 8) else 0 for b in range(256))
-
-
 def leaf_sptes(k: Kernel, sp: ShadowPage, spt: array.array[int]) -> list[tuple[int, int]]:
-    """(index, value) of every present leaf SPTE of one table (is_last_spte).
-
-    5.13+: SPTE_MMU_PRESENT_MASK (bit 11, bit 3 of each SPTE's second byte)
-    found by bytes operations over the whole table, so that a 10^5-page MMU's
-    mostly empty tables cost microseconds each; before, value by value.
-    """
-    large = spte.PT_PAGE_SIZE_MASK
-    if k.spte_format.present_bit:
-        flags = spt.tobytes()[_BIT11_BYTE::8].translate(_PRESENT_BYTE)
-        out = []
-        i = flags.find(1)
-        while i >= 0:
-            v = spt[i]
-            if sp.level == 1 or v & large:
-                out.append((i, v))
-            i = flags.find(1, i + 1)
-        return out
-    special, mmio = spte.SPTE_SPECIAL_MASK, spte.SPTE_MMIO_MASK
-    if sp.level == 1:
-        return [(i, v) for i, v in enumerate(spt) if v and v & special != mmio]
-    return [(i, v) for i, v in enumerate(spt) if v and v & special != mmio and v & large]
+    """(index, value) of every present leaf SPTE of one table (is_last_spte):
+    spte.present_leaves() by this kernel's rule."""
+    return spte.present_leaves(spt, sp.level, k.spte_format)

@@ -41,12 +41,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
 from kvminspect.fmt import hx
+from kvminspect.spte import PG_LEVEL_4K, SPTE_ENT_PER_PAGE  # bits of unsync_child_bitmap
 
 KVM_PAGE_ARRAY_NR = 16  # entries in struct kvm_mmu_pages
 INVALID_INDEX = -1  # idx of the first kvm_mmu_pages entry (the walk's root)
 PT64_ROOT_MAX_LEVEL = 5  # entries in struct mmu_page_path
-SPTE_ENT_PER_PAGE = 512  # bits in unsync_child_bitmap
-PG_LEVEL_4K = 1
 ENOSPC = 28  # mmu_unsync_walk() returns -ENOSPC when kvm_mmu_pages fills up
 _BITMAP_LIMIT = 1 << SPTE_ENT_PER_PAGE
 _U32 = 0xFFFFFFFF  # unsync_children is an unsigned int

@@ -22,11 +22,10 @@ from enum import Enum
 import drgn
 
 from kvminspect import spte
-from kvminspect.layout import PAGE_SHIFT, PT_PRESENT_MASK
 from kvminspect.model import Kernel
 from kvminspect.objects import VM, Memslot, RootRef, ShadowPage, VCpu
+from kvminspect.spte import PAGE_SHIFT, PT_PRESENT_MASK, SPTE_ENT_PER_PAGE
 
-ENTRIES = 512
 PT32E_ROOT_LEVEL = 3
 # mmu->shadow_zero_check (struct rsvd_bits_validate): (rsvd_bits_mask[2][N], bad_mt_xwr)
 RsvdMasks = tuple[tuple[tuple[int, ...], ...], int]
@@ -165,7 +164,7 @@ def level_shift(level: int) -> int:
 
 def spte_index(addr: int, level: int) -> int:
     """SPTE_INDEX(addr, level)."""
-    return (addr >> level_shift(level)) & (ENTRIES - 1)
+    return (addr >> level_shift(level)) & (SPTE_ENT_PER_PAGE - 1)
 
 
 def memslot_check(k: Kernel, vm: VM, gfn: int | None, pfn: int, as_id: int = 0,

@@ -22,6 +22,8 @@ from kvminspect.results import TreeNode, page_view
 from kvminspect.session import Session
 from kvminspect.shapes import tree_node_json
 
+_new = tuple.__new__
+
 
 def sp_label(n: TreeNode) -> str:
     """One line for a tree's page: slot, address, gfn, level, state, holders."""
@@ -74,8 +76,8 @@ def _single(g: VMGraph, addr: int, index: int | None, depth: int | None,
         kids = [k for k in kids if k[1] in keep]
     if kids and (depth is None or depth > 0):
         return None
-    seen.add(addr)
-    return TreeNode(page_view(g.nodes[addr], g), index, False, len(kids), ())  # hot: g.nodes
+    seen.add(addr)  # the hot path (most pages): g.nodes, and no NamedTuple.__new__
+    return _new(TreeNode, (page_view(g.nodes[addr], g), index, False, len(kids), ()))
 
 
 def subtree_chunks(g: VMGraph, addr: int, index: int | None, depth: int | None,
