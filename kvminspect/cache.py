@@ -148,6 +148,21 @@ def _warn(message: str) -> None:
     print(f"kvminspect: warning: {message}", file=sys.stderr, flush=True)
 
 
+def fallback_dir() -> Path | None:
+    """The temporary directory this process decompresses into since the cache
+    could not be written, or None (the cache works)."""
+    return _fallback
+
+
+def forget_process_state() -> None:
+    """Forget what this process used, swept and fell back to, as a new process
+    would start (the entries themselves stay on disk)."""
+    global _fallback
+    _used.clear()
+    _swept.clear()
+    _fallback = None
+
+
 def _fallback_dir(cache: Path, why: OSError) -> Path:
     """A temporary directory for this process (removed at exit), said once."""
     global _fallback

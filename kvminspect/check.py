@@ -40,7 +40,7 @@ from kvminspect.errors import Problem
 from kvminspect.graph import Holder, VMGraph
 from kvminspect.layout import NoValue, known
 from kvminspect.model import Kernel
-from kvminspect.objects import ShadowPage
+from kvminspect.objects import RootKind, ShadowPage
 from kvminspect.render import plural
 from kvminspect.spte import SPTE_ENT_PER_PAGE
 
@@ -365,7 +365,7 @@ def _uncounted(vg: VMGraph) -> list[str]:
                 out.append(f"{name}: {o.name} unreadable")
             else:
                 roots += [o.root, *o.prev_roots]
-        bad = [r for r in roots if r.special == "unreadable"]
+        bad = [r for r in roots if r.special is RootKind.UNREADABLE]
         if bad:
             out.append(f"{name}: {plural(len(bad), 'root', 'roots')} whose hpa has no "
                        "readable struct page")

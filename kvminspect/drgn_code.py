@@ -75,7 +75,7 @@ def source(fn: Callable[..., object], name: str | None = None) -> str:
     return text
 
 
-def _rules(code: DrgnCodeBuilder, prog: drgn.Program, sptes: bool) -> None:
+def rules(code: DrgnCodeBuilder, prog: drgn.Program, sptes: bool) -> None:
     """The constants and functions of the kernel's rules the script uses, from
     kvminspect.spte and kvminspect.helpers: to_shadow_page(), and with *sptes*
     is_shadow_present_pte() (this release's rule, as helpers.spte_format()
@@ -152,7 +152,7 @@ def _roots_list(code: DrgnCodeBuilder, lay: Layout) -> None:
 def roots_code(prog: drgn.Program, lay: Layout, vms: list[VM], every: bool) -> str:
     """The drgn code of ``roots``: per vCPU, mmu->root and prev_roots[] with their pages."""
     code = DrgnCodeBuilder(prog)
-    _rules(code, prog, sptes=False)
+    rules(code, prog, sptes=False)
     code.append("\n\n")
     _begin_vms(code, vms, every)
     _begin_vcpus(code, lay)
@@ -186,7 +186,7 @@ def sp_code(prog: drgn.Program, lay: Layout, addr: int) -> str:
     """The drgn code of ``sp ADDR``: struct kvm_mmu_page's fields and present SPTEs."""
     code = DrgnCodeBuilder(prog)
     code.add_from_import("drgn", "Object")
-    _rules(code, prog, sptes=True)
+    rules(code, prog, sptes=True)
     code.append(f'\n\nsp = Object(prog, "struct kvm_mmu_page *", {addr:#x})\n')
     code.append("gfn = sp.gfn.value_()\n")
     code.append("role = sp.role  # union kvm_mmu_page_role: level, direct, invalid, ...\n")
@@ -219,7 +219,7 @@ def tree_code(prog: drgn.Program, lay: Layout, vms: list[VM], every: bool, top: 
               depth: int | None) -> str:
     """The drgn code of ``tree``: walk spt[] down from every root (or from one page)."""
     code = DrgnCodeBuilder(prog)
-    _rules(code, prog, sptes=True)
+    rules(code, prog, sptes=True)
     limit = "" if depth is None else f"\n    if depth == {depth}:  # --depth\n        return"
     code.append(f'''\n
 def walk(sp, index, depth, seen):

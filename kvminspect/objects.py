@@ -7,6 +7,7 @@ nothing here reads memory or renders.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import NamedTuple
 
 import drgn
@@ -110,6 +111,18 @@ class Spte:
     bits: SpteBits | None = None  # every bit, by the kernel's masks (kvminspect.spte)
 
 
+class RootKind(Enum):
+    """What a root hpa is when it is no struct kvm_mmu_page of its own."""
+
+    PAE_ROOT = "pae_root"  # mmu->pae_root: four PDPTEs (PAE and 32-bit guests)
+    LM_ROOT = "lm_root"  # mmu->lm_root, a level-4 page above pae_root (before 5.15)
+    PML4_ROOT = "pml4_root"  # mmu->pml4_root, its successor
+    PML5_ROOT = "pml5_root"  # mmu->pml5_root, 5-level shadow NPT
+    # "KVM: x86/mmu: Use dummy root, backed by zero page, for !visible guest roots" (6.6)
+    DUMMY = "dummy"
+    UNREADABLE = "unreadable"  # the hpa has no readable struct page
+
+
 @dataclass(frozen=True)
 class RootRef:
     """A root of a vCPU's MMU: mmu->root or one of mmu->prev_roots[]."""
@@ -117,7 +130,7 @@ class RootRef:
     hpa: int | None  # None for INVALID_PAGE
     pgd: int
     sp: ShadowPage | None
-    special: str | None = None  # pae_root / pml4_root / pml5_root / dummy
+    special: RootKind | None = None  # None: the root is a shadow page (or INVALID_PAGE)
     # (i, struct kvm_mmu_page) of each present mmu->pae_root[i] under a PAE root
     pae_roots: list[tuple[int, int]] = field(default_factory=list)
 

@@ -26,6 +26,7 @@ from kvminspect.objects import (
     VCPU_MODES,
     VM,
     MmuRoots,
+    RootKind,
     RootRef,
     VCpu,
     struct_int,
@@ -224,16 +225,17 @@ class Vcpus:
             except drgn.FaultError:
                 continue
             if va and va - self.layout.page_offset_base == hpa:
-                return RootRef(hpa, pgd, None, special=name, pae_roots=self._pae_roots(mmu))
+                return RootRef(hpa, pgd, None, special=RootKind(name),
+                               pae_roots=self._pae_roots(mmu))
         try:
             sp_addr = self.pages.page_private(hpa >> PAGE_SHIFT)
         except drgn.FaultError as e:
             self.mem.problem("root", hpa, f"pgd {pgd:#x}: hpa has no readable struct page ({e})")
-            return RootRef(hpa, pgd, None, special="unreadable")
+            return RootRef(hpa, pgd, None, special=RootKind.UNREADABLE)
         if not sp_addr:
             # the zero page, no backing memslot: "KVM: x86/mmu: Use dummy root, backed by zero
             # page, for !visible guest roots" (6.6, 0e3223d8d00a)
-            return RootRef(hpa, pgd, None, special="dummy")
+            return RootRef(hpa, pgd, None, special=RootKind.DUMMY)
         return RootRef(hpa, pgd, self.pages.shadow_page(sp_addr))
 
     def _pae_roots(self, mmu: drgn.Object) -> list[tuple[int, int]]:

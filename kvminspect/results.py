@@ -153,7 +153,7 @@ def root_view(r: RootRef | None, g: VMGraph) -> RootView:
     elif r.sp is not None:
         state = RootState.PAGE
     else:
-        state = RootState(r.special) if r.special else RootState.UNREADABLE
+        state = RootState(r.special.value) if r.special else RootState.UNREADABLE
     page = page_view(r.sp, g) if r.sp is not None and r.sp.addr in g else None
     return RootView(state, r.pgd, root_hpa(r), page,
                     tuple(PaeRoot(i, page_view(g.sp(a), g)) for i, a in r.pae_roots if a in g))

@@ -154,7 +154,7 @@ class _State:
     slots: Mapping[int, Slot]
 
 
-class _Walker:
+class Walker:
     """The kernel's unsync machinery, applied to copies of a page snapshot."""
 
     def __init__(self, pages: Mapping[int, WalkPage], zap: bool) -> None:
@@ -452,7 +452,7 @@ class _Walker:
 
 def _replay(root: int, pages: Mapping[int, WalkPage], zap: bool, max_batches: int) -> Replay:
     """The loop shared by mmu_sync_children() and mmu_zap_unsync_children()."""
-    walker = _Walker(pages, zap)
+    walker = Walker(pages, zap)
     replay = Replay(root=root, batches=[], errors=walker.errors)
     try:
         if not _is_int(max_batches) or max_batches < 0:

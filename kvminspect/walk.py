@@ -23,7 +23,7 @@ import drgn
 
 from kvminspect import spte
 from kvminspect.model import Kernel
-from kvminspect.objects import VM, Memslot, RootRef, ShadowPage, VCpu
+from kvminspect.objects import VM, Memslot, RootKind, RootRef, ShadowPage, VCpu
 from kvminspect.spte import PAGE_SHIFT, PT_PRESENT_MASK, SPTE_ENT_PER_PAGE
 
 PT32E_ROOT_LEVEL = 3
@@ -212,11 +212,12 @@ def walk(k: Kernel, vm: VM, addr: int, root: RootRef | ShadowPage, label: str,
         sp = root
     elif root.hpa is None:
         return Walk(addr, kind, label, None, stop=Stop.NO_ROOT, why="the root is INVALID_PAGE")
-    elif root.special == "pae_root":
+    elif root.special is RootKind.PAE_ROOT:
         return _walk_pae(k, vm, addr, root, label, rsvd, direct)
     elif root.sp is None:
         return Walk(addr, kind, label, root.hpa, stop=Stop.NO_ROOT,
-                    why=f"the root is {root.special or 'unreadable'}: nothing to walk")
+                    why=f"the root is {root.special.value if root.special else 'unreadable'}: "
+                    "nothing to walk")
     else:
         sp = root.sp
     if direct is None:

@@ -271,7 +271,7 @@ def test_drgn_code_prints_the_helpers_own_rules() -> None:
     from drgn.commands import DrgnCodeBuilder
 
     code = DrgnCodeBuilder(t.prog)
-    drgn_code._rules(code, t.prog, sptes=True)
+    drgn_code.rules(code, t.prog, sptes=True)
     text = code.get()
     assert drgn_code.source(helpers.to_shadow_page).split('"""')[-1] in text
     assert "@takes_program_or_default" not in text and ">>>" not in text

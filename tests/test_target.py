@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -234,15 +235,15 @@ def test_flattened_core(tmp_path: Path, capsys) -> None:
 # --- the decompression cache -------------------------------------------------------------
 
 @pytest.fixture
-def fresh_cache(tmp_path: Path, monkeypatch) -> Path:
-    """An empty cache directory, and the module's per-process state reset."""
+def fresh_cache(tmp_path: Path, monkeypatch) -> Iterator[Path]:
+    """An empty cache directory, and the module's per-process state reset
+    (before the test and after it)."""
     d = tmp_path / "cache"
     monkeypatch.setenv("KVMINSPECT_CACHE", str(d))
     monkeypatch.delenv("KVMINSPECT_CACHE_MAX", raising=False)
-    monkeypatch.setattr(cache, "_used", set())
-    monkeypatch.setattr(cache, "_fallback", None)
-    monkeypatch.setattr(cache, "_swept", set())
-    return d
+    cache.forget_process_state()
+    yield d
+    cache.forget_process_state()
 
 
 def gz(path: Path, data: bytes) -> Path:
@@ -292,8 +293,9 @@ def test_unwritable_cache_falls_back(how: str, fresh_cache: Path, tmp_path: Path
     warnings = [line for line in err.splitlines() if line.startswith("kvminspect: warning:")]
     assert len(warnings) == 1 and err.count("\n") == 1, err
     assert "cannot write the cache" in warnings[0] and "removed at exit" in warnings[0]
-    assert cache._fallback is not None and entries(cache._fallback)
-    shutil.rmtree(cache._fallback)
+    fallback = cache.fallback_dir()
+    assert fallback is not None and entries(fallback)
+    shutil.rmtree(fallback)
 
 
 def test_interrupted_decompression_leaves_nothing(fresh_cache: Path, tmp_path: Path,
@@ -339,7 +341,7 @@ def test_eviction_beyond_the_cap(fresh_cache: Path, tmp_path: Path, monkeypatch)
     files = {n: gz(tmp_path / f"{n}.gz", os.urandom(1 << 20)) for n in "abc"}
 
     def use(n: str) -> Path:
-        cache._used.clear()  # as if a new process
+        cache.forget_process_state()  # as if a new process
         return cache.decompressed(files[n])
 
     pa, pb = use("a"), use("b")

@@ -476,8 +476,8 @@ def test_garbage_objects_never_raise() -> None:
 
 def test_batch_without_progress_stops_the_loop(monkeypatch: pytest.MonkeyPatch) -> None:
     """Safety net: a batch that changes nothing would loop forever in the kernel."""
-    monkeypatch.setattr(unsync._Walker, "kvm_unlink_unsync_page", lambda self, sp: None)
-    monkeypatch.setattr(unsync._Walker, "mmu_pages_clear_parents", lambda self: None)
+    monkeypatch.setattr(unsync.Walker, "kvm_unlink_unsync_page", lambda self, sp: None)
+    monkeypatch.setattr(unsync.Walker, "mmu_pages_clear_parents", lambda self: None)
     result = replay_sync(R, pages_of(mk(R, 2, {0: 0x6000}), *good_branch()))
     assert result.truncated
     assert len(result.batches) == 1
@@ -488,7 +488,7 @@ def test_internal_error_is_contained(monkeypatch: pytest.MonkeyPatch) -> None:
     """Even a bug inside the walker comes back as an error line."""
     def boom(self, sp, pvec):
         raise RuntimeError("boom")
-    monkeypatch.setattr(unsync._Walker, "mmu_unsync_walk", boom)
+    monkeypatch.setattr(unsync.Walker, "mmu_unsync_walk", boom)
     result = replay_sync(R, reference_pages())
     assert result.truncated and any("boom" in e for e in result.errors)
 

@@ -15,6 +15,7 @@ import json
 import pytest
 
 from kvminspect.layout import UNKNOWN, has_member, known
+from kvminspect.objects import RootKind
 from kvminspect.requests import TABLES, bit_names, table_for
 from kvminspect.walk import Stop, Verdict, walk
 from tests.conftest import FIXTURES, LARGE, SMM, open_fixture, run_main, truth
@@ -233,7 +234,7 @@ def test_smm_vcpus_root_is_made_of_smm_pages(capsys) -> None:
     k, vm = the_vm(name)
     vcpus = k.vcpus(vm)
     inside = vcpus[smm["vcpu"]]
-    assert inside.root.special == "pae_root" and inside.root.pae_roots
+    assert inside.root.special is RootKind.PAE_ROOT and inside.root.pae_roots
     for _, sp_addr in inside.root.pae_roots:
         sp = k.shadow_page(sp_addr)
         assert sp.role.get("smm") == 1 and sp.role.direct

@@ -21,6 +21,7 @@ import json
 import pytest
 
 from kvminspect.cli import run_one
+from kvminspect.objects import RootKind
 from kvminspect.session import Session
 from kvminspect.walk import (
     AddressKind,
@@ -115,7 +116,7 @@ def test_pae_root_starts_at_the_addresses_top_bits() -> None:
     the first step, its child the level-2 shadow page of the guest's PD."""
     k, vm = the_vm("7.3-shadow-pae")
     v = k.vcpus(vm)[0]
-    assert v.root.special == "pae_root"
+    assert v.root.special is RootKind.PAE_ROOT
     w = walk(k, vm, WIN_VA, v.root, "vcpu0.root", v)
     first = w.steps[0]
     assert w.root == "vcpu0.root pae_root[0]" and first.index == 0 and first.level == 3
