@@ -5,7 +5,8 @@ Matching, as the kernel's object lifetimes allow:
 * a VM (struct kvm) by its address, with the same owner pid (a freed struct
   kvm's address is reused: kvm_destroy_vm, kvm_create_vm), else by its owner
   pid; a VM on one side only is added or removed (pair_vms);
-* a vCPU by vcpu_idx, its index in kvm->vcpu_array (vcpu_id before 5.11);
+* a vCPU by vcpu_idx, its index in kvm->vcpu_array (vcpu_id on kernels without it:
+  "KVM: remember position in kvm->vcpus array" (before 5.10, 8750e72a79dd));
 * a shadow page by what it shadows, never by its address alone (struct
   kvm_mmu_page comes from mmu_page_header_cache: addresses are reused): its
   gfn, its role word without role.invalid (kvm_mmu_zap_all_fast sets that bit
@@ -34,7 +35,14 @@ from typing import Generic, NamedTuple, TypeVar
 from kvminspect.graph import VMGraph
 from kvminspect.layout import NoValue, known
 from kvminspect.objects import VM, ShadowPage, VCpu
-from kvminspect.results import PageView, RootState, RootView, page_view, root_view
+from kvminspect.results import (
+    PageView,
+    RootState,
+    RootView,
+    page_view,
+    root_view,
+    vm_mmu_stat,
+)
 
 T = TypeVar("T")
 
@@ -308,7 +316,10 @@ class VcpuChange:
 
 
 def _vcpu_key(v: VCpu) -> int | NoValue:
-    """vcpu_idx (vcpu_id before 5.11: maybe UNKNOWN)."""
+    """vcpu_idx (vcpu_id without it, maybe UNKNOWN).
+
+    vcpu_idx: "KVM: remember position in kvm->vcpus array" (before 5.10, 8750e72a79dd)
+    """
     return v.vcpu_idx if v.vcpu_idx >= 0 else v.vcpu_id
 
 
@@ -376,9 +387,6 @@ def counter_changes(a: VM, b: VM) -> dict[str, Change[int | NoValue]]:
 
 def stat_changes(a: VM, b: VM) -> dict[str, Change[int | None]]:
     """kvm->stat's MMU counters (those stats shows) that changed, old -> new."""
-    # imported here: kvminspect.commands imports kvminspect.shapes, which imports this
-    from kvminspect.commands.stats import vm_mmu_stat
-
     sa, sb = vm_mmu_stat(a.stat), vm_mmu_stat(b.stat)
     return {k: Change(sa.get(k), sb.get(k)) for k in {**sa, **sb} if sa.get(k) != sb.get(k)}
 

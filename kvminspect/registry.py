@@ -37,6 +37,19 @@ MANIFEST = "kvminspect/manifest.py"
 LITERALS = (str, int, float, bool, type(None))
 
 
+# the command modules of kvminspect.commands, in the order help lists them
+MODULES = ("vms", "vm", "vcpus", "roots", "tree", "sp", "walk", "rmap", "unsync", "stats", "check",
+           "export", "watch", "diff", "rate", "pyshell", "help")
+# name -> the real command, as each command module registers it (kvminspect.commands)
+REAL: dict[str, Any] = {}
+
+
+def import_all() -> None:
+    """Import every command module (each registers its command and its spec)."""
+    for m in MODULES:
+        importlib.import_module(f"kvminspect.commands.{m}")
+
+
 @dataclass(frozen=True)
 class CommandSpec:
     """What a command is: what kvminspect.commands.kvm_command registered.
@@ -221,10 +234,8 @@ class Entry:
     def real(self) -> Any:
         """The command its module registers (the module imported on first use)."""
         importlib.import_module(self.spec.module)
-        from kvminspect.commands import NAMESPACE
-
-        cmd = NAMESPACE.commands.get(self.name)
-        if cmd is None or isinstance(cmd, Entry):
+        cmd = REAL.get(self.name)
+        if cmd is None:
             raise KvminspectError(f"{self.spec.module} registers no command '{self.name}' "
                                   f"(kvminspect's {MANIFEST} is stale)")
         return cmd
@@ -324,9 +335,7 @@ def show_help(name: str | None, commands: Mapping[str, Describable]) -> None:
 
 def generate() -> dict[str, dict[str, Any]]:
     """Every command's manifest entry, from the command modules themselves."""
-    from kvminspect.commands import MODULES, load_all
-
-    load_all()
+    import_all()
 
     def order(spec: CommandSpec) -> int:
         short = spec.module.rpartition(".")[2]

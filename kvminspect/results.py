@@ -97,9 +97,14 @@ class RootState(Enum):
     PAGE = "page"  # a shadow page (struct kvm_mmu_page)
     INVALID_PAGE = "invalid_page"  # no root: hpa INVALID_PAGE
     PAE_ROOT = "pae_root"  # a special root, mmu->pae_root: its pae_root[i] pages follow
-    LM_ROOT = "lm_root"  # the special roots of older kernels, and of 5-level paging
-    PML4_ROOT = "pml4_root"
+    # the special roots of older kernels, and of 5-level paging:
+    LM_ROOT = "lm_root"  # mmu->lm_root, as the 5.10 fixture's DWARF shows (commit not found)
+    PML4_ROOT = "pml4_root"  # renamed from lm_root by 5.15, as the 5.15 DWARF tree shows
+    # "KVM: x86/mmu: Support shadowing NPT when 5-level paging is enabled in host" (5.15,
+    # cb0f722aff6e)
     PML5_ROOT = "pml5_root"
+    # "KVM: x86/mmu: Use dummy root, backed by zero page, for !visible guest roots" (6.6,
+    # 0e3223d8d00a)
     DUMMY = "dummy"  # 6.6+: the zero page, no memslot behind the guest's CR3
     UNREADABLE = "unreadable"  # its MMU, or the struct page of its hpa, unreadable
 
@@ -173,6 +178,7 @@ class VcpuRoots(NamedTuple):
     vcpu: VCpu
     root: RootView
     prev_roots: tuple[RootView, ...]
+    # guest_mmu: "x86/kvm/mmu: introduce guest_mmu" (4.20)
     other_mmu: MmuRootsView | None  # None: no other MMU (before 4.20) or unreadable
 
 
@@ -280,3 +286,20 @@ class VcpuWatch(NamedTuple):
     new_roots: int  # ... whose new root was not
     unsettled: int  # samples with no settled root (INVALID_PAGE, unreadable)
     cr3s: tuple[int, ...]  # root pgds, in the order first seen
+
+
+# struct kvm_vm_stat (arch/x86/include/asm/kvm_host.h) and its generic part
+VM_PREFIXES = ("mmu_", "nx_", "pages_", "lpages", "max_mmu_", "remote_tlb_flush")
+# struct kvm_vcpu_stat: page faults (pf_*), guest TLB flushes, INVLPG
+VCPU_PREFIXES = ("pf_",)
+VCPU_NAMES = ("tlb_flush", "invlpg")
+
+
+def vm_mmu_stat(stat: dict[str, int]) -> dict[str, int]:
+    """The MMU counters of kvm->stat (struct kvm_vm_stat), in the kernel's order."""
+    return {k: v for k, v in stat.items() if k.startswith(VM_PREFIXES)}
+
+
+def vcpu_mmu_stat(stat: dict[str, int]) -> dict[str, int]:
+    """The MMU counters of vcpu->stat (struct kvm_vcpu_stat), in the kernel's order."""
+    return {k: v for k, v in stat.items() if k.startswith(VCPU_PREFIXES) or k in VCPU_NAMES}

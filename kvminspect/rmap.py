@@ -29,7 +29,8 @@ from kvminspect.spte import PAGE_SHIFT
 LEVELS = (1, 2, 3)  # PG_LEVEL_4K .. PG_LEVEL_1G: KVM_NR_PAGE_SIZES rmap arrays
 LEVEL_NAMES = {1: "4K", 2: "2M", 3: "1G"}
 KVM_RMAP_MANY = 1  # val bit 0: a pte_list_desc chain
-RMAP_PTR_MASK = ~3  # 6.14 "walk rmaps outside of mmu_lock" added KVM_RMAP_LOCKED (bit 1)
+# "KVM: x86/mmu: Add infrastructure to allow walking rmaps outside of mmu_lock" (6.15, 4834eaded91e)
+RMAP_PTR_MASK = ~3  # also clears bit 1, KVM_RMAP_LOCKED (6.15)
 MAX_CHAIN = 1 << 16  # descs followed in one chain before it is called garbage
 
 
@@ -124,13 +125,14 @@ class RmapScan:
 class DescLayout:
     """struct pte_list_desc as this kernel lays it out, probed from DWARF.
 
-    * 5.10: ``u64 *sptes[PTE_LIST_EXT]`` (3) then ``more``; used entries end at
-      the first NULL;
-    * "KVM: X86: Introduce pte_list_desc.spte_count" (5.14): ``spte_count``,
-      the used entries of this desc (PTE_LIST_EXT 14);
-    * "KVM: x86/mmu: Track tail count in pte_list_desc to optimize guest
-      fork()" (6.3): u32 ``spte_count`` and ``tail_count`` (the head's count of
-      the descs after it); each desc's own spte_count is what is read.
+    * before 5.15 (the 5.10 fixture): ``u64 *sptes[PTE_LIST_EXT]`` (3) then
+      ``more``; used entries end at the first NULL;
+    * from 5.15: ``spte_count``, the used entries of this desc (PTE_LIST_EXT 14);
+    * from 6.4: u32 ``spte_count`` and ``tail_count`` (the head's count of the
+      descs after it); each desc's own spte_count is what is read.
+
+    "KVM: X86: Optimize pte_list_desc with per-array counter" (5.15, 13236e25ebab)
+    "KVM: x86/mmu: Track tail count in pte_list_desc to optimize guest fork()" (6.4, 141705b78381)
     """
 
     def __init__(self, mem: Memory) -> None:
@@ -212,7 +214,9 @@ class RmapReader:
                     n = d.ext
                 out.extend(ptrs[:n])
             else:
-                out.extend(p for p in ptrs if p)  # 5.10: up to the first NULL
+                # up to the first NULL, as before
+                # "KVM: X86: Optimize pte_list_desc with per-array counter" (5.15, 13236e25ebab)
+                out.extend(p for p in ptrs if p)
             desc = int.from_bytes(data[d.more:d.more + 8], "little")
         return out
 

@@ -80,8 +80,12 @@ def vm_json(vm: VM, state: VmState | None = None) -> dict[str, Any]:
 
 def vm_state_json(st: VmState) -> dict[str, Any]:
     """What explains stuck vCPUs VM-wide (kvminspect.read_vmstate): the MMU
-    notifier's invalidation (names: "mmu_invalidate" from 6.3, "mmu_notifier"
-    before), NX huge pages and the shadow-page hash (null: none allocated)."""
+    notifier's invalidation (names: "mmu_invalidate" from 6.0, "mmu_notifier"
+    before), NX huge pages and the shadow-page hash (null: none allocated).
+
+    names: "KVM: Rename mmu_notifier_* to mmu_invalidate_*" (6.0, 20ec3ebd707c)
+    null: "KVM: x86/mmu: Defer allocation of shadow MMU's hashed page list" (6.17, 9c4fe6d1509b)
+    """
     inv, nx, h = st.invalidation, st.nx, st.hash
     out: dict[str, Any] = {
         "invalidate": {"names": inv.prefix, "seq": value(inv.seq),
@@ -98,7 +102,10 @@ def vm_state_json(st: VmState) -> dict[str, Any]:
 
 
 def vcpu_ref(v: VCpu) -> dict[str, Any]:
-    """Which vCPU: struct kvm_vcpu, vcpu_id, vcpu_idx (-1 before 5.11)."""
+    """Which vCPU: struct kvm_vcpu, vcpu_id, vcpu_idx (-1 on kernels without it).
+
+    vcpu_idx: "KVM: remember position in kvm->vcpus array" (before 5.10, 8750e72a79dd)
+    """
     return {"vcpu": hx(v.addr), "vcpu_id": value(v.vcpu_id), "vcpu_idx": v.vcpu_idx}
 
 
@@ -155,6 +162,9 @@ def root_view_json(r: RootView) -> dict[str, Any]:
     "state": "page" (a shadow page), "invalid_page", "pae_root" / "pml4_root" /
     "pml5_root" (a special root: its pae_root[i] pages follow), "dummy" (6.6:
     no memslot behind the guest's CR3), or "unreadable".
+
+    "dummy": "KVM: x86/mmu: Use dummy root, backed by zero page, for !visible guest
+    roots" (6.6, 0e3223d8d00a)
     """
     return {"pgd": hx(r.pgd), "hpa": hpa_text(r.hpa), "state": r.state.value,
             "page": None if r.page is None else page_json(r.page),

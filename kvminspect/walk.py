@@ -27,7 +27,8 @@ from kvminspect.objects import VM, Memslot, RootKind, RootRef, ShadowPage, VCpu
 from kvminspect.spte import PAGE_SHIFT, PT_PRESENT_MASK, SPTE_ENT_PER_PAGE
 
 PT32E_ROOT_LEVEL = 3
-# mmu->shadow_zero_check (struct rsvd_bits_validate): (rsvd_bits_mask[2][N], bad_mt_xwr)
+# mmu->shadow_zero_check (struct rsvd_bits_validate): (rsvd_bits_mask[2][N], bad_mt_xwr);
+# mmu->fmt (struct kvm_page_format) in 7.3, as the 7.3 fixture's DWARF shows (commit not found)
 RsvdMasks = tuple[tuple[tuple[int, ...], ...], int]
 
 

@@ -11,9 +11,9 @@ import pytest
 
 from kvminspect.cli import run_one
 from kvminspect.commands.export import dot_quote
-from kvminspect.commands.stats import VCPU_NAMES, VCPU_PREFIXES, VM_PREFIXES
 from kvminspect.errors import KvminspectError, UsageError
 from kvminspect.graph import VMGraph
+from kvminspect.results import VCPU_NAMES, VCPU_PREFIXES, VM_PREFIXES
 from kvminspect.session import Session
 from tests.conftest import FIXTURES, fixtures, open_fixture, truth
 

@@ -14,7 +14,6 @@ neither the model nor the graph.
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -41,8 +40,6 @@ if TYPE_CHECKING:
 
 NO_VMS = "no VMs (vm_list is empty)"
 
-MODULES = ("vms", "vm", "vcpus", "roots", "tree", "sp", "walk", "rmap", "unsync", "stats", "check",
-           "export", "watch", "diff", "rate", "pyshell", "help")
 
 
 class KvmNamespace(CommandNamespace):
@@ -55,6 +52,7 @@ class KvmNamespace(CommandNamespace):
 
     def register(self, name: str, command: Command[Any]) -> None:
         self.commands[name] = command
+        registry.REAL[name] = command  # what the registry's stand-in Entry runs
 
     def lookup(self, prog: Program, name: str) -> Command[object]:
         cmd = self.commands.get(name)
@@ -111,8 +109,7 @@ def kvm_command(*arguments: Any, vm: bool = True, json: bool = True,
 
 def load_all() -> KvmNamespace:
     """Import every command module (each registers itself)."""
-    for m in MODULES:
-        importlib.import_module(f"kvminspect.commands.{m}")
+    registry.import_all()
     return NAMESPACE
 
 

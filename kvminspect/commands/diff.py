@@ -7,8 +7,9 @@
 B is opened with the -s paths A was opened with, once per session. A VM is
 matched by its struct kvm address (with the same owner pid: a freed struct
 kvm's address is reused), else by its owner pid; a VM on one side only is
-listed as added or removed. A vCPU is matched by vcpu_idx (vcpu_id before
-5.11). A shadow page is matched by what it shadows, never by its address
+listed as added or removed. A vCPU is matched by vcpu_idx (vcpu_id on kernels
+without it: "KVM: remember position in kvm->vcpus array" (before 5.10, 8750e72a79dd)).
+A shadow page is matched by what it shadows, never by its address
 alone (struct kvm_mmu_page addresses are reused): its gfn, its role word
 without role.invalid (a fast zap sets that bit on the roots it keeps) and,
 for shadow-MMU pages, its mmu_valid_gen (a page made after a fast zap is a

@@ -10,25 +10,9 @@ from drgn import Program
 from kvminspect.commands import kvm_command, per_vm, vm_header
 from kvminspect.model import VM
 from kvminspect.render import Grid, console
-from kvminspect.results import VcpuStat, VmStats
+from kvminspect.results import VcpuStat, VmStats, vcpu_mmu_stat, vm_mmu_stat
 from kvminspect.session import Session
 from kvminspect.shapes import stats_json
-
-# struct kvm_vm_stat (arch/x86/include/asm/kvm_host.h) and its generic part
-VM_PREFIXES = ("mmu_", "nx_", "pages_", "lpages", "max_mmu_", "remote_tlb_flush")
-# struct kvm_vcpu_stat: page faults (pf_*), guest TLB flushes, INVLPG
-VCPU_PREFIXES = ("pf_",)
-VCPU_NAMES = ("tlb_flush", "invlpg")
-
-
-def vm_mmu_stat(stat: dict[str, int]) -> dict[str, int]:
-    """The MMU counters of kvm->stat (struct kvm_vm_stat), in the kernel's order."""
-    return {k: v for k, v in stat.items() if k.startswith(VM_PREFIXES)}
-
-
-def vcpu_mmu_stat(stat: dict[str, int]) -> dict[str, int]:
-    """The MMU counters of vcpu->stat (struct kvm_vcpu_stat), in the kernel's order."""
-    return {k: v for k, v in stat.items() if k.startswith(VCPU_PREFIXES) or k in VCPU_NAMES}
 
 
 def vm_table(stat: dict[str, int]) -> Grid:

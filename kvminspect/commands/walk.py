@@ -38,7 +38,9 @@ def collect(s: Session, vm: VM, addr: int, vcpu: int | None, top: int | None) ->
         sp = g.sp(top)
         holders = [h.vcpu for h in g.roots.get(top, []) if h.vcpu is not None]
         vcpus = k.vcpus(vm)
-        holder = next((v for v in vcpus  # Holder.vcpu: vcpu_idx (vcpu_id before 5.11)
+        # Holder.vcpu: vcpu_idx, vcpu_id on kernels without it:
+        # "KVM: remember position in kvm->vcpus array" (before 5.10, 8750e72a79dd)
+        holder = next((v for v in vcpus
                        if (v.vcpu_idx if v.vcpu_idx >= 0 else v.vcpu_id) in holders), None)
         return [walk(k, vm, addr, sp, f"sp {top:#x}", holder)]
     v = _vcpu(s, vm, vcpu or 0)

@@ -66,7 +66,10 @@ class Track:
 
 
 def _roots_of(v: VCpu) -> Sample | None:
-    """(root, prev_roots) from an ordinary reading (kernels before 5.18)."""
+    """(root, prev_roots) from an ordinary reading (kernels before 5.18: mmu->root_hpa).
+
+    "KVM: x86: use struct kvm_mmu_root_info for mmu->root" (5.18, b9e5603c2a3a)
+    """
     if v.root is None:
         return None
     return (v.root.hpa, v.root.pgd), tuple((r.hpa, r.pgd) for r in v.prev_roots)
