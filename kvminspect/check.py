@@ -473,7 +473,7 @@ def check_spt_owners(kernel: Kernel, vg: VMGraph) -> list[Finding]:
     page_private(virt_to_page(sp->spt)) (set by kvm_mmu_alloc_shadow_page() and
     tdp_mmu_init_sp()), so an SPTE pointing at that table leads elsewhere."""
     out = []
-    for sp, pfn, owner in kernel.pages.spt_owner_mismatches(vg.pages()):
+    for sp, pfn, owner in sorted(kernel.pages.spt_owner_mismatches(vg.nodes.values())):
         other = "no shadow page" if owner is None else f"sp {owner:#x}"
         out.append(Finding(
             FindingKind.SPT_OWNER, Severity.ERROR, [sp] + ([] if owner is None else [owner]),

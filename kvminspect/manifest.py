@@ -41,7 +41,7 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                             '\n'
                             "Also shown: the MMU notifier's invalidation sequence, count in "
                             'progress and range (kvm->mmu_invalidate_*, mmu_notifier_* before '
-                            "6.3: a fault that overlaps an invalidation retries), kvm.ko's "
+                            "6.0: a fault that overlaps an invalidation retries), kvm.ko's "
                             'nx_huge_pages and the pages on kvm->arch.possible_nx_huge_pages, and '
                             'the chain lengths of kvm->arch.mmu_page_hash.',
         'usage': None,

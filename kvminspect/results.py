@@ -288,7 +288,8 @@ class VcpuWatch(NamedTuple):
     cr3s: tuple[int, ...]  # root pgds, in the order first seen
 
 
-# struct kvm_vm_stat (arch/x86/include/asm/kvm_host.h) and its generic part
+# struct kvm_vm_stat (arch/x86/include/asm/kvm_host.h) and its generic part;
+# lpages, then pages_4k/2m/1g from "KVM: x86/mmu: Add detailed page size stats" (5.15)
 VM_PREFIXES = ("mmu_", "nx_", "pages_", "lpages", "max_mmu_", "remote_tlb_flush")
 # struct kvm_vcpu_stat: page faults (pf_*), guest TLB flushes, INVLPG
 VCPU_PREFIXES = ("pf_",)

@@ -91,7 +91,7 @@ def _cmd_vm(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -
     mapped it; FLAGS its KVM_MEM_* flags (1: LOG_DIRTY_PAGES, 2: READONLY).
 
     Also shown: the MMU notifier's invalidation sequence, count in progress and range
-    (kvm->mmu_invalidate_*, mmu_notifier_* before 6.3: a fault that overlaps an
+    (kvm->mmu_invalidate_*, mmu_notifier_* before 6.0: a fault that overlaps an
     invalidation retries), kvm.ko's nx_huge_pages and the pages on
     kvm->arch.possible_nx_huge_pages, and the chain lengths of kvm->arch.mmu_page_hash.
     """
