@@ -216,7 +216,7 @@ def _holders(vcpus: list[VCpu]) -> list[tuple[RootRef, Holder]]:
     MMU, then of the other one (guest_mmu or root_mmu, VCpu.other_mmu)."""
     out = []
     for v in vcpus:
-        # vcpu_idx: "KVM: remember position in kvm->vcpus array" (before 5.10)
+        # vcpu_idx: "KVM: remember position in kvm->vcpus array" (before 5.10, 8750e72a79dd)
         n = v.vcpu_idx if v.vcpu_idx >= 0 else v.vcpu_id if known(v.vcpu_id) else -1
         if v.root is not None:
             out.append((v.root, Holder("root", n)))

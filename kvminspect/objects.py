@@ -118,7 +118,8 @@ class RootKind(Enum):
     LM_ROOT = "lm_root"  # mmu->lm_root, a level-4 page above pae_root (before 5.15)
     PML4_ROOT = "pml4_root"  # mmu->pml4_root, its successor
     PML5_ROOT = "pml5_root"  # mmu->pml5_root, 5-level shadow NPT
-    # "KVM: x86/mmu: Use dummy root, backed by zero page, for !visible guest roots" (6.6)
+    # "KVM: x86/mmu: Use dummy root, backed by zero page, for !visible guest roots"
+    # (6.6, 0e3223d8d00a)
     DUMMY = "dummy"
     UNREADABLE = "unreadable"  # the hpa has no readable struct page
 

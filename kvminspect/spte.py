@@ -208,7 +208,7 @@ LAYOUT_PRESENT_BIT = SpteLayout("5.13 (SPTE_MMU_PRESENT_MASK)", 52, 54, 0x5, (3,
 # on a per-VM basis" (949019b98289)
 LAYOUT_NONPRESENT = SpteLayout("6.10 (SHADOW_NONPRESENT_VALUE)", 52, 54, 0x5, (3, 10), (52, 62),
                                (1 << 63) | 0x5A0, 1 << 63, 1 << 9, 1 << 10)
-# 7.x MBEC (shadow_xs_mask/shadow_xu_mask): bit 10 is EPT's XU, so the A/D
+# MBEC, 7.3 as its fixture shows (shadow_xs_mask/shadow_xu_mask): bit 10 is EPT's XU, so the A/D
 # type moves to bits 60-61, the saved bits to 52/54/62 (R, X, XU), generation
 # to 3-9 and 52-62, FROZEN_SPTE to bit 63 | 0x1a0 (the commit was not found in
 # the sources read; the 7.3 fixture shows the layout)
@@ -335,7 +335,7 @@ def masks_from_globals(found: dict[str, int], layout: SpteLayout) -> SpteMasks:
       the SPTE_HOST_WRITEABLE / SPTE_MMU_WRITEABLE constants (bits 10, 11);
       no shadow_me_value, shadow_me_mask was ORed into every SPTE;
     * no shadow_phys_bits but kvm_host.maxphyaddr (the 6.12 and 7.3 fixtures);
-    * 7.x (MBEC): no shadow_x_mask, but shadow_xs_mask;
+    * MBEC (7.3, as its fixture shows): no shadow_x_mask, but shadow_xs_mask;
     * no enable_mmio_caching (5.10): MMIO SPTEs always cached.
 
     The writable masks came with 5.13 "KVM: x86/mmu: Make Host-writable and
@@ -464,7 +464,7 @@ def decode_bits(value: int, level: int, fmt: SpteFormat, m: SpteMasks) -> SpteBi
 
 def is_rsvd_spte(value: int, level: int, rsvd: tuple[tuple[int, ...], ...], bad_mt_xwr: int,
                  layout: SpteLayout) -> bool:
-    """is_rsvd_spte() against an MMU's shadow_zero_check (7.x: mmu->fmt):
+    """is_rsvd_spte() against an MMU's shadow_zero_check (mmu->fmt in 7.3, as its fixture shows):
     rsvd_bits_mask[bit 7][level - 1], and bad_mt_xwr for EPT's memtype/XWR
     (with MBEC, __is_bad_mt_xwr() counts XU as X)."""
     bit7 = (value >> 7) & 1
