@@ -18,8 +18,10 @@ syncs what this module checks on the model of a dump or a live host:
   gfn of a valid, synced, indirect shadow page (account_shadowed ->
   kvm_mmu_slot_gfn_write_protect);
 * TDP MMU: a REMOVED_SPTE / FROZEN_SPTE (a dump taken mid-update) with what
-  can be known of who holds mmu_lock, and kvm->arch.tdp_mmu_pages (the count,
-  6.2-7.x) against the pages found.
+  can be known of who holds mmu_lock.
+
+The kernel's own counters (kvm->stat.pages_*, n_used_mmu_pages,
+kvm->arch.tdp_mmu_pages) against the pages found are kvminspect.accounting's.
 
 The leaves are LeafSpte (one present leaf SPTE of a shadow page, with its
 gfn); findings are kvminspect.check.Finding; a leaf the dump cannot confirm
@@ -34,12 +36,13 @@ from dataclasses import dataclass, field
 
 from kvminspect.check import Finding, FindingKind, Severity, sp_id
 from kvminspect.graph import VMGraph
+from kvminspect.invariants import check_invariants
 from kvminspect.layout import known
 from kvminspect.model import Kernel
 from kvminspect.objects import VM, ShadowPage
 from kvminspect.render import plural
 from kvminspect.rmap import LEVEL_NAMES, RmapHead, RmapReader, leaf_sptes
-from kvminspect.spte import PAGE_SHIFT
+from kvminspect.spte import PAGE_SHIFT, mmio_sptes
 from kvminspect.walk import MemslotCheck, MemslotOutcome, Verdict, memslot_check
 
 MAX_REPORTED = 64  # findings of one check per VM spelled out; the rest counted
@@ -72,20 +75,31 @@ class AuditState:
     leaves: list[LeafSpte] = field(default_factory=list)
     frozen: list[tuple[ShadowPage, int]] = field(default_factory=list)
     unreadable_gfns: int = 0
+    unreadable_tables: list[ShadowPage] = field(default_factory=list)  # spt[] not in the dump
+    # (page, index, SPTE) of each MMIO SPTE (is_mmio_spte: spte.mmio_sptes), for
+    # kvminspect.invariants
+    mmio: list[tuple[ShadowPage, int, int]] = field(default_factory=list)
 
 
 def collect(k: Kernel, vg: VMGraph) -> AuditState:
-    """Every present leaf SPTE of every page (and each frozen SPTE of TDP MMU pages)."""
+    """Every present leaf SPTE of every page (and each frozen SPTE of TDP MMU pages,
+    each MMIO SPTE), in one pass over the tables."""
     st = AuditState()
-    frozen = k.spte_masks(vg.vm).layout.frozen
+    masks = k.spte_masks(vg.vm)
+    frozen = masks.layout.frozen
+    fmt = k.spte_format
     for sp in vg.pages():
         if not 1 <= sp.level <= 5 or sp.role.is_mirror:
             continue
         spt = k.sptes(sp, keep=sp.level > 1)  # level-1 tables: 10^5 x 4 KiB, read once
         if spt is None:
+            st.unreadable_tables.append(sp)
             continue
         if frozen is not None and sp.tdp_mmu_page and frozen in spt:
             st.frozen.extend((sp, i) for i, v in enumerate(spt) if v == frozen)
+        mmio = mmio_sptes(spt, fmt, masks)
+        if mmio:
+            st.mmio.extend((sp, i, v) for i, v in mmio)
         found = leaf_sptes(k, sp, spt)
         if not found:
             continue
@@ -159,7 +173,7 @@ def check_leaf_pfns(k: Kernel, vm: VM, st: AuditState) -> list[Finding]:
             FindingKind.LEAF_PFN_UNCHECKED, Severity.INFO, [],
             f"{plural(n, 'present leaf SPTE', 'present leaf SPTEs')} not checkable against "
             "the memslot: " + "; ".join(f"{unchecked[o]}: {why}" for o, why in UNCHECKED.items()
-                                        if unchecked[o])))
+                                        if unchecked[o]), count=n))
     return _capped(out, bad - MAX_REPORTED, FindingKind.LEAF_PFN, "leaf SPTEs with the wrong pfn")
 
 
@@ -330,35 +344,16 @@ def check_frozen(k: Kernel, vg: VMGraph, st: AuditState) -> list[Finding]:
         f"{mmu_lock_state(k, vg.vm)}; {who}")]
 
 
-def tdp_mmu_pages_count(k: Kernel, vm: VM) -> int | None:
-    """kvm->arch.tdp_mmu_pages as a count (atomic64_t, 6.2-7.x), None where it is
-    a list (5.10-6.1) or absent. 6.2: "KVM: x86/mmu: Track the number of TDP MMU
-    pages, but not the actual pages" (d25ceb926436)."""
-    return k.vm_reader.tdp_mmu_pages_count(vm)
-
-
-def check_tdp_mmu_pages(k: Kernel, vg: VMGraph) -> list[Finding]:
-    """kvm->arch.tdp_mmu_pages (tdp_account_mmu_page: every linked non-root TDP
-    MMU page) against the non-root TDP MMU pages the graph found."""
-    n = tdp_mmu_pages_count(k, vg.vm)
-    if n is None:
-        return []
-    found = sum(1 for sp in vg.pages() if sp.tdp_mmu_page and sp.addr not in vg.roots)
-    if n == found:
-        return []
-    return [Finding(
-        FindingKind.TDP_MMU_PAGES, Severity.WARNING, [vg.vm.addr],
-        f"kvm->arch.tdp_mmu_pages is {n} but {found} non-root TDP MMU pages are reachable "
-        "(a dump taken mid-update, or pages leaked/unaccounted)")]
-
-
-def audit_vm(k: Kernel, vg: VMGraph, reader: RmapReader | None = None) -> list[Finding]:
-    """The audit's checks of one VM (check --audit adds them to check_vm's)."""
-    st = collect(k, vg)
+def audit_vm(k: Kernel, vg: VMGraph, reader: RmapReader | None = None,
+             st: AuditState | None = None) -> list[Finding]:
+    """The audit's checks of one VM (check --audit adds them to check_vm's);
+    *st*: what collect() read, when the caller has it already."""
+    st = st if st is not None else collect(k, vg)
     reader = reader or RmapReader(k)
     return [
         *check_leaf_pfns(k, vg.vm, st),
         *check_rmaps(k, vg, st, reader),
         *check_write_protection(vg, st),
         *check_frozen(k, vg, st),
+        *check_invariants(k, vg, st),
     ]

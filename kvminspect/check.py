@@ -40,7 +40,7 @@ from kvminspect.errors import Problem
 from kvminspect.graph import Holder, VMGraph
 from kvminspect.layout import NoValue, known
 from kvminspect.model import Kernel
-from kvminspect.objects import RootKind, ShadowPage
+from kvminspect.objects import RootKind, ShadowPage, VCpu
 from kvminspect.render import plural
 from kvminspect.spte import SPTE_ENT_PER_PAGE
 
@@ -69,6 +69,9 @@ _SEVERITY_RANK = {s: i for i, s in enumerate(Severity)}
 SEVERITIES = tuple(s.value for s in Severity)  # their names, in order ("error", ...)
 
 
+# the requests whose handling drops an invalid or obsolete root (reload_pending)
+RELOAD_REQUESTS = ("MMU_FREE_OBSOLETE_ROOTS", "MMU_RELOAD")
+
 class FindingKind(Enum):
     """Which check made a finding; the value is its id (JSON "check", the CHECK column)."""
 
@@ -88,8 +91,12 @@ class FindingKind(Enum):
     ORPHANS = "orphans"
     # page->private of each page's sp->spt (to_shadow_page, set_page_private)
     SPT_OWNER = "spt-owner"
-    # kvm->arch.tdp_mmu_pages (kvminspect.audit.check_tdp_mmu_pages)
+    # the kernel's own accounting against the pages (kvminspect.accounting):
+    # kvm->arch.tdp_mmu_pages, n_used_mmu_pages (stat.mmu_shadow_pages in 7.3),
+    # kvm->stat.pages_4k/2m/1g (lpages before 5.15)
     TDP_MMU_PAGES = "tdp-mmu-pages"
+    USED_MMU_PAGES = "used-mmu-pages"
+    PAGE_STATS = "page-stats"
     # check --audit (kvminspect.audit: mmu_audit.c)
     LEAF_PFN = "leaf-pfn"
     LEAF_PFN_UNCHECKED = "leaf-pfn-unchecked"
@@ -100,6 +107,12 @@ class FindingKind(Enum):
     RMAP_UNCHECKED = "rmap-unchecked"
     WRITABLE_SHADOWED = "writable-shadowed"
     FROZEN_SPTE = "frozen-spte"
+    # check --audit: a page against its parent, SPTEs against the memslots
+    # (kvminspect.invariants: kvm_mmu_child_role, kvm_mmu_page_get_gfn, check_mmio_spte)
+    CHILD_ROLE = "child-role"
+    CHILD_GFN = "child-gfn"
+    MMIO_OVER_RAM = "mmio-over-ram"
+    LEAF_NO_MEMSLOT = "leaf-no-memslot"
 
 
 @dataclass(frozen=True)
@@ -110,6 +123,7 @@ class Finding:
     severity: Severity
     objects: list[int] = field(default_factory=list)  # addresses it names
     message: str = ""
+    count: int = 1  # the objects it stands for (a summary finding: how many it counts)
 
 
 def summary(findings: list[Finding]) -> dict[Severity, int]:
@@ -424,14 +438,28 @@ def _obsolete_why(sp: ShadowPage, vm_gen: int | NoValue) -> str:
     return ", ".join(why)
 
 
+def reload_pending(v: VCpu) -> bool:
+    """Whether *v* has a request pending whose handling drops an obsolete root:
+    KVM_REQ_MMU_FREE_OBSOLETE_ROOTS (kvm_mmu_free_obsolete_roots() in
+    vcpu_enter_guest()), or KVM_REQ_MMU_RELOAD (kvm_mmu_unload()), which the
+    fast zap requests in 5.10 (the 5.10-shadow-zapped fixture's vCPUs have it)."""
+    return any(n in v.request_names for n in RELOAD_REQUESTS)
+
+
 def check_obsolete_roots(vg: VMGraph) -> list[Finding]:
     """Obsolete roots (is_obsolete_sp) that vCPUs still hold.
 
-    A current root: warning, as it is normal only until the vCPUs handle
-    KVM_REQ_MMU_FREE_OBSOLETE_ROOTS (kvm_mmu_free_obsolete_roots) and reload.
-    Only cached in prev_roots[]: info, freed at the same point.
+    A current root: normal (info) while every vCPU using it has the reload
+    request pending (reload_pending: it drops the root at its next VM entry,
+    right after a fast zap, kvm_mmu_zap_all_fast); a warning for the vCPUs
+    without it: is_page_fault_stale() retries every fault on that root, and
+    nothing makes them drop it. Only cached in prev_roots[]: info, freed at
+    the same point.
     """
     out = []
+    pending: dict[int | None, bool] = {  # by Holder.vcpu: vcpu_idx (vcpu_id without it)
+        v.vcpu_idx if v.vcpu_idx >= 0 else v.vcpu_id if known(v.vcpu_id) else -1:
+        reload_pending(v) for v in vg.vcpus}
     for addr in vg.root_order():
         holders = vg.roots[addr]
         sp = vg.sp(addr)
@@ -440,13 +468,20 @@ def check_obsolete_roots(vg: VMGraph) -> list[Finding]:
             continue
         current = [h for h in held if h.kind == "root"]
         why = _obsolete_why(sp, vg.vm.mmu_valid_gen)
-        if current:
+        stuck = [h for h in current if not pending.get(h.vcpu, False)]
+        if stuck:
             out.append(Finding(
                 FindingKind.OBSOLETE_ROOT, Severity.WARNING, [addr],
                 f"{sp_id(sp)} is obsolete ({why}) but is still in use as "
-                f"{_names(current)}: normal right after a fast zap (memslot change, "
-                "kvm_mmu_zap_all_fast) until those vCPUs handle "
-                "KVM_REQ_MMU_FREE_OBSOLETE_ROOTS and reload their MMU"))
+                f"{_names(stuck)} with no reload request pending "
+                "(KVM_REQ_MMU_FREE_OBSOLETE_ROOTS): their faults on it retry "
+                "(is_page_fault_stale) until something reloads their MMU"))
+        elif current:
+            out.append(Finding(
+                FindingKind.OBSOLETE_ROOT, Severity.INFO, [addr],
+                f"{sp_id(sp)} is obsolete ({why}) and still in use as "
+                f"{_names(current)}, each with its reload request pending: normal right "
+                "after a fast zap (memslot change, kvm_mmu_zap_all_fast)"))
         else:
             out.append(Finding(
                 FindingKind.OBSOLETE_ROOT, Severity.INFO, [addr],

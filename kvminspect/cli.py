@@ -4,6 +4,8 @@
                [ARGS] [--json]
     kvminspect [-c CORE | ...] -e 'CMD; CMD' [-e CMD]... [--json]
     kvminspect [-s PATH]... diff A B [--vm ID] [--json]    (A is the target: -c A diff B)
+    kvminspect [-s PATH]... diagnose --jsonl CORE... [-j N] [--vm ID] [--fail-on warning]
+                                                           (one JSON line per core: batch)
     kvminspect help [CMD]                                  (no target needed)
     kvminspect live [--qemu SOCK] [-s PATH]...
     kvminspect vmcore [PATH] [-s PATH]...
@@ -50,6 +52,8 @@ def _commands_epilog() -> str:
             "(no PATH: the bundled sample)\n\n"
             "Global options work before or after the command.\n"
             "'kvminspect diff A B' compares two vmcores of one host (A before, B after).\n"
+            "'kvminspect diagnose --jsonl CORE... [-j N]' diagnoses many vmcores, one JSON\n"
+            "line each, N worker processes at once.\n"
             "'kvminspect help CMD' shows a command's options.")
 
 
@@ -330,6 +334,15 @@ def _main(argv: list[str] | None) -> int:
         return 0
     if vm is not None and entry.options().get("--vm"):
         words, vm = words + ["--vm", vm], None
+    if command == "diagnose":  # kvminspect diagnose --jsonl CORE...: a process per core
+        from kvminspect import batch
+
+        req = batch.request(words[1:], g.symbols)
+        if req is not None:
+            if source is not None:
+                raise UsageError(f"diagnose --jsonl takes its vmcores as arguments, not "
+                                 f"{_label(source)}: {options.BATCH_USAGE}")
+            return batch.run(req)
     if command == "diff" and source is None:  # kvminspect diff A B
         core, rest = split_first_core(words[1:])
         source, words = ("core", core), ["diff", *rest]

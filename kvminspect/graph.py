@@ -89,6 +89,9 @@ class VMGraph:
     vcpus: list[VCpu]
     nodes: dict[int, ShadowPage] = field(default_factory=dict)
     links: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    # each parent's (index, child) pairs whose child's level is not the parent's minus
+    # one: recorded as problems, kept out of links and not followed (_expand)
+    wrong_level: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     roots: dict[int, list[Holder]] = field(default_factory=dict)  # sp -> holders
     active: set[int] = field(default_factory=set)  # on active_mmu_pages / tdp lists
     orphan_set: set[int] = field(default_factory=set)  # see mark_orphans()
@@ -273,6 +276,7 @@ def _expand(k: Kernel, vg: VMGraph, start: list[int]) -> None:
                 k.problem("struct kvm_mmu_page", addr,
                           f"spt[{index}] child {child_addr:#x} has level {child.level}, "
                           f"expected {want}")
+                vg.wrong_level.setdefault(addr, []).append((index, child_addr))
                 continue
             pairs.append((index, child_addr))
             if want >= 2 and child_addr not in done:  # level-1 pages link nothing

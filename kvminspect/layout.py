@@ -81,6 +81,30 @@ class MissingMember:
                 "warning": str(self)}
 
 
+@dataclass(frozen=True)
+class MissingType:
+    """A type kvminspect reads that this kernel's debug info lacks: a loaded
+    module whose debug file was not given (kvm-amd.ko's struct vcpu_svm)."""
+
+    type: str  # "struct vcpu_svm"
+    module: str  # "kvm_amd", the module that defines it
+    debug_file: str  # "kvm-amd.ko", the debug file that has it
+    release: str  # the kernel release, "?" if unknown
+    effect: str  # what is lost
+
+    def __str__(self) -> str:
+        return (f"{self.type} is not in the debug info of kernel {self.release} (no "
+                f"matching {self.debug_file} for {self.module}; give it with -s): {self.effect}")
+
+    def to_json(self) -> dict[str, str]:
+        return {"member": self.type, "kernel": self.release, "warning": str(self)}
+
+
+# A warning of the "warnings" channel (JSON "warnings", stderr "kvminspect: warning:"):
+# what this kernel's debug info lacks, and what is shown or lost instead
+Missing = MissingMember | MissingType
+
+
 # Members the model reads as plain values. A kernel without one of them gets a
 # MissingMember warning and the field is UNKNOWN; nothing else changes.
 VALUE_MEMBERS: dict[str, tuple[str, ...]] = {

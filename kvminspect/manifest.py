@@ -41,9 +41,11 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                             '\n'
                             "Also shown: the MMU notifier's invalidation sequence, count in "
                             'progress and range (kvm->mmu_invalidate_*, mmu_notifier_* before '
-                            "6.0: a fault that overlaps an invalidation retries), kvm.ko's "
-                            'nx_huge_pages and the pages on kvm->arch.possible_nx_huge_pages, and '
-                            'the chain lengths of kvm->arch.mmu_page_hash.',
+                            '6.0: a fault that overlaps an invalidation retries; the range is '
+                            'host virtual addresses, "hva", to 6.7 and guest frame numbers, '
+                            '"gfn", from 6.8), kvm.ko\'s nx_huge_pages and the pages on '
+                            'kvm->arch.possible_nx_huge_pages, and the chain lengths of '
+                            'kvm->arch.mmu_page_hash.',
         'usage': None,
         'epilog': None,
         'custom': False,
@@ -252,7 +254,8 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                         {'args': ['--json'],
                          'kwargs': {'action': 'store_true', 'help': 'print one JSON document'}}]},
  'rmap': {'module': 'kvminspect.commands.rmap',
-          'description': 'every SPTE that maps a gfn: its shadow page, index and bits',
+          'description': 'every SPTE that maps a gfn: its shadow page, index and bits (--stats: '
+                         'rmap lengths)',
           'long_description': "For the shadow MMU (and the legacy TDP MMU), from the memslot's "
                               "reverse maps: slot->arch.rmap[level - 1] at the gfn's index, for "
                               '4K, 2M and 1G mappings, each struct kvm_rmap_head holding one '
@@ -268,13 +271,32 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                               "SPTE; SP GFN that page's gfn; IDX the index in its spt[]; SPTE the "
                               "value; FLAGS decoded by the kernel's own masks (as walk shows "
                               'them); FROM "rmap", or "root SP": the TDP MMU root walked. JSON '
-                              "adds each SPTE's kernel address (sptep).",
+                              "adds each SPTE's kernel address (sptep).\n"
+                              '\n'
+                              "--stats (no GFN) shows instead what the kernel's debugfs file "
+                              'mmu_rmaps_stat (kvm_mmu_rmaps_stat_show(), 5.15+) shows live: for '
+                              'each level, how many rmap heads of every memslot hold 0, 1, 2-3, '
+                              '4-7, ... 512-1023 sptes, binned exactly as the kernel bins them: '
+                              'by ffs(length), its lowest set bit, so a 3-entry rmap is counted '
+                              'under 1 and a 24-entry one under 8-15 (a note lists such lengths; '
+                              'JSON has the exact ones). Then the entries (one per present '
+                              'shadow-MMU leaf SPTE), the longest rmap and '
+                              'kvm->stat.max_mmu_rmap_size, the longest pte_list_add() ever met '
+                              'before adding (5.15+). A VM without rmaps (TDP MMU only) has none: '
+                              "the kernel's file is empty. Rmap arrays not in the dump, and "
+                              'chains cut short, are named.',
           'usage': None,
           'epilog': None,
           'custom': False,
           'arguments': [{'args': ['gfn'],
                          'kwargs': {'metavar': 'GFN',
+                                    'nargs': '?',
                                     'help': 'the guest frame number (hex, with or without 0x)'}},
+                        {'args': ['--stats'],
+                         'kwargs': {'action': 'store_true',
+                                    'help': "instead of one gfn's SPTEs, the rmap length "
+                                            'histogram per level (debugfs mmu_rmaps_stat, '
+                                            'offline)'}},
                         {'args': ['--vm'],
                          'kwargs': {'metavar': 'ID',
                                     'help': 'VM index, pid:PID, struct kvm address or name '
@@ -344,10 +366,17 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                                'set; only indirect level-1 pages are unsync; root_count against '
                                'the vCPU references (root, prev_roots[], pae_root[]; +1 for a '
                                'valid TDP MMU root on tdp_mmu_roots); obsolete roots still in use '
-                               '(a warning, normal right after a fast zap); orphan pages; '
-                               'kvm->arch.tdp_mmu_pages (the count, 6.2+) against the TDP MMU '
-                               'pages found; and every object the model could not read or found '
-                               'impossible (errors).\n'
+                               '(info while their vCPUs have the reload request pending, as right '
+                               'after a fast zap; a warning for a vCPU without it); orphan pages; '
+                               "the kernel's page counts against the pages found: "
+                               'n_used_mmu_pages (kvm->stat.mmu_shadow_pages in 7.3) against the '
+                               'shadow pages on active_mmu_pages plus the zapped roots vCPUs '
+                               'still hold, kvm->arch.tdp_mmu_pages (the list to 6.1, the count '
+                               '6.2-7.2) against the non-root TDP MMU pages reached (a difference '
+                               'is info when the kernel explains it: a dump taken with mmu_lock '
+                               'held, a live target, pages not in the dump; else an error); and '
+                               'every object the model could not read or found impossible '
+                               '(errors).\n'
                                '\n'
                                "--audit adds what the kernel's CONFIG_KVM_MMU_AUDIT (mmu_audit.c, "
                                'removed in 5.18 by "KVM: x86/mmu: Remove MMU auditing", '
@@ -361,11 +390,21 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                                'maps the gfn of a synced indirect shadow page (a write-protected '
                                'guest page table); a frozen TDP MMU SPTE (REMOVED_SPTE / '
                                'FROZEN_SPTE, a dump taken mid-update) is info naming what '
-                               'mmu_lock and the vCPUs say about who may hold the lock.',
+                               'mmu_lock and the vCPUs say about who may hold the lock; '
+                               'kvm->stat.pages_4k/2m/1g (lpages before 5.15) against the present '
+                               'leaf SPTEs of each level (a warning when nothing explains a '
+                               'difference: the kernel acts on none of these statistics).\n'
+                               '\n'
+                               'The text folds the info findings of one check into one row (--all '
+                               'lists each); --json lists every finding.',
            'usage': None,
            'epilog': None,
            'custom': False,
-           'arguments': [{'args': ['--audit'],
+           'arguments': [{'args': ['--all'],
+                          'kwargs': {'action': 'store_true',
+                                     'help': 'list every info finding (by default those of one '
+                                             'check are folded)'}},
+                         {'args': ['--audit'],
                           'kwargs': {'action': 'store_true',
                                      'help': 'also the MMU audit (CONFIG_KVM_MMU_AUDIT, removed '
                                              "in 5.18): each leaf SPTE's pfn against the memslot, "
@@ -378,6 +417,63 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                                              'else all VMs; export: else the only VM)'}},
                          {'args': ['--json'],
                           'kwargs': {'action': 'store_true', 'help': 'print one JSON document'}}]},
+ 'diagnose': {'module': 'kvminspect.commands.diagnose',
+              'description': 'a verdict per VM (healthy, degraded, corrupt), what matters, and '
+                             'stuck vCPUs',
+              'long_description': 'Runs check and the audit (check --audit) on each VM and weighs '
+                                  'them: a VM is corrupt with any error finding, degraded with a '
+                                  'warning or a stuck-suspect vCPU, healthy otherwise; states the '
+                                  'kernel calls normal (an obsolete root whose vCPUs have the '
+                                  'reload request pending, orphans kept for reuse) are info, '
+                                  'folded into one line per kind. Then each vCPU that cannot make '
+                                  'progress, and why: its last exit is a page fault inside an MMU '
+                                  'notifier invalidation in progress, or its root is invalid or '
+                                  'obsolete with no reload request pending (README: Diagnose), '
+                                  'with the evidence: mp_state and mode, pending requests, the '
+                                  'root, the last exit and its address in the invalidation '
+                                  "range's unit, the invalidation and mmu_lock. The exit status "
+                                  'is 3 when a VM is corrupt (with --fail-on warning, degraded '
+                                  'too).\n'
+                                  '\n'
+                                  'Many vmcores at once: kvminspect diagnose --jsonl CORE... [-j '
+                                  'N] prints one line per core, in the order given: diagnose '
+                                  '--json\'s document with "core", "kernel_release" and "elapsed" '
+                                  'in front, or {"core", "error", "elapsed"} for a core that '
+                                  'cannot be diagnosed (the others go on). Each core is read by '
+                                  'its own process, at most N at once. Exit status: 1 if a core '
+                                  'could not be diagnosed, else 3 if one has an error finding '
+                                  '(with --fail-on warning, a warning), else 0 (README: Scripts).',
+              'usage': None,
+              'epilog': None,
+              'custom': False,
+              'arguments': [{'args': ['--fail-on'],
+                             'kwargs': {'choices': ['error', 'warning'],
+                                        'default': 'error',
+                                        'help': 'the severity that makes the exit status 3 '
+                                                '(default: error)'}},
+                            {'args': ['--jsonl'],
+                             'kwargs': {'action': 'store_true',
+                                        'help': 'diagnose each CORE in its own process, one JSON '
+                                                'line per core, in order (the command line only, '
+                                                'without -c)'}},
+                            {'args': ['-j', '--jobs'],
+                             'kwargs': {'type': 'builtins.int',
+                                        'metavar': 'N',
+                                        'help': 'with --jsonl: at most N cores at once (default: '
+                                                '1)'}},
+                            {'args': ['cores'],
+                             'kwargs': {'nargs': '*',
+                                        'metavar': 'CORE',
+                                        'help': 'with --jsonl: a vmcore or crash directory, as -c '
+                                                'takes'}},
+                            {'args': ['--vm'],
+                             'kwargs': {'metavar': 'ID',
+                                        'help': 'VM index, pid:PID, struct kvm address or name '
+                                                "(kvm-PID, QEMU's -name) (default: the selected "
+                                                'VM, else all VMs; export: else the only VM)'}},
+                            {'args': ['--json'],
+                             'kwargs': {'action': 'store_true',
+                                        'help': 'print one JSON document'}}]},
  'export': {'module': 'kvminspect.commands.export',
             'description': "write one VM's shadow-page graph as DOT, GraphML, JSON or an SVG/PNG "
                            'picture',

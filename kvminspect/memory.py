@@ -81,6 +81,10 @@ class Memory:
         """The u8 at *addr*, read now (no cache)."""
         return int(self.prog.read_u8(addr))
 
+    def read_physical(self, addr: int, size: int) -> bytes:
+        """*size* bytes at physical address *addr*, read now (no cache)."""
+        return bytes(self.prog.read(addr, size, True))
+
     # the debug info
 
     def type(self, name: str) -> drgn.Type:

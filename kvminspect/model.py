@@ -9,7 +9,8 @@ its caches and its reset(), passed to each other explicitly:
 * ShadowPages (read_pages.py): struct kvm_mmu_page, spt[], the page lists;
 * Vms (read_vms.py): struct kvm on vm_list, owners, counters, memslots;
 * Vcpus (read_vcpus.py): struct kvm_vcpu, its MMUs' roots and prev_roots;
-* VmStates (read_vmstate.py): MMU notifier, NX huge pages, the page hash.
+* VmStates (read_vmstate.py): MMU notifier, NX huge pages, the page hash;
+* Exits (read_exits.py): each vCPU's last VM-exit, from the vendor module.
 
 Kernel is the thin front that builds them for one target, so that commands
 read ``k.vms()``, ``k.vcpus(vm)``, ``k.shadow_page(addr)`` as before; analyses
@@ -26,7 +27,7 @@ import drgn
 
 from kvminspect import spte
 from kvminspect.errors import Problems
-from kvminspect.layout import Layout, MissingMember, probe
+from kvminspect.layout import Layout, Missing, probe
 from kvminspect.memory import Memory
 from kvminspect.objects import (
     MP_STATES,
@@ -34,6 +35,7 @@ from kvminspect.objects import (
     VENDOR_MODULES,
     VM,
     VM_TYPES,
+    LastExit,
     Memslot,
     MmuRoots,
     Role,
@@ -43,6 +45,7 @@ from kvminspect.objects import (
     VCpu,
     is_obsolete_sp,
 )
+from kvminspect.read_exits import Exits
 from kvminspect.read_pages import ShadowPages
 from kvminspect.read_spte import SpteReader
 from kvminspect.read_vcpus import MmuRootWords, RsvdMasks, Vcpus
@@ -50,8 +53,9 @@ from kvminspect.read_vms import Vms
 from kvminspect.read_vmstate import VmState, VmStates
 
 # the model's data (kvminspect.objects), re-exported beside Kernel
-__all__ = ["MP_STATES", "VCPU_MODES", "VENDOR_MODULES", "VM", "VM_TYPES", "Kernel", "Memslot",
-           "MmuRoots", "Role", "RootRef", "ShadowPage", "Spte", "VCpu", "is_obsolete_sp"]
+__all__ = ["MP_STATES", "VCPU_MODES", "VENDOR_MODULES", "VM", "VM_TYPES", "Kernel", "LastExit",
+           "Memslot", "MmuRoots", "Role", "RootRef", "ShadowPage", "Spte", "VCpu",
+           "is_obsolete_sp"]
 
 
 class Kernel:
@@ -71,6 +75,7 @@ class Kernel:
         self.vm_reader = Vms(self.memory, self.layout)
         self.vcpu_reader = Vcpus(self.memory, self.layout, self.vm_reader, self.pages)
         self.vm_states = VmStates(self.memory)
+        self.exits = Exits(self.memory, self.vm_reader)
 
     # what was met while reading
 
@@ -80,9 +85,10 @@ class Kernel:
         return self.memory.problems
 
     @property
-    def missing(self) -> tuple[MissingMember, ...]:
-        """Members the model reads that this kernel lacks (shown as unknown)."""
-        return self.layout.missing
+    def missing(self) -> tuple[Missing, ...]:
+        """Members the model reads that this kernel lacks (shown as unknown), then
+        the vendor module's types or members its debug info lacks (Exits.warnings)."""
+        return self.layout.missing + self.exits.warnings()
 
     def problem(self, kind: str, addr: int | None, what: str) -> None:
         """Record a problem owned by the VM being read (Memory.problem)."""
@@ -154,6 +160,12 @@ class Kernel:
     def rsvd_masks(self, v: VCpu) -> RsvdMasks | None:
         """A vCPU's MMU reserved-bit masks (Vcpus.rsvd_masks)."""
         return self.vcpu_reader.rsvd_masks(v)
+
+    def last_exit(self, v: VCpu) -> LastExit | None:
+        """A vCPU's last VM-exit from the vendor module's structures (Exits.last_exit):
+        None when its debug info lacks them (a warning in missing) or when they are
+        unreadable (a problem)."""
+        return self.exits.last_exit(v)
 
     # shadow pages (ShadowPages) and SPTEs (SpteReader)
 

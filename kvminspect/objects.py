@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import drgn
 
+from kvminspect.exits import AddressKind, Vendor
 from kvminspect.layout import (  # Int: re-exported, the model's integers
     Int,
     NoValue,
@@ -176,6 +177,40 @@ class VCpu:
     requests: Int = 0  # vcpu->requests, the pending KVM_REQ_* bits (UNKNOWN: no member)
     request_names: tuple[str, ...] = ()  # their names (kvminspect.requests), "bit N" if none
     other_mmu: MmuRoots | None = None
+
+
+@dataclass(frozen=True)
+class LastExit:
+    """A vCPU's last VM-exit where the kernel keeps it in memory (kvminspect.exits).
+
+    SVM: the current VMCB's control area (svm->vmcb: vmcb01, or vmcb02 while the
+    vCPU runs a nested guest). VMX: what struct vcpu_vmx caches; the VMCS itself is
+    not readable from memory. *stale*: the vCPU was in guest mode at the reading
+    (vcpu->mode IN_GUEST_MODE or EXITING_GUEST_MODE), so this is the exit before
+    the current guest run (or one not handled yet); None when vcpu->mode is unknown.
+    """
+
+    vendor: Vendor
+    code: int  # SVM: the 64-bit EXITCODE; VMX: exit_reason.full
+    name: str | None  # SVM_EXIT_* / EXIT_REASON_* without the prefix; None: unknown code
+    info1: int | None  # SVM EXITINFO1; VMX exit_qualification (None: not cached)
+    info2: int | None  # SVM EXITINFO2; VMX exit_intr_info (None: not cached)
+    int_info: int | None  # SVM EXITINTINFO; VMX idt_vectoring_info (None: not read)
+    address: int | None  # the fault address the exit carries (see address_kind)
+    address_kind: AddressKind
+    stale: bool | None
+    source: str  # what it was read from: "svm->vmcb (vmcb01)", "vmx->vt", ...
+    nested: bool = False  # the exit of a nested (L2) guest: svm->vmcb is vmcb02
+    failed_vmentry: bool = False  # VMX exit_reason bit 31 / VM-Fail; SVM_EXIT_ERR
+    detail: tuple[str, ...] = ()  # decoded bits: #PF/#NPF error code, EPT qualification
+    exits: int | None = None  # vcpu->stat.exits: 0 means the vCPU never exited
+
+    @property
+    def gfn(self) -> int | None:
+        """The guest frame of a GPA address (None for any other kind)."""
+        if self.address is None or self.address_kind is not AddressKind.GPA:
+            return None
+        return self.address >> 12
 
 
 @dataclass(frozen=True)

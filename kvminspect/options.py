@@ -97,12 +97,19 @@ def target_choices() -> str:
     return ", ".join(names[:-1]) + " or " + names[-1]
 
 
+# many vmcores at once, one JSON line each (kvminspect.batch)
+BATCH_USAGE = ("kvminspect diagnose --jsonl CORE... [-j N] [-s PATH]... [--vm ID] "
+               "[--fail-on warning]")
+
+
 def usage() -> str:
-    """The usage line of kvminspect --help."""
+    """The usage lines of kvminspect --help: one target and a command, then
+    diagnose --jsonl over many vmcores."""
     parts = ["[" + " | ".join(o.spelling for o in targets()) + "]"]
     parts += [f"[{o.spelling}]" + ("..." if o.repeat else "") for o in OPTIONS
               if o.in_usage and not o.target]
-    return f"kvminspect {' '.join(parts)} (COMMAND [ARGS] | -e 'CMD; CMD')"
+    return (f"kvminspect {' '.join(parts)} (COMMAND [ARGS] | -e 'CMD; CMD')\n"
+            f"       {BATCH_USAGE}")
 
 
 def split_first_core(words: list[str]) -> tuple[str, list[str]]:

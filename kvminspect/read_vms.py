@@ -30,6 +30,9 @@ from kvminspect.objects import (
     stat_counters,
 )
 
+SHRT_MAX = 32767  # KVM_MEM_SLOTS_NUM from 5.12 (Vms.user_memslots)
+X86_INTERNAL_MEMSLOTS = 3  # KVM_PRIVATE_MEM_SLOTS, later KVM_INTERNAL_MEM_SLOTS (x86)
+
 
 def read_counters(mem: Memory, obj: drgn.Object, kind: str, addr: int) -> dict[str, int]:
     """The integer members of a stats struct (kvm->stat, vcpu->stat), flattened;
@@ -217,6 +220,39 @@ class Vms:
             except (drgn.FaultError, LookupError, ValueError) as e:
                 self.mem.problem("struct kvm_memslots", slots.value_(), f"unreadable ({e})")
         return out
+
+    def memslots_generation(self, vm: VM) -> dict[int, int]:
+        """kvm_memslots(kvm)->generation of each address space of *vm* (as_id ->
+        kvm->memslots[as_id]->generation), what check_mmio_spte() compares an MMIO
+        SPTE's generation with; an unreadable one is left out (and a problem)."""
+        out: dict[int, int] = {}
+        kvm = self.kvm_object(vm)
+        if bare_type(kvm.type_.type).member("memslots").type.kind != drgn.TypeKind.ARRAY:
+            return out
+        for as_id, slots in enumerate(kvm.memslots):
+            try:
+                if slots:
+                    out[as_id] = int(slots.generation.value_())
+            except (drgn.FaultError, LookupError, AttributeError) as e:
+                self.mem.problem("struct kvm_memslots", vm.addr,
+                                 f"memslots of address space {as_id} unreadable ({e})")
+        return out
+
+    def user_memslots(self) -> int:
+        """KVM_USER_MEM_SLOTS: memslot ids from it up are x86's internal memslots
+        (KVM_PRIVATE_MEM_SLOTS / KVM_INTERNAL_MEM_SLOTS, 3: APIC access page,
+        identity page table, TSS), which kvm_is_visible_memslot() hides from L2.
+        KVM_MEM_SLOTS_NUM is the length of kvm_memslots.id_to_index[] where it has
+        one, SHRT_MAX after "KVM: Keep memslots in tree-based structures instead of
+        array-based ones" (5.17, a54d806688fe) dropped it; it was 512 (509 user
+        slots) before "KVM: Raise the maximum number of user memslots" (5.12,
+        4fc096a99e01)."""
+        try:
+            t = self.mem.type("struct kvm_memslots")
+            length = bare_type(t.member("id_to_index").type).length
+        except LookupError:
+            length = None
+        return (length if length else SHRT_MAX) - X86_INTERNAL_MEMSLOTS
 
     def memslot_rmaps(self, vm: VM, levels: int
                       ) -> list[tuple[int, int, int, int, int, tuple[int, ...]]]:

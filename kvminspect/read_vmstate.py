@@ -7,14 +7,24 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from enum import Enum
 
 import drgn
 
-from kvminspect.layout import UNKNOWN, Int, bare_type, has_member
+from kvminspect.layout import UNKNOWN, Int, bare_type, has_member, known
 from kvminspect.memory import Memory
 from kvminspect.objects import VM
 
 MAX_CHAIN = 1 << 20  # no hash chain is this long
+INVALID_GPA = (1 << 64) - 1  # ~(gpa_t)0: the range's value between invalidations (6.8+)
+
+
+class RangeUnit(Enum):
+    """What kvm->mmu_invalidate_range_start/end count."""
+
+    HVA = "hva"  # host virtual addresses (unsigned long), 5.12 to 6.7
+    GFN = "gfn"  # guest frame numbers (gfn_t) from 6.8
+    UNKNOWN = "unknown"  # no range (before 5.12)
 
 
 @dataclass(frozen=True)
@@ -25,10 +35,32 @@ class Invalidation:
     prefix: str | None  # "mmu_invalidate" (6.0+), "mmu_notifier" (before), None: neither
     seq: Int
     in_progress: Int  # mmu_invalidate_in_progress / mmu_notifier_count
-    # gfn; UNKNOWN without the range: not in the 5.10 fixture's DWARF, in 6.1's (commit
-    # not found); a release difference (as kvm->stats_id before 5.14), not a warning
+    # [range_start, range_end) in *unit*; UNKNOWN without the range: "KVM: x86/mmu:
+    # Consider the hva in mmu_notifier retry" (5.12, 4a42d848db95) added it, so not in
+    # the 5.10 fixture's DWARF; a release difference (as kvm->stats_id before 5.14),
+    # not a warning
     range_start: Int
     range_end: Int
+    unit: RangeUnit = RangeUnit.UNKNOWN
+
+    def in_range(self, address: int, unit: RangeUnit) -> bool | None:
+        """Whether *address*, in *unit* (an hva, or a gfn: pass a GPA as gpa >> 12),
+        lies in the invalidation in progress, as the fault path's retry check tests
+        it: mmu_invalidate_retry_gfn() (mmu_invalidate_retry_hva() to 6.7) retries
+        while in_progress is non-zero and range_start <= address < range_end, and
+        (6.8+) always while the range is still INVALID_GPA. False when no
+        invalidation is in progress; None when this cannot be said: the count or
+        range unknown, or *unit* not the range's (translate the address first)."""
+        if not known(self.in_progress):
+            return None
+        if self.in_progress == 0:
+            return False
+        if (not known(self.range_start) or not known(self.range_end)
+                or unit is RangeUnit.UNKNOWN or unit is not self.unit):
+            return None
+        if unit is RangeUnit.GFN and INVALID_GPA in (self.range_start, self.range_end):
+            return True  # WARN_ON_ONCE(...range_start == INVALID_GPA ...) return 1
+        return self.range_start <= address < self.range_end
 
 
 @dataclass(frozen=True)
@@ -123,7 +155,9 @@ class VmStates:
                     prefix, kvm.member_(f"{prefix}_seq").value_(),
                     kvm.member_(f"{prefix}_{count}").value_(),
                     kvm.member_(f"{prefix}_range_start").value_() if ranged else UNKNOWN,
-                    kvm.member_(f"{prefix}_range_end").value_() if ranged else UNKNOWN)
+                    kvm.member_(f"{prefix}_range_end").value_() if ranged else UNKNOWN,
+                    _range_unit(kvm.member_(f"{prefix}_range_start").type_) if ranged
+                    else RangeUnit.UNKNOWN)
             except drgn.FaultError as e:
                 self.mem.problem("struct kvm", kvm.value_(), f"{prefix}_* unreadable ({e})")
         return Invalidation(None, UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN)
@@ -200,6 +234,17 @@ class VmStates:
         used = n - lengths.get(0, 0)
         return HashStats(n, used, sum(k * v for k, v in lengths.items()),
                          max(lengths), {k: v for k, v in sorted(lengths.items()) if k})
+
+
+def _range_unit(t: drgn.Type) -> RangeUnit:
+    """The unit of kvm->mmu_invalidate_range_start by its DWARF type: gfn_t from "KVM:
+    Use gfn instead of hva for mmu_notifier_retry" (6.8, 8569992d64b8), unsigned
+    long (an hva) before, as the 6.12 and 6.1 fixtures' DWARF show."""
+    while t.kind == drgn.TypeKind.TYPEDEF:
+        if t.name == "gfn_t":
+            return RangeUnit.GFN
+        t = t.type
+    return RangeUnit.HVA
 
 
 def _mmu_types(mem: Memory, n: int) -> list[str]:

@@ -39,7 +39,7 @@ LITERALS = (str, int, float, bool, type(None))
 
 # the command modules of kvminspect.commands, in the order help lists them
 MODULES = ("vms", "vm", "vcpus", "roots", "tree", "sp", "walk", "rmap", "unsync", "stats", "check",
-           "export", "watch", "diff", "rate", "pyshell", "help")
+           "diagnose", "export", "watch", "diff", "rate", "pyshell", "help")
 # name -> the real command, as each command module registers it (kvminspect.commands)
 REAL: dict[str, Any] = {}
 
@@ -117,7 +117,7 @@ class _Parser(argparse.ArgumentParser):
     """An argparse parser whose errors are one UsageError line: 'CMD: what; usage: ...'."""
 
     def error(self, message: str) -> Any:
-        usage = self.format_usage().removeprefix("usage: ").strip()
+        usage = " ".join(self.format_usage().removeprefix("usage: ").split())  # one line
         raise UsageError(f"{self.prog}: {message}; usage: {usage}")
 
 

@@ -18,7 +18,7 @@ from rich.text import Text
 
 from kvminspect.errors import Problem
 from kvminspect.fmt import hx as hx  # the one hex formatter, re-exported for the renderers
-from kvminspect.layout import MissingMember, NoValue
+from kvminspect.layout import Missing, NoValue
 
 
 def plural(n: int, one: str, many: str) -> str:
@@ -269,11 +269,11 @@ _STREAM_MARK = "\x00kvminspect-stream\x00"  # never in real data (a NUL in a JSO
 
 
 def emit_json(doc: dict[str, Any], problems: list[Problem],
-              missing: tuple[MissingMember, ...] = ()) -> None:
+              missing: tuple[Missing, ...] = ()) -> None:
     """One JSON document on stdout, with an "errors" list of skipped objects.
 
     A "warnings" list names each member this kernel lacks (those fields are
-    "unknown" in the document).
+    "unknown" in the document) and each module type its debug info lacks.
     """
     doc = dict(doc)
     doc["errors"] = [p.to_json() for p in problems]
@@ -282,8 +282,8 @@ def emit_json(doc: dict[str, Any], problems: list[Problem],
     sys.stdout.write("\n")
 
 
-def warn_problems(problems: list[Problem], missing: tuple[MissingMember, ...] = ()) -> None:
-    """Each missing member, then each skipped or inconsistent object, on stderr."""
+def warn_problems(problems: list[Problem], missing: tuple[Missing, ...] = ()) -> None:
+    """Each missing member or type, then each skipped or inconsistent object, on stderr."""
     for m in missing:
         print(f"kvminspect: warning: {m}", file=sys.stderr)
     for p in problems:

@@ -7,13 +7,15 @@ sptep (a u64 * into some shadow page's spt[]), or, with bit 0 set
 (KVM_RMAP_MANY), a struct pte_list_desc * chain of sptep arrays. Each sptep
 leads to its shadow page (to_shadow_page of the sptep's page: page_private)
 and index ((sptep & 4095) / 8). The TDP MMU keeps no rmaps: its SPTEs for a
-gfn are found by walking its roots (kvminspect.walk). Nothing here renders.
+gfn are found by walking its roots (kvminspect.walk). ``rmap_histogram``
+is the debugfs file mmu_rmaps_stat offline. Nothing here renders.
 """
 
 from __future__ import annotations
 
 import array
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -115,6 +117,9 @@ class RmapScan:
     problems: list[Skipped] = field(default_factory=list)
     slots: int = 0  # memslots with rmaps
     unreadable: list[RmapArray] = field(default_factory=list)  # not in the dump: unchecked
+    # per level: the rmap heads read (empty ones too), and how many hold n sptes (n > 0)
+    heads: Counter[int] = field(default_factory=Counter)
+    lengths: dict[int, Counter[int]] = field(default_factory=dict)
 
     def readable(self, as_id: int, gfn: int, level: int) -> bool:
         """Whether the rmap array that would hold (gfn, level) was read."""
@@ -240,10 +245,14 @@ class RmapReader:
                     continue
                 if sys.byteorder != "little":
                     heads.byteswap()
+                out.heads[level] += n
+                lengths = out.lengths.setdefault(level, Counter())
                 first = (slot.base_gfn >> (9 * (level - 1))) << (9 * (level - 1))
                 for i in [i for i, v in enumerate(heads) if v]:
                     gfn = max(first + (i << (9 * (level - 1))), slot.base_gfn)
-                    for p in self.sptes_of(heads[i], base + 8 * i, out.problems):
+                    sptes = self.sptes_of(heads[i], base + 8 * i, out.problems)
+                    lengths[len(sptes)] += 1
+                    for p in sptes:
                         out.entries[p] = RmapHead(slot.as_id, gfn, level)
         return out
 
@@ -297,6 +306,99 @@ class RmapReader:
                 for p in self.sptes_of(val, where, problems):
                     entries.append(self.resolve(vm, slot.as_id, first, level, p))
         return GfnSptes(entries, problems)
+
+
+# -- mmu_rmaps_stat, offline ------------------------------------------------------
+
+# "KVM: X86: Introduce mmu_rmaps_stat per-vm debugfs file" (5.15, 3bcd0662d66f)
+RMAP_LOG_SIZE = 11  # buckets of arch/x86/kvm/debugfs.c: "statistics <1024 (11=log(1024)+1)"
+# the kernel's column labels, in its order: "0", "1", then "2^(i-1)-(2^i - 1)"
+RMAP_BUCKETS = ("0", "1", *(f"{1 << (i - 1)}-{(1 << i) - 1}" for i in range(2, RMAP_LOG_SIZE)))
+
+
+def rmap_bucket(count: int) -> int:
+    """The column kvm_mmu_rmaps_stat_show() counts an rmap of *count* sptes in:
+    ffs(count), clamped to RMAP_LOG_SIZE - 1 (its WARN_ON_ONCE). ffs() is the
+    lowest set bit, so the kernel files 3 under "1" and 6 under "2-3", whatever
+    the labels say; this mirrors it (RmapLevel.lengths has the exact lengths)."""
+    return min((count & -count).bit_length(), RMAP_LOG_SIZE - 1) if count > 0 else 0
+
+
+@dataclass(frozen=True)
+class RmapLevel:
+    """One row of mmu_rmaps_stat: the rmap heads of one level (slot->arch.rmap[level - 1])
+    of every memslot of every address space."""
+
+    level: int  # 1, 2, 3: the mapping level the rmap is for
+    heads: int  # heads read: kvm_mmu_slot_lpages() per memslot, empty ones too
+    buckets: tuple[int, ...]  # RMAP_LOG_SIZE counts, as the kernel bins them (rmap_bucket)
+    lengths: dict[int, int]  # exact: rmap length (sptes) -> heads of that length, 0 excluded
+
+    @property
+    def name(self) -> str:
+        return LEVEL_NAMES.get(self.level, str(self.level))
+
+    @property
+    def entries(self) -> int:
+        """Sptes in this level's rmaps: each is one present leaf SPTE."""
+        return sum(n * c for n, c in self.lengths.items())
+
+    @property
+    def longest(self) -> int:
+        return max((n for n, c in self.lengths.items() if c), default=0)
+
+
+@dataclass(frozen=True)
+class RmapHistogram:
+    """A VM's rmap lengths per level: what ``cat /sys/kernel/debug/kvm/PID-FD/mmu_rmaps_stat``
+    shows live (kvm_mmu_rmaps_stat_show(), arch/x86/kvm/debugfs.c), read offline.
+
+    *has_rmaps*: kvm_memslots_have_rmaps(); without rmaps (a TDP MMU VM that never
+    needed the shadow MMU) the kernel's file is empty, and *levels* is too. Before
+    "KVM: x86/mmu: Lazily allocate memslot rmaps" (5.14, d501f747ef5c) every memslot
+    had them: a TDP MMU VM's are there, empty (the 5.10-tdp fixture).
+    *unreadable*: rmap arrays not in the dump, missing from the counts; *skipped*:
+    pte_list_desc chains cut short (a loop, an unreadable desc). *max_rmap_size*:
+    kvm->stat.max_mmu_rmap_size ("KVM: X86: Add per-vm stat for max rmap list size",
+    5.15), the longest rmap pte_list_add() ever met before adding to it (None before
+    5.15).
+    """
+
+    has_rmaps: bool
+    levels: tuple[RmapLevel, ...]
+    unreadable: tuple[RmapArray, ...] = ()
+    skipped: tuple[Skipped, ...] = ()
+    max_rmap_size: int | None = None
+
+    @property
+    def entries(self) -> int:
+        """Every sptep in every rmap: one per present shadow-MMU leaf SPTE."""
+        return sum(lv.entries for lv in self.levels)
+
+
+def rmap_histogram(k: Kernel, vm: VM, reader: RmapReader | None = None) -> RmapHistogram:
+    """The rmap length histogram of *vm*, per level, binned as mmu_rmaps_stat bins it.
+
+    One pass over every rmap head of every memslot (RmapReader.scan, the audit's
+    own); each head's length is its sptes, counted along its pte_list_desc chain
+    (what pte_list_count() returns on a chain that is whole).
+    """
+    reader = reader or RmapReader(k)
+    if not reader.has_rmaps(vm):
+        return RmapHistogram(False, ())
+    scan = reader.scan(vm)
+    levels = []
+    for level in LEVELS:
+        lengths = scan.lengths.get(level, Counter())
+        buckets = [0] * RMAP_LOG_SIZE
+        buckets[0] = scan.heads[level] - sum(lengths.values())
+        for n, c in lengths.items():
+            buckets[rmap_bucket(n)] += c
+        levels.append(RmapLevel(level, scan.heads[level], tuple(buckets),
+                                {n: c for n, c in sorted(lengths.items()) if n}))
+    peak = vm.stat.get("max_mmu_rmap_size")
+    return RmapHistogram(True, tuple(levels), tuple(scan.unreadable), tuple(scan.problems),
+                         peak)
 
 
 def tdp_of_gfn(k: Kernel, vm: VM, gfn: int) -> list[RmapEntry]:

@@ -22,11 +22,13 @@ from __future__ import annotations
 from typing import Any
 
 from kvminspect.check import Finding, Severity
+from kvminspect.diagnose import VcpuDiagnosis, VmDiagnosis
 from kvminspect.diff import Change, FieldValue, PageChange, PageField, VcpuChange, VmDiff
 from kvminspect.fmt import hpa_text, hx
 from kvminspect.graph import Holder
 from kvminspect.layout import NoValue
 from kvminspect.model import VM, MmuRoots, RootRef, ShadowPage, VCpu
+from kvminspect.objects import LastExit
 from kvminspect.read_vmstate import VmState
 from kvminspect.results import (
     Exported,
@@ -41,7 +43,7 @@ from kvminspect.results import (
     VmStats,
 )
 from kvminspect.results import root_hpa as _root_hpa
-from kvminspect.rmap import LEVEL_NAMES, RmapEntry, Skipped
+from kvminspect.rmap import LEVEL_NAMES, RMAP_BUCKETS, RmapEntry, RmapHistogram, Skipped
 from kvminspect.spte import SpteBits
 from kvminspect.walk import Walk, memslot_why
 
@@ -81,16 +83,20 @@ def vm_json(vm: VM, state: VmState | None = None) -> dict[str, Any]:
 def vm_state_json(st: VmState) -> dict[str, Any]:
     """What explains stuck vCPUs VM-wide (kvminspect.read_vmstate): the MMU
     notifier's invalidation (names: "mmu_invalidate" from 6.0, "mmu_notifier"
-    before), NX huge pages and the shadow-page hash (null: none allocated).
+    before; unit: what range_start/range_end count, "hva" to 6.7, "gfn" from 6.8,
+    "unknown" without a range), NX huge pages and the shadow-page hash (null:
+    none allocated).
 
     names: "KVM: Rename mmu_notifier_* to mmu_invalidate_*" (6.0, 20ec3ebd707c)
+    unit: "KVM: Use gfn instead of hva for mmu_notifier_retry" (6.8, 8569992d64b8)
     null: "KVM: x86/mmu: Defer allocation of shadow MMU's hashed page list" (6.17, 9c4fe6d1509b)
     """
     inv, nx, h = st.invalidation, st.nx, st.hash
     out: dict[str, Any] = {
         "invalidate": {"names": inv.prefix, "seq": value(inv.seq),
                        "in_progress": value(inv.in_progress),
-                       "range_start": hx(inv.range_start), "range_end": hx(inv.range_end)},
+                       "range_start": hx(inv.range_start), "range_end": hx(inv.range_end),
+                       "unit": inv.unit.value},
         "nx_huge_pages": {"param": value(nx.param), "possible_nx_huge_pages": value(nx.possible),
                           "by_mmu": nx.by_mmu},
     }
@@ -323,6 +329,24 @@ def skipped_json(s: Skipped) -> dict[str, Any]:
     return {"object": hex(s.addr), "why": s.why}
 
 
+def rmap_histogram_json(h: RmapHistogram) -> dict[str, Any]:
+    """A VM's rmap length histogram (kvminspect.rmap.RmapHistogram, debugfs
+    mmu_rmaps_stat): the kernel's bucket labels, then per level the heads, the
+    counts per bucket (as the kernel bins them, by ffs(length)), the exact lengths
+    and the entries; has_rmaps false (and no levels) for a VM without rmaps."""
+    return {
+        "has_rmaps": h.has_rmaps, "buckets": list(RMAP_BUCKETS),
+        "levels": [{"level": lv.level, "size": lv.name, "heads": lv.heads,
+                    "counts": list(lv.buckets), "entries": lv.entries, "longest": lv.longest,
+                    "lengths": [{"length": n, "heads": c} for n, c in lv.lengths.items()]}
+                   for lv in h.levels],
+        "entries": h.entries, "max_mmu_rmap_size": h.max_rmap_size,
+        "unreadable": [{"as_id": a.as_id, "base_gfn": hx(a.base_gfn), "npages": a.npages,
+                        "level": a.level} for a in h.unreadable],
+        "skipped": [skipped_json(x) for x in h.skipped],
+    }
+
+
 def finding_json(f: Finding) -> dict[str, Any]:
     """One check finding (kvminspect.check.Finding): its check id, severity, the
     objects it names, the message."""
@@ -385,4 +409,46 @@ def vm_diff_json(d: VmDiff) -> dict[str, Any]:
         "pages_added": [diff_page_json(p) for p in d.pages_added],
         "pages_zapped": [diff_page_json(p) for p in d.pages_zapped],
         "pages_changed": [page_change_json(c) for c in d.pages_changed],
+    }
+
+
+def last_exit_json(e: LastExit | None) -> dict[str, Any] | None:
+    """A vCPU's last exit as the vendor module keeps it (Kernel.last_exit), or null."""
+    if e is None:
+        return None
+    return {"vendor": e.vendor.value, "code": hx(e.code), "name": e.name,
+            "info1": hx(e.info1), "info2": hx(e.info2), "address": hx(e.address),
+            "address_kind": e.address_kind.value, "stale": e.stale, "source": e.source,
+            "nested": e.nested, "detail": list(e.detail)}
+
+
+def vcpu_diagnosis_json(v: VcpuDiagnosis) -> dict[str, Any]:
+    """One vCPU of diagnose: stuck or not, why, and the evidence."""
+    c, f = v.vcpu, v.fault
+    return {**vcpu_ref(c), "stuck": v.stuck, "reasons": [r.value for r in v.reasons],
+            "mp_state": value(c.mp_state), "mode": value(c.mode),
+            "requests": list(c.request_names), "root": v.root.value,
+            "root_hpa": root_hpa(c.root), "reload_pending": v.reload_pending,
+            "last_exit": last_exit_json(v.last_exit),
+            "fault": None if f is None else {
+                "address": hx(f.address), "kind": f.kind, "gfn": hx(f.gfn), "hva": hx(f.hva),
+                "how": f.how, "inside_invalidation": f.inside}}
+
+
+def diagnosis_json(d: VmDiagnosis) -> dict[str, Any]:
+    """One VM of diagnose (kvminspect.diagnose.VmDiagnosis): the verdict, every
+    finding (the text folds info ones), what the audit reached, the
+    invalidation, mmu_lock and each vCPU."""
+    inv, lock = d.invalidation, d.mmu_lock
+    return {
+        "verdict": d.verdict.value, "summary": summary_json(d.counts),
+        "findings": [finding_json(f) for f in d.findings],
+        "audit": {"pages": d.audit.pages, "leaves": d.audit.leaves,
+                  "unchecked": d.audit.unchecked},
+        "invalidation": {"names": inv.prefix, "seq": value(inv.seq),
+                         "in_progress": value(inv.in_progress), "unit": inv.unit.value,
+                         "range_start": hx(inv.range_start), "range_end": hx(inv.range_end)},
+        "mmu_lock": {"rwlock": lock.rwlock, "writer": lock.writer, "readers": lock.readers,
+                     "error": lock.error},
+        "vcpus": [vcpu_diagnosis_json(v) for v in d.vcpus],
     }

@@ -402,6 +402,104 @@ def is_mmio_spte(value: int, m: SpteMasks) -> bool | None:
     return m.mmio_caching and value & m.mmio_mask == m.mmio_value & m.mmio_mask
 
 
+# include/linux/kvm_host.h: set in kvm_memslots->generation while install_new_memslots()
+# / kvm_swap_active_memslots() swaps the memslots; never part of an MMIO generation
+KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS = 1 << 63
+
+
+def mmio_spte_gen_mask(layout: SpteLayout) -> int:
+    """MMIO_SPTE_GEN_MASK: the low bits of the memslot generation an MMIO SPTE holds."""
+    (ls, le), (hs, he) = layout.gen_low, layout.gen_high
+    return (1 << (le - ls + 1 + he - hs + 1)) - 1
+
+
+def check_mmio_spte(value: int, generation: int, layout: SpteLayout) -> bool:
+    """check_mmio_spte() (mmu.c): whether an MMIO SPTE is of the current memslot
+    generation (*generation*: kvm_vcpu_memslots(vcpu)->generation, its address
+    space's), i.e. the fault path trusts it; never while the memslots are being
+    updated (KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS). A stale one is refaulted."""
+    if generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS:
+        return False
+    return mmio_generation(value, layout) == generation & mmio_spte_gen_mask(layout)
+
+
+def make_mmio_spte(gfn: int, access: int, generation: int, m: SpteMasks) -> int:
+    """make_mmio_spte() (mmu/spte.c, mmu.c before 5.12): the MMIO SPTE the fault path
+    writes for *gfn* (generation_mmio_spte_mask() of the memslot generation, the
+    VM's shadow_mmio_value, the access bits, the gpa with its high bits copied above
+    shadow_nonpresent_or_rsvd_mask); ValueError where the kernel's masks are unknown."""
+    if m.mmio_value is None or m.nonpresent_or_rsvd is None:
+        raise ValueError("shadow_mmio_value / shadow_nonpresent_or_rsvd_mask unknown")
+    lay = m.layout
+    (ls, le), (hs, he) = lay.gen_low, lay.gen_high
+    gen = generation & mmio_spte_gen_mask(lay)
+    spte = (gen << ls) & (((1 << (le + 1)) - 1) ^ ((1 << ls) - 1))
+    spte |= (gen << (hs - (le - ls + 1))) & (((1 << (he + 1)) - 1) ^ ((1 << hs) - 1))
+    gpa = gfn << PAGE_SHIFT
+    spte |= m.mmio_value | (access & (m.mmio_access or 0))
+    spte |= gpa | m.nonpresent_or_rsvd
+    spte |= (gpa & m.nonpresent_or_rsvd) << SHADOW_NONPRESENT_OR_RSVD_MASK_LEN
+    return spte & (2**64 - 1)
+
+
+# (shadow_mmio_mask, shadow_mmio_value, empty SPTE) -> mmio_sptes()'s byte columns, in
+# the order it tries them: (byte offset in an SPTE, bytes.translate table)
+_MMIO_PLANS: dict[tuple[int, int, int], list[tuple[int, bytes]]] = {}
+
+
+def _mmio_plan(mask: int, value: int, empty: int) -> list[tuple[int, bytes]]:
+    """mmio_sptes()'s columns for one SPTE format: each byte of *mask* with a table
+    marking the bytes b with b & mask == value there; the ones an empty SPTE
+    (*empty*) fails first, the high bytes (reserved bits) before the low ones
+    (permission bits every present SPTE has)."""
+    plan = _MMIO_PLANS.get((mask, value, empty))
+    if plan is None:
+        columns = []
+        for j in range(8):
+            mb, vb = (mask >> 8 * j) & 0xFF, (value >> 8 * j) & 0xFF
+            if mb:
+                table = bytes(1 if b & mb == vb else 0 for b in range(256))
+                at = j if sys.byteorder == "little" else 7 - j
+                columns.append(((empty >> 8 * j) & mb == vb, -j, at, table))
+        plan = _MMIO_PLANS[(mask, value, empty)] = [(at, t) for _, _, at, t in sorted(columns)]
+    return plan
+
+
+def mmio_sptes(table: array.array[int], fmt: SpteFormat, m: SpteMasks
+               ) -> list[tuple[int, int]]:
+    """(index, SPTE) of each entry of a page table that is_mmio_spte() holds for and
+    is_shadow_present_pte() does not (decode_bits' order), over a whole table.
+
+    is_mmio_spte(), (spte & shadow_mmio_mask) == shadow_mmio_value, holds byte by
+    byte: each byte of the mask keeps the SPTEs whose byte there matches
+    (bytes.translate over that byte of every SPTE), and the first byte that keeps
+    none ends it (_mmio_plan's order): a table without MMIO SPTEs costs about a
+    microsecond. None at all where the kernel makes none: enable_mmio_caching off,
+    a zero shadow_mmio_value (make_mmio_spte() WARNs on it), or masks unknown.
+    """
+    if not m.mmio_caching or not m.mmio_value or not m.mmio_mask:
+        return []
+    mask, value = m.mmio_mask, m.mmio_value & m.mmio_mask
+    data = table.tobytes()
+    hits = b""
+    for at, column in _mmio_plan(mask, value, m.layout.nonpresent):
+        got = data[at::8].translate(column)
+        if hits:
+            got = (int.from_bytes(hits, "little") & int.from_bytes(got, "little")
+                   ).to_bytes(len(got), "little")
+        hits = got
+        if hits.find(1) < 0:
+            return []
+    out = []
+    i = hits.find(1)
+    while i >= 0:
+        v = table[i]
+        if v & mask == value and not is_shadow_present_pte(v, fmt):
+            out.append((i, v))
+        i = hits.find(1, i + 1)
+    return out
+
+
 def decode_bits(value: int, level: int, fmt: SpteFormat, m: SpteMasks) -> SpteBits:
     """Every bit of one SPTE of a level-*level* table, by the kernel's masks.
 

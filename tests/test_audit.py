@@ -4,9 +4,9 @@ Every clean fixture audits clean; each invariant of the kernel's removed
 CONFIG_KVM_MMU_AUDIT broken once in a damaged copy of a real fixture
 (tests/corrupt.py: a leaf SPTE pointing at the wrong pfn, an rmap entry
 removed, an unsync page at level 2, a writable SPTE to a shadowed gfn) is
-reported exactly; frozen TDP MMU SPTEs and the tdp_mmu_pages count are
-planted in the model. rmap GFN finds the SPTE every walk of the VMM's touched
-addresses ends at.
+reported exactly; frozen TDP MMU SPTEs are planted in the model. rmap GFN
+finds the SPTE every walk of the VMM's touched addresses ends at. (The kernel's
+own counters, tdp_mmu_pages among them: tests/test_accounting.py.)
 """
 
 from __future__ import annotations
@@ -19,14 +19,15 @@ from pathlib import Path
 import drgn
 import pytest
 
-from kvminspect.audit import audit_vm, check_tdp_mmu_pages, collect
+from kvminspect.accounting import Leaves, check_accounting
+from kvminspect.audit import audit_vm, collect
 from kvminspect.check import FindingKind, Severity, check_vm
 from kvminspect.cli import main
 from kvminspect.memory import Memory
 from kvminspect.rmap import DescLayout, RmapHead, RmapReader, sptes_of_gfn
 from kvminspect.session import Session
 from kvminspect.walk import Stop, walk
-from tests.conftest import FIXTURES, LARGE, MULTI_VM, SMM, VMCORES, open_fixture, truth
+from tests.conftest import FIXTURES, LARGE, MULTI_VM, SMM, open_fixture, truth
 from tests.corrupt import UNMAPPED, make
 from tests.test_walk import WALKED, touched
 
@@ -44,7 +45,7 @@ def test_clean_fixtures_audit_clean(name: str) -> None:
     k = s.kernel
     for vm in k.vms():
         vg = s.graph(vm)
-        findings = check_tdp_mmu_pages(k, vg) + audit_vm(k, vg)
+        findings = check_accounting(k, vg, Leaves.of(collect(k, vg))) + audit_vm(k, vg)
         assert [f for f in findings if f.severity is not Severity.INFO] == [], findings
         unsync = [f for f in check_vm(k, vg) if f.check is FindingKind.UNSYNC_PAGE]
         assert unsync == []
@@ -145,21 +146,6 @@ def test_frozen_spte_is_transient_info(monkeypatch) -> None:
     assert f"sp {sp.addr:#x} spt[3]" in f.message
     assert "mmu_lock (a rwlock: no owner recorded) is free" in f.message
     assert [x for x in findings if x.severity is not Severity.INFO] == []
-
-
-def test_tdp_mmu_pages_count_against_pages_found() -> None:
-    """6.12's kvm->arch.tdp_mmu_pages counts the 4 non-root TDP MMU pages; one
-    page less in the graph is a warning naming both counts."""
-    s = session("6.12-tdp")
-    k = s.kernel
-    vg = s.graph(k.vms()[0])
-    assert check_tdp_mmu_pages(k, vg) == []
-    leaf = next(p for p in vg.pages() if p.tdp_mmu_page and p.level == 1)
-    del vg.nodes[leaf.addr]
-    vg._changed()
-    (f,) = check_tdp_mmu_pages(k, vg)
-    assert f.check is FindingKind.TDP_MMU_PAGES and f.severity is Severity.WARNING
-    assert "tdp_mmu_pages is 4 but 3 non-root TDP MMU pages" in f.message
 
 
 @pytest.mark.parametrize("name", WALKED)
@@ -278,17 +264,6 @@ def test_rmap_array_missing_from_the_dump_is_not_checkable() -> None:
     assert [(f.check, f.severity) for f in findings] == [
         (FindingKind.RMAP_UNCHECKED, Severity.INFO)]
     assert "1 memslot rmap array not in the dump" in findings[0].message
-
-
-def test_plain_check_has_the_tdp_mmu_pages_count(monkeypatch, capsys) -> None:
-    """The count is one read: plain check compares it (a warning, exit status 0)."""
-    import kvminspect.audit
-
-    monkeypatch.setattr(kvminspect.audit, "tdp_mmu_pages_count", lambda k, vm: 99)
-    capsys.readouterr()
-    assert main(["-c", str(VMCORES / "6.12-tdp"), "check", "--json"]) == 0
-    (vm,) = json.loads(capsys.readouterr().out)["vms"]
-    assert [f["check"] for f in vm["findings"] if f["severity"] == "warning"] == ["tdp-mmu-pages"]
 
 
 def test_large_writable_spte_over_a_shadowed_gfn() -> None:

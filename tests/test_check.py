@@ -105,25 +105,46 @@ def test_fixtures_are_consistent(name: str, capsys) -> None:
 
 
 @pytest.mark.parametrize("name", ZAPPED)
-def test_zapped_obsolete_roots_in_use_warn(name: str, capsys) -> None:
+def test_zapped_obsolete_roots_in_use_are_normal(name: str, capsys) -> None:
+    """Right after a fast zap every vCPU holding an obsolete root has its reload
+    request pending: the kernel's normal state, info (one per root)."""
     s = Session(open_fixture(name))
     (vm,) = run_check(s, capsys)["vms"]
     vg = s.graph(s.kernel.vms()[0])
     current = {hex(v.root.sp.addr) for v in vg.vcpus}
-    warned = {f["objects"][0] for f in vm["findings"]
-              if f["check"] == "obsolete-root" and f["severity"] == "warning"}
-    assert warned == current and len(current) == 3  # vcpu0 and vcpu3 share a root
-    for f in vm["findings"]:
-        if f["severity"] == "warning":
-            assert "fast zap" in f["message"] and "role.invalid" in f["message"]
-            assert "mmu_valid_gen 0 != kvm->arch.mmu_valid_gen 1" in f["message"]
-    # the fourth root is only in prev_roots[]: info
-    (cached,) = [f for f in vm["findings"] if f["severity"] == "info"]
-    assert cached["check"] == "obsolete-root" and "prev_roots[0]" in cached["message"]
+    normal = {f["objects"][0] for f in vm["findings"]
+              if f["check"] == "obsolete-root" and "reload request pending" in f["message"]}
+    assert normal == current and len(current) == 3  # vcpu0 and vcpu3 share a root
+    assert {f["severity"] for f in vm["findings"]} == {"info"}
+    # (the other info: n_used_mmu_pages counts those roots, tests/test_accounting.py)
+    assert {f["check"] for f in vm["findings"]} == {"obsolete-root", "used-mmu-pages"}
+    for f in [f for f in vm["findings"] if f["check"] == "obsolete-root"]:
+        assert "role.invalid" in f["message"]
+        assert "mmu_valid_gen 0 != kvm->arch.mmu_valid_gen 1" in f["message"]
+    # the fourth root is only in prev_roots[]
+    (cached,) = [f for f in vm["findings"] if "prev_roots[0]" in f["message"]]
+    assert cached["check"] == "obsolete-root"
     capsys.readouterr()
     run_one(s, ["check"])
     out = capsys.readouterr().out
-    assert "0 errors, 3 warnings, 1 info" in out and "obsolete-root" in out
+    assert "0 errors, 0 warnings, 5 info" in out and "3 more like it (--all lists each)" in out
+    run_one(s, ["check", "--all"])
+    assert capsys.readouterr().out.count("obsolete-root") == 4
+
+
+@pytest.mark.parametrize("name", ZAPPED)
+def test_obsolete_root_without_reload_request_warns(name: str, tmp_path, capsys) -> None:
+    """The same state with vcpu0's reload request cleared: a warning naming vcpu0
+    only (vcpu3 shares its root and still has the request)."""
+    from kvminspect.target import open_core
+    from tests.corrupt import make
+
+    make(name, "reload-request-cleared", tmp_path / "core")
+    s = Session(open_core(str(tmp_path / "core"), []))
+    (vm,) = run_check(s, capsys)["vms"]
+    (warning,) = [f for f in vm["findings"] if f["severity"] == "warning"]
+    assert warning["check"] == "obsolete-root"
+    assert "as vcpu0.root with no reload" in warning["message"]
 
 
 def test_clean_human_output(capsys) -> None:

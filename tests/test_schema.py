@@ -25,7 +25,8 @@ VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 COMMANDS = ["vms", "vm 0", "vcpus", "roots", "tree", "tree --depth 1", "tree --unsync-only",
             "unsync --zap",
             "unsync", "stats", "check", "walk 0x200000", "walk 0x201000 --vcpu 1",
-            "walk 0x40000000", "check --audit", "rmap 0x200", "rmap 0x1"]
+            "walk 0x40000000", "check --audit", "rmap 0x200", "rmap 0x1", "rmap --stats",
+            "diagnose"]
 
 
 def validate(doc: dict) -> None:

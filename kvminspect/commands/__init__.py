@@ -34,7 +34,7 @@ from kvminspect.errors import Problem, UsageError
 from kvminspect.registry import Entry, asks_help
 
 if TYPE_CHECKING:
-    from kvminspect.layout import MissingMember
+    from kvminspect.layout import Missing
     from kvminspect.model import VM
     from kvminspect.session import Session
 
@@ -180,7 +180,7 @@ def sp_scope(session: Session, vm_ident: str | None, sp_text: str | None
 def finish(session: Session, args: argparse.Namespace, command: str, doc: dict[str, Any],
            human: Callable[[], None], vms: list[VM], *,
            problems: list[Problem] | None = None,
-           missing: tuple[MissingMember, ...] | None = None) -> None:
+           missing: tuple[Missing, ...] | None = None) -> None:
     """Print a command's result: JSON, or rich output plus warnings on stderr.
 
     The document (and stderr) carries the problems of the VMs it shows,

@@ -8,8 +8,9 @@ from typing import Any
 from drgn import Program
 from drgn.commands import argument
 
-from kvminspect.audit import audit_vm, check_tdp_mmu_pages
-from kvminspect.check import Finding, Severity, by_severity, check_vm, summary
+from kvminspect import audit
+from kvminspect.accounting import Leaves, check_accounting
+from kvminspect.check import Finding, FindingKind, Severity, by_severity, check_vm, summary
 from kvminspect.commands import kvm_command, per_vm, vm_header
 from kvminspect.objects import VM
 from kvminspect.render import Grid, console
@@ -19,17 +20,30 @@ from kvminspect.shapes import finding_json, summary_json
 STYLE = {Severity.ERROR: "bold red", Severity.WARNING: "yellow", Severity.INFO: "dim"}
 
 
-def findings_table(findings: list[Finding]) -> Grid:
-    """The findings of one VM: severity, check id, message."""
+def findings_table(findings: list[Finding], every: bool = True) -> Grid:
+    """The findings of one VM: severity, check id, message; unless *every*, the
+    info findings of one check folded into one row with their count."""
     t = Grid()
     for col in ("SEVERITY", "CHECK", "MESSAGE"):
         t.add_column(col, text=col == "MESSAGE")
+    folded: dict[FindingKind, list[Finding]] = {}
     for f in findings:
+        if not every and f.severity is Severity.INFO:
+            folded.setdefault(f.check, []).append(f)
+            if len(folded[f.check]) > 1:
+                continue
         t.add_row(f.severity.value, f.check.value, f.message, style=STYLE[f.severity])
+    for kind, same in folded.items():
+        if len(same) > 1:
+            t.add_row(Severity.INFO.value, kind.value,
+                      f"and {len(same) - 1} more like it (--all lists each)",
+                      style=STYLE[Severity.INFO])
     return t
 
 
 @kvm_command(
+    argument("--all", action="store_true",
+             help="list every info finding (by default those of one check are folded)"),
     argument("--audit", action="store_true",
              help="also the MMU audit (CONFIG_KVM_MMU_AUDIT, removed in 5.18): each leaf "
              "SPTE's pfn against the memslot, rmap <-> SPTE both ways, write protection "
@@ -44,9 +58,15 @@ def _cmd_check(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
     __mmu_unsync_walk); every parent of an unsync page has its bit set; only indirect
     level-1 pages are unsync; root_count against the vCPU references (root,
     prev_roots[], pae_root[]; +1 for a valid TDP MMU root on tdp_mmu_roots); obsolete
-    roots still in use (a warning, normal right after a fast zap); orphan pages;
-    kvm->arch.tdp_mmu_pages (the count, 6.2+) against the TDP MMU pages found; and
-    every object the model could not read or found impossible (errors).
+    roots still in use (info while their vCPUs have the reload request pending, as
+    right after a fast zap; a warning for a vCPU without it); orphan pages; the
+    kernel's page counts against the pages found: n_used_mmu_pages
+    (kvm->stat.mmu_shadow_pages in 7.3) against the shadow pages on active_mmu_pages
+    plus the zapped roots vCPUs still hold, kvm->arch.tdp_mmu_pages (the list to 6.1,
+    the count 6.2-7.2) against the non-root TDP MMU pages reached (a difference is info
+    when the kernel explains it: a dump taken with mmu_lock held, a live target, pages
+    not in the dump; else an error); and every object the model could not read or
+    found impossible (errors).
 
     --audit adds what the kernel's CONFIG_KVM_MMU_AUDIT (mmu_audit.c, removed in 5.18
     by "KVM: x86/mmu: Remove MMU auditing", 1bbc60d0c7e5)
@@ -58,11 +78,16 @@ def _cmd_check(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
     that gfn; no writable leaf SPTE maps the gfn of a synced indirect shadow page (a
     write-protected guest page table); a frozen TDP MMU SPTE (REMOVED_SPTE /
     FROZEN_SPTE, a dump taken mid-update) is info naming what mmu_lock and the vCPUs
-    say about who may hold the lock.
+    say about who may hold the lock; kvm->stat.pages_4k/2m/1g (lpages before 5.15)
+    against the present leaf SPTEs of each level (a warning when nothing explains a
+    difference: the kernel acts on none of these statistics).
+
+    The text folds the info findings of one check into one row (--all lists each);
+    --json lists every finding.
     """
     def show(vm: VM, findings: list[Finding]) -> None:
         if findings:
-            console().print(findings_table(findings), markup=False)
+            console().print(findings_table(findings, args.all), markup=False)
         else:
             console().print("  no findings")
 
@@ -73,9 +98,11 @@ def _cmd_check(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
 
     def collect(s: Session, vm: VM) -> list[Finding]:
         g = s.graph(vm)
-        findings = check_vm(s.kernel, g) + check_tdp_mmu_pages(s.kernel, g)
-        if args.audit:
-            findings += audit_vm(s.kernel, g)
+        st = audit.collect(s.kernel, g) if args.audit else None
+        findings = check_vm(s.kernel, g) + check_accounting(
+            s.kernel, g, None if st is None else Leaves.of(st), live=s.target.live)
+        if st is not None:
+            findings += audit.audit_vm(s.kernel, g, st=st)
         findings = by_severity(findings)
         s.check_errors = s.check_errors or summary(findings)[Severity.ERROR] > 0  # exit status 3
         return findings

@@ -1,4 +1,5 @@
-"""rmap: every SPTE that maps a gfn, from the memslots' rmaps and the TDP MMU's roots."""
+"""rmap: every SPTE that maps a gfn, from the memslots' rmaps and the TDP MMU's roots; --stats:
+the rmap length histogram per level (debugfs mmu_rmaps_stat, offline)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,21 @@ from drgn import Program
 from drgn.commands import argument
 
 from kvminspect.commands import kvm_command, parse_gfn, per_vm, session_of
+from kvminspect.errors import UsageError
 from kvminspect.objects import VM
-from kvminspect.render import Grid, console
-from kvminspect.rmap import LEVEL_NAMES, GfnSptes, RmapReader, sptes_of_gfn
+from kvminspect.render import Grid, console, plural
+from kvminspect.rmap import (
+    LEVEL_NAMES,
+    RMAP_BUCKETS,
+    GfnSptes,
+    RmapHistogram,
+    RmapReader,
+    rmap_bucket,
+    rmap_histogram,
+    sptes_of_gfn,
+)
 from kvminspect.session import Session
-from kvminspect.shapes import rmap_entry_json, skipped_json
+from kvminspect.shapes import rmap_entry_json, rmap_histogram_json, skipped_json
 
 
 def render(s: Session, vm: VM, gfn: int, found: GfnSptes) -> None:
@@ -40,11 +51,56 @@ def render(s: Session, vm: VM, gfn: int, found: GfnSptes) -> None:
         c.print(f"  skipped {where:#x}: {why}", markup=False)
 
 
+def render_stats(h: RmapHistogram) -> None:
+    """One VM's rmap histogram as /sys/kernel/debug/kvm/PID-FD/mmu_rmaps_stat shows
+    it (a row per level, a column per bucket), then the entries and what is missing."""
+    c = console()
+    if not h.has_rmaps:
+        c.print("  no rmaps: no memslot has rmap arrays (kvm_memslots_have_rmaps() is "
+                "false: the TDP MMU keeps none); the kernel's mmu_rmaps_stat is empty",
+                markup=False)
+        return
+    t = Grid()
+    t.add_column("Rmap_Count")
+    for label in RMAP_BUCKETS:
+        t.add_column(label, justify="right")
+    for lv in h.levels:
+        t.add_row(f"Level={lv.name}", *map(str, lv.buckets))
+    c.print(t)
+    per_level = ", ".join(f"{lv.name} {lv.entries}" for lv in h.levels)
+    longest = max(h.levels, key=lambda lv: lv.longest)
+    line = f"  {plural(h.entries, 'rmap entry', 'rmap entries')} ({per_level})"
+    if longest.longest:
+        line += f"; longest rmap {longest.longest} ({longest.name})"
+    if h.max_rmap_size is not None:
+        line += f"; kvm->stat.max_mmu_rmap_size {h.max_rmap_size}"
+    c.print(line, markup=False)
+    # ffs(), not fls(): a length whose highest and lowest set bits differ is counted
+    # under its lowest (see rmap_bucket)
+    odd = sorted({n for lv in h.levels for n in lv.lengths
+                  if rmap_bucket(n) != min(n.bit_length(), len(RMAP_BUCKETS) - 1)})
+    if odd:
+        shown = ", ".join(f"{n} under {RMAP_BUCKETS[rmap_bucket(n)]}" for n in odd[:6])
+        more = f" and {len(odd) - 6} more" if len(odd) > 6 else ""
+        c.print(f"  binned as the kernel bins them, by ffs(length): {shown}{more}",
+                markup=False)
+    for a in h.unreadable:
+        c.print(f"  not in the dump, not counted: the {LEVEL_NAMES.get(a.level, a.level)} rmap "
+                f"array of the memslot at gfn {a.base_gfn:#x} ({a.npages} pages, address "
+                f"space {a.as_id})", markup=False)
+    for where, why in h.skipped:
+        c.print(f"  skipped {where:#x}: {why}", markup=False)
+
+
 @kvm_command(
-    argument("gfn", metavar="GFN", help="the guest frame number (hex, with or without 0x)"),
+    argument("gfn", metavar="GFN", nargs="?",
+             help="the guest frame number (hex, with or without 0x)"),
+    argument("--stats", action="store_true",
+             help="instead of one gfn's SPTEs, the rmap length histogram per level "
+             "(debugfs mmu_rmaps_stat, offline)"),
 )
 def _cmd_rmap(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
-    """every SPTE that maps a gfn: its shadow page, index and bits
+    """every SPTE that maps a gfn: its shadow page, index and bits (--stats: rmap lengths)
 
     For the shadow MMU (and the legacy TDP MMU), from the memslot's reverse maps:
     slot->arch.rmap[level - 1] at the gfn's index, for 4K, 2M and 1G mappings, each
@@ -59,10 +115,30 @@ def _cmd_rmap(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any)
     IDX the index in its spt[]; SPTE the value; FLAGS decoded by the kernel's own masks
     (as walk shows them); FROM "rmap", or "root SP": the TDP MMU root walked. JSON
     adds each SPTE's kernel address (sptep).
+
+    --stats (no GFN) shows instead what the kernel's debugfs file mmu_rmaps_stat
+    (kvm_mmu_rmaps_stat_show(), 5.15+) shows live: for each level, how many rmap heads
+    of every memslot hold 0, 1, 2-3, 4-7, ... 512-1023 sptes, binned exactly as the
+    kernel bins them: by ffs(length), its lowest set bit, so a 3-entry rmap is counted
+    under 1 and a 24-entry one under 8-15 (a note lists such lengths; JSON has the
+    exact ones). Then the entries (one per present shadow-MMU leaf SPTE), the longest
+    rmap and kvm->stat.max_mmu_rmap_size, the longest pte_list_add() ever met before
+    adding (5.15+). A VM without rmaps (TDP MMU only) has none: the kernel's file is
+    empty. Rmap arrays not in the dump, and chains cut short, are named.
     """
     s = session_of(kwargs)
-    gfn = parse_gfn(args.gfn)
     reader = RmapReader(s.kernel)
+    if args.stats:
+        if args.gfn is not None:
+            raise UsageError("rmap: give a GFN or --stats, not both")
+        per_vm(kwargs, args, "rmap",
+               collect=lambda s, vm: rmap_histogram(s.kernel, vm, reader),
+               to_json=lambda vm, h: {"rmap_stats": rmap_histogram_json(h)},
+               show=lambda vm, h: render_stats(h))
+        return
+    if args.gfn is None:
+        raise UsageError("rmap: a GFN (or --stats) is needed")
+    gfn = parse_gfn(args.gfn)
     per_vm(kwargs, args, "rmap",
            collect=lambda s, vm: sptes_of_gfn(s.kernel, vm, gfn, reader),
            to_json=lambda vm, found: {

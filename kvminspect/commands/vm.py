@@ -35,8 +35,9 @@ def state_lines(st: VmState) -> list[str]:
     inv, nx, h = st.invalidation, st.nx, st.hash
     p = inv.prefix or "mmu_invalidate"
     count = "mmu_notifier_count" if inv.prefix == "mmu_notifier" else f"{p}_in_progress"
+    # the range counts hvas to 6.7 and gfns from 6.8 (read_vmstate.RangeUnit)
     rng = ("" if not known(inv.range_start)
-           else f", range gfn {hx(inv.range_start)}-{hx(inv.range_end)}")
+           else f", range {inv.unit.value} {hx(inv.range_start)}-{hx(inv.range_end)}")
     param = str(nx.param)  # UNKNOWN without the symbol
     if isinstance(nx.param, int):
         param = {1: "on", 0: "off", -1: "auto (undecided)"}.get(nx.param, param)
@@ -92,7 +93,8 @@ def _cmd_vm(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -
 
     Also shown: the MMU notifier's invalidation sequence, count in progress and range
     (kvm->mmu_invalidate_*, mmu_notifier_* before 6.0: a fault that overlaps an
-    invalidation retries), kvm.ko's nx_huge_pages and the pages on
+    invalidation retries; the range is host virtual addresses, "hva", to 6.7 and guest
+    frame numbers, "gfn", from 6.8), kvm.ko's nx_huge_pages and the pages on
     kvm->arch.possible_nx_huge_pages, and the chain lengths of kvm->arch.mmu_page_hash.
     """
     s = session_of(kwargs)

@@ -1,0 +1,202 @@
+"""kvminspect.invariants on the real fixtures: a page against its parent, SPTEs
+against the memslots (part of check --audit).
+
+Every fixture with VMs gives no finding of the four kinds. Each damage of
+tests/corrupt.py's INVARIANT_CASES planted in a real fixture (a child's role bit
+flipped, a child one level too high, a direct child's gfn moved, an MMIO SPTE of
+the current generation over a leaf of a memslot page, a leaf for a gfn outside
+every memslot) gives exactly one error of its kind, naming the page, its gfn,
+its parent and the index. The same damage inside a page the kernel no longer
+uses gives none: role.invalid set on the page too (the "-invalid" cases, patched
+in the dump; and edited in the model on every damaged copy), the page obsolete
+(an old mmu_valid_gen, shadow MMU), or its root invalid (as
+kvm_tdp_mmu_invalidate_all_roots leaves a TDP MMU tree); and a stale MMIO SPTE
+(an older memslot generation) gives none.
+"""
+
+from __future__ import annotations
+
+import array
+import re
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from kvminspect import spte
+from kvminspect.audit import audit_vm, collect
+from kvminspect.check import Finding, FindingKind, Severity
+from kvminspect.graph import VMGraph, build
+from kvminspect.invariants import check_invariants
+from kvminspect.layout import known
+from kvminspect.model import Kernel
+from kvminspect.objects import Role, ShadowPage
+from kvminspect.target import open_core
+from kvminspect.errors import KvmNotFound
+from tests.conftest import ALL, open_fixture
+from tests.corrupt import make
+
+NEW = (FindingKind.CHILD_ROLE, FindingKind.CHILD_GFN, FindingKind.MMIO_OVER_RAM,
+       FindingKind.LEAF_NO_MEMSLOT)
+SHADOW = ["5.10-shadow", "6.1-shadow", "6.12-shadow", "7.3-shadow", "7.3-shadow-pae"]
+TDP = ["5.10-tdp", "6.1-tdp", "6.12-tdp", "7.3-tdp"]
+# fixtures with direct children: TDP MMU, the shadow MMU's direct pages (tdp_legacy; an
+# SMM handler in real mode) and direct children of indirect pages (2 MiB guest pages)
+DIRECT = TDP + ["6.1-tdp-legacy", "6.1-shadow-smm", "6.1-shadow-large"]
+KIND = {
+    "child-role-bit": FindingKind.CHILD_ROLE,
+    "child-level-wrong": FindingKind.CHILD_ROLE,
+    "child-gfn-moved": FindingKind.CHILD_GFN,
+    "mmio-over-ram": FindingKind.MMIO_OVER_RAM,
+    "leaf-no-memslot": FindingKind.LEAF_NO_MEMSLOT,
+}
+PLANTED = [(case, f) for case in KIND for f in (DIRECT if case == "child-gfn-moved"
+                                                 else SHADOW + TDP)]
+# the "-invalid" cases (role.invalid patched in the dump) and the stale MMIO SPTE
+QUIET = [(f"{case}-invalid", f) for case in KIND
+         for f in (["6.1-shadow-large", "6.1-tdp"] if case == "child-gfn-moved"
+                   else ["6.1-shadow", "6.1-tdp"])] + [
+    ("mmio-stale", "6.1-shadow"), ("mmio-stale", "6.1-tdp")]
+WHAT = re.compile(r"(?P<page>0x[0-9a-f]+) gfn (?P<gfn>0x[0-9a-f]+) parent (?P<parent>0x[0-9a-f]+)"
+                  r" at (?P<index>\d+)(?: spte (?P<spte>\d+))?")
+
+
+def new_kinds(findings: list[Finding]) -> list[Finding]:
+    return [f for f in findings if f.check in NEW]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_clean_fixtures_break_no_invariant(name: str) -> None:
+    """No finding of the four kinds on any fixture with VMs (the zapped ones'
+    obsolete pages included)."""
+    try:
+        k = Kernel(open_fixture(name).prog)
+    except KvmNotFound:
+        pytest.skip("no kvm module")
+    for vm in k.vms():
+        vg = build(k, vm)
+        assert new_kinds(audit_vm(k, vg)) == []
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("invariants")
+
+
+@cache
+def damaged(case: str, fixture: str, root: Path) -> tuple[Kernel, VMGraph, dict[str, int]]:
+    """The fixture with the damage planted, read, and where its first Patch says
+    the damage is (page, gfn, parent, index, spte)."""
+    out = root / f"{fixture}-{case}"
+    patches = make(fixture, case, out)
+    k = Kernel(open_core(str(out), []).prog)
+    (vm,) = k.vms()
+    m = WHAT.match(patches[0].what)
+    assert m, patches[0].what
+    where = {n: int(v, 0) for n, v in m.groupdict().items() if v is not None}
+    return k, build(k, vm), where
+
+
+def with_role(k: Kernel, sp: ShadowPage, **fields: int) -> ShadowPage:
+    """*sp* with role fields changed (a what-if edit of the model's page)."""
+    word = sp.role.word
+    for f in k.layout.sp.role_fields:
+        if f.name in fields:
+            word = (word & ~(((1 << f.width) - 1) << f.shift)) | (fields[f.name] << f.shift)
+    return sp._replace(role=Role(word, {**sp.role.fields, **fields}, sp.role.widths))
+
+
+def root_above(vg: VMGraph, addr: int) -> int:
+    """The page at the top of *addr*'s first parent chain."""
+    while vg.predecessors(addr):
+        addr = vg.predecessors(addr)[0]
+    return addr
+
+
+def invariants_with(k: Kernel, vg: VMGraph, page: ShadowPage) -> list[Finding]:
+    """check_invariants() with *page* in place of the graph's (then put back)."""
+    old = vg.sp(page.addr)
+    vg.set_page(page)
+    try:
+        return new_kinds(check_invariants(k, vg, collect(k, vg)))
+    finally:
+        vg.set_page(old)
+
+
+@pytest.mark.parametrize(("case", "fixture"), PLANTED)
+def test_planted_damage_is_one_error(case: str, fixture: str, workdir: Path) -> None:
+    k, vg, where = damaged(case, fixture, workdir)
+    findings = audit_vm(k, vg)
+    (f,) = new_kinds(findings)
+    assert (f.check, f.severity) == (KIND[case], Severity.ERROR), f
+    page, parent = where["page"], where["parent"]
+    assert f.objects == [page, parent], f
+    for text in (f"sp {page:#x} (gfn {where['gfn']:#x} ", f"sp {parent:#x} ",
+                 f"at spt[{where['index']}] of"):
+        assert text in f.message, (text, f.message)
+    if "spte" in where:
+        assert f"spt[{where['spte']}] = " in f.message, f.message
+    if case == "child-gfn-moved" and fixture in TDP:
+        # a TDP MMU page off its parent's index: this error and nothing else (the leaves
+        # it maps outside every memslot are the leaf-pfn check's info, not errors)
+        assert [x for x in findings if x.severity is not Severity.INFO] == [f]
+
+
+@pytest.mark.parametrize(("case", "fixture"), PLANTED)
+def test_planted_damage_in_a_dead_page_is_none(case: str, fixture: str,
+                                                workdir: Path) -> None:
+    """The same damaged copy, the damaged page made one the kernel no longer uses
+    in the model: role.invalid set, an old mmu_valid_gen (shadow MMU pages), or
+    role.invalid on the root above it."""
+    k, vg, where = damaged(case, fixture, workdir)
+    sp = vg.sp(where["page"])
+    assert invariants_with(k, vg, with_role(k, sp, invalid=1)) == []
+    gen = vg.vm.mmu_valid_gen
+    if not sp.tdp_mmu_page and known(gen) and known(sp.mmu_valid_gen):
+        assert invariants_with(k, vg, sp._replace(mmu_valid_gen=(gen + 1) & 0xFF)) == []
+    root = vg.sp(root_above(vg, sp.addr))
+    assert root.addr != sp.addr
+    assert invariants_with(k, vg, with_role(k, root, invalid=1)) == []
+
+
+@pytest.mark.parametrize(("case", "fixture"), QUIET)
+def test_exempt_damage_is_none(case: str, fixture: str, workdir: Path) -> None:
+    """role.invalid patched on the damaged page, or an MMIO SPTE of an old
+    generation (check_mmio_spte refuses it: refaulted, never trusted)."""
+    k, vg, _ = damaged(case, fixture, workdir)
+    assert new_kinds(audit_vm(k, vg)) == []
+
+
+# -- the SPTE rules the MMIO check stands on ------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["5.10-shadow", "6.1-tdp", "6.12-shadow", "7.3-tdp"])
+def test_mmio_spte_round_trip(name: str) -> None:
+    """make_mmio_spte() decodes back to its gfn and generation, check_mmio_spte()
+    trusts the current generation only (never while the memslots are being
+    updated), and mmio_sptes() finds it, alone, among empty and present SPTEs."""
+    k = Kernel(open_fixture(name).prog)
+    vm = k.vms()[0]
+    m = k.spte_masks(vm)
+    gen = k.vm_reader.memslots_generation(vm)[0]
+    value = spte.make_mmio_spte(0x12345, 7, gen, m)
+    bits = spte.decode_bits(value, 1, k.spte_format, m)
+    assert (bits.mmio, bits.present, bits.mmio_gfn) == (True, False, 0x12345)
+    assert spte.check_mmio_spte(value, gen, m.layout)
+    assert not spte.check_mmio_spte(value, gen + 2, m.layout)
+    assert not spte.check_mmio_spte(value, gen | spte.KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
+                                    m.layout)
+    table = array.array("Q", [m.layout.nonpresent] * 512)
+    leaf = next(x for x in collect(k, build(k, vm)).leaves)
+    table[3], table[300] = leaf.value, value
+    assert spte.mmio_sptes(table, k.spte_format, m) == [(300, value)]
+    table[300] = m.layout.nonpresent
+    assert spte.mmio_sptes(table, k.spte_format, m) == []
+
+
+@pytest.mark.parametrize(("name", "user"), [("5.10-shadow", 509), ("6.1-shadow", 32764),
+                                            ("7.3-tdp", 32764)])
+def test_user_memslots(name: str, user: int) -> None:
+    """KVM_USER_MEM_SLOTS: 512 - 3 before "KVM: Raise the maximum number of user
+    memslots" (5.12), SHRT_MAX - 3 after."""
+    assert Kernel(open_fixture(name).prog).vm_reader.user_memslots() == user
