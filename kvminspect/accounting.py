@@ -29,7 +29,7 @@ Every update above is made under kvm->mmu_lock (the TDP MMU's for read, next
 to other vCPUs'), after the SPTE or list it accounts for changed, so a dump
 taken with mmu_lock held, or with frozen SPTEs, may be mid-update; a live
 target is read over time; pages whose spt[] is not in the dump hide their
-leaves. Those differences are info, naming the reason (AccountingCheck.why).
+leaves. Those differences are info, naming the reason (CounterCheck.why).
 With none of them the kernel's accounting is exact, and a difference is a
 warning for the statistics (nothing in the kernel acts on them) and an error
 for n_used_mmu_pages (kvm_mmu_available_pages() and the shrinker act on it)
@@ -42,7 +42,7 @@ findings. Nothing here renders.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 from kvminspect import spte
@@ -86,10 +86,10 @@ MID_UPDATE = {
 class Verdict(Enum):
     """What a comparison of one counter came to; the value is its JSON name."""
 
-    MATCH = "match"  # the counter is what the pages read say (Check.why: a part explained)
-    EXPLAINED = "explained"  # it differs, for a reason the kernel gives (Check.why)
+    MATCH = "match"  # the counter is what the pages read say (CounterCheck.why: a part explained)
+    EXPLAINED = "explained"  # it differs, for a reason the kernel gives (CounterCheck.why)
     MISMATCH = "mismatch"  # it differs, and nothing the kernel does explains it
-    UNCHECKED = "unchecked"  # not compared: Check.why says why
+    UNCHECKED = "unchecked"  # not compared: CounterCheck.why says why
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ def count_leaves(k: Kernel, vg: VMGraph) -> Leaves:
 
 
 @dataclass(frozen=True)
-class Check:
+class CounterCheck:
     """One counter of the kernel's against the same thing counted on the pages."""
 
     kind: FindingKind  # PAGE_STATS, USED_MMU_PAGES or TDP_MMU_PAGES
@@ -148,7 +148,7 @@ class Accounting:
     """A VM's counters compared (accounting()), and why this reading may be mid-update."""
 
     vm: int  # struct kvm
-    checks: tuple[Check, ...]
+    checks: tuple[CounterCheck, ...]
     busy: tuple[str, ...]  # each reason the counters may be caught mid-update
 
 
@@ -170,17 +170,17 @@ def _busy(k: Kernel, vm: VM, leaves: Leaves | None, live: bool) -> tuple[str, ..
 
 
 def _compare(kind: FindingKind, counter: str, kernel: int, found: int, what: str,
-             busy: tuple[str, ...], hidden: str = "") -> Check:
+             busy: tuple[str, ...], hidden: str = "") -> CounterCheck:
     """MATCH, or EXPLAINED by a mid-update reading (*busy*) or by pages the count
     could not see (*hidden*, which only explains a kernel count above *found*)."""
     if kernel == found:
-        return Check(kind, counter, kernel, found, what, Verdict.MATCH)
+        return CounterCheck(kind, counter, kernel, found, what, Verdict.MATCH)
     why = [f"{'; '.join(busy)} ({MID_UPDATE[kind]})"] if busy else []
     if hidden and kernel > found:
         why.append(hidden)
     if why:
-        return Check(kind, counter, kernel, found, what, Verdict.EXPLAINED, "; ".join(why))
-    return Check(kind, counter, kernel, found, what, Verdict.MISMATCH)
+        return CounterCheck(kind, counter, kernel, found, what, Verdict.EXPLAINED, "; ".join(why))
+    return CounterCheck(kind, counter, kernel, found, what, Verdict.MISMATCH)
 
 
 def _model_problems(k: Kernel, vg: VMGraph) -> str:
@@ -190,15 +190,15 @@ def _model_problems(k: Kernel, vg: VMGraph) -> str:
 
 
 def page_stats(k: Kernel, vg: VMGraph, leaves: Leaves | None,
-               busy: tuple[str, ...]) -> list[Check]:
+               busy: tuple[str, ...]) -> list[CounterCheck]:
     """kvm->stat.pages_4k/2m/1g (lpages before 5.15) against the present leaves."""
     stat = vg.vm.stat
     names = {lv: n for lv, n in PAGE_STATS.items() if n in stat}
     if not names and "lpages" not in stat:
         return []
     if leaves is None:
-        return [Check(FindingKind.PAGE_STATS, f"kvm->stat.{n}", stat[n], None, "",
-                      Verdict.UNCHECKED, "the leaf tables were not read (check --audit does)")
+        return [CounterCheck(FindingKind.PAGE_STATS, f"kvm->stat.{n}", stat[n], None, "",
+                             Verdict.UNCHECKED, "the leaf tables were not read (--audit)")
                 for n in (names.values() or ["lpages"])]
     hidden = []
     if leaves.unreadable:
@@ -235,7 +235,7 @@ def _shadow_pages(vg: VMGraph) -> tuple[int, list[ShadowPage], int]:
     return on_list, held, unreadable
 
 
-def used_pages(k: Kernel, vg: VMGraph, busy: tuple[str, ...]) -> list[Check]:
+def used_pages(k: Kernel, vg: VMGraph, busy: tuple[str, ...]) -> list[CounterCheck]:
     """n_used_mmu_pages (kvm->stat.mmu_shadow_pages in 7.3) against the shadow pages."""
     vm = vg.vm
     if not known(vm.n_used_mmu_pages):
@@ -259,8 +259,8 @@ def used_pages(k: Kernel, vg: VMGraph, busy: tuple[str, ...]) -> list[Check]:
                 "still held by vCPUs stay accounted until their last reference is put "
                 "(__kvm_mmu_prepare_zap_page() keeps a root with root_count > 0 accounted; "
                 "mmu_free_root_page() zaps it for good)")
-        c = Check(c.kind, c.counter, c.kernel, c.found, c.what, c.verdict,
-                  "; ".join(x for x in (part, c.why) if x), tuple(sp.addr for sp in held))
+        c = replace(c, why="; ".join(x for x in (part, c.why) if x),
+                    objects=tuple(sp.addr for sp in held))
     return [c]
 
 
@@ -271,7 +271,7 @@ def tdp_mmu_pages_count(k: Kernel, vm: VM) -> int | None:
     return k.vm_reader.tdp_mmu_pages_count(vm)
 
 
-def tdp_pages(k: Kernel, vg: VMGraph, busy: tuple[str, ...]) -> list[Check]:
+def tdp_pages(k: Kernel, vg: VMGraph, busy: tuple[str, ...]) -> list[CounterCheck]:
     """kvm->arch.tdp_mmu_pages against the non-root TDP MMU pages the roots reach."""
     reached = [sp for sp in vg.pages() if sp.tdp_mmu_page and sp.addr not in vg.roots
                and not vg.is_orphan(sp.addr)]
@@ -286,17 +286,17 @@ def tdp_pages(k: Kernel, vg: VMGraph, busy: tuple[str, ...]) -> list[Check]:
     if not k.layout.tdp_mmu_pages_list:
         if vg.vm.mmu != "tdp_mmu":
             return []
-        return [Check(FindingKind.TDP_MMU_PAGES, "kvm->arch.tdp_mmu_pages", None, len(reached),
-                      what, Verdict.UNCHECKED, "this kernel keeps no count of TDP MMU pages")]
+        return [CounterCheck(FindingKind.TDP_MMU_PAGES, "kvm->arch.tdp_mmu_pages", None,
+                             len(reached), what, Verdict.UNCHECKED,
+                             "this kernel keeps no count of TDP MMU pages")]
     listed = {a for a in vg.active if a in vg.nodes and vg.nodes[a].tdp_mmu_page}
     apart = tuple(sorted(listed ^ {sp.addr for sp in reached}))  # on one side only
     c = _compare(FindingKind.TDP_MMU_PAGES, "the kvm->arch.tdp_mmu_pages list", len(listed),
                  len(reached), what, busy, hidden)
     if c.verdict is Verdict.MATCH and apart:  # as many, not the same
-        c = Check(c.kind, c.counter, c.kernel, c.found, c.what,
-                  Verdict.EXPLAINED if busy else Verdict.MISMATCH,
-                  f"{'; '.join(busy)} ({MID_UPDATE[c.kind]})" if busy else "")
-    return [Check(c.kind, c.counter, c.kernel, c.found, c.what, c.verdict, c.why, apart)]
+        c = replace(c, verdict=Verdict.EXPLAINED if busy else Verdict.MISMATCH,
+                    why=f"{'; '.join(busy)} ({MID_UPDATE[c.kind]})" if busy else "")
+    return [replace(c, objects=apart)]
 
 
 def accounting(k: Kernel, vg: VMGraph, leaves: Leaves | None = None, *,
@@ -327,7 +327,7 @@ WHY_EXACT = {
 }
 
 
-def finding(c: Check, vm: int) -> Finding | None:
+def finding(c: CounterCheck, vm: int) -> Finding | None:
     """One comparison as a finding: None for a plain MATCH or UNCHECKED."""
     if c.verdict is Verdict.UNCHECKED or (c.verdict is Verdict.MATCH and not c.why):
         return None

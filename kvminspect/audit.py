@@ -22,6 +22,9 @@ syncs what this module checks on the model of a dump or a live host:
 
 The kernel's own counters (kvm->stat.pages_*, n_used_mmu_pages,
 kvm->arch.tdp_mmu_pages) against the pages found are kvminspect.accounting's.
+audit_vm also runs kvminspect.invariants on what collect() read: each page's role
+and gfn against its parent's (kvm_mmu_child_role, kvm_mmu_page_get_gfn), MMIO and
+present leaf SPTEs against the memslots.
 
 The leaves are LeafSpte (one present leaf SPTE of a shadow page, with its
 gfn); findings are kvminspect.check.Finding; a leaf the dump cannot confirm

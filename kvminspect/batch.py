@@ -129,6 +129,7 @@ class _Worker:
     err: IO[bytes]  # its stderr, copied after its line
     proc: subprocess.Popen[bytes] | None = None
     spawn_error: str | None = None
+    end: float | None = None  # when it exited
 
 
 def _package_parent() -> str:
@@ -151,6 +152,7 @@ def _spawn(index: int, core: str, req: Request) -> _Worker:
 def _wait(w: _Worker, done: queue.Queue[int]) -> None:
     if w.proc is not None:
         w.proc.wait()
+    w.end = time.monotonic()
     done.put(w.index)
 
 
@@ -163,8 +165,8 @@ def _copy(src: IO[bytes], dst: TextIO) -> None:
     dst.write(decoder.decode(b"", final=True))
 
 
-def _why(w: _Worker, code: int) -> str:
-    """Why a worker gave no line: its signal, else its last line on stderr."""
+def _why(w: _Worker, code: int, partial: bool) -> str:
+    """Why a worker gave no whole line: its signal, else its last line on stderr."""
     if code < 0:
         try:
             name = signal.Signals(-code).name
@@ -174,7 +176,8 @@ def _why(w: _Worker, code: int) -> str:
         return f"{w.core}: its worker was killed by {name}{hint}"
     w.err.seek(0)
     last = [ln for ln in w.err.read().decode("utf-8", "replace").splitlines() if ln.strip()]
-    text = last[-1].removeprefix("kvminspect: error: ") if last else "no output"
+    text = (last[-1].removeprefix("kvminspect: error: ") if last
+            else "its line was cut short" if partial else "no line")
     return f"{w.core}: its worker exited with status {code}: {text}"
 
 
@@ -192,8 +195,8 @@ def _finish(w: _Worker, out: TextIO, err: TextIO) -> int:
             _copy(w.out, out)
             status = code
         else:
-            message = w.spawn_error or _why(w, code)
-            out.write(error_line(w.core, message, time.monotonic() - w.start) + "\n")
+            message = w.spawn_error or _why(w, code, size > 0)
+            out.write(error_line(w.core, message, (w.end or time.monotonic()) - w.start) + "\n")
             status = FAILED
         out.flush()
         if w.err.seek(0, os.SEEK_END):  # the worker wrote to stderr

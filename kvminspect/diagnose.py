@@ -5,9 +5,10 @@ this module weighs them and reads what the kernel's page-fault path would do
 with each vCPU:
 
 * a VM is **corrupt** with any error finding, **degraded** with a warning or
-  a stuck-suspect vCPU, **healthy** otherwise; states the kernel calls normal (an obsolete root right
-  after a fast zap while its vCPUs have the reload request pending, orphans
-  kept for reuse) are info findings, folded into one line per kind;
+  a stuck-suspect vCPU, **healthy** otherwise; states the kernel calls normal
+  (an obsolete root right after a fast zap while its vCPUs have the reload
+  request pending, orphans kept for reuse) are info findings, folded into one
+  line per kind;
 * a vCPU is **stuck-suspect** when
 
   - its last exit is a page fault (NPF, or #PF under shadow paging) whose
@@ -33,7 +34,7 @@ from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
 
-from kvminspect.accounting import check_tdp_mmu_pages
+from kvminspect.accounting import Leaves, check_accounting
 from kvminspect.audit import AuditState, audit_vm, collect
 from kvminspect.check import (
     Finding,
@@ -48,6 +49,7 @@ from kvminspect.graph import VMGraph
 from kvminspect.model import Kernel
 from kvminspect.objects import LastExit, VCpu, is_obsolete_sp
 from kvminspect.read_vmstate import Invalidation, MmuLock, RangeUnit
+from kvminspect.rmap import RmapHistogram, RmapReader, rmap_histogram
 
 
 class Verdict(Enum):
@@ -135,6 +137,7 @@ class VmDiagnosis:
     findings: list[Finding]  # every finding, errors first
     counts: dict[Severity, int]
     audit: AuditSummary
+    rmaps: RmapHistogram  # the rmap length histogram (debugfs mmu_rmaps_stat, offline)
     invalidation: Invalidation
     mmu_lock: MmuLock
     vcpus: list[VcpuDiagnosis]
@@ -222,15 +225,19 @@ def audit_summary(vg: VMGraph, st: AuditState, findings: list[Finding]) -> Audit
     return AuditSummary(len(vg), len(st.leaves), unchecked)
 
 
-def diagnose_vm(k: Kernel, vg: VMGraph) -> VmDiagnosis:
-    """Every check and the audit on one VM's graph, its verdict, and its vCPUs."""
+def diagnose_vm(k: Kernel, vg: VMGraph, live: bool = False) -> VmDiagnosis:
+    """Every check, the kernel's accounting and the audit on one VM's graph, its
+    verdict, its vCPUs and its rmaps' lengths (*live*: a running kernel, whose
+    counters may move while they are read)."""
     st = collect(k, vg)
-    findings = by_severity(check_vm(k, vg) + check_tdp_mmu_pages(k, vg) + audit_vm(k, vg, st=st))
+    reader = RmapReader(k)
+    findings = by_severity(check_vm(k, vg) + check_accounting(k, vg, Leaves.of(st), live=live)
+                           + audit_vm(k, vg, reader, st=st))
     counts = summary(findings)
     state = k.vm_state(vg.vm, hash_chains=False)
     inv = state.invalidation
     vcpus = [diagnose_vcpu(k, vg, v, inv) for v in vg.vcpus]
     stuck = sum(1 for v in vcpus if v.stuck)
     return VmDiagnosis(verdict_of(counts, stuck), findings, counts,
-                       audit_summary(vg, st, findings),
+                       audit_summary(vg, st, findings), rmap_histogram(k, vg.vm, reader),
                        inv, k.vm_states.mmu_lock(vg.vm), vcpus)

@@ -64,10 +64,10 @@ GPTE_SIZE = ("has_4_byte_gpte", "gpte_is_8_bytes")
 
 
 class Link(NamedTuple):
-    """parent->spt[index] points at child: one edge of the graph."""
+    """parent->spt[slot] points at child: one edge of the graph."""
 
     parent: ShadowPage
-    index: int
+    slot: int  # the SPTE's index in parent->spt[]
     child: ShadowPage
 
 
@@ -130,7 +130,7 @@ def parent_links(vg: VMGraph, dead: set[int]) -> list[tuple[ShadowPage, list[tup
     as a parent)."""
     nodes, links, wrong = vg.nodes, vg.links, vg.wrong_level
     out = []
-    for p in sorted({p for p in (*links, *wrong) if p not in dead},
+    for p in sorted(dict.fromkeys(p for p in (*links, *wrong) if p not in dead),
                     key=lambda p: -nodes[p].level):
         pairs = links.get(p, [])
         if p in wrong:
@@ -181,9 +181,8 @@ def kvm_mmu_child_role(parent: ShadowPage, index: int, child_direct: bool
     * quadrant: with 4-byte guest PTEs the child (a page table, level 1) shadows
       half of a guest page table, quadrant = spte_index & 1 (the parent PDE's bit
       21; kvm_mmu_get_page() computed the same from the address); else copied,
-      which is 0 ("KVM: x86/mmu: Always pass 0 for @quadrant when gptes are 8
-      bytes"): the pae_root[] roots of a 32-bit guest get their quadrant in
-      mmu_alloc_root() and have no parent link here;
+      which is 0: only a 32-bit guest's pae_root[] roots get a quadrant of their
+      own (mmu_alloc_root()), and they have no parent link here;
     * the guest PTE size: copied by kvm_mmu_child_role(), and by kvm_mmu_get_page()
       since "KVM: X86: Remove useless code to set role.gpte_is_8_bytes when
       role.direct" (5.17, 41e35604eaff); before it (gpte_is_8_bytes), a direct
@@ -235,21 +234,24 @@ def check_child_roles(vg: VMGraph, parents: list[tuple[ShadowPage, list[tuple[in
     """Each child's role against kvm_mmu_child_role() of its parent and SPTE index
     (see kvm_mmu_child_role for the rules and what each is exempt from).
 
-    A child whose level is wrong is reported here once, through the link the
-    graph kept out, and none of its own links is checked (they would all be
-    off by the same level); likewise for any child found wrong (*bad* gets it).
+    A child is reported once, at the first parent (from the top) whose link it
+    does not fit, whatever other parents share it. A child whose level is wrong
+    is reported through the link the graph kept out, and none of its own links
+    is checked (they would all be off by the same level); likewise for any child
+    found wrong (*bad* gets it).
     The 5.10 TDP MMU's child role.level (its parent's: "KVM: x86/mmu: Fix TDP MMU
     page table level" (5.14, f1b832550832)) is read corrected (ShadowPage.level).
     The children of one parent are judged once per (role, level, index parity).
     """
     nodes = vg.nodes
     out: list[Finding] = []
+    reported: set[int] = set()
     for parent, pairs in parents:
         if parent.addr in bad:
             continue
         judged: dict[tuple[int, int, int, bool], list[str]] = {}
         for index, c in pairs:
-            if c in dead:
+            if c in dead or c in reported:
                 continue
             child = nodes[c]
             key = (child.role.word, child.level, index & 1, child.tdp_mmu_page)
@@ -259,10 +261,12 @@ def check_child_roles(vg: VMGraph, parents: list[tuple[ShadowPage, list[tuple[in
             if not wrong:
                 continue
             bad.add(c)
+            reported.add(c)
+            how = ("tdp_mmu_init_child_sp(): the parent's role" if parent.tdp_mmu_page
+                   else "kvm_mmu_child_role(): the parent's role with its own access")
             out.append(Finding(
                 FindingKind.CHILD_ROLE, Severity.ERROR, [c, parent.addr],
-                f"{place(child, parent, index)}: {'; '.join(wrong)} (kvm_mmu_child_role(): "
-                "the parent's role, level - 1)"))
+                f"{place(child, parent, index)}: {'; '.join(wrong)} ({how}, level - 1)"))
     return capped(out, FindingKind.CHILD_ROLE, "children with a wrong role")
 
 
@@ -273,7 +277,8 @@ def kvm_mmu_page_get_gfn(parent: ShadowPage, index: int) -> int | None:
     """kvm_mmu_page_get_gfn(parent, index) where the parent alone says it: a direct
     (or TDP MMU) page's gfn + (index << 9 * (level - 1)), a passthrough page's own
     gfn (5.19+); None for an indirect page, whose shadowed_translation[] (sp->gfns
-    before 6.0) is written for leaf SPTEs only (rmap_add ->
+    before "KVM: x86/mmu: Cache the access bits of shadowed translations" (6.0,
+    6a97575d5cff)) is written for leaf SPTEs only (rmap_add ->
     kvm_mmu_page_set_translation), from a cache without __GFP_ZERO: behind a link
     it holds a stale leaf's gfn or nothing at all."""
     if parent.tdp_mmu_page or parent.role.direct:
@@ -301,9 +306,10 @@ def check_child_gfns(vg: VMGraph, parents: list[tuple[ShadowPage, list[tuple[int
     * An indirect child under an indirect parent shadows the guest page table the
       guest PTE points at: nothing here to check it against.
 
-    Children found wrong already (*bad*) are not checked again, and a child found
-    at the wrong gfn is not used as a parent (its children derive from the gfn the
-    kernel gave it, not the one it has).
+    A child is reported once (at its first parent from the top that it does not
+    fit); children found wrong already (*bad*) are not checked again, and a child
+    found at the wrong gfn is not used as a parent (its children derive from the
+    gfn the kernel gave it, not the one it has).
     """
     nodes = vg.nodes
     out: list[Finding] = []
@@ -379,17 +385,18 @@ def check_mmio_sptes(k: Kernel, vg: VMGraph, st: AuditState, dead: set[int]
                      ) -> list[Finding]:
     """No MMIO SPTE the fault path would trust covers a gfn a visible memslot maps.
 
-    kvm_faultin_pfn() / __direct_map / FNAME(fetch) write an MMIO SPTE
-    (make_mmio_spte, with the memslot generation) only for a gfn with no usable
-    memslot: none at all (kvm_handle_noslot_fault; KVM_PFN_NOSLOT before it), or
-    one L2 must not see (!kvm_is_visible_memslot() for a guest_mode fault: an
-    internal memslot, id KVM_USER_MEM_SLOTS and up, Vms.user_memslots). Exempt:
+    The fault path writes an MMIO SPTE (mark_mmio_spte -> make_mmio_spte, with
+    the memslot generation) only for KVM_PFN_NOSLOT, a gfn with no usable memslot
+    (kvm_faultin_pfn): none at all, or one L2 must not see (!kvm_is_visible_memslot()
+    for a guest_mode fault: an internal memslot, id KVM_USER_MEM_SLOTS and up,
+    Vms.user_memslots). Exempt:
     * a stale MMIO SPTE: its generation is not the memslots' (check_mmio_spte(),
       and never while KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS): made before the memslot
       appeared, refaulted at the next access (handle_mmio_page_fault -> RET_PF_INVALID);
-    * a memslot being deleted or moved (KVM_MEMSLOT_INVALID): before "Retry page
-      faults that hit an invalid memslot" the fault made KVM_PFN_NOSLOT of it, and
-      the memslot's removal bumps the generation anyway;
+    * a memslot being deleted or moved (KVM_MEMSLOT_INVALID): kvm_faultin_pfn()
+      retries a fault there (6.1 and 6.12, as their sources show), older kernels
+      made KVM_PFN_NOSLOT of it (__gfn_to_hva_many), and the memslot's removal
+      bumps the generation anyway;
     * an obsolete page or one under obsolete ones (dead_pages), and a page the
       role and gfn checks found wrong (in *dead* too: its role.smm says the
       address space).

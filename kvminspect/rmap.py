@@ -161,6 +161,7 @@ class RmapReader:
         self.mem = k.memory
         self._desc: DescLayout | None = None
         self._slots: dict[int, list[RmapSlot]] = {}
+        self._scans: dict[int, RmapScan] = {}
 
     @property
     def desc(self) -> DescLayout:
@@ -226,8 +227,11 @@ class RmapReader:
         return out
 
     def scan(self, vm: VM) -> RmapScan:
-        """Every rmap head of every memslot of *vm* (the audit's side of rmap <-> SPTE)."""
-        out = RmapScan()
+        """Every rmap head of every memslot of *vm* (the audit's side of rmap <-> SPTE),
+        read once per reader (the audit and the histogram share it)."""
+        if vm.addr in self._scans:
+            return self._scans[vm.addr]
+        out = self._scans[vm.addr] = RmapScan()
         for slot in self.slots(vm):
             if not any(slot.rmap):
                 continue

@@ -445,6 +445,7 @@ def diagnosis_json(d: VmDiagnosis) -> dict[str, Any]:
         "findings": [finding_json(f) for f in d.findings],
         "audit": {"pages": d.audit.pages, "leaves": d.audit.leaves,
                   "unchecked": d.audit.unchecked},
+        "rmaps": rmap_histogram_json(d.rmaps),
         "invalidation": {"names": inv.prefix, "seq": value(inv.seq),
                          "in_progress": value(inv.in_progress), "unit": inv.unit.value,
                          "range_start": hx(inv.range_start), "range_end": hx(inv.range_end)},

@@ -424,7 +424,7 @@ def check_mmio_spte(value: int, generation: int, layout: SpteLayout) -> bool:
 
 
 def make_mmio_spte(gfn: int, access: int, generation: int, m: SpteMasks) -> int:
-    """make_mmio_spte() (mmu/spte.c, mmu.c before 5.12): the MMIO SPTE the fault path
+    """make_mmio_spte() (mmu/spte.c): the MMIO SPTE the fault path
     writes for *gfn* (generation_mmio_spte_mask() of the memslot generation, the
     VM's shadow_mmio_value, the access bits, the gpa with its high bits copied above
     shadow_nonpresent_or_rsvd_mask); ValueError where the kernel's masks are unknown."""

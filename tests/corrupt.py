@@ -447,11 +447,13 @@ def child_gfn_moved(k: Kernel, invalid: bool = False) -> list[Patch]:
         return s.tdp_mmu_page or s.role.direct
 
     try:
-        sp, parent, index = _live_page(vg, lambda s: s.level == 1 and direct(s)
-                                       and direct(vg.sp(vg.predecessors(s.addr)[0])))
+        sp, parent, index = _live_page(vg, lambda s: s.level == 1 and direct(s) and all(
+            direct(vg.sp(p)) for p in vg.predecessors(s.addr)))
         gfn = sp.gfn + 0x100000
-    except LookupError:
-        sp, parent, index = _live_page(vg, lambda s: s.level == 1 and direct(s))
+    except LookupError:  # (6.1-shadow-large: a 2 MiB guest page two page tables share)
+        sp = next(s for s in vg.pages() if s.level == 1 and direct(s) and not vg.obsolete(s)
+                  and vg.predecessors(s.addr))
+        parent, (index, *_) = vg.parents(sp.addr)[0]
         gfn = sp.gfn + 0x100
     out = [Patch(sp.addr + k.layout.sp.gfn, u64(gfn), _where(sp, parent, index, gfn))]
     if invalid:
@@ -524,7 +526,7 @@ def leaf_no_memslot(k: Kernel, invalid: bool = False) -> list[Patch]:
         i = next(i for i in range(512) if spt[i] in (0, empty))
         template = next(x.value for x in st.leaves if x.sp.addr == sp.addr)
         obj = drgn.Object(k.prog, "struct kvm_mmu_page *", sp.addr)
-        try:  # "KVM: x86/mmu: Cache the access bits of shadowed translations" (6.0)
+        try:  # "KVM: x86/mmu: Cache the access bits of shadowed translations" (6.0, 6a97575d5cff)
             array_at, entry = obj.shadowed_translation.value_(), NO_MEMSLOT_GFN << 12 | 7
         except AttributeError:
             array_at, entry = obj.gfns.value_(), NO_MEMSLOT_GFN

@@ -16,8 +16,9 @@ PKG = Path(__file__).resolve().parent.parent / "kvminspect"
 PARTS = ("memory.py", "read_spte.py", "read_pages.py", "read_vms.py", "read_vcpus.py",
          "read_vmstate.py", "read_exits.py", "model.py")
 # the analyses: they read the kernel through the model's parts only
-ANALYSES = ("check.py", "audit.py", "rmap.py", "walk.py", "unsync.py", "graph.py", "diff.py",
-            "commands/diff.py", "accounting.py")
+ANALYSES = ("check.py", "audit.py", "invariants.py", "rmap.py", "walk.py", "unsync.py",
+            "graph.py", "diff.py", "commands/diff.py", "accounting.py", "diagnose.py",
+            "guestwalk.py")
 
 
 def _tree(name: str) -> ast.Module:
