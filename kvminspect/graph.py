@@ -89,12 +89,12 @@ class VMGraph:
     vcpus: list[VCpu]
     nodes: dict[int, ShadowPage] = field(default_factory=dict)
     links: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
-    # each parent's (index, child) pairs whose child's level is not the parent's minus
-    # one: recorded as problems, kept out of links and not followed (_expand)
-    wrong_level: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     roots: dict[int, list[Holder]] = field(default_factory=dict)  # sp -> holders
     active: set[int] = field(default_factory=set)  # on active_mmu_pages / tdp lists
     orphan_set: set[int] = field(default_factory=set)  # see mark_orphans()
+    # each parent's (index, child) pairs whose child's level is not the parent's minus
+    # one: recorded as problems, kept out of links and not followed (_expand)
+    wrong_level: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     _sorted: list[ShadowPage] | None = field(default=None, repr=False)
     _parents: dict[int, list[tuple[int, int]]] | None = field(default=None, repr=False)
     _nx: nx.DiGraph | None = field(default=None, repr=False)

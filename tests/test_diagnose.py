@@ -59,8 +59,8 @@ VM 0  kvm 0xffffd1e6803fd000  pid 97  shadow: HEALTHY (0 errors, 0 warnings, 0 i
   vCPUs: 4, none stuck
 """,
     "6.1-shadow-zapped": """\
-VM 0  kvm 0xffffd2d580405000  pid 98  shadow: HEALTHY (0 errors, 0 warnings, 4 info)
-  info (normal states; check --all lists each): obsolete-root x4
+VM 0  kvm 0xffffd2d580405000  pid 98  shadow: HEALTHY (0 errors, 0 warnings, 5 info)
+  info (normal states; check --all lists each): obsolete-root x4, used-mmu-pages x1
   checked 4 shadow pages, 0 present leaf SPTEs against the memslots and rmaps (0 not checkable)
   MMU notifier: seq 0, no invalidation in progress; mmu_lock free
   vCPUs: 4, none stuck
@@ -99,7 +99,7 @@ def test_stale_root_without_reload_request_is_stuck(damaged, capsys, monkeypatch
     assert stuck[0].root is RootHealth.INVALID and not stuck[0].reload_pending
     status, out, _ = run(["-c", str(path), "diagnose"], capsys, monkeypatch)
     assert status == 0
-    assert "DEGRADED (0 errors, 1 warning, 3 info, 1 stuck-suspect vCPU)" in out
+    assert "DEGRADED (0 errors, 1 warning, 4 info, 1 stuck-suspect vCPU)" in out
     assert "vcpu0 STUCK-SUSPECT: stale-root-no-reload" in out and "vcpu3 STUCK" not in out
     assert "reload request not pending" in out
     status, _, _ = run(["-c", str(path), "diagnose", "--fail-on", "warning"], capsys,
