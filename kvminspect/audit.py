@@ -45,7 +45,7 @@ from kvminspect.model import Kernel
 from kvminspect.objects import VM, ShadowPage
 from kvminspect.render import plural
 from kvminspect.rmap import LEVEL_NAMES, RmapHead, RmapReader, leaf_sptes
-from kvminspect.spte import PAGE_SHIFT, mmio_sptes
+from kvminspect.spte import PAGE_SHIFT, mmio_scanner
 from kvminspect.walk import MemslotCheck, MemslotOutcome, Verdict, memslot_check
 
 MAX_REPORTED = 64  # findings of one check per VM spelled out; the rest counted
@@ -79,7 +79,7 @@ class AuditState:
     frozen: list[tuple[ShadowPage, int]] = field(default_factory=list)
     unreadable_gfns: int = 0
     unreadable_tables: list[ShadowPage] = field(default_factory=list)  # spt[] not in the dump
-    # (page, index, SPTE) of each MMIO SPTE (is_mmio_spte: spte.mmio_sptes), for
+    # (page, index, SPTE) of each MMIO SPTE (is_mmio_spte: spte.mmio_scanner), for
     # kvminspect.invariants
     mmio: list[tuple[ShadowPage, int, int]] = field(default_factory=list)
 
@@ -90,7 +90,7 @@ def collect(k: Kernel, vg: VMGraph) -> AuditState:
     st = AuditState()
     masks = k.spte_masks(vg.vm)
     frozen = masks.layout.frozen
-    fmt = k.spte_format
+    mmio = mmio_scanner(k.spte_format, masks)  # None: this kernel makes no MMIO SPTEs
     for sp in vg.pages():
         if not 1 <= sp.level <= 5 or sp.role.is_mirror:
             continue
@@ -100,9 +100,8 @@ def collect(k: Kernel, vg: VMGraph) -> AuditState:
             continue
         if frozen is not None and sp.tdp_mmu_page and frozen in spt:
             st.frozen.extend((sp, i) for i, v in enumerate(spt) if v == frozen)
-        mmio = mmio_sptes(spt, fmt, masks)
-        if mmio:
-            st.mmio.extend((sp, i, v) for i, v in mmio)
+        if mmio is not None and (found_mmio := mmio(spt)):
+            st.mmio.extend((sp, i, v) for i, v in found_mmio)
         found = leaf_sptes(k, sp, spt)
         if not found:
             continue

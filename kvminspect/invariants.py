@@ -46,7 +46,6 @@ from kvminspect.graph import VMGraph
 from kvminspect.layout import known
 from kvminspect.model import Kernel
 from kvminspect.objects import Memslot, Role, ShadowPage
-from kvminspect.spte import SPTE_ENT_PER_PAGE
 
 if TYPE_CHECKING:  # audit imports this module to run it
     from kvminspect.audit import AuditState
@@ -460,27 +459,19 @@ def check_leaf_memslots(vg: VMGraph, st: AuditState, dead: set[int], bad: set[in
     out: list[Finding] = []
     skip = dead | bad
     find = slots.find
-    whole: dict[int, bool] = {}  # gfn >> 9 << 1 | as_id: its 512 gfns in one memslot
-    per_page = SPTE_ENT_PER_PAGE
+    last = (-1, 0, 0)  # (as_id, first gfn, end) of the memslot the last leaf was in
     for leaf in st.leaves:
         sp, gfn = leaf.sp, leaf.gfn
         if gfn is None or sp.addr in skip:
             continue
-        as_id = leaf.as_id
-        if sp.level == 1:
-            key = gfn >> SPTE_LEVEL_BITS << 1 | as_id
-            ok = whole.get(key)
-            if ok is None:
-                first = gfn & ~(per_page - 1)
-                s = find(as_id, first)
-                ok = whole[key] = s is not None and first + per_page <= s.base_gfn + s.npages
-            if ok or find(as_id, gfn) is not None:
-                continue
-            span = 1
-        else:
-            span = 1 << (SPTE_LEVEL_BITS * (sp.level - 1))
-            s = find(as_id, gfn)
-            if s is not None and gfn + span <= s.base_gfn + s.npages:
+        as_id, level = leaf.as_id, sp.level
+        span = 1 if level == 1 else 1 << (SPTE_LEVEL_BITS * (level - 1))
+        if as_id == last[0] and last[1] <= gfn and gfn + span <= last[2]:
+            continue  # (leaves come page by page: mostly the memslot of the one before)
+        s = find(as_id, gfn)
+        if s is not None:
+            last = (as_id, s.base_gfn, s.base_gfn + s.npages)
+            if gfn + span <= last[2]:
                 continue
         parent, at = parent_of(vg, sp, dead)
         s = find(as_id, gfn)

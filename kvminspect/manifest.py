@@ -393,7 +393,15 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                                'mmu_lock and the vCPUs say about who may hold the lock; '
                                'kvm->stat.pages_4k/2m/1g (lpages before 5.15) against the present '
                                'leaf SPTEs of each level (a warning when nothing explains a '
-                               'difference: the kernel acts on none of these statistics).\n'
+                               'difference: the kernel acts on none of these statistics); and the '
+                               'invariants the kernel keeps between a page and its parent '
+                               '(kvminspect.invariants, errors naming the page, its gfn and the '
+                               "parent): the child's role as kvm_mmu_child_role() derives it "
+                               "(level one below, the inherited bits equal), a direct child's gfn "
+                               'where kvm_mmu_page_get_gfn(parent, index) puts it, no MMIO SPTE '
+                               'of the current memslot generation over a gfn the memslots map as '
+                               'RAM, no present leaf outside every memslot (pages made obsolete '
+                               'by a fast zap, and those below them, are exempt).\n'
                                '\n'
                                'The text folds the info findings of one check into one row (--all '
                                'lists each); --json lists every finding.',
@@ -409,7 +417,9 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                                      'help': 'also the MMU audit (CONFIG_KVM_MMU_AUDIT, removed '
                                              "in 5.18): each leaf SPTE's pfn against the memslot, "
                                              'rmap <-> SPTE both ways, write protection of '
-                                             'shadowed gfns, frozen TDP MMU SPTEs'}},
+                                             "shadowed gfns, frozen TDP MMU SPTEs; each child's "
+                                             "role and gfn against its parent's, MMIO SPTEs over "
+                                             'RAM, leaves outside every memslot'}},
                          {'args': ['--vm'],
                           'kwargs': {'metavar': 'ID',
                                      'help': 'VM index, pid:PID, struct kvm address or name '

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import array
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 # The rule's constants, one home: kvminspect.helpers (the drgn helpers) and
@@ -442,62 +442,58 @@ def make_mmio_spte(gfn: int, access: int, generation: int, m: SpteMasks) -> int:
     return spte & (2**64 - 1)
 
 
-# (shadow_mmio_mask, shadow_mmio_value, empty SPTE) -> mmio_sptes()'s byte columns, in
-# the order it tries them: (byte offset in an SPTE, bytes.translate table)
-_MMIO_PLANS: dict[tuple[int, int, int], list[tuple[int, bytes]]] = {}
+def mmio_scanner(fmt: SpteFormat, m: SpteMasks
+                 ) -> Callable[[array.array[int]], list[tuple[int, int]]] | None:
+    """What mmio_sptes() does, made once for one SPTE format: a function of a page
+    table, or None where the kernel makes no MMIO SPTE at all (enable_mmio_caching
+    off, a zero shadow_mmio_value: make_mmio_spte() WARNs on it, or masks unknown).
 
+    is_mmio_spte(), (spte & shadow_mmio_mask) == shadow_mmio_value, holds byte by
+    byte: each byte of the mask keeps the SPTEs whose byte there matches
+    (bytes.translate over that byte of every SPTE), the first byte that keeps none
+    ends it. The bytes an empty SPTE (SHADOW_NONPRESENT_VALUE) passes are tried
+    last, high bytes (reserved bits) before low ones (permission bits every present
+    SPTE has): a table without MMIO SPTEs costs about a microsecond.
+    """
+    if not m.mmio_caching or not m.mmio_value or not m.mmio_mask:
+        return None
+    mask, value, empty = m.mmio_mask, m.mmio_value & m.mmio_mask, m.layout.nonpresent
+    columns = []
+    for j in range(8):
+        mb, vb = (mask >> 8 * j) & 0xFF, (value >> 8 * j) & 0xFF
+        if mb:
+            tab = bytes(1 if b & mb == vb else 0 for b in range(256))
+            at = j if sys.byteorder == "little" else 7 - j
+            columns.append(((empty >> 8 * j) & mb == vb, -j, at, tab))
+    plan = [(at, tab) for _, _, at, tab in sorted(columns)]
+    (first_at, first), rest = plan[0], plan[1:]
 
-def _mmio_plan(mask: int, value: int, empty: int) -> list[tuple[int, bytes]]:
-    """mmio_sptes()'s columns for one SPTE format: each byte of *mask* with a table
-    marking the bytes b with b & mask == value there; the ones an empty SPTE
-    (*empty*) fails first, the high bytes (reserved bits) before the low ones
-    (permission bits every present SPTE has)."""
-    plan = _MMIO_PLANS.get((mask, value, empty))
-    if plan is None:
-        columns = []
-        for j in range(8):
-            mb, vb = (mask >> 8 * j) & 0xFF, (value >> 8 * j) & 0xFF
-            if mb:
-                table = bytes(1 if b & mb == vb else 0 for b in range(256))
-                at = j if sys.byteorder == "little" else 7 - j
-                columns.append(((empty >> 8 * j) & mb == vb, -j, at, table))
-        plan = _MMIO_PLANS[(mask, value, empty)] = [(at, t) for _, _, at, t in sorted(columns)]
-    return plan
+    def found(table: array.array[int], hits: bytes) -> list[tuple[int, int]]:
+        for at, tab in rest:
+            hits = (int.from_bytes(hits, "little") & int.from_bytes(
+                table.tobytes()[at::8].translate(tab), "little")).to_bytes(len(hits), "little")
+        out = []
+        i = hits.find(1)
+        while i >= 0:
+            v = table[i]
+            if v & mask == value and not is_shadow_present_pte(v, fmt):
+                out.append((i, v))
+            i = hits.find(1, i + 1)
+        return out
+
+    def scan(table: array.array[int]) -> list[tuple[int, int]]:
+        hits = table.tobytes()[first_at::8].translate(first)
+        return [] if hits.find(1) < 0 else found(table, hits)
+
+    return scan
 
 
 def mmio_sptes(table: array.array[int], fmt: SpteFormat, m: SpteMasks
                ) -> list[tuple[int, int]]:
     """(index, SPTE) of each entry of a page table that is_mmio_spte() holds for and
-    is_shadow_present_pte() does not (decode_bits' order), over a whole table.
-
-    is_mmio_spte(), (spte & shadow_mmio_mask) == shadow_mmio_value, holds byte by
-    byte: each byte of the mask keeps the SPTEs whose byte there matches
-    (bytes.translate over that byte of every SPTE), and the first byte that keeps
-    none ends it (_mmio_plan's order): a table without MMIO SPTEs costs about a
-    microsecond. None at all where the kernel makes none: enable_mmio_caching off,
-    a zero shadow_mmio_value (make_mmio_spte() WARNs on it), or masks unknown.
-    """
-    if not m.mmio_caching or not m.mmio_value or not m.mmio_mask:
-        return []
-    mask, value = m.mmio_mask, m.mmio_value & m.mmio_mask
-    data = table.tobytes()
-    hits = b""
-    for at, column in _mmio_plan(mask, value, m.layout.nonpresent):
-        got = data[at::8].translate(column)
-        if hits:
-            got = (int.from_bytes(hits, "little") & int.from_bytes(got, "little")
-                   ).to_bytes(len(got), "little")
-        hits = got
-        if hits.find(1) < 0:
-            return []
-    out = []
-    i = hits.find(1)
-    while i >= 0:
-        v = table[i]
-        if v & mask == value and not is_shadow_present_pte(v, fmt):
-            out.append((i, v))
-        i = hits.find(1, i + 1)
-    return out
+    is_shadow_present_pte() does not (decode_bits' order): mmio_scanner()'s."""
+    scan = mmio_scanner(fmt, m)
+    return [] if scan is None else scan(table)
 
 
 def decode_bits(value: int, level: int, fmt: SpteFormat, m: SpteMasks) -> SpteBits:

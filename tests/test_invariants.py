@@ -11,7 +11,9 @@ uses gives none: role.invalid set on the page too (the "-invalid" cases, patched
 in the dump; and edited in the model on every damaged copy), the page obsolete
 (an old mmu_valid_gen, shadow MMU), or its root invalid (as
 kvm_tdp_mmu_invalidate_all_roots leaves a TDP MMU tree); and a stale MMIO SPTE
-(an older memslot generation) gives none.
+(an older memslot generation) gives none. The MMIO SPTE rules round-trip on each
+SPTE layout, and kvm_mmu_child_role's quadrant and guest PTE size rules for a
+32-bit guest (no fixture has one) hold on roles edited in the model.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from kvminspect.audit import audit_vm, collect
 from kvminspect.check import Finding, FindingKind, Severity
 from kvminspect.errors import KvmNotFound
 from kvminspect.graph import VMGraph, build
-from kvminspect.invariants import check_invariants
+from kvminspect.invariants import Link, check_invariants, role_mismatches
 from kvminspect.layout import known
 from kvminspect.model import Kernel
 from kvminspect.objects import Role, ShadowPage
@@ -216,3 +218,35 @@ def test_user_memslots(name: str, user: int) -> None:
     """KVM_USER_MEM_SLOTS: 512 - 3 before "KVM: Raise the maximum number of user
     memslots" (5.12), SHRT_MAX - 3 after."""
     assert Kernel(open_fixture(name).prog).vm_reader.user_memslots() == user
+
+
+# -- kvm_mmu_child_role's rules no fixture shows (a 32-bit non-PAE guest) ------------
+
+
+@pytest.mark.parametrize("name", ["5.10-shadow", "6.1-shadow", "7.3-shadow"])
+def test_four_byte_gpte_children(name: str) -> None:
+    """With 4-byte guest PTEs (has_4_byte_gpte, or gpte_is_8_bytes clear) a level-1
+    child's quadrant is its parent SPTE's index & 1, whatever the parent's (a
+    pae_root[] root's quadrant is its own); with 8-byte ones it is the parent's.
+    A direct child of such a parent keeps has_4_byte_gpte (kvm_mmu_child_role
+    copies it), but has gpte_is_8_bytes set before 5.17's has_4_byte_gpte."""
+    k = Kernel(open_fixture(name).prog)
+    vg = build(k, k.vms()[0])
+    parent, pairs = next((vg.sp(p), pairs) for p, pairs in vg.links.items()
+                         if vg.sp(p).level == 2)
+    child = vg.sp(pairs[0][1])
+    old = "gpte_is_8_bytes" in parent.role.fields
+    four = {"gpte_is_8_bytes": 0} if old else {"has_4_byte_gpte": 1}
+    p32 = with_role(k, parent, quadrant=2, **four)
+    for index, quadrant in ((6, 0), (7, 1)):
+        ok = with_role(k, child, quadrant=quadrant, **four)
+        assert role_mismatches(Link(p32, index, ok)) == []
+        wrong = with_role(k, child, quadrant=1 - quadrant, **four)
+        assert role_mismatches(Link(p32, index, wrong)) == [
+            f"role.quadrant {1 - quadrant}, expected {quadrant} "
+            "(spte_index & 1 with 4-byte guest PTEs)"]
+    assert role_mismatches(Link(parent, 7, with_role(k, child, quadrant=1))) == [
+        "role.quadrant 1, expected 0 (the parent's)"]
+    direct = with_role(k, child, quadrant=1, direct=1, **({"gpte_is_8_bytes": 1} if old
+                                                          else four))
+    assert role_mismatches(Link(p32, 7, direct)) == []
