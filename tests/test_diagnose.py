@@ -99,7 +99,7 @@ def test_stale_root_without_reload_request_is_stuck(damaged, capsys, monkeypatch
     assert stuck[0].root is RootHealth.INVALID and not stuck[0].reload_pending
     status, out, _ = run(["-c", str(path), "diagnose"], capsys, monkeypatch)
     assert status == 0
-    assert "DEGRADED (0 errors, 1 warning, 4 info, 1 stuck-suspect vCPU)" in out
+    assert "DEGRADED (0 errors, 1 warning, 4 info, 1 stuck vCPU)" in out
     assert "vcpu0 STUCK-SUSPECT: stale-root-no-reload" in out and "vcpu3 STUCK" not in out
     assert "reload request not pending" in out
     status, _, _ = run(["-c", str(path), "diagnose", "--fail-on", "warning"], capsys,
@@ -148,7 +148,7 @@ def test_fault_inside_an_invalidation_is_stuck(fixture: str, case: str, kind: st
     assert (v.fault.kind, v.fault.gfn, v.fault.inside) == (kind, 0x200, True)
     assert d.invalidation.unit.value == unit and d.verdict is Verdict.DEGRADED
     status, out, _ = run(["-c", str(path), "diagnose"], capsys, monkeypatch)
-    assert status == 0 and "1 stuck-suspect vCPU)" in out.splitlines()[0]
+    assert status == 0 and "1 stuck vCPU)" in out.splitlines()[0]
     flat = " ".join(out.split())  # lines wrap between words at 100 columns
     assert "vcpu0 STUCK-SUSPECT: fault-in-invalidation" in flat
     assert f"{kind} 0x200000 -> gfn 0x200" in flat and "inside the invalidation: yes" in flat

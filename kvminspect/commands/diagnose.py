@@ -40,7 +40,7 @@ def verdict_line(vm: VM, d: VmDiagnosis) -> str:
     errors = plural(n[Severity.ERROR], "error", "errors")
     warnings = plural(n[Severity.WARNING], "warning", "warnings")
     stuck = sum(1 for v in d.vcpus if v.stuck)
-    also = f", {plural(stuck, 'stuck-suspect vCPU', 'stuck-suspect vCPUs')}" if stuck else ""
+    also = f", {plural(stuck, 'stuck vCPU', 'stuck vCPUs')}" if stuck else ""
     return vm_header(vm, f"{d.verdict.value.upper()} ({errors}, {warnings}, "
                      f"{n[Severity.INFO]} info{also})")
 
@@ -89,7 +89,7 @@ def vcpu_lines(v: VcpuDiagnosis) -> list[str]:
     argument("--jsonl", action="store_true",
              help="diagnose each CORE in its own process, one JSON line per core, in order "
              "(the command line only, without -c)"),
-    argument("-j", "--jobs", type=int, metavar="N",
+    argument("-j", "--jobs", type="count", metavar="N",
              help="with --jsonl: at most N cores at once (default: 1)"),
     argument("cores", nargs="*", metavar="CORE",
              help="with --jsonl: a vmcore or crash directory, as -c takes"),
