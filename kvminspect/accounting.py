@@ -41,6 +41,7 @@ findings. Nothing here renders.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -271,6 +272,29 @@ def tdp_mmu_pages_count(k: Kernel, vm: VM) -> int | None:
     return k.vm_reader.tdp_mmu_pages_count(vm)
 
 
+@dataclass(frozen=True)
+class TdpPages:
+    """A TDP MMU VM's pages as the kernel keeps them (vms, vm): the pages its
+    n_used_mmu_pages does not count."""
+
+    pages: int | None  # kvm->arch.tdp_mmu_pages: the linked non-root pages (None: 7.3)
+    roots: int  # the roots on kvm->arch.tdp_mmu_roots (tdp_mmu_pages counts none)
+
+
+def tdp_mmu_pages(k: Kernel, vm: VM) -> TdpPages | None:
+    """What kvm->arch.tdp_mmu_pages and tdp_mmu_roots hold for *vm*: the count (6.2-7.2)
+    or the list's length (5.10-6.1, its pages decoded on the way: as check reads them),
+    and the roots; None for a VM without the TDP MMU (shadow, tdp_legacy: its pages are
+    shadow pages, in n_used_mmu_pages) or whose MMU is not read (TDX)."""
+    if vm.mmu != "tdp_mmu" or vm.unsupported:
+        return None
+    n = tdp_mmu_pages_count(k, vm)
+    if n is None and k.layout.tdp_mmu_pages_list:  # active_pages() walks both lists
+        n = sum(1 for sp in k.shadow_pages(k.active_pages(vm))
+                if sp is not None and sp.tdp_mmu_page)
+    return TdpPages(n, len(k.tdp_roots(vm)))
+
+
 def tdp_pages(k: Kernel, vg: VMGraph, busy: tuple[str, ...]) -> list[CounterCheck]:
     """kvm->arch.tdp_mmu_pages against the non-root TDP MMU pages the roots reach."""
     reached = [sp for sp in vg.pages() if sp.tdp_mmu_page and sp.addr not in vg.roots
@@ -327,6 +351,14 @@ WHY_EXACT = {
 }
 
 
+def _counted(n: int | None, what: str) -> str:
+    """*n* and *what* (a plural phrase: "shadow pages on active_mmu_pages") after it, its
+    noun singular for one: "1 shadow page on active_mmu_pages"."""
+    if n == 1:
+        what = re.sub(r"\b(pages|SPTEs)\b", lambda m: m.group(1)[:-1], what, count=1)
+    return f"{n} {what}"
+
+
 def finding(c: CounterCheck, vm: int) -> Finding | None:
     """One comparison as a finding: None for a plain MATCH or UNCHECKED."""
     if c.verdict is Verdict.UNCHECKED or (c.verdict is Verdict.MATCH and not c.why):
@@ -334,12 +366,13 @@ def finding(c: CounterCheck, vm: int) -> Finding | None:
     objects = [vm, *c.objects]
     if c.verdict is Verdict.MATCH:
         return Finding(c.kind, Severity.INFO, objects,
-                       f"{c.counter} is {c.kernel} = {c.found} {c.what}: {c.why}")
+                       f"{c.counter} is {c.kernel} = {_counted(c.found, c.what)}: {c.why}")
     if c.kernel == c.found:  # the tdp_mmu_pages list: as many pages, not the same
-        what = (f"{c.counter} holds {c.kernel} pages, as many as the {c.what}, but "
+        what = (f"{c.counter} holds {plural(c.kernel or 0, 'page', 'pages')}, as many as the "
+                f"{c.what}, but "
                 f"{plural(len(c.objects), 'page is', 'pages are')} on one side only")
     else:
-        what = f"{c.counter} is {c.kernel} but {c.found} {c.what}"
+        what = f"{c.counter} is {c.kernel} but {_counted(c.found, c.what)}"
     if c.verdict is Verdict.EXPLAINED:
         return Finding(c.kind, Severity.INFO, objects, f"{what}: explained, {c.why}")
     return Finding(c.kind, MISMATCH[c.kind], objects, f"{what}: {WHY_EXACT[c.kind]}")

@@ -38,6 +38,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from kvminspect.check import Finding, FindingKind, Severity, sp_id
+from kvminspect.fmt import spte_text
 from kvminspect.graph import VMGraph
 from kvminspect.invariants import check_invariants
 from kvminspect.layout import known
@@ -206,8 +207,8 @@ def check_rmaps(k: Kernel, vg: VMGraph, st: AuditState, reader: RmapReader) -> l
             if missing <= MAX_REPORTED:
                 out.append(Finding(
                     FindingKind.RMAP_MISSING, Severity.ERROR, [leaf.sp.addr],
-                    f"{leaf.where()}: present leaf SPTE {leaf.value:#x} has no entry in the "
-                    f"{LEVEL_NAMES[leaf.sp.level]} rmap of gfn {leaf.gfn:#x}"
+                    f"{leaf.where()}: present leaf SPTE {spte_text(leaf.value)} has no entry "
+                    f"in the {LEVEL_NAMES[leaf.sp.level]} rmap of gfn {leaf.gfn:#x}"
                     + (f" (address space {leaf.as_id})" if leaf.as_id else "")))
         elif (got.as_id, got.gfn >> shift, got.level) != (want.as_id, want.gfn >> shift,
                                                            want.level):
@@ -238,7 +239,7 @@ def check_rmaps(k: Kernel, vg: VMGraph, st: AuditState, reader: RmapReader) -> l
                 what = (f"points at spt[{e.index}] of {sp_id(sp) if sp else hex(e.sp)}, a "
                         "present leaf of a page no root or page list of this VM has")
             else:
-                what = (f"points at spt[{e.index}] = {e.value:#x} of "
+                what = (f"points at spt[{e.index}] = {spte_text(e.value)} of "
                         f"{sp_id(sp) if sp else hex(e.sp)}, which is not a present leaf")
         out.append(Finding(
             FindingKind.RMAP_STALE, Severity.ERROR, objs,
@@ -301,8 +302,8 @@ def check_write_protection(vg: VMGraph, st: AuditState) -> list[Finding]:
             continue
         out.append(Finding(
             FindingKind.WRITABLE_SHADOWED, Severity.ERROR, [leaf.sp.addr, guest.addr],
-            f"{leaf.where()} is writable ({leaf.value:#x}) but gfn {gfn:#x} is a guest page "
-            f"table that {sp_id(guest)} shadows (synced: it must be write-protected)"))
+            f"{leaf.where()} is writable ({spte_text(leaf.value)}) but gfn {gfn:#x} is a guest "
+            f"page table that {sp_id(guest)} shadows (synced: it must be write-protected)"))
     return _capped(out, n - MAX_REPORTED, FindingKind.WRITABLE_SHADOWED,
                    "writable SPTEs to shadowed gfns")
 

@@ -16,7 +16,7 @@ slow core delays only the printing of the lines after it.
 A line is diagnose --json's document, compact, after three fields of its own:
 
     {"core": PATH, "kernel_release": "6.1.0-56-amd64", "elapsed": 0.52,
-     "schema_version": 1, "command": "diagnose", "vms": [...], "errors": [...],
+     "schema_version": 2, "command": "diagnose", "vms": [...], "errors": [...],
      "warnings": [...]}
 
 PATH as given; elapsed in seconds, opening (decompressing) the core included.

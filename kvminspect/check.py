@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from kvminspect.errors import Problem
+from kvminspect.fmt import spte_text
 from kvminspect.graph import Holder, VMGraph
 from kvminspect.layout import NoValue, known
 from kvminspect.model import Kernel
@@ -191,7 +192,7 @@ def check_unsync_count(vg: VMGraph, pages: list[ShadowPage] | None = None) -> li
             out.append(Finding(
                 FindingKind.UNSYNC_CHILDREN, Severity.ERROR, [sp.addr],
                 f"{sp_id(sp)}: unsync_children {sp.unsync_children} but "
-                f"{n} bits set in unsync_child_bitmap"))
+                f"{plural(n, 'bit', 'bits')} set in unsync_child_bitmap"))
     return out
 
 
@@ -208,7 +209,7 @@ def _check_bit(kernel: Kernel, vg: VMGraph, sp: ShadowPage, i: int,
         what = "is not present" if not e.present else "maps a large page"
         return Finding(
             FindingKind.BIT_NOT_PRESENT, Severity.INFO, [sp.addr],
-            f"{sp_id(sp)}: unsync_child_bitmap bit {i} but spt[{i}] = {value:#x} {what}; "
+            f"{sp_id(sp)}: unsync_child_bitmap bit {i} but spt[{i}] = {spte_text(value)} {what}; "
             "the kernel clears such bits lazily in __mmu_unsync_walk (e.g. after the "
             "unsync child was zapped)")
     if e.child is None:

@@ -2,6 +2,7 @@
 
     kvminspect [-c CORE | --live | --qemu SOCK | --sample] [-s PATH]... [--vm ID] COMMAND
                [ARGS] [--json]
+    kvminspect -c CORE | --live | --qemu SOCK | --sample   (no command: the REPL, as drgn)
     kvminspect [-c CORE | ...] -e 'CMD; CMD' [-e CMD]... [--json]
     kvminspect [-s PATH]... diff A B [--vm ID] [--json]    (A is the target: -c A diff B)
     kvminspect [-s PATH]... diagnose --jsonl CORE... [-j N] [--vm ID] [--fail-on warning]
@@ -21,6 +22,7 @@ import argparse
 import os
 import shlex
 import sys
+import textwrap
 import traceback
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -51,6 +53,7 @@ def _commands_epilog() -> str:
             "  kvminspect vmcore [PATH]     a vmcore or fixture directory "
             "(no PATH: the bundled sample)\n\n"
             "Global options work before or after the command.\n"
+            + textwrap.fill(f"Numbers: {registry.NUMBERS_RULE}.", 79) + "\n"
             "'kvminspect diff A B' compares two vmcores of one host (A before, B after).\n"
             "'kvminspect diagnose --jsonl CORE... [-j N]' diagnoses many vmcores, one JSON\n"
             "line each, N worker processes at once.\n"
@@ -323,6 +326,13 @@ def _main(argv: list[str] | None) -> int:
             raise UsageError(f"-e needs a target: {options.target_choices()}")
         return run_script(_session(open_source(source, g.symbols), vm), lines, g.json)
     if command is None:
+        if source is not None:  # 'kvminspect -c CORE' (--sample, --live, --qemu SOCK): a REPL
+            if g.json:
+                raise UsageError("--json is for commands: kvminspect -c CORE COMMAND --json "
+                                 "(or -e CMD --json)")
+            from kvminspect.repl import run_repl
+
+            return run_repl(_session(open_source(source, g.symbols), vm))
         print(parser().format_usage(), end="", file=sys.stderr)
         raise UsageError("no command (see kvminspect --help)")
     entry = registry.entry(command)
@@ -350,6 +360,7 @@ def _main(argv: list[str] | None) -> int:
     if source is None:
         raise UsageError(f"'{command}' needs a target: {options.target_choices()}")
     session = _session(open_source(source, g.symbols), vm)
+    session.freeze_graphs = argv is None  # a process of its own (tests call main(list))
     try:
         run_one(session, words)
     except SystemExit as e:  # rich exits when the reader of a pipe goes away

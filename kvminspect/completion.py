@@ -8,6 +8,13 @@ options, the global options, the choices of an option that has them (export
 --format, --completion), files after the global options that take a file
 (-c, -s, --qemu) and for the file arguments (vmcore PATH, diff B, export
 FILE), and command names after help.
+
+An option once given is not offered again, nor those it rules out: a target
+(-c, --live, --qemu, --sample) rules out every target, an option of a mutually
+exclusive group its group (walk --vcpu: --root); -s and -e may be repeated.
+Where a value is a number or a name only the target knows (walk --vcpu N,
+--vm ID, tree --depth N) nothing is offered: bash offers nothing (no file
+names), zsh says what the value is.
 """
 
 from __future__ import annotations
@@ -27,6 +34,14 @@ GLOBAL_OTHER_VALUES = tuple(f for f in GLOBAL_VALUES
 REPLS = {"live": "REPL on the running kernel (or --qemu SOCK)",
          "vmcore": "REPL on a vmcore (no PATH: the bundled sample)"}
 FILE_ARGS = ("vmcore", "diff", "diagnose", "export")  # commands whose positional argument is a file
+# global options once given -> the global options not to offer again: any target rules
+# out every target; -s and -e may be repeated
+TARGETS = tuple(f for o in options.targets() for f in o.flags)
+GLOBAL_EXCLUDES = {f: list(TARGETS) if o.target else [] if o.repeat else list(o.flags)
+                   for o in options.OPTIONS for f in o.flags}
+# after a command: no --version (before it only) nor --completion (no command)
+AFTER_COMMAND = tuple(f for o in options.OPTIONS if not (o.first and o.dest == "version")
+                      and o.dest != "completion" for f in o.flags)
 
 
 def commands() -> dict[str, dict[str, Any]]:
@@ -37,22 +52,43 @@ def commands() -> dict[str, dict[str, Any]]:
         choices = entry.choices()
         opts = {o: choices.get(o, []) if value else None
                 for o, value in entry.options().items() if o not in registry.HELP_FLAGS}
-        out[name] = {"description": entry.description(), "options": opts}
+        out[name] = {"description": entry.description(), "options": opts,
+                     "excludes": entry.excludes(), "values": entry.values()}
     return out
 
 
-def _global_cases(indent: str, files: str, choices: str) -> str:
-    """The shell's case arms after a global option: files, its choices, or nothing."""
+def _exclude_cases(cmds: dict[str, dict[str, Any]], indent: str) -> str:
+    """Case arms on "$cmd:$w" (a word given before the cursor) that add to $drop the
+    options not to offer again (GLOBAL_EXCLUDES, each command's excludes())."""
+    arms: dict[str, list[str]] = {}
+    for name, c in cmds.items():
+        for o, ruled in c["excludes"].items():
+            arms.setdefault(" ".join(ruled), []).append(f"{name}:{o}")
+    for o, ruled in GLOBAL_EXCLUDES.items():
+        arms.setdefault(" ".join(ruled), []).append(f"*:{o}")
+    return "\n".join(f'{indent}{_case(words)}) drop+="{ruled} " ;;'
+                     for ruled, words in arms.items() if ruled)
+
+
+def _global_cases(indent: str, files: str, choices: str, say: bool = False) -> str:
+    """The shell's case arms after a global option: files, its choices, or nothing
+    (*say*: zsh's _message of what the value is)."""
     arms = [f"{indent}{_case(list(FILE_OPTIONS))}) {files}; return ;;"]
     arms += [f"{indent}{o}) {choices.format(' '.join(c))}; return ;;"
              for o, c in GLOBAL_CHOICES.items()]
-    arms.append(f"{indent}{_case(list(GLOBAL_OTHER_VALUES))}) return ;;")
+    if say:
+        by_flag = options.by_flag()
+        arms += [f"{indent}{o}) _message {_zsh_message(f'{by_flag[o].metavar}: {by_flag[o].help}')}"
+                 "; return ;;" for o in GLOBAL_OTHER_VALUES]
+    else:
+        arms.append(f"{indent}{_case(list(GLOBAL_OTHER_VALUES))}) return ;;")
     return "\n".join(arms)
 
 
 def _with_globals(options: dict[str, Any]) -> str:
-    """A command's options, then the global ones it does not have itself."""
-    return " ".join([*options, *(g for g in GLOBALS if g not in options)])
+    """A command's options, then the global ones it does not have itself (those that
+    go after a command)."""
+    return " ".join([*options, *(g for g in AFTER_COMMAND if g not in options)])
 
 
 def _case(items: list[str]) -> str:
@@ -72,7 +108,7 @@ def bash() -> str:
         for name, c in cmds.items() for o, v in c["options"].items() if v)
     return f"""# bash completion for kvminspect (kvminspect --completion bash)
 _kvminspect() {{
-    local cur prev cmd="" i w opts
+    local cur prev cmd="" i w o opts drop=" " keep=()
     cur="${{COMP_WORDS[COMP_CWORD]}}"
     prev="${{COMP_WORDS[COMP_CWORD-1]}}"
     local globals="{' '.join(GLOBALS)}"
@@ -85,6 +121,13 @@ _kvminspect() {{
             *) cmd="$w"; break ;;
         esac
     done
+    # options given already, and those they rule out, are not offered again
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        w="${{COMP_WORDS[i]%%=*}}"
+        case "$cmd:$w" in
+{_exclude_cases(cmds, "            ")}
+        esac
+    done
     case "$prev" in
 {_global_cases("        ", 'COMPREPLY=($(compgen -f -- "$cur"))',
                'COMPREPLY=($(compgen -W "{}" -- "$cur"))')}
@@ -94,7 +137,8 @@ _kvminspect() {{
     esac
     if [[ -z "$cmd" ]]; then
         if [[ "$cur" == -* ]]; then
-            COMPREPLY=($(compgen -W "$globals" -- "$cur"))
+            for o in $globals; do [[ "$drop" == *" $o "* ]] || keep+=("$o"); done
+            COMPREPLY=($(compgen -W "${{keep[*]}}" -- "$cur"))
         else
             COMPREPLY=($(compgen -W "$commands" -- "$cur"))
         fi
@@ -105,10 +149,11 @@ _kvminspect() {{
 {opt_cases}
     esac
     case "$prev" in
-        {_case(value_opts) or "--no-such-option"}) return ;;
+        {_case(value_opts) or "--no-such-option"}) return ;;  # a number or name: nothing
     esac
     if [[ "$cur" == -* ]]; then
-        COMPREPLY=($(compgen -W "$opts" -- "$cur"))
+        for o in $opts; do [[ "$drop" == *" $o "* ]] || keep+=("$o"); done
+        COMPREPLY=($(compgen -W "${{keep[*]}}" -- "$cur"))
     elif [[ "$cmd" == help ]]; then
         COMPREPLY=($(compgen -W "{' '.join(cmds)}" -- "$cur"))
     else
@@ -125,6 +170,11 @@ def _zsh_quote(text: str) -> str:
     return "'" + text.replace("'", "'\\''").replace(":", "\\:") + "'"
 
 
+def _zsh_message(text: str) -> str:
+    """*text* quoted for _message (a colon is no separator there)."""
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
 def zsh() -> str:
     """The zsh script: saved as _kvminspect on $fpath, or `eval` after compinit."""
     cmds = commands()
@@ -137,11 +187,14 @@ def zsh() -> str:
                              for name, c in cmds.items() for o, v in c["options"].items() if v)
     value_opts = sorted({o for c in cmds.values() for o, v in c["options"].items()
                          if v is not None})
+    messages = "\n".join(f"    {name}:{o}) _message {_zsh_message(text)}; return ;;"
+                         for name, c in cmds.items() for o, text in c["values"].items()
+                         if not c["options"].get(o) and o not in GLOBAL_VALUES)
     return f"""#compdef kvminspect
 # zsh completion for kvminspect (kvminspect --completion zsh)
 _kvminspect() {{
-  local -a commands globals opts
-  local cmd="" i w cur="${{words[CURRENT]}}" prev="${{words[CURRENT-1]}}"
+  local -a commands globals opts keep
+  local cmd="" i w o drop=" " cur="${{words[CURRENT]}}" prev="${{words[CURRENT-1]}}"
   commands=(
 {described}
   )
@@ -154,15 +207,24 @@ _kvminspect() {{
       *) cmd="$w"; break ;;
     esac
   done
+  # options given already, and those they rule out, are not offered again
+  for ((i = 2; i < CURRENT; i++)); do
+    w="${{words[i]%%=*}}"
+    case "$cmd:$w" in
+{_exclude_cases(cmds, "      ")}
+    esac
+  done
   case "$prev" in
-{_global_cases("    ", "_files", "compadd -- {}")}
+{_global_cases("    ", "_files", "compadd -- {}", say=True)}
   esac
   case "$cmd:$prev" in
 {choice_cases}
+{messages}
   esac
   if [[ -z "$cmd" ]]; then
     if [[ "$cur" == -* ]]; then
-      compadd -- $globals
+      for o in $globals; do [[ "$drop" == *" $o "* ]] || keep+=($o); done
+      compadd -- $keep
     else
       _describe -t commands 'kvminspect command' commands
     fi
@@ -176,7 +238,8 @@ _kvminspect() {{
     {_case(value_opts) or "--no-such-option"}) return ;;
   esac
   if [[ "$cur" == -* ]]; then
-    compadd -- $opts
+    for o in $opts; do [[ "$drop" == *" $o "* ]] || keep+=($o); done
+    compadd -- $keep
   elif [[ "$cmd" == help ]]; then
     compadd -- {' '.join(cmds)}
   else

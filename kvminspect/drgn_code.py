@@ -144,7 +144,8 @@ def _roots_list(code: DrgnCodeBuilder, lay: Layout) -> None:
         current = f"mmu.root_hpa, {pgd}"
     # prev_roots[].pgd: "KVM: x86: Replace "cr3" with "pgd" in "new cr3/pgd" related code" (5.8)
     code.append(f'''vcpu_roots = [("root", {current})] + [
-    (f"prev[{{j}}]", prev.hpa, prev.{lay.prev_pgd_name}) for j, prev in enumerate(mmu.prev_roots)
+    (f"prev_roots[{{j}}]", prev.hpa, prev.{lay.prev_pgd_name})
+    for j, prev in enumerate(mmu.prev_roots)
 ]
 ''')
 
@@ -207,10 +208,10 @@ def sp_code(prog: drgn.Program, lay: Layout, addr: int) -> str:
     pfn = spte_to_pfn(spte)
     large = level > 1 and is_large_pte(spte)
     if is_last_spte(spte, level):  # maps guest memory
-        print(f"[{i}] spte {spte:#x} pfn {pfn:#x} {'large' if large else 'leaf'}")
+        print(f"[{i}] spte {spte:#018x} pfn {pfn:#x} {'large' if large else 'leaf'}")
     else:  # a page table: its own shadow page (NULL, 0, if none)
         child = to_shadow_page(prog, pfn << PAGE_SHIFT)
-        print(f"[{i}] spte {spte:#x} pfn {pfn:#x} table child sp {child.value_():#x}")
+        print(f"[{i}] spte {spte:#018x} pfn {pfn:#x} table child sp {child.value_():#x}")
 """)
     return code.get()
 

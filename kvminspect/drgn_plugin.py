@@ -61,10 +61,12 @@ def session_of_prog(prog: drgn.Program) -> Session:
     return s
 
 
-def run_kvm(prog: drgn.Program, line: str) -> None:
+def run_kvm(prog: drgn.Program, line: str, outer: dict[str, Any] | None = None) -> None:
     """Run one kvminspect command line (``roots --vm 0 | grep vcpu``) on *prog*.
 
-    Errors are raised (drgn's REPL prints them as one line, run_command raises).
+    *outer*: the globals of drgn's shell the line was typed in (``%kvm guest py``
+    binds the guest's program there). Errors are raised (drgn's REPL prints them as
+    one line, run_command raises).
     """
     from kvminspect.commands import NAMESPACE
     from kvminspect.repl import rewrite
@@ -72,7 +74,8 @@ def run_kvm(prog: drgn.Program, line: str) -> None:
     text = line.strip() or "help"
     session = session_of_prog(prog)
     session.begin(progress="--json" not in text.split())
-    NAMESPACE.run(prog, rewrite(prog, text), globals={"session": session})
+    NAMESPACE.run(prog, rewrite(prog, text),
+                  globals={"session": session, "drgn_globals": outer})
 
 
 @linux_kernel_raw_command(
@@ -89,4 +92,4 @@ def run_kvm(prog: drgn.Program, line: str) -> None:
 )
 def _cmd_kvm(prog: drgn.Program, name: str, args: str, **kwargs: Any) -> None:
     """%kvm: one kvminspect command on drgn's program."""
-    run_kvm(prog, args)
+    run_kvm(prog, args, kwargs.get("globals"))

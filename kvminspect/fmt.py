@@ -39,3 +39,10 @@ def hpa_text(hpa: int | NoValue | None) -> str:
     """A root's hpa (kvminspect.results.root_hpa): "0x…", "INVALID_PAGE" (None:
     no root) or "unreadable" (its MMU could not be read)."""
     return "INVALID_PAGE" if hpa is None else hx(hpa)
+
+
+def spte_text(value: int) -> str:
+    """An SPTE's value in text: 0x and 16 hex digits ("0x0000000002ed6827"), the one
+    width of every SPTE kvminspect prints (sp, walk, rmap, the findings' messages),
+    so that the values of one table line up and compare by eye. JSON keeps hx()."""
+    return f"{value:#018x}"

@@ -25,6 +25,7 @@ from typing import Any
 
 import networkx as nx
 
+from kvminspect.fmt import spte_text
 from kvminspect.layout import known
 from kvminspect.model import VM, Kernel, RootRef, ShadowPage, VCpu, is_obsolete_sp
 
@@ -266,7 +267,7 @@ def _expand(k: Kernel, vg: VMGraph, start: list[int]) -> None:
                 bad += 1
                 if bad <= 3:
                     k.problem("struct kvm_mmu_page", addr,
-                              f"spt[{index}] = {value:#x} points at a page with no "
+                              f"spt[{index}] = {spte_text(value)} points at a page with no "
                               "shadow page")
                 continue
             child = nodes.get(child_addr) or _add_page(k, vg, child_addr)
@@ -290,20 +291,24 @@ def _expand(k: Kernel, vg: VMGraph, start: list[int]) -> None:
         k.problem("VM", vg.vm.addr, f"more than {MAX_PAGES} shadow pages; graph truncated")
 
 
-def build(k: Kernel, vm: VM) -> VMGraph:
+def build(k: Kernel, vm: VM, freeze: bool = False) -> VMGraph:
     """Rebuild *vm*'s shadow-page graph from its roots and page lists."""
-    with k.reading(vm), _gc_paused():
+    with k.reading(vm), _gc_paused(freeze):
         return _build(k, vm)
 
 
 @contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Python's cyclic GC off while a graph is built, its objects frozen after.
+def _gc_paused(freeze: bool) -> Iterator[None]:
+    """Python's cyclic GC off while a graph is built; with *freeze*, every object
+    then alive frozen out of its way.
 
     A build makes a few objects per shadow page and no reference cycles, and
     each full collection would walk every one made so far again (a third of
-    the build time at 10^5 pages); gc.freeze() keeps later collections (a
-    command's output) from walking them too. Refcounting still frees them.
+    the build time at 10^5 pages). gc.freeze() keeps later collections (a
+    command's output) from walking them too, but whatever is frozen and sits
+    in a reference cycle is never freed: only a process that ends after its
+    command (the one-shot CLI) may freeze; a REPL, a script or a test suite
+    that builds graph after graph must not.
     """
     was = gc.isenabled()
     gc.disable()
@@ -311,7 +316,8 @@ def _gc_paused() -> Iterator[None]:
         yield
     finally:
         if was:
-            gc.freeze()
+            if freeze:
+                gc.freeze()
             gc.enable()
 
 

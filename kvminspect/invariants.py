@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from kvminspect import spte
 from kvminspect.check import Finding, FindingKind, Severity, sp_id
+from kvminspect.fmt import spte_text
 from kvminspect.graph import VMGraph
 from kvminspect.layout import known
 from kvminspect.model import Kernel
@@ -431,7 +432,7 @@ def check_mmio_sptes(k: Kernel, vg: VMGraph, st: AuditState, dead: set[int]
         out.append(Finding(
             FindingKind.MMIO_OVER_RAM, Severity.ERROR,
             [sp.addr] + ([parent.addr] if parent is not None else []),
-            f"{place(sp, parent, at)}: spt[{i}] = {value:#x} is an MMIO SPTE for gfn "
+            f"{place(sp, parent, at)}: spt[{i}] = {spte_text(value)} is an MMIO SPTE for gfn "
             f"{gfn:#x} of the current memslot generation ({gen_now:#x}, "
             f"check_mmio_spte() trusts it) but memslot {slot.id} (address space {as_id}) "
             f"maps that gfn: the guest's accesses there are emulated as MMIO"))
@@ -484,7 +485,7 @@ def check_leaf_memslots(vg: VMGraph, st: AuditState, dead: set[int], bad: set[in
         out.append(Finding(
             FindingKind.LEAF_NO_MEMSLOT, Severity.ERROR,
             [sp.addr] + ([parent.addr] if parent is not None else []),
-            f"{place(sp, parent, at)}: spt[{leaf.index}] = {leaf.value:#x} is a present "
+            f"{place(sp, parent, at)}: spt[{leaf.index}] = {spte_text(leaf.value)} is a present "
             f"leaf mapping {what}"))
     return capped(out, FindingKind.LEAF_NO_MEMSLOT, "leaf SPTEs outside every memslot")
 

@@ -8,8 +8,8 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
          'long_description': "One row per VM: its struct kvm, owner process, its name (QEMU's "
                              '-name guest=, then kvm->stats_id "kvm-PID"; --vm takes either), '
                              'vCPUs, MMU kind (shadow, tdp_mmu, tdp_legacy), the vendor module '
-                             '(kvm_amd, kvm_intel), shadow pages in use and the MMU generation. A '
-                             'TDX VM is listed, but its MMU is not read.\n'
+                             "(kvm_amd, kvm_intel), shadow pages in use, the TDP MMU's pages and "
+                             'the MMU generation. A TDX VM is listed, but its MMU is not read.\n'
                              '\n'
                              "Columns: VM the VM's index (* marks the selected VM); KVM the "
                              'struct kvm address; PID and COMM the owner process '
@@ -17,8 +17,14 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                              'task state, as ps shows it (R running, S sleeping, D '
                              'uninterruptible, T stopped, Z zombie, I idle); VCPUS online/created '
                              'vCPUs; MMU the MMU kind (a non-default VM type in parentheses); '
-                             'VENDOR the vendor module; MMU PAGES shadow pages in use / the '
-                             'maximum (kvm->arch.n_used_mmu_pages / n_max_mmu_pages); GEN '
+                             "VENDOR the vendor module; SHADOW PAGES the shadow MMU's pages in "
+                             'use / the maximum (kvm->arch.n_used_mmu_pages / n_max_mmu_pages; '
+                             'kvm->stat.mmu_shadow_pages in 7.3): every page of a shadow or '
+                             "tdp_legacy VM, only the nested guests' of a tdp_mmu VM; TDP PAGES "
+                             '(shown when a VM has the TDP MMU) its pages, which the shadow count '
+                             'leaves out: kvm->arch.tdp_mmu_pages, the non-root pages (a list to '
+                             '6.1, a count 6.2-7.2; ? in 7.3, which keeps none), + the roots on '
+                             'kvm->arch.tdp_mmu_roots (tree counts both); GEN '
                              'kvm->arch.mmu_valid_gen, the MMU generation a fast zap bumps; '
                              'MEMSLOTS memslots in use.',
          'usage': None,
@@ -55,9 +61,10 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                                   'help': "VM index, pid:PID, struct kvm address, or 'all'"}},
                       {'args': ['--vm'],
                        'kwargs': {'metavar': 'ID',
-                                  'help': 'VM index, pid:PID, struct kvm address or name '
-                                          "(kvm-PID, QEMU's -name) (default: the selected VM, "
-                                          'else all VMs; export: else the only VM)'}},
+                                  'help': 'VM index (decimal), pid:PID, struct kvm address (hex, '
+                                          "0x optional) or name (kvm-PID, QEMU's -name) (default: "
+                                          'the selected VM, else all VMs; export: else the only '
+                                          'VM)'}},
                       {'args': ['--json'],
                        'kwargs': {'action': 'store_true', 'help': 'print one JSON document'}}]},
  'vcpus': {'module': 'kvminspect.commands.vcpus',
@@ -85,9 +92,10 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
            'custom': False,
            'arguments': [{'args': ['--vm'],
                           'kwargs': {'metavar': 'ID',
-                                     'help': 'VM index, pid:PID, struct kvm address or name '
-                                             "(kvm-PID, QEMU's -name) (default: the selected VM, "
-                                             'else all VMs; export: else the only VM)'}},
+                                     'help': 'VM index (decimal), pid:PID, struct kvm address '
+                                             "(hex, 0x optional) or name (kvm-PID, QEMU's -name) "
+                                             '(default: the selected VM, else all VMs; export: '
+                                             'else the only VM)'}},
                          {'args': ['--json'],
                           'kwargs': {'action': 'store_true', 'help': 'print one JSON document'}}]},
  'roots': {'module': 'kvminspect.commands.roots',
@@ -102,21 +110,22 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                                'the same roots.\n'
                                '\n'
                                'Columns: VCPU the vCPU (vcpu[vcpu_idx]); CR3 its guest CR3; ROOT '
-                               'root (mmu->root), prev[i] (mmu->prev_roots[i]) or pae_root[i]; '
-                               'PGD the guest page table the root shadows (the CR3 it was built '
-                               "for); HPA the root's host physical address; SP its struct "
-                               "kvm_mmu_page; GFN/LVL that page's gfn and level (L4: a 4-level "
-                               'table); FLAGS shared xN (N vCPUs have it as their current root), '
-                               'direct, tdp, UNSYNC, unsync_children=N, invalid, obsolete, '
+                               'root (mmu->root), prev_roots[i] (mmu->prev_roots[i]) or '
+                               'pae_root[i]; PGD the guest page table the root shadows (the CR3 '
+                               "it was built for); HPA the root's host physical address; SP its "
+                               "struct kvm_mmu_page; GFN/LVL that page's gfn and level (L4: a "
+                               '4-level table); FLAGS shared xN (N vCPUs have it as their current '
+                               'root), direct, tdp, UNSYNC, unsync_children=N, invalid, obsolete, '
                                'root_count=N, ORPHAN, SMM (role.smm: a page of System Management '
                                'Mode, address space 1), nested (role.guest_mode, or a root of '
                                'guest_mmu); empty: an unused prev_roots slot.\n'
                                '\n'
-                               'Nested guests: root and prev[i] are those of vcpu->arch.mmu '
+                               'Nested guests: root and prev_roots[i] are those of vcpu->arch.mmu '
                                '(guest_mmu while the vCPU runs L2); the roots of its other MMU '
                                '(guest_mmu, the shadow NPT/EPT MMU of L2, or root_mmu while in '
-                               'L2) follow as guest_mmu.root, guest_mmu.prev[i] (or root_mmu.*), '
-                               'when they are not INVALID_PAGE. --drgn reads vcpu->arch.mmu only.',
+                               'L2) follow as guest_mmu.root, guest_mmu.prev_roots[i] (or '
+                               'root_mmu.*), when they are not INVALID_PAGE. --drgn reads '
+                               'vcpu->arch.mmu only.',
            'usage': None,
            'epilog': None,
            'custom': False,
@@ -126,9 +135,10 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                                              'APIs'}},
                          {'args': ['--vm'],
                           'kwargs': {'metavar': 'ID',
-                                     'help': 'VM index, pid:PID, struct kvm address or name '
-                                             "(kvm-PID, QEMU's -name) (default: the selected VM, "
-                                             'else all VMs; export: else the only VM)'}},
+                                     'help': 'VM index (decimal), pid:PID, struct kvm address '
+                                             "(hex, 0x optional) or name (kvm-PID, QEMU's -name) "
+                                             '(default: the selected VM, else all VMs; export: '
+                                             'else the only VM)'}},
                          {'args': ['--json'],
                           'kwargs': {'action': 'store_true', 'help': 'print one JSON document'}}]},
  'tree': {'module': 'kvminspect.commands.tree',
@@ -139,15 +149,18 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                               'printed once. Orphan pages (on active_mmu_pages, reachable from no '
                               'root) follow the roots. --drgn prints the drgn code that walks the '
                               'same pages (spt[] down from each root).',
-          'usage': None,
+          'usage': 'tree [--depth N] [--unsync-only] [--drgn] [--vm ID] [--json] [SP]  (SP: hex, '
+                   '0x optional; N: decimal, 0x accepted)',
           'epilog': None,
           'custom': False,
           'arguments': [{'args': ['sp'],
                          'kwargs': {'nargs': '?',
                                     'metavar': 'SP',
-                                    'help': 'start at this shadow page (address)'}},
+                                    'type': 'address',
+                                    'help': 'start at this shadow page (struct kvm_mmu_page '
+                                            'address, hex)'}},
                         {'args': ['--depth'],
-                         'kwargs': {'type': 'kvminspect.commands.non_negative',
+                         'kwargs': {'type': 'count',
                                     'metavar': 'N',
                                     'help': 'levels to show below the top (0 or more)'}},
                         {'args': ['--unsync-only'],
@@ -159,9 +172,10 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                                             'APIs'}},
                         {'args': ['--vm'],
                          'kwargs': {'metavar': 'ID',
-                                    'help': 'VM index, pid:PID, struct kvm address or name '
-                                            "(kvm-PID, QEMU's -name) (default: the selected VM, "
-                                            'else all VMs; export: else the only VM)'}},
+                                    'help': 'VM index (decimal), pid:PID, struct kvm address '
+                                            "(hex, 0x optional) or name (kvm-PID, QEMU's -name) "
+                                            '(default: the selected VM, else all VMs; export: '
+                                            'else the only VM)'}},
                         {'args': ['--json'],
                          'kwargs': {'action': 'store_true', 'help': 'print one JSON document'}}]},
  'sp': {'module': 'kvminspect.commands.sp',
@@ -183,27 +197,32 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                             'D dirty, hw host-writable, mw MMU-writable, enc encrypted, '
                             'ad=disabled/wrprot_only (EPT A/D type), acc-track with its saved '
                             'bits (see also walk).',
-        'usage': None,
+        'usage': 'sp [--gfn GFN] [--drgn] [--vm ID] [--json] [ADDR]  (ADDR, GFN: hex, 0x '
+                 'optional)',
         'epilog': None,
         'custom': False,
         'arguments': [{'exclusive': False,
                        'arguments': [{'args': ['addr'],
                                       'kwargs': {'nargs': '?',
                                                  'metavar': 'ADDR',
-                                                 'help': 'struct kvm_mmu_page address'}},
+                                                 'type': 'address',
+                                                 'help': 'struct kvm_mmu_page address (hex, 0x '
+                                                         'optional)'}},
                                      {'args': ['--gfn'],
                                       'kwargs': {'metavar': 'GFN',
-                                                 'help': 'every shadow page of this guest '
-                                                         'frame'}}]},
+                                                 'type': 'gfn',
+                                                 'help': 'every shadow page of this guest frame '
+                                                         '(hex, 0x optional)'}}]},
                       {'args': ['--drgn'],
                        'kwargs': {'action': 'store_true',
                                   'help': 'print how to do the equivalent operation using drgn '
                                           'APIs'}},
                       {'args': ['--vm'],
                        'kwargs': {'metavar': 'ID',
-                                  'help': 'VM index, pid:PID, struct kvm address or name '
-                                          "(kvm-PID, QEMU's -name) (default: the selected VM, "
-                                          'else all VMs; export: else the only VM)'}},
+                                  'help': 'VM index (decimal), pid:PID, struct kvm address (hex, '
+                                          "0x optional) or name (kvm-PID, QEMU's -name) (default: "
+                                          'the selected VM, else all VMs; export: else the only '
+                                          'VM)'}},
                       {'args': ['--json'],
                        'kwargs': {'action': 'store_true', 'help': 'print one JSON document'}}]},
  'walk': {'module': 'kvminspect.commands.walk',
@@ -229,28 +248,35 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                               'host-writable, mw MMU-writable, acc-track with its saved bits, '
                               'MMIO with its generation, FROZEN, RSVD reserved bits set); NEXT SP '
                               'the shadow page the SPTE points to.',
-          'usage': None,
+          'usage': 'walk [--vcpu N | --root SP] [--vm ID] [--json] ADDR  (ADDR, SP: hex, 0x '
+                   'optional; N: decimal, 0x accepted)',
           'epilog': None,
           'custom': False,
           'arguments': [{'args': ['addr'],
                          'kwargs': {'metavar': 'ADDR',
-                                    'help': 'the address to walk: a guest virtual address through '
-                                            'a shadow root, a guest physical address through a '
-                                            'TDP/direct root'}},
+                                    'type': 'address',
+                                    'help': 'the address to walk (hex, 0x optional: 200000 is '
+                                            '0x200000): a guest virtual address through a shadow '
+                                            'root, a guest physical address through a TDP/direct '
+                                            'root'}},
                         {'exclusive': False,
                          'arguments': [{'args': ['--vcpu'],
                                         'kwargs': {'metavar': 'N',
-                                                   'help': "walk from vCPU N's current root "
-                                                           '(default 0)'}},
+                                                   'type': 'count',
+                                                   'help': "walk from vCPU N's current root (its "
+                                                           'index, decimal; default 0)'}},
                                        {'args': ['--root'],
                                         'kwargs': {'metavar': 'SP',
-                                                   'help': 'walk from this shadow page as the '
+                                                   'type': 'address',
+                                                   'help': 'walk from this shadow page (struct '
+                                                           'kvm_mmu_page address, hex) as the '
                                                            'top'}}]},
                         {'args': ['--vm'],
                          'kwargs': {'metavar': 'ID',
-                                    'help': 'VM index, pid:PID, struct kvm address or name '
-                                            "(kvm-PID, QEMU's -name) (default: the selected VM, "
-                                            'else all VMs; export: else the only VM)'}},
+                                    'help': 'VM index (decimal), pid:PID, struct kvm address '
+                                            "(hex, 0x optional) or name (kvm-PID, QEMU's -name) "
+                                            '(default: the selected VM, else all VMs; export: '
+                                            'else the only VM)'}},
                         {'args': ['--json'],
                          'kwargs': {'action': 'store_true', 'help': 'print one JSON document'}}]},
  'rmap': {'module': 'kvminspect.commands.rmap',
@@ -285,13 +311,15 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                               'before adding (5.15+). A VM without rmaps (TDP MMU only) has none: '
                               "the kernel's file is empty. Rmap arrays not in the dump, and "
                               'chains cut short, are named.',
-          'usage': None,
+          'usage': 'rmap [--stats] [--vm ID] [--json] [GFN]  (GFN: hex, 0x optional)',
           'epilog': None,
           'custom': False,
           'arguments': [{'args': ['gfn'],
                          'kwargs': {'metavar': 'GFN',
                                     'nargs': '?',
-                                    'help': 'the guest frame number (hex, with or without 0x)'}},
+                                    'type': 'gfn',
+                                    'help': 'the guest frame number (hex, 0x optional: 16 is '
+                                            '0x16)'}},
                         {'args': ['--stats'],
                          'kwargs': {'action': 'store_true',
                                     'help': "instead of one gfn's SPTEs, the rmap length "
@@ -299,43 +327,53 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                                             'offline)'}},
                         {'args': ['--vm'],
                          'kwargs': {'metavar': 'ID',
-                                    'help': 'VM index, pid:PID, struct kvm address or name '
-                                            "(kvm-PID, QEMU's -name) (default: the selected VM, "
-                                            'else all VMs; export: else the only VM)'}},
+                                    'help': 'VM index (decimal), pid:PID, struct kvm address '
+                                            "(hex, 0x optional) or name (kvm-PID, QEMU's -name) "
+                                            '(default: the selected VM, else all VMs; export: '
+                                            'else the only VM)'}},
                         {'args': ['--json'],
                          'kwargs': {'action': 'store_true', 'help': 'print one JSON document'}}]},
  'unsync': {'module': 'kvminspect.commands.unsync',
             'description': "replay mmu_sync_children's unsync walk offline, in the kernel's order",
             'long_description': 'For SP, or every root with unsync_children (vCPU roots, '
                                 'prev_roots, pages with root_count > 0): mmu_unsync_walk fills '
-                                '16-entry kvm_mmu_pages batches (SP Index = slot in the parent, '
-                                '-1 for the root), for_each_sp visits each unsync leaf with its '
-                                'mmu_page_path parents, and mmu_pages_clear_parents updates a '
-                                'copy of the bitmaps. Each root is replayed on its own copy of '
-                                'the current state; the target is never modified. --zap replays '
-                                'mmu_zap_unsync_children instead (kvm_mmu_prepare_zap_page on '
-                                'each leaf; a level-1 SP has nothing to zap).\n'
+                                '16-entry kvm_mmu_pages batches, for_each_sp visits each unsync '
+                                'leaf with its mmu_page_path parents, and mmu_pages_clear_parents '
+                                'updates a copy of the bitmaps. Each root is replayed on its own '
+                                'copy of the current state; the target is never modified. --zap '
+                                'replays mmu_zap_unsync_children instead '
+                                '(kvm_mmu_prepare_zap_page on each leaf; a level-1 SP has nothing '
+                                'to zap).\n'
                                 '\n'
-                                "Columns of a batch: SP Index the page's slot in its parent (-1: "
-                                'the root the walk starts at); SP Level its level; SP its struct '
-                                'kvm_mmu_page. A "root sp" line is a root (held by the vCPUs '
-                                'named); a plain "sp" line, a page below the roots.',
-            'usage': None,
+                                "Columns of a batch: SP Index the entry's position in the "
+                                "kvm_mmu_pages vector (pages->page[i], 0-15); SP Level its page's "
+                                'level (both as the systemtap script this replaces prints them); '
+                                "Slot in Parent the entry's idx, the page's slot in its parent's "
+                                'spt[] (-1: the root the walk starts at); SP its struct '
+                                'kvm_mmu_page. Then one line per leaf synced (zapped), its vector '
+                                'position first ("sync sp [3] 0x...", the script\'s "Current sp : '
+                                '[3]..."), and its mmu_page_path parents with their levels (the '
+                                'script\'s "Level in Parents"). A "root sp" line is a root (held '
+                                'by the vCPUs named); a plain "sp" line, a page below the roots.',
+            'usage': 'unsync [--zap] [--vm ID] [--json] [SP]  (SP: hex, 0x optional)',
             'epilog': None,
             'custom': False,
             'arguments': [{'args': ['sp'],
                            'kwargs': {'nargs': '?',
                                       'metavar': 'SP',
-                                      'help': 'replay from this shadow page'}},
+                                      'type': 'address',
+                                      'help': 'replay from this shadow page (struct kvm_mmu_page '
+                                              'address, hex)'}},
                           {'args': ['--zap'],
                            'kwargs': {'action': 'store_true',
                                       'help': 'replay mmu_zap_unsync_children (the leaves are '
                                               'zapped, not synced)'}},
                           {'args': ['--vm'],
                            'kwargs': {'metavar': 'ID',
-                                      'help': 'VM index, pid:PID, struct kvm address or name '
-                                              "(kvm-PID, QEMU's -name) (default: the selected VM, "
-                                              'else all VMs; export: else the only VM)'}},
+                                      'help': 'VM index (decimal), pid:PID, struct kvm address '
+                                              "(hex, 0x optional) or name (kvm-PID, QEMU's -name) "
+                                              '(default: the selected VM, else all VMs; export: '
+                                              'else the only VM)'}},
                           {'args': ['--json'],
                            'kwargs': {'action': 'store_true',
                                       'help': 'print one JSON document'}}]},
@@ -350,9 +388,10 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
            'custom': False,
            'arguments': [{'args': ['--vm'],
                           'kwargs': {'metavar': 'ID',
-                                     'help': 'VM index, pid:PID, struct kvm address or name '
-                                             "(kvm-PID, QEMU's -name) (default: the selected VM, "
-                                             'else all VMs; export: else the only VM)'}},
+                                     'help': 'VM index (decimal), pid:PID, struct kvm address '
+                                             "(hex, 0x optional) or name (kvm-PID, QEMU's -name) "
+                                             '(default: the selected VM, else all VMs; export: '
+                                             'else the only VM)'}},
                          {'args': ['--json'],
                           'kwargs': {'action': 'store_true', 'help': 'print one JSON document'}}]},
  'check': {'module': 'kvminspect.commands.check',
@@ -422,9 +461,10 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                                              'RAM, leaves outside every memslot'}},
                          {'args': ['--vm'],
                           'kwargs': {'metavar': 'ID',
-                                     'help': 'VM index, pid:PID, struct kvm address or name '
-                                             "(kvm-PID, QEMU's -name) (default: the selected VM, "
-                                             'else all VMs; export: else the only VM)'}},
+                                     'help': 'VM index (decimal), pid:PID, struct kvm address '
+                                             "(hex, 0x optional) or name (kvm-PID, QEMU's -name) "
+                                             '(default: the selected VM, else all VMs; export: '
+                                             'else the only VM)'}},
                          {'args': ['--json'],
                           'kwargs': {'action': 'store_true', 'help': 'print one JSON document'}}]},
  'diagnose': {'module': 'kvminspect.commands.diagnose',
@@ -453,7 +493,8 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                                   'its own process, at most N at once. Exit status: 1 if a core '
                                   'could not be diagnosed, else 3 if one has an error finding '
                                   '(with --fail-on warning, a warning), else 0 (README: Scripts).',
-              'usage': None,
+              'usage': 'diagnose [--fail-on {error,warning}] [--jsonl] [-j N] [--vm ID] [--json] '
+                       '[CORE ...]  (N: decimal, 0x accepted)',
               'epilog': None,
               'custom': False,
               'arguments': [{'args': ['--fail-on'],
@@ -467,7 +508,7 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                                                 'line per core, in order (the command line only, '
                                                 'without -c)'}},
                             {'args': ['-j', '--jobs'],
-                             'kwargs': {'type': 'builtins.int',
+                             'kwargs': {'type': 'count',
                                         'metavar': 'N',
                                         'help': 'with --jsonl: at most N cores at once (default: '
                                                 '1)'}},
@@ -478,9 +519,10 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                                                 'takes'}},
                             {'args': ['--vm'],
                              'kwargs': {'metavar': 'ID',
-                                        'help': 'VM index, pid:PID, struct kvm address or name '
-                                                "(kvm-PID, QEMU's -name) (default: the selected "
-                                                'VM, else all VMs; export: else the only VM)'}},
+                                        'help': 'VM index (decimal), pid:PID, struct kvm address '
+                                                "(hex, 0x optional) or name (kvm-PID, QEMU's "
+                                                '-name) (default: the selected VM, else all VMs; '
+                                                'export: else the only VM)'}},
                             {'args': ['--json'],
                              'kwargs': {'action': 'store_true',
                                         'help': 'print one JSON document'}}]},
@@ -515,12 +557,109 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                                               'stdout'}},
                           {'args': ['--vm'],
                            'kwargs': {'metavar': 'ID',
-                                      'help': 'VM index, pid:PID, struct kvm address or name '
-                                              "(kvm-PID, QEMU's -name) (default: the selected VM, "
-                                              'else all VMs; export: else the only VM)'}},
+                                      'help': 'VM index (decimal), pid:PID, struct kvm address '
+                                              "(hex, 0x optional) or name (kvm-PID, QEMU's -name) "
+                                              '(default: the selected VM, else all VMs; export: '
+                                              'else the only VM)'}},
                           {'args': ['--json'],
                            'kwargs': {'action': 'store_true',
                                       'help': 'print one JSON document'}}]},
+ 'guest-core': {'module': 'kvminspect.commands.guestcore',
+                'description': "write a guest's physical memory and vCPU registers as an ELF core "
+                               'for drgn',
+                'long_description': "Writes OUT, an ELF core (ET_CORE, x86-64) of one VM's guest "
+                                    'physical memory (--vm ID, else the selected VM, else the '
+                                    'only one): one PT_LOAD per run of consecutive guest pages '
+                                    'the host dump holds (p_paddr: the guest physical address), '
+                                    'over the memslots of address space 0 (1 with --smm); an '
+                                    'NT_PRSTATUS per vCPU in vcpu_idx order, from the registers '
+                                    'KVM saved (vcpu->arch.regs[]; on AMD RFLAGS and the segments '
+                                    'from the VMCB save area; on Intel only what kvm_intel caches '
+                                    "in memory, the rest is 0 and named); and the guest kernel's "
+                                    'VMCOREINFO note, when its memory holds one (a Linux guest), '
+                                    "so that drgn opens OUT as the guest kernel's vmcore: drgn -c "
+                                    'OUT -s GUEST_VMLINUX.\n'
+                                    '\n'
+                                    "A guest page is written when the VMM's page tables map a "
+                                    'host page at its address and the host dump holds that page '
+                                    'by its own table (ELF program headers, the kdump bitmap); '
+                                    'every other page is a hole, never zeros: not mapped by the '
+                                    'VMM (never touched, or swapped out), or not in the dump '
+                                    "(makedumpfile -d 31 drops the VMM's memory; -d 17 keeps it). "
+                                    'The summary says how many pages were written and which gfn '
+                                    'ranges are holes, where each register came from, and which '
+                                    'vCPUs were in guest mode at the dump (their registers are '
+                                    'stale). No page of the guest in the dump is an error; OUT is '
+                                    'never overwritten.',
+                'usage': None,
+                'epilog': None,
+                'custom': False,
+                'arguments': [{'args': ['out'],
+                               'kwargs': {'metavar': 'OUT',
+                                          'help': 'the core file to write (never overwritten)'}},
+                              {'args': ['--smm'],
+                               'kwargs': {'action': 'store_true',
+                                          'help': 'address space 1 (System Management Mode) '
+                                                  'instead of 0'}},
+                              {'args': ['--vm'],
+                               'kwargs': {'metavar': 'ID',
+                                          'help': 'VM index (decimal), pid:PID, struct kvm '
+                                                  'address (hex, 0x optional) or name (kvm-PID, '
+                                                  "QEMU's -name) (default: the selected VM, else "
+                                                  'all VMs; export: else the only VM)'}},
+                              {'args': ['--json'],
+                               'kwargs': {'action': 'store_true',
+                                          'help': 'print one JSON document'}}]},
+ 'guest': {'module': 'kvminspect.commands.guest',
+           'description': "open a drgn program on a guest's memory: drgn's shell on it, or guest "
+                          'in py',
+           'long_description': "Opens one VM's guest (--vm ID, else the selected VM, else the "
+                               'only one) as a drgn Program, without writing a file: its memory '
+                               'is the guest physical memory the dump holds (the pages guest-core '
+                               'would write; holes are faults), read through the host page by '
+                               "page. When the guest's memory holds a Linux kernel's VMCOREINFO "
+                               'note, the program is that kernel (drgn walks its page tables, '
+                               'lists its tasks, reads its variables) with its debug info from -s '
+                               "PATH, else the host's vmlinux when the guest runs the same build "
+                               "(the same build id), else drgn's standard search (in a one-shot "
+                               "command, -s after the command is kvminspect's own: give "
+                               "--guest-debug PATH there). Without py: drgn's interactive shell "
+                               'on the guest (prog is the guest; host, kvm, session, guest_regs '
+                               'and guest_stack bound; Ctrl-D comes back). With py: guest, '
+                               'guest_regs (vcpu_idx -> the registers KVM saved) and guest_stack '
+                               "are bound for py (py guest['init_uts_ns'].name.release) and, "
+                               "under drgn's %kvm, in drgn's shell. The program has no "
+                               'NT_PRSTATUS, so drgn cannot unwind a task running on a vCPU by '
+                               'itself ("registers for CPU N were not saved"): guest_stack(N) '
+                               "unwinds from vCPU N's saved registers (a struct pt_regs), and "
+                               'guest-core writes them into a core.',
+           'usage': None,
+           'epilog': None,
+           'custom': False,
+           'arguments': [{'args': ['mode'],
+                          'kwargs': {'nargs': '?',
+                                     'choices': ('py',),
+                                     'metavar': 'py',
+                                     'help': "bind the guest's program as guest for py instead of "
+                                             "entering drgn's shell"}},
+                         {'args': ['-s', '--guest-debug'],
+                          'kwargs': {'dest': 'debug',
+                                     'action': 'append',
+                                     'default': [],
+                                     'metavar': 'PATH',
+                                     'help': "the guest kernel's debug info (vmlinux; file or "
+                                             "directory, repeatable); default: drgn's search by "
+                                             "the guest's build id"}},
+                         {'args': ['--smm'],
+                          'kwargs': {'action': 'store_true',
+                                     'help': 'address space 1 (System Management Mode) instead of '
+                                             '0'}},
+                         {'args': ['--vm'],
+                          'kwargs': {'metavar': 'ID',
+                                     'help': 'VM index (decimal), pid:PID, struct kvm address '
+                                             "(hex, 0x optional) or name (kvm-PID, QEMU's -name) "
+                                             '(default: the selected VM, else all VMs; export: '
+                                             'else the only VM)'}}]},
  'watch': {'module': 'kvminspect.commands.watch',
            'description': "sample every vCPU's roots on a live target: root switches, CR3s, "
                           'prev_roots hits',
@@ -534,7 +673,8 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                                'INVALID_PAGE) is counted as unsettled. Switches between two '
                                'samples that leave no trace are not seen: a sample is a reading, '
                                'not a trace.',
-           'usage': None,
+           'usage': 'watch [--interval S] [--count N] [--vm ID] [--json]  (N: decimal, 0x '
+                    'accepted)',
            'epilog': None,
            'custom': False,
            'arguments': [{'args': ['--interval'],
@@ -543,15 +683,16 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                                      'metavar': 'S',
                                      'help': 'seconds between samples (default 0.5)'}},
                          {'args': ['--count'],
-                          'kwargs': {'type': 'builtins.int',
+                          'kwargs': {'type': 'count',
                                      'default': 10,
                                      'metavar': 'N',
                                      'help': 'samples (default 10)'}},
                          {'args': ['--vm'],
                           'kwargs': {'metavar': 'ID',
-                                     'help': 'VM index, pid:PID, struct kvm address or name '
-                                             "(kvm-PID, QEMU's -name) (default: the selected VM, "
-                                             'else all VMs; export: else the only VM)'}},
+                                     'help': 'VM index (decimal), pid:PID, struct kvm address '
+                                             "(hex, 0x optional) or name (kvm-PID, QEMU's -name) "
+                                             '(default: the selected VM, else all VMs; export: '
+                                             'else the only VM)'}},
                          {'args': ['--json'],
                           'kwargs': {'action': 'store_true', 'help': 'print one JSON document'}}]},
  'diff': {'module': 'kvminspect.commands.diff',
@@ -577,9 +718,10 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                                             'takes)'}},
                         {'args': ['--vm'],
                          'kwargs': {'metavar': 'ID',
-                                    'help': 'VM index, pid:PID, struct kvm address or name '
-                                            "(kvm-PID, QEMU's -name) (default: the selected VM, "
-                                            'else all VMs; export: else the only VM)'}},
+                                    'help': 'VM index (decimal), pid:PID, struct kvm address '
+                                            "(hex, 0x optional) or name (kvm-PID, QEMU's -name) "
+                                            '(default: the selected VM, else all VMs; export: '
+                                            'else the only VM)'}},
                         {'args': ['--json'],
                          'kwargs': {'action': 'store_true', 'help': 'print one JSON document'}}]},
  'rate': {'module': 'kvminspect.commands.rate',
@@ -592,19 +734,20 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                               "(0-100 by 10) of the per-second counts, like systemtap's "
                               '@hist_linear. Runs on the host itself (--live); not through --qemu '
                               'or on a vmcore.',
-          'usage': None,
+          'usage': 'rate [--seconds N] [--vm ID] [--json]  (N: decimal, 0x accepted)',
           'epilog': None,
           'custom': False,
           'arguments': [{'args': ['--seconds'],
-                         'kwargs': {'type': 'builtins.int',
+                         'kwargs': {'type': 'count',
                                     'default': 10,
                                     'metavar': 'N',
                                     'help': 'how long to count (default 10; Ctrl-C stops early)'}},
                         {'args': ['--vm'],
                          'kwargs': {'metavar': 'ID',
-                                    'help': 'VM index, pid:PID, struct kvm address or name '
-                                            "(kvm-PID, QEMU's -name) (default: the selected VM, "
-                                            'else all VMs; export: else the only VM)'}},
+                                    'help': 'VM index (decimal), pid:PID, struct kvm address '
+                                            "(hex, 0x optional) or name (kvm-PID, QEMU's -name) "
+                                            '(default: the selected VM, else all VMs; export: '
+                                            'else the only VM)'}},
                         {'args': ['--json'],
                          'kwargs': {'action': 'store_true', 'help': 'print one JSON document'}}]},
  'py': {'module': 'kvminspect.commands.pyshell',

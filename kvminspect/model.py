@@ -10,7 +10,9 @@ its caches and its reset(), passed to each other explicitly:
 * Vms (read_vms.py): struct kvm on vm_list, owners, counters, memslots;
 * Vcpus (read_vcpus.py): struct kvm_vcpu, its MMUs' roots and prev_roots;
 * VmStates (read_vmstate.py): MMU notifier, NX huge pages, the page hash;
-* Exits (read_exits.py): each vCPU's last VM-exit, from the vendor module.
+* Exits (read_exits.py): each vCPU's last VM-exit, from the vendor module;
+* Registers (read_regs.py): each vCPU's saved registers (regs[], the VMCB);
+* CorePages (read_core.py): which host pages the dump holds, by its own tables.
 
 Kernel is the thin front that builds them for one target, so that commands
 read ``k.vms()``, ``k.vcpus(vm)``, ``k.shadow_page(addr)`` as before; analyses
@@ -45,8 +47,10 @@ from kvminspect.objects import (
     VCpu,
     is_obsolete_sp,
 )
+from kvminspect.read_core import CoreKind, CorePages
 from kvminspect.read_exits import Exits
 from kvminspect.read_pages import ShadowPages
+from kvminspect.read_regs import Registers, SavedRegs
 from kvminspect.read_spte import SpteReader
 from kvminspect.read_vcpus import MmuRootWords, RsvdMasks, Vcpus
 from kvminspect.read_vms import Vms
@@ -76,6 +80,8 @@ class Kernel:
         self.vcpu_reader = Vcpus(self.memory, self.layout, self.vm_reader, self.pages)
         self.vm_states = VmStates(self.memory)
         self.exits = Exits(self.memory, self.vm_reader)
+        self.registers = Registers(self.memory, self.vm_reader)
+        self.core_pages = CorePages(self.memory)
 
     # what was met while reading
 
@@ -166,6 +172,22 @@ class Kernel:
         None when its debug info lacks them (a warning in missing) or when they are
         unreadable (a problem)."""
         return self.exits.last_exit(v)
+
+    def saved_registers(self, v: VCpu) -> SavedRegs | None:
+        """A vCPU's registers as KVM saved them (Registers.saved): None (and a
+        problem) when they cannot be read."""
+        return self.registers.saved(v)
+
+    # the host's pages in the dump (CorePages)
+
+    def host_page_present(self, pfn: int) -> bool:
+        """Whether host page *pfn* is in the dump, by the core's own table
+        (CorePages.present; a live target: always, the read decides)."""
+        return self.core_pages.present(pfn)
+
+    def core_kind(self) -> CoreKind:
+        """What host page presence is read from (CorePages.kind)."""
+        return self.core_pages.kind()
 
     # shadow pages (ShadowPages) and SPTEs (SpteReader)
 

@@ -20,7 +20,7 @@ from kvminspect.errors import UsageError
 class GlobalOption:
     """One global option: its spellings, the Globals field it fills, its value."""
 
-    flags: tuple[str, ...]  # "-c", "--core": the short one first
+    flags: tuple[str, ...]  # the one messages and usage lines show first: "-c", "--core"
     dest: str  # the field of kvminspect.cli.Globals it fills
     help: str
     metavar: str | None = None  # None: a flag, which takes no value
@@ -46,7 +46,8 @@ SHELLS = ("bash", "zsh")
 OPTIONS: tuple[GlobalOption, ...] = (
     GlobalOption(("-c", "--core"), "core", "vmcore (ELF or kdump; .xz/.zst/.gz) or fixture "
                  "directory", metavar="CORE", target=True, file=True),
-    GlobalOption(("--live",), "live", "the running kernel (/proc/kcore)", target=True),
+    GlobalOption(("--live", "-k"), "live", "the running kernel (/proc/kcore; -k as in drgn)",
+                 target=True),
     GlobalOption(("--qemu",), "qemu", "a QEMU-emulated host, live, through its QMP unix socket",
                  metavar="SOCKET", target=True, file=True),
     GlobalOption(("--sample",), "sample", "the sample vmcore in the package", target=True),
@@ -103,12 +104,12 @@ BATCH_USAGE = ("kvminspect diagnose --jsonl CORE... [-j N] [-s PATH]... [--vm ID
 
 
 def usage() -> str:
-    """The usage lines of kvminspect --help: one target and a command, then
-    diagnose --jsonl over many vmcores."""
+    """The usage lines of kvminspect --help: one target and a command (none: the
+    REPL on the target, as drgn -c CORE), then diagnose --jsonl over many vmcores."""
     parts = ["[" + " | ".join(o.spelling for o in targets()) + "]"]
     parts += [f"[{o.spelling}]" + ("..." if o.repeat else "") for o in OPTIONS
               if o.in_usage and not o.target]
-    return (f"kvminspect {' '.join(parts)} (COMMAND [ARGS] | -e 'CMD; CMD')\n"
+    return (f"kvminspect {' '.join(parts)} [COMMAND [ARGS] | -e 'CMD; CMD']\n"
             f"       {BATCH_USAGE}")
 
 

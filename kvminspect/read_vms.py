@@ -338,23 +338,41 @@ class Vms:
         return tuple(marks)
 
     def vm_by_id(self, ident: str) -> VM:
-        """A VM by index (0, 1, ...), owner pid (pid:N), struct kvm address, or name
-        (kvm->stats_id "kvm-PID", or QEMU's guest name); a name two VMs share is
-        a LookupFailed naming them."""
+        """A VM by index (0, 1, ...: decimal), owner pid (pid:N), struct kvm address
+        (hex, 0x optional), or name (kvm->stats_id "kvm-PID", or QEMU's guest name).
+        A pid or name two VMs share (one VMM process may own several VMs) is a
+        LookupFailed naming them, never a silent choice of the first."""
         vms = self.vms()
         ident = ident.strip()
-        try:
-            if ident.startswith("pid:"):
+        if ident.startswith("pid:"):
+            try:
                 pid = int(ident[4:], 0)
-                return next(v for v in vms if v.pid == pid)
-            n = int(ident, 0)
-        except StopIteration:
-            raise LookupFailed(f"no VM {ident!r}") from None
+            except ValueError:
+                raise LookupFailed(f"no VM {ident!r} (pid:PID takes a number)") from None
+            found = [v for v in vms if v.pid == pid]
+            if len(found) > 1:
+                raise LookupFailed(f"VM {ident!r} is ambiguous: pid {pid} owns VMs "
+                                   + ", ".join(str(v.index) for v in found) + " (use the index)")
+            if not found:
+                raise LookupFailed(f"no VM {ident!r}")
+            return found[0]
+        try:
+            n: int | None = int(ident, 0)
         except ValueError:
+            n = None
+        if n is not None:
+            for v in vms:
+                if (n < 0x10000 and v.index == n) or v.addr == n:
+                    return v
+        elif any(ident in v.names for v in vms):
             return self._vm_by_name(ident, vms)
-        for v in vms:
-            if (n < 0x10000 and v.index == n) or v.addr == n:
-                return v
+        # a struct kvm address typed without 0x (addresses are hex, 0x optional)
+        if ident and all(c in "0123456789abcdefABCDEF" for c in ident):
+            for v in vms:
+                if v.addr == int(ident, 16):
+                    return v
+        if n is None:
+            return self._vm_by_name(ident, vms)  # no such VM: says what --vm takes
         raise LookupFailed(f"no VM {ident!r} (have {len(vms)})")
 
     def _vm_by_name(self, name: str, vms: list[VM]) -> VM:

@@ -33,13 +33,15 @@ from kvminspect.errors import KvminspectError, UsageError
 FLAG_ACTIONS = ("store_true", "store_false", "store_const", "append_const", "count", "help",
                 "version")
 HELP_FLAGS = ("-h", "--help")
+# argparse actions an option may be given several times for
+REPEAT_ACTIONS = ("append", "append_const", "count", "extend")
 MANIFEST = "kvminspect/manifest.py"
 LITERALS = (str, int, float, bool, type(None))
 
 
 # the command modules of kvminspect.commands, in the order help lists them
 MODULES = ("vms", "vm", "vcpus", "roots", "tree", "sp", "walk", "rmap", "unsync", "stats", "check",
-           "diagnose", "export", "watch", "diff", "rate", "pyshell", "help")
+           "diagnose", "export", "guestcore", "guest", "watch", "diff", "rate", "pyshell", "help")
 # name -> the real command, as each command module registers it (kvminspect.commands)
 REAL: dict[str, Any] = {}
 
@@ -133,14 +135,93 @@ def _decimal_or_hexadecimal(s: str) -> int:
         return int(s, 16)
 
 
+# -- numbers as typed: one rule for every command ------------------------------------
+#
+# Addresses, gfns and SPTE values are hex, with or without 0x (crash's habit: 'walk
+# 200000' walks 0x200000); counts, depths and indexes are decimal, 0x accepted
+# ('tree --depth 0x1' is 1). Commands name these argparse types by their names
+# ("address", "gfn", "count"): registered in kvminspect.commands.NAMESPACE (drgn's
+# parsers) and in build_parser, so a bad number is said before the target is opened.
+NUMBERS_RULE = ("addresses, gfns and SPTE values are hex, 0x optional (walk 200000 is "
+                "0x200000); counts, depths and indexes are decimal, 0x accepted")
+_HEX = re.compile(r"(0[xX])?[0-9a-fA-F]+")
+_DECIMAL = re.compile(r"[0-9]+")
+
+
+def hex_number(text: str, what: str, hint: str = "hex, 0x optional") -> int:
+    """An address, gfn or SPTE value as typed: hex, with or without 0x, below 2^64;
+    argparse.ArgumentTypeError 'bad WHAT: TEXT (HINT)' otherwise."""
+    t = text.strip()
+    if _HEX.fullmatch(t) and (n := int(t, 16)) < 1 << 64:
+        return n
+    raise argparse.ArgumentTypeError(f"bad {what}: {text!r} ({hint})")
+
+
+def address(text: str) -> int:
+    """argparse type "address": a kernel or guest address (hex, 0x optional)."""
+    return hex_number(text, "address")
+
+
+def gfn(text: str) -> int:
+    """argparse type "gfn": a guest frame number (hex, 0x optional)."""
+    return hex_number(text, "gfn", "a guest frame number in hex, 0x optional")
+
+
+def count(text: str) -> int:
+    """argparse type "count": a count, depth or index, 0 or more (decimal, 0x accepted)."""
+    t = text.strip()
+    if _DECIMAL.fullmatch(t):
+        return int(t, 10)
+    if t[:2].lower() == "0x" and _HEX.fullmatch(t):
+        return int(t, 16)
+    if t.startswith("-") and (_DECIMAL.fullmatch(t[1:]) or _HEX.fullmatch(t[1:])):
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    raise argparse.ArgumentTypeError(f"not a number: {text!r} (decimal, 0x accepted)")
+
+
+# (name, type) of the number types, for argparse's register("type", ...)
+NUMBER_TYPES: tuple[tuple[str, Any], ...] = (("address", address), ("gfn", gfn),
+                                             ("count", count))
+HEX_TYPES = ("address", "gfn")
+
+
+def numbers_note(arguments: Iterable[Any]) -> str | None:
+    """What the usage line says of the numbers its arguments take ("ADDR, SP: hex, 0x
+    optional; N: decimal, 0x accepted"); None when they take none. *arguments*: a
+    spec's argument data (spec_of)."""
+    hexes: dict[str, None] = {}
+    counts: dict[str, None] = {}
+    for a in _flat(arguments):
+        kind = a["kwargs"].get("type")
+        name = str(a["kwargs"].get("metavar") or a["args"][0].lstrip("-")).upper()
+        if kind in HEX_TYPES:
+            hexes[name] = None
+        elif kind == "count":
+            counts[name] = None
+    parts = [f"{', '.join(hexes)}: hex, 0x optional"] if hexes else []
+    parts += [f"{', '.join(counts)}: decimal, 0x accepted"] if counts else []
+    return "; ".join(parts) or None
+
+
+def usage_with_numbers(spec: CommandSpec) -> str | None:
+    """*spec*'s usage line (as argparse makes it, on one line) followed by how its
+    numbers are typed ("  (ADDR: hex, 0x optional)"); None if it takes no number."""
+    note = numbers_note(spec.arguments)
+    if note is None:
+        return None
+    line = " ".join(build_parser(spec).format_usage().removeprefix("usage: ").split())
+    return f"{line}  ({note})"
+
+
 def _type(value: Any, typed: bool) -> Any:
-    """An argument's type: the callable (typed), a builtin by name, else None
-    (a type the manifest only names is checked when the command runs)."""
+    """An argument's type: the callable (typed), a builtin by name, a registered
+    type's name, else None (a type the manifest only names is checked when the
+    command runs)."""
     if callable(value):
         return value if typed or getattr(value, "__module__", None) == "builtins" else None
     if isinstance(value, str) and value.startswith("builtins."):
         return getattr(builtins, value.removeprefix("builtins."))
-    if value in ("hexadecimal", "decimal_or_hexadecimal"):
+    if value in ("hexadecimal", "decimal_or_hexadecimal", *(n for n, _ in NUMBER_TYPES)):
         return value
     return None
 
@@ -174,6 +255,8 @@ def build_parser(spec: CommandSpec, typed: bool = False) -> argparse.ArgumentPar
                      formatter_class=HelpFormatter, add_help=False, allow_abbrev=False)
     parser.register("type", "hexadecimal", lambda s: int(s, 16))
     parser.register("type", "decimal_or_hexadecimal", _decimal_or_hexadecimal)
+    for name, func in NUMBER_TYPES:
+        parser.register("type", name, func)
     for arg in spec.arguments:
         _add(parser, arg, typed)
     return parser
@@ -181,7 +264,12 @@ def build_parser(spec: CommandSpec, typed: bool = False) -> argparse.ArgumentPar
 
 def _arguments(spec: CommandSpec) -> Iterable[dict[str, Any]]:
     """Every argument of *spec*, groups flattened, in order."""
-    stack = list(reversed(spec.arguments))
+    return _flat(spec.arguments)
+
+
+def _flat(arguments: Iterable[dict[str, Any]]) -> Iterable[dict[str, Any]]:
+    """Every argument of *arguments* (spec data), groups flattened, in order."""
+    stack = list(reversed(list(arguments)))
     while stack:
         arg = stack.pop()
         if "arguments" in arg:
@@ -252,6 +340,29 @@ class Entry:
         return {o: [str(c) for c in a["kwargs"]["choices"]]
                 for a in _arguments(self.spec) if a["kwargs"].get("choices")
                 for o in a["args"] if o.startswith("-")}
+
+    def excludes(self) -> dict[str, list[str]]:
+        """Option string -> the option strings not to offer once it is given: its own
+        spellings and those of its mutually exclusive group (walk --vcpu: --root);
+        none for an option that may be repeated (append, count)."""
+        out: dict[str, list[str]] = {}
+        groups = [a["arguments"] for a in self.spec.arguments if "exclusive" in a]
+        for arg in _arguments(self.spec):
+            flags = [o for o in arg["args"] if o.startswith("-")]
+            if not flags or arg["kwargs"].get("action") in REPEAT_ACTIONS:
+                continue
+            mates = next((g for g in groups if arg in g), [arg])
+            ruled = [o for m in mates for o in m["args"] if o.startswith("-")]
+            out.update((o, ruled) for o in flags)
+        return out
+
+    def values(self) -> dict[str, str]:
+        """Option string -> what its value is ("N: walk from vCPU N's current root ..."),
+        for the options that take one (zsh shows it when nothing can be offered)."""
+        takes = self.options()
+        return {o: f"{a['kwargs'].get('metavar') or max(a['args'], key=len).lstrip('-').upper()}"
+                   f": {a['kwargs'].get('help', '')}".rstrip(": ")
+                for a in _arguments(self.spec) for o in a["args"] if takes.get(o)}
 
     def positionals(self) -> list[str]:
         """The metavars (else the names, upper case) of its positional arguments."""
@@ -326,8 +437,8 @@ def show_help(name: str | None, commands: Mapping[str, Describable]) -> None:
     for cmd_name, cmd in sorted(commands.items()):
         c.print(f"  {cmd_name:<8} {cmd.description()}", markup=False)
     c.print("\nCommands that print data take --json (one JSON document). "
-            "In the REPL: 'cmd | shell', 'cmd > file'; Ctrl-C cancels, Ctrl-D exits.",
-            markup=False)
+            "In the REPL: 'cmd | shell', 'cmd > file'; Ctrl-C cancels, Ctrl-D exits.\n"
+            f"Numbers: {NUMBERS_RULE}.", markup=False)
 
 
 # -- the manifest -------------------------------------------------------------------

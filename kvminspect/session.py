@@ -42,6 +42,9 @@ class Session:
         check found errors, else 0."""
         return self.failed or (CHECK_ERRORS if self.check_errors else 0)
     interactive: bool = False  # a REPL (selections last); False: one command and out
+    # the process ends after this session's command (the one-shot CLI): graphs may
+    # be frozen out of the cyclic GC's way (graph.build's freeze)
+    freeze_graphs: bool = False
 
     @property
     def kernel(self) -> Kernel:
@@ -92,7 +95,7 @@ class Session:
             else:
                 with progress_bar(k, vm, self.progress):
                     self._graphs[vm.addr] = (self._live_graph(vm) if self.target.live
-                                             else graph.build(k, vm))
+                                             else graph.build(k, vm, self.freeze_graphs))
         return self._graphs[vm.addr]
 
     def _live_graph(self, vm: VM) -> VMGraph:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvminspect.accounting import TdpPages
 from kvminspect.check import Finding, Severity
 from kvminspect.diagnose import VcpuDiagnosis, VmDiagnosis
 from kvminspect.diff import Change, FieldValue, PageChange, PageField, VcpuChange, VmDiff
@@ -47,7 +48,9 @@ from kvminspect.rmap import LEVEL_NAMES, RMAP_BUCKETS, RmapEntry, RmapHistogram,
 from kvminspect.spte import SpteBits
 from kvminspect.walk import Walk, memslot_why
 
-SCHEMA_VERSION = 1
+# 2: the VM's tdp_mmu_pages and tdp_mmu_roots; SPTE values in messages at one width
+# and counts in them with their singular (README: JSON, "Schema changes")
+SCHEMA_VERSION = 2
 
 
 def value(v: Any) -> Any:
@@ -61,9 +64,10 @@ def vm_ref(vm: VM) -> dict[str, Any]:
             "vendor": vm.vendor, "mmu_valid_gen": value(vm.mmu_valid_gen)}
 
 
-def vm_json(vm: VM, state: VmState | None = None) -> dict[str, Any]:
-    """struct kvm: its owner, vCPUs, MMU-wide counters and memslots; with *state*
-    (vm, vms) also "mmu_state" (vm_state_json)."""
+def vm_json(vm: VM, tdp: TdpPages | None, state: VmState | None = None) -> dict[str, Any]:
+    """struct kvm: its owner, vCPUs, MMU-wide counters and memslots; *tdp*: its TDP
+    MMU's pages (accounting.tdp_mmu_pages: null for a VM without the TDP MMU); with
+    *state* (vm, vms) also "mmu_state" (vm_state_json)."""
     extra = {"mmu_state": vm_state_json(state)} if state is not None else {}
     return {
         **vm_ref(vm), "stats_id": vm.stats_id, "guest_name": vm.guest_name,
@@ -73,6 +77,8 @@ def vm_json(vm: VM, state: VmState | None = None) -> dict[str, Any]:
         "n_max_mmu_pages": value(vm.n_max_mmu_pages),
         "n_requested_mmu_pages": value(vm.n_requested_mmu_pages),
         "indirect_shadow_pages": value(vm.indirect_shadow_pages),
+        "tdp_mmu_pages": None if tdp is None else tdp.pages,
+        "tdp_mmu_roots": None if tdp is None else tdp.roots,
         "memslots": [{"as_id": s.as_id, "id": s.id, "base_gfn": hx(s.base_gfn),
                       "npages": s.npages, "userspace_addr": hx(s.userspace_addr),
                       "flags": s.flags} for s in vm.memslots],

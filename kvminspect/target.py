@@ -13,6 +13,7 @@ import os
 import re
 import struct
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -371,3 +372,57 @@ def open_sample() -> Target:
     t = open_core(str(SAMPLE_DIR), [])
     t.name = "sample"
     return t
+
+
+GUEST_PLATFORM = drgn.Platform(drgn.Architecture.X86_64,
+                               drgn.PlatformFlags.IS_64_BIT | drgn.PlatformFlags.IS_LITTLE_ENDIAN)
+
+
+def open_guest(segments: list[tuple[int, int]], read: Callable[[int, int], bytes],
+               vmcoreinfo: bytes | None, debug: list[str]) -> tuple[drgn.Program, str | None]:
+    """A drgn Program on a guest's physical memory, read through the host, no file.
+
+    *segments* are (guest physical address, size) of the guest memory the dump
+    holds, each a physical memory segment of the program (Program.add_memory_segment
+    with physical=True) whose reads go to *read* (guest physical address, size).
+    With the guest kernel's VMCOREINFO text, the program is that Linux kernel
+    (Program.set_linux_kernel_custom, drgn 0.3: drgn walks the guest's page tables
+    from its swapper_pg_dir) and its debug info is loaded from *debug* (else drgn's
+    standard search). Returns the program and a warning line when the guest
+    kernel's debug info was not found (the program still reads memory).
+    """
+    _quiet_drgn()
+    prog = drgn.Program(GUEST_PLATFORM)
+
+    def read_fn(address: int, count: int, offset: int, physical: bool) -> bytes:
+        return read(address, count)
+
+    for address, size in segments:
+        prog.add_memory_segment(address, size, read_fn, physical=True)
+    if vmcoreinfo is None:
+        return prog, None
+    try:
+        prog.set_linux_kernel_custom(vmcoreinfo, False)
+    except (ValueError, LookupError, drgn.FaultError) as e:
+        raise TargetError(f"the guest's VMCOREINFO is not usable ({e})") from None
+    files = [str(decompressed(p)) for p in _debug_files(debug)]
+    try:
+        if files:
+            prog.load_debug_info(files, main=True)
+        else:
+            prog.load_default_debug_info()
+    except drgn.MissingDebugInfoError:
+        pass
+    main = prog.main_module()
+    if not main.wants_debug_file():
+        return prog, None
+    bid = main.build_id.hex() if main.build_id else "unknown"
+    tried = f" (tried {len(files)} file(s) given)" if files else " (give it with -s)"
+    return prog, (f"no matching vmlinux debug info for the guest kernel "
+                  f"{kernel_release_of(vmcoreinfo) or '?'} build id {bid}{tried}")
+
+
+def kernel_release_of(vmcoreinfo: bytes) -> str | None:
+    """OSRELEASE of a VMCOREINFO text."""
+    m = re.search(rb"^OSRELEASE=([^\n\0]{1,64})", vmcoreinfo, re.MULTILINE)
+    return m.group(1).decode(errors="replace") if m else None

@@ -103,6 +103,9 @@ class Leaf:
     # mmu_page_path.idx[k] for the same k: idx[0] is the leaf's slot in parents[0],
     # idx[k] the slot of parents[k - 1] in parents[k].
     idx: list[int] = field(default_factory=list)
+    # its position in the batch's kvm_mmu_pages vector (pages->page[pos]): what the
+    # systemtap script prints as "Current sp : [pos]addr"; -1 when not known
+    pos: int = -1
 
 
 @dataclass
@@ -435,7 +438,8 @@ class Walker:
         while i < len(pvec):
             sp, _ = pvec[i]
             parents, idxs = self.path_parents()
-            batch.leaves.append(Leaf(sp=sp, gfn=self.state[sp].gfn, parents=parents, idx=idxs))
+            batch.leaves.append(Leaf(sp=sp, gfn=self.state[sp].gfn, parents=parents, idx=idxs,
+                                     pos=i))
             self.kvm_unlink_unsync_page(sp)
             self.mmu_pages_clear_parents()
             i = self.mmu_pages_next(pvec, i)

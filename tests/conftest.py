@@ -28,11 +28,18 @@ def _nvms(t: dict) -> int:
     return len(t.get("vms", [None]))
 
 
+def _real_guest(t: dict) -> bool:
+    """Debian's QEMU running a Linux guest (mkfixture --real-guest): no VMM
+    record, its own truth keys (tests/vmcores/README.md)."""
+    return t.get("vmm") == "qemu"
+
+
 def _shaped(t: dict) -> bool:
     """The usual guest: no special host, and none of the guests with their own
     shape and tests (--large: 2 vCPUs, 2 sets, 2 MiB pages, see LARGE; --smm: a
-    vCPU in SMM, see SMM)."""
-    return not t.get("special") and "large" not in t and "smm" not in t
+    vCPU in SMM, see SMM; --real-guest: QEMU and Linux, see REAL_GUEST)."""
+    return (not t.get("special") and "large" not in t and "smm" not in t
+            and not _real_guest(t))
 
 
 # fixtures with one VM; the others ("special": "no-vm" / "no-kvm") test the edges
@@ -44,6 +51,9 @@ LARGE = [n for n in ALL if "large" in truth(n)]
 SMM = [n for n in ALL if "smm" in truth(n)]
 # fixtures with several VMs in one VMM process (truth["vms"], creation order)
 MULTI_VM = [n for n in ALL if _shaped(truth(n)) and _nvms(truth(n)) > 1]
+# Debian's QEMU in the host running a Linux guest that keeps forking (mkfixture
+# --real-guest; truth["vmm"] "qemu"): tests/test_real_guest.py
+REAL_GUEST = [n for n in ALL if _real_guest(truth(n))]
 
 
 @cache

@@ -55,7 +55,7 @@ def one_shot_error(argv: list[str], capsys) -> str:
     (["diagnose", "A", "B"], "CORE arguments need --jsonl"),
     (["diagnose", "-j", "2"], "-j needs --jsonl"),
     (["diagnose", "--jsonl", "-j", "0", "A"], "-j takes 1 or more workers, not 0"),
-    (["diagnose", "--jsonl", "-j", "x", "A"], "invalid int value: 'x'"),
+    (["diagnose", "--jsonl", "-j", "x", "A"], "not a number: 'x' (decimal, 0x accepted)"),
     (["diagnose", "--jsonl", "--bogus", "A"], "unrecognized arguments: --bogus"),
     (["-c", "A", "diagnose", "--jsonl", "B"], "takes its vmcores as arguments, not -c A"),
     (["diagnose", "--jsonl", "B", "--sample"], "not --sample"),

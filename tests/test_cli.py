@@ -194,7 +194,7 @@ def test_piped_commands_exit_status(damaged: str, monkeypatch: pytest.MonkeyPatc
     status, out, err = run(["vmcore", CORE], capsys, stdin="vms\nbogus\nroots\n",
                            monkeypatch=monkeypatch)
     assert status == 2 and "unknown command 'bogus'" in err
-    assert "vmm" in out and "prev[0]" in out  # vms, then roots still ran
+    assert "vmm" in out and "prev_roots[0]" in out  # vms, then roots still ran
     status, _, _ = run(["vmcore", CORE], capsys, stdin="sp 0x1234\nquit\n",
                        monkeypatch=monkeypatch)
     assert status == 1
@@ -222,7 +222,7 @@ def test_exec_several_commands_one_load(monkeypatch: pytest.MonkeyPatch, capsys)
 def test_exec_text_and_failures(damaged: str, capsys) -> None:
     status, out, err = run(["--sample", "-e", "vms; sp 0x1234; roots"], capsys)
     assert status == 1
-    assert err.count("kvminspect: error:") == 1 and "vmm" in out and "prev[0]" in out
+    assert err.count("kvminspect: error:") == 1 and "vmm" in out and "prev_roots[0]" in out
     status, _, _ = run(["-e", "check", "-c", damaged], capsys)
     assert status == 3
     status, _, err = run(["-e", "vms"], capsys)
@@ -261,9 +261,11 @@ def test_bash_completion(tmp_path: Path, capsys) -> None:
     assert bash_complete(script, "ro") == ["roots"]
     assert bash_complete(script, "--sa") == ["--sample"]
     assert bash_complete(script, "-c", "CORE", "tree", "--de") == ["--depth"]
-    opts = bash_complete(script, "--sample", "roots", "--")
+    opts = bash_complete(script, "roots", "--")
     assert "--json" in opts and "--vm" in opts and "--core" in opts
     assert len(opts) == len(set(opts))
+    opts = bash_complete(script, "--sample", "roots", "--")  # a target given: none offered
+    assert "--json" in opts and "--vm" in opts and "--core" not in opts
     assert bash_complete(script, "--sample", "export", "--format", "") == list(FORMATS)
     assert bash_complete(script, "help", "tr") == ["tree"]
     (tmp_path / "vmcore.xz").write_text("")
@@ -329,7 +331,8 @@ def test_vm_names_on_fixtures() -> None:
         k = open_fixture(fixture).kernel
         has = _has_stats_id(k.prog)
         for vm in k.vms():
-            assert vm.guest_name is None  # our VMM is not QEMU
+            # our VMM is not QEMU; the real-guest fixture's is, started with -name guest=
+            assert vm.guest_name == truth(fixture).get("guest_name"), fixture
             assert vm.stats_id == (f"kvm-{vm.pid}" if has else None), fixture
         assert has == (not fixture.startswith("5.10")), fixture
 

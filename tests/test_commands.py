@@ -266,7 +266,7 @@ def test_vm_selection(capsys) -> None:
 def test_human_output_is_plain_when_piped(capsys) -> None:
     out = run_text("6.1-shadow", "roots", capsys=capsys)
     assert "\x1b[" not in out
-    assert "vcpu[3]" in out and "prev[2]" in out and "shared x2" in out
+    assert "vcpu[3]" in out and "prev_roots[2]" in out and "shared x2" in out
 
 
 SWEEP = ["vms", "vcpus", "roots", "tree", "unsync", "stats", "check", "vm 0"]

@@ -215,7 +215,7 @@ def test_roots_drgn_code_finds_the_same_roots(name: str) -> None:
     want = []
     for v in doc["vms"][0]["vcpus"]:
         for label, r in [("root", v["root"]),
-                         *((f"prev[{j}]", p) for j, p in enumerate(v["prev_roots"]))]:
+                         *((f"prev_roots[{j}]", p) for j, p in enumerate(v["prev_roots"]))]:
             if r["state"] == "invalid_page":
                 want.append((v["vcpu_idx"], label, r["pgd"], None, None))
             elif r["state"] == "page":

@@ -22,7 +22,7 @@ from kvminspect.commands.vcpus import vcpu_table
 from kvminspect.graph import build
 from kvminspect.render import Grid
 from kvminspect.results import vcpu_roots
-from kvminspect.shapes import vcpu_json
+from kvminspect.shapes import SCHEMA_VERSION, vcpu_json
 from kvminspect.target import open_core
 from tests.conftest import VMCORES, open_fixture
 from tests.test_schema import VALIDATOR
@@ -157,7 +157,7 @@ def test_planted_nested_json_validates(clean, current):
     k, vm, g, _ = planted(clean, current=current)
     for command, vcpus in (("roots", [vcpu_roots_json(v, g) for v in g.vcpus]),
                            ("vcpus", [vcpu_json(v) for v in g.vcpus])):
-        doc = {"schema_version": 1, "command": command,
+        doc = {"schema_version": SCHEMA_VERSION, "command": command,
                "vms": [{**_vm_ref(vm), "vcpus": vcpus}], "errors": [], "warnings": []}
         json.dumps(doc)
         VALIDATOR.validate(doc)

@@ -14,11 +14,11 @@ from tests.corrupt import make
 
 PKG = Path(__file__).resolve().parent.parent / "kvminspect"
 PARTS = ("memory.py", "read_spte.py", "read_pages.py", "read_vms.py", "read_vcpus.py",
-         "read_vmstate.py", "read_exits.py", "model.py")
+         "read_vmstate.py", "read_exits.py", "read_regs.py", "read_core.py", "model.py")
 # the analyses: they read the kernel through the model's parts only
 ANALYSES = ("check.py", "audit.py", "invariants.py", "rmap.py", "walk.py", "unsync.py",
             "graph.py", "diff.py", "commands/diff.py", "accounting.py", "diagnose.py",
-            "guestwalk.py")
+            "guestwalk.py", "guestcore.py")
 
 
 def _tree(name: str) -> ast.Module:

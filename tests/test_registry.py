@@ -81,15 +81,22 @@ def test_check_without_types_then_with() -> None:
     tree = registry.entry("tree")
     assert tree is not None
     with pytest.raises(UsageError, match=r"^tree: unrecognized arguments: --bogus; "
-                                         r"usage: tree \[--depth N\] .* \[SP\]$"):
+                                         r"usage: tree \[--depth N\] .* \[SP\] \(SP: hex, "
+                                         r"0x optional; N: decimal, 0x accepted\)$"):
         tree.check(["--bogus"])
-    tree.check(["--depth", "-1"])  # non_negative is the command module's
+    # the number types (registry.NUMBER_TYPES) are registered by name: checked already
+    with pytest.raises(UsageError, match="tree: argument --depth: must be 0 or more, not -1"):
+        tree.check(["--depth", "-1"])
     with pytest.raises(UsageError, match="tree: argument --depth: must be 0 or more, not -1"):
         check_arguments(None, ["tree", "--depth", "-1"])  # type: ignore[arg-type]
     rate = registry.entry("rate")
     assert rate is not None
-    with pytest.raises(UsageError, match="invalid int value: 'x'"):
-        rate.check(["--seconds", "x"])  # a builtin type is checked already
+    with pytest.raises(UsageError, match=r"not a number: 'x' \(decimal, 0x accepted\)"):
+        rate.check(["--seconds", "x"])
+    watch = registry.entry("watch")
+    assert watch is not None
+    with pytest.raises(UsageError, match="invalid float value: 'x'"):
+        watch.check(["--interval", "x"])  # a builtin type is checked already
 
 
 def test_py_is_not_parsed_as_argparse_words(capsys) -> None:

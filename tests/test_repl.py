@@ -114,7 +114,7 @@ def test_json_pipe_and_redirect(session: Session, tmp_path: Path,
     assert doc["errors"] == [] and len(doc["vms"][0]["vcpus"]) == 4
     assert body[end:].split() == ["1"]  # grep -c counted the VM row; roots went to the file
     text = target.read_text()
-    assert text.startswith("VM 0  kvm 0x") and "vcpu[3]" in text and "prev[0]" in text
+    assert text.startswith("VM 0  kvm 0x") and "vcpu[3]" in text and "prev_roots[0]" in text
 
 
 def test_errors_are_one_line_and_the_repl_goes_on(session: Session,

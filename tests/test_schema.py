@@ -68,9 +68,11 @@ def test_export_document_matches(tmp_path, capsys) -> None:
 
 def test_schema_rejects_what_it_must() -> None:
     """The schema is not a rubber stamp: a wrong type, an unknown field, a null hpa."""
-    ok = {"schema_version": 1, "command": "vms", "vms": [], "errors": [], "warnings": []}
+    ok = {"schema_version": SCHEMA_VERSION, "command": "vms", "vms": [], "errors": [],
+          "warnings": []}
     validate(ok)
-    for bad in ({**ok, "extra": 1}, {**ok, "schema_version": 2}, {**ok, "errors": [{}]}):
+    for bad in ({**ok, "extra": 1}, {**ok, "schema_version": SCHEMA_VERSION + 1},
+                {**ok, "errors": [{}]}):
         assert list(VALIDATOR.iter_errors(bad))
     root = {"pgd": "0x1000", "hpa": None, "state": "invalid_page", "page": None,
             "pae_roots": []}

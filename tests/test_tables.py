@@ -131,7 +131,7 @@ def test_empty_prev_roots_slot(capsys, monkeypatch) -> None:
     PGD 0xffffffffffffffff; JSON keeps its shape."""
     out = text("6.1-tdp", ["roots"], "200", capsys, monkeypatch)
     assert "0xffffffffffffffff" not in out
-    rows = [line.split() for line in out.splitlines() if "prev[" in line]
+    rows = [line.split() for line in out.splitlines() if "prev_roots[" in line]
     assert rows and all(r[1:] == ["-", "-", "-", "-", "empty"] for r in rows), rows
     run_one(session("6.1-tdp"), ["roots", "--json"])
     prev = json.loads(capsys.readouterr().out)["vms"][0]["vcpus"][0]["prev_roots"][0]

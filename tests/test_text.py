@@ -67,12 +67,14 @@ def test_unsync_text(name: str, capsys) -> None:
                         f"{len(leaves)} unsync lea{'f' if len(leaves) == 1 else 'ves'}".split())
         for k, b in enumerate(r["batches"], 1):
             expected.append(f"batch {k}: {len(b['pages'])} entries".split())
-            expected.append("SP Index SP Level SP".split())
-            expected += [[str(e["idx"]), str(e["level"]), e["sp"]] for e in b["pages"]]
+            expected.append("SP Index SP Level Slot in Parent SP".split())
+            expected += [[str(i), str(e["level"]), str(e["idx"]), e["sp"]]
+                         for i, e in enumerate(b["pages"])]
             for leaf in b["leaves"]:
                 parents = [w for p in leaf["parents"] for w in (f"L{p['level']}", p["sp"])]
-                expected.append(["sync", "sp", leaf["sp"], "gfn", leaf["gfn"], "parents:",
-                                 *parents])
+                pos = [e["sp"] for e in b["pages"]].index(leaf["sp"])  # its vector position
+                expected.append(["sync", "sp", f"[{pos}]", leaf["sp"], "gfn", leaf["gfn"],
+                                 "parents:", *parents])
                 assert [p["sp"] for p in leaf["parents"]] == [
                     vm_sp(name, g, capsys) for g in (pd, pdpt, pml4)]
     assert words(text) == expected
@@ -106,9 +108,10 @@ def test_sp_text(name: str, capsys) -> None:
         f"spt {d['spt']} root_count 0 unsync_children 0 mmu_valid_gen 0 unsync".split(),
         f"role {d['role']['word']}: {role}".split(),
         f"parent {pd} (L2) slot [{1 + j}]".split(),
-        "1 present SPTEs, 511 not present".split(),
+        "1 present SPTE, 511 not present".split(),
         "IDX SPTE KIND PFN W CHILD SP CHILD GFN/LVL FLAGS".split(),
-        ["0", e["value"], "leaf", e["pfn"]] + (["w"] if e["writable"] else [])
+        ["0", f"{int(e['value'], 16):#018x}", "leaf", e["pfn"]]
+        + (["w"] if e["writable"] else [])
         + e["bits"]["flags"].split(),
     ]
     assert words(text) == expected

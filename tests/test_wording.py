@@ -22,7 +22,8 @@ SHADOW = str(VMCORES / "6.1-shadow")
 @pytest.mark.parametrize("argv, needle", [
     (["roots", "--bogus"],
      "roots: unrecognized arguments: --bogus; usage: roots [--drgn] [--vm ID]"),
-    (["tree", "--depth", "x"], "tree: argument --depth: not a number: 'x'; usage: tree "),
+    (["tree", "--depth", "x"],
+     "tree: argument --depth: not a number: 'x' (decimal, 0x accepted); usage: tree "),
     (["export"], "export: the following arguments are required"),
 ])
 def test_argument_errors_are_one_line(argv: list[str], needle: str, capsys) -> None:
@@ -128,12 +129,12 @@ def test_repl_vm_without_selection_says_how_to_select(capsys) -> None:
 
 # header -> the words its command's help must use to explain it
 LEGEND = {
-    "vms": ["ST", "GEN", "MMU PAGES", "VCPUS", "MEMSLOTS"],
+    "vms": ["ST", "GEN", "SHADOW PAGES", "TDP PAGES", "VCPUS", "MEMSLOTS"],
     "vcpus": ["IDX", "ID", "TID", "CPU", "MODE", "MP_STATE", "ROOT HPA"],
     "roots": ["CR3", "ROOT", "PGD", "HPA", "SP", "GFN/LVL", "FLAGS"],
     "sp": ["IDX", "SPTE", "KIND", "PFN", "W", "CHILD SP", "CHILD GFN/LVL", "FLAGS"],
     "walk": ["LVL", "TABLE", "GFN", "IDX", "SPTE", "FLAGS", "NEXT SP"],
-    "unsync": ["SP Index", "SP Level"],
+    "unsync": ["SP Index", "SP Level", "Slot in Parent"],
     "vm": ["AS", "BASE GFN", "NPAGES", "USERSPACE ADDR", "FLAGS"],
 }
 

@@ -14,6 +14,7 @@ neither the model nor the graph.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -30,7 +31,7 @@ from drgn.commands import (
 )
 
 from kvminspect import registry
-from kvminspect.errors import Problem, UsageError
+from kvminspect.errors import Problem
 from kvminspect.registry import Entry, asks_help
 
 if TYPE_CHECKING:
@@ -47,7 +48,8 @@ class KvmNamespace(CommandNamespace):
     a registry.Entry per command until the command's module registers the real one."""
 
     def __init__(self) -> None:
-        super().__init__(func_name_prefix="_cmd_")
+        # the number types every command's arguments use (registry.NUMBER_TYPES)
+        super().__init__(func_name_prefix="_cmd_", argparse_types=registry.NUMBER_TYPES)
         self.commands: dict[str, Command[Any]] = {}
 
     def register(self, name: str, command: Command[Any]) -> None:
@@ -69,20 +71,24 @@ NAMESPACE.commands.update(registry.entries())
 
 JSON_ARG = argument("--json", action="store_true", help="print one JSON document")
 VM_ARG = argument("--vm", metavar="ID",
-                  help="VM index, pid:PID, struct kvm address or name (kvm-PID, QEMU's -name) "
-                  "(default: the selected VM, else all VMs; export: else the only VM)")
+                  help="VM index (decimal), pid:PID, struct kvm address (hex, 0x optional) or "
+                  "name (kvm-PID, QEMU's -name) (default: the selected VM, else all VMs; "
+                  "export: else the only VM)")
 
 
 def kvm_command(*arguments: Any, vm: bool = True, json: bool = True,
                 parse: Callable[[str], ParsedCommand[Any]] | None = None,
-                usage: str | None = None) -> Callable:
+                usage: str | None = None, name: str | None = None) -> Callable:
     """Register a kvminspect command in NAMESPACE (drgn.commands.command), and its
     spec in kvminspect.registry.LIVE (the manifest is made from those).
 
     The description is the first line of the function's docstring, the long
     description the rest (its paragraphs kept); --vm ID and --json follow the command's own
     *arguments* unless *vm* / *json* is False. With *parse* (and its *usage*) the
-    command parses its own words (drgn.commands.custom_command).
+    command parses its own words (drgn.commands.custom_command). A command whose
+    arguments take numbers (the types "address", "gfn", "count": registry.NUMBER_TYPES)
+    says in its usage line how they are typed (registry.usage_with_numbers). *name*:
+    the command's name when it is not the function's ("guest-core" for _cmd_guest_core).
     """
     extra = ((VM_ARG,) if vm else ()) + ((JSON_ARG,) if json else ())
 
@@ -91,16 +97,18 @@ def kvm_command(*arguments: Any, vm: bool = True, json: bool = True,
         paragraphs = [" ".join(p.split()) for p in rest.split("\n\n") if p.strip()]
         args = (*arguments, *extra)
         spec = registry.CommandSpec(
-            name=func.__name__.removeprefix("_cmd_"), module=func.__module__,
+            name=name or func.__name__.removeprefix("_cmd_"), module=func.__module__,
             description=first.strip(), long_description="\n\n".join(paragraphs) or None,
             usage=usage, arguments=tuple(registry.spec_of(a) for a in args),
             custom=parse is not None)
+        if usage is None and (numbered := registry.usage_with_numbers(spec)) is not None:
+            spec = dataclasses.replace(spec, usage=numbered)
         registry.LIVE[spec.name] = spec
         if parse is not None:
-            return custom_command(description=spec.description, usage=usage,
+            return custom_command(name=spec.name, description=spec.description, usage=usage,
                                   long_description=spec.long_description, arguments=args,
                                   parse=parse, namespace=NAMESPACE)(func)
-        return command(description=spec.description,
+        return command(name=spec.name, description=spec.description, usage=spec.usage,
                        long_description=spec.long_description,
                        arguments=args, namespace=NAMESPACE)(func)
 
@@ -130,50 +138,15 @@ def session_of(kwargs: dict[str, Any]) -> Session:
     return kwargs["globals"]["session"]
 
 
-def parse_int(text: str, what: str) -> int:
-    """An address or number as typed: hex with or without 0x, or decimal."""
-    t = text.strip().lower()
-    try:
-        if t.startswith("0x") or any(c in "abcdef" for c in t) or len(t) > 10:
-            return int(t, 16)
-        return int(t, 10)
-    except ValueError:
-        raise UsageError(f"bad {what}: {text!r}") from None
-
-
-def non_negative(text: str) -> int:
-    """An argparse type: a count or depth, 0 or more (argparse says which option)."""
-    try:
-        n = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
-    return n
-
-
-def parse_gfn(text: str) -> int:
-    """A guest frame number as typed: hex, with or without 0x."""
-    t = text.strip().lower()
-    try:
-        n = int(t[2:] if t.startswith("0x") else t, 16)
-    except ValueError:
-        n = -1
-    if n < 0 or not t:
-        raise UsageError(f"bad gfn: {text!r} (a guest frame number in hex)")
-    return n
-
-
-def sp_scope(session: Session, vm_ident: str | None, sp_text: str | None
+def sp_scope(session: Session, vm_ident: str | None, top: int | None
              ) -> tuple[list, int | None]:
-    """The VMs a command with an optional SP argument covers, and that SP.
+    """The VMs a command with an optional SP argument (an "address") covers, and that SP.
 
     With SP: only the VM that owns it (LookupFailed if none does).
     """
     vms = session.vms(vm_ident)
-    if sp_text is None:
+    if top is None:
         return vms, None
-    top = parse_int(sp_text, "shadow page address")
     return [session.find_sp(top, vms)[0]], top
 
 
@@ -268,4 +241,4 @@ def per_vm(kwargs: dict[str, Any], args: argparse.Namespace, command: str, *,
 
 
 __all__ = ["NAMESPACE", "JSON_ARG", "NO_VMS", "VM_ARG", "Program", "asks_help", "finish",
-           "load_all", "parse_int", "per_vm", "session_of", "sp_flags", "sp_scope", "vm_header"]
+           "load_all", "per_vm", "session_of", "sp_flags", "sp_scope", "vm_header"]

@@ -13,7 +13,7 @@ from kvminspect.accounting import Leaves, check_accounting
 from kvminspect.check import Finding, FindingKind, Severity, by_severity, check_vm, summary
 from kvminspect.commands import kvm_command, per_vm, vm_header
 from kvminspect.objects import VM
-from kvminspect.render import Grid, console
+from kvminspect.render import Grid, console, plural
 from kvminspect.session import Session
 from kvminspect.shapes import finding_json, summary_json
 
@@ -100,7 +100,8 @@ def _cmd_check(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
 
     def header(vm: VM, findings: list[Finding]) -> str:
         n = summary(findings)
-        return vm_header(vm, f"{n[Severity.ERROR]} errors, {n[Severity.WARNING]} warnings, "
+        return vm_header(vm, f"{plural(n[Severity.ERROR], 'error', 'errors')}, "
+                         f"{plural(n[Severity.WARNING], 'warning', 'warnings')}, "
                          f"{n[Severity.INFO]} info")
 
     def collect(s: Session, vm: VM) -> list[Finding]:

@@ -47,7 +47,7 @@ from kvminspect.diff import (
 )
 from kvminspect.errors import LookupFailed, Problem, UsageError
 from kvminspect.fmt import hx
-from kvminspect.render import Grid, console
+from kvminspect.render import Grid, console, plural
 from kvminspect.results import PageView
 from kvminspect.session import Session
 from kvminspect.shapes import vm_diff_json
@@ -86,7 +86,8 @@ def header(d: VmDiff) -> str:
     how = "-" if d.matched_by is None else d.matched_by.value
     if d.status is Status.UNCHANGED:
         return vm_header(d.vm, f"no changes (matched by {how})")
-    n = [f"{len(d.vcpus)} vCPUs", f"{len(d.pages_zapped)} pages zapped",
+    n = [plural(len(d.vcpus), "vCPU", "vCPUs"),
+         plural(len(d.pages_zapped), "page zapped", "pages zapped"),
          f"{len(d.pages_added)} added", f"{len(d.pages_changed)} changed"]
     return vm_header(d.vm, f"changed (matched by {how}): " + ", ".join(n))
 

@@ -17,12 +17,14 @@ import networkx as nx
 from drgn import Program
 from drgn.commands import argument
 
+from kvminspect.accounting import TdpPages
 from kvminspect.commands import finish, kvm_command, session_of
+from kvminspect.commands.vms import vm_tdp_pages
 from kvminspect.errors import KvminspectError, LookupFailed, UsageError
 from kvminspect.fmt import hx
 from kvminspect.graph import VMGraph
 from kvminspect.model import VM
-from kvminspect.render import dumps
+from kvminspect.render import dumps, plural
 from kvminspect.results import Exported, page_view
 from kvminspect.session import Session
 from kvminspect.shapes import export_node_json, exported_json, vm_json, vm_ref
@@ -119,16 +121,21 @@ def unsync_paths(g: nx.DiGraph) -> set[str]:
     return out
 
 
-def to_dot(g: nx.DiGraph, name: str, note: str = "", rankdir: str = "TB") -> str:
+# roots on the left, levels to the right: a level-1 fan-out (hundreds of pages under one
+# table) is then tall, not wide. The .dot file says what the pictures draw.
+RANKDIR = "LR"
+
+
+def to_dot(g: nx.DiGraph, name: str, note: str = "") -> str:
     """The graph in Graphviz DOT: roots blue and bold, unsync orange and the paths down
-    to them red, edges labelled by SPTE index; *note* ends the title; *rankdir*
-    "LR" draws roots on the left (pictures: a level-1 fan-out is tall, not wide)."""
+    to them red, edges labelled by SPTE index; *note* ends the title; drawn left to
+    right (RANKDIR), as export's pictures are: they are this text laid out by dot."""
     info = g.graph
     title = (f"VM {info['index']} kvm {info['kvm']} pid {info['pid']} {info['mmu']} "
              f"mmu_valid_gen {info['mmu_valid_gen']}" + (f"\n{note}" if note else ""))
     path = unsync_paths(g)
     out = [f"digraph {dot_quote(name)} {{",
-           f"  graph [label={dot_quote(title)}, labelloc=\"t\", rankdir={dot_quote(rankdir)}];",
+           f"  graph [label={dot_quote(title)}, labelloc=\"t\", rankdir={dot_quote(RANKDIR)}];",
            '  node [shape="box", fontname="monospace", fontsize="10"];',
            '  edge [fontname="monospace", fontsize="9"];']
     out.extend(_dot_node(n, d, n in path) for n, d in g.nodes(data=True))
@@ -150,13 +157,14 @@ def to_graphml_graph(g: nx.DiGraph) -> nx.DiGraph:
     return out
 
 
-def to_json(g: nx.DiGraph, vm: VM) -> dict[str, Any]:
-    """networkx node-link data (nodes / edges) plus the VM (as the vms command shows it)."""
+def to_json(g: nx.DiGraph, vm: VM, tdp: TdpPages | None) -> dict[str, Any]:
+    """networkx node-link data (nodes / edges) plus the VM (as the vms command shows it;
+    *tdp*: its TDP MMU's pages)."""
     try:
         data = nx.node_link_data(g, edges="edges")  # networkx 3.4+
     except TypeError:
         data = nx.node_link_data(g, link="edges")
-    return {"vm": vm_json(vm), **data}
+    return {"vm": vm_json(vm, tdp), **data}
 
 
 def picture_graph(g: nx.DiGraph, limit: int = PICTURE_LIMIT) -> tuple[nx.DiGraph, str]:
@@ -191,24 +199,26 @@ def render_picture(dot: str, fmt: str) -> bytes:
     return done.stdout
 
 
-def encode(g: nx.DiGraph, vm: VM, fmt: str) -> tuple[bytes, str]:
-    """*g* in *fmt* as bytes, and a note when a picture was collapsed."""
+def encode(g: nx.DiGraph, vm: VM, fmt: str, tdp: TdpPages | None = None) -> tuple[bytes, str]:
+    """*g* in *fmt* as bytes, and a note when a picture was collapsed (*tdp*: the VM's
+    TDP MMU pages, for json)."""
     name = f"vm{vm.index}"
     if fmt == "dot":
         return to_dot(g, name).encode(), ""
     if fmt in PICTURES:
         small, note = picture_graph(g)
-        return render_picture(to_dot(small, name, note, rankdir="LR"), fmt), note
+        return render_picture(to_dot(small, name, note), fmt), note
     if fmt == "graphml":
         buf = io.BytesIO()
         nx.write_graphml(to_graphml_graph(g), buf)
         return buf.getvalue(), ""
-    return (dumps(to_json(g, vm)) + "\n").encode(), ""
+    return (dumps(to_json(g, vm, tdp)) + "\n").encode(), ""
 
 
-def write(g: nx.DiGraph, vm: VM, fmt: str, path: Path | None) -> str:
+def write(g: nx.DiGraph, vm: VM, fmt: str, path: Path | None,
+          tdp: TdpPages | None = None) -> str:
     """Write *g* in *fmt* to *path* (None: stdout); the collapse note of a picture."""
-    data, note = encode(g, vm, fmt)
+    data, note = encode(g, vm, fmt, tdp)
     if path is None:
         sys.stdout.flush()
         out = getattr(sys.stdout, "buffer", None)
@@ -223,12 +233,18 @@ def write(g: nx.DiGraph, vm: VM, fmt: str, path: Path | None) -> str:
 
 
 def format_of(fmt: str | None, file: str) -> str:
-    """--format, else the format FILE's extension names (UsageError if it names none)."""
+    """--format, else the format FILE's extension names (UsageError if it names none,
+    or names another than --format: 'export --format dot g.svg' would write DOT text
+    into a .svg file)."""
+    ext = Path(file).suffix.lower()
     if fmt is not None:
+        named = EXTENSIONS.get(ext) if file != STDOUT else None
+        if named is not None and named != fmt:
+            raise UsageError(f"export: --format {fmt} but {file}'s extension says {named}: "
+                             f"name it .{fmt}, or leave --format out")
         return fmt
     if file == STDOUT:
         raise UsageError("export to stdout ('-') needs --format (dot, graphml, json, svg, png)")
-    ext = Path(file).suffix.lower()
     if ext not in EXTENSIONS:
         raise UsageError(f"cannot tell the format of {file!r} from its extension: give "
                          "--format (dot, graphml, json, svg, png)")
@@ -276,7 +292,7 @@ def _cmd_export(prog: Program, name: str, args: argparse.Namespace, **kwargs: An
     path = None if to_stdout else Path(args.file)
     where = "stdout" if path is None else str(path)
     try:
-        note = write(g, vm, fmt, path)
+        note = write(g, vm, fmt, path, vm_tdp_pages(s.kernel, vm) if fmt == "json" else None)
     except OSError as e:
         raise KvminspectError(f"cannot write {where}: {e.strerror or e}") from None
     done = Exported(args.file, fmt, g.number_of_nodes(), g.number_of_edges())
@@ -284,7 +300,8 @@ def _cmd_export(prog: Program, name: str, args: argparse.Namespace, **kwargs: An
         print(f"kvminspect: {note}", file=sys.stderr)
 
     def human() -> None:
-        print(f"wrote {done.nodes} shadow pages and {done.edges} edges of VM {vm.index} "
+        print(f"wrote {plural(done.nodes, 'shadow page', 'shadow pages')} and "
+              f"{plural(done.edges, 'edge', 'edges')} of VM {vm.index} "
               f"(kvm {hx(vm.addr)}) to {where} ({done.format})", file=sys.stderr)
 
     finish(s, args, "export", {"vms": [{**vm_ref(vm), **exported_json(done)}]}, human, [vm])

@@ -114,7 +114,7 @@ def count(hist: Path, per: dict[int, list[int]], seconds: int,
 
 
 @kvm_command(
-    argument("--seconds", type=int, default=10, metavar="N",
+    argument("--seconds", type="count", default=10, metavar="N",
              help="how long to count (default 10; Ctrl-C stops early)"),
 )
 def _cmd_rate(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:

@@ -9,8 +9,9 @@ from typing import Any
 from drgn import Program
 from drgn.commands import argument
 
-from kvminspect.commands import kvm_command, parse_gfn, per_vm, session_of
+from kvminspect.commands import kvm_command, per_vm, session_of
 from kvminspect.errors import UsageError
+from kvminspect.fmt import spte_text
 from kvminspect.objects import VM
 from kvminspect.render import Grid, console, plural
 from kvminspect.rmap import (
@@ -42,7 +43,7 @@ def render(s: Session, vm: VM, gfn: int, found: GfnSptes) -> None:
             sp = s.kernel.shadow_page(e.sp) if e.sp else None
             row = [LEVEL_NAMES.get(e.level, str(e.level)),
                    "-" if e.sp is None else hex(e.sp), "-" if sp is None else hex(sp.gfn),
-                   str(e.index), "unreadable" if e.value is None else f"{e.value:#018x}",
+                   str(e.index), "unreadable" if e.value is None else spte_text(e.value),
                    e.bits.flags() if e.bits else "-",
                    "rmap" if e.tdp_root is None else f"root {e.tdp_root:#x}"]
             t.add_row(*([str(e.as_id)] if smm else []), *row)
@@ -93,8 +94,8 @@ def render_stats(h: RmapHistogram) -> None:
 
 
 @kvm_command(
-    argument("gfn", metavar="GFN", nargs="?",
-             help="the guest frame number (hex, with or without 0x)"),
+    argument("gfn", metavar="GFN", nargs="?", type="gfn",
+             help="the guest frame number (hex, 0x optional: 16 is 0x16)"),
     argument("--stats", action="store_true",
              help="instead of one gfn's SPTEs, the rmap length histogram per level "
              "(debugfs mmu_rmaps_stat, offline)"),
@@ -138,7 +139,7 @@ def _cmd_rmap(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any)
         return
     if args.gfn is None:
         raise UsageError("rmap: a GFN (or --stats) is needed")
-    gfn = parse_gfn(args.gfn)
+    gfn = args.gfn
     per_vm(kwargs, args, "rmap",
            collect=lambda s, vm: sptes_of_gfn(s.kernel, vm, gfn, reader),
            to_json=lambda vm, found: {

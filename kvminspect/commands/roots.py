@@ -68,10 +68,10 @@ def root_view_rows(r: RootView, shared: Counter[int], nested: bool = False) -> l
 
 def other_rows(o: MmuRootsView | None) -> list[Row]:
     """The other MMU's roots that are in use (not INVALID_PAGE) as (ROOT, ...) rows:
-    "guest_mmu.root", "guest_mmu.prev[i]" (or root_mmu's while in L2)."""
+    "guest_mmu.root", "guest_mmu.prev_roots[i]" (or root_mmu's while in L2)."""
     if o is None:
         return []
-    named = [("root", o.root)] + [(f"prev[{i}]", r) for i, r in enumerate(o.prev_roots)]
+    named = [("root", o.root)] + [(f"prev_roots[{i}]", r) for i, r in enumerate(o.prev_roots)]
     out: list[Row] = []
     for label, r in named:
         if r.state is RootState.INVALID_PAGE:
@@ -99,7 +99,7 @@ def roots_table(vcpus: list[VcpuRoots]) -> Grid:
                 t.add_row("", "", row[0], "", "", *row[2:])
         for i, r in enumerate(v.prev_roots):
             for row in root_view_rows(r, Counter(), nested):
-                t.add_row("", "", f"prev[{i}]", *row)
+                t.add_row("", "", f"prev_roots[{i}]", *row)
         for row in other_rows(v.other_mmu):
             t.add_row("", "", *row)
     return t
@@ -122,7 +122,7 @@ def _cmd_roots(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
     the drgn code that reads the same roots.
 
     Columns: VCPU the vCPU (vcpu[vcpu_idx]); CR3 its guest CR3; ROOT root (mmu->root),
-    prev[i] (mmu->prev_roots[i]) or pae_root[i]; PGD the guest page table the root
+    prev_roots[i] (mmu->prev_roots[i]) or pae_root[i]; PGD the guest page table the root
     shadows (the CR3 it was built for); HPA the root's host physical address; SP its
     struct kvm_mmu_page; GFN/LVL that page's gfn and level (L4: a 4-level table);
     FLAGS shared xN (N vCPUs have it as their current root), direct, tdp, UNSYNC,
@@ -130,9 +130,9 @@ def _cmd_roots(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
     of System Management Mode, address space 1), nested (role.guest_mode, or a root of
     guest_mmu); empty: an unused prev_roots slot.
 
-    Nested guests: root and prev[i] are those of vcpu->arch.mmu (guest_mmu while the
-    vCPU runs L2); the roots of its other MMU (guest_mmu, the shadow NPT/EPT MMU of
-    L2, or root_mmu while in L2) follow as guest_mmu.root, guest_mmu.prev[i] (or
+    Nested guests: root and prev_roots[i] are those of vcpu->arch.mmu (guest_mmu while
+    the vCPU runs L2); the roots of its other MMU (guest_mmu, the shadow NPT/EPT MMU of
+    L2, or root_mmu while in L2) follow as guest_mmu.root, guest_mmu.prev_roots[i] (or
     root_mmu.*), when they are not INVALID_PAGE. --drgn reads vcpu->arch.mmu only.
     """
     if args.drgn:

@@ -8,13 +8,13 @@ from typing import Any
 from drgn import Program
 from drgn.commands import argument, drgn_argument, mutually_exclusive_group
 
-from kvminspect.commands import kvm_command, parse_gfn, parse_int, per_vm, session_of
+from kvminspect.commands import kvm_command, per_vm, session_of
 from kvminspect.drgn_code import print_code, sp_code
 from kvminspect.errors import LookupFailed, UsageError
-from kvminspect.fmt import hx
+from kvminspect.fmt import hx, spte_text
 from kvminspect.graph import VMGraph
 from kvminspect.model import VM, Kernel, ShadowPage
-from kvminspect.render import Grid, console
+from kvminspect.render import Grid, console, plural
 from kvminspect.results import SpDetail, SpParent, SpteRow, page_view
 from kvminspect.shapes import sp_detail_json
 
@@ -68,21 +68,24 @@ def render(d: SpDetail) -> None:
     for parent in d.parents:
         c.print(f"  parent {hx(parent.sp)} (L{parent.level}) slot {parent.indexes}",
                 markup=False)
-    t = Grid(title=f"{len(d.sptes)} present SPTEs, {d.non_present} not present")
+    t = Grid(title=f"{plural(len(d.sptes), 'present SPTE', 'present SPTEs')}, "
+                   f"{d.non_present} not present")
     for col in ("IDX", "SPTE", "KIND", "PFN", "W", "CHILD SP", "CHILD GFN/LVL", "FLAGS"):
         t.add_column(col)
     for e, child in d.sptes:
         kind = "large" if e.large else ("leaf" if e.leaf else "table")
         below = "" if child is None else f"{hx(child.gfn)}/L{child.level}"
-        t.add_row(str(e.index), hx(e.value), kind, hx(e.pfn), "w" if e.value & 2 else "",
+        t.add_row(str(e.index), spte_text(e.value), kind, hx(e.pfn), "w" if e.value & 2 else "",
                   hx(e.child) or "", below, "?" if e.bits is None else e.bits.flags())
     c.print(t)
 
 
 @kvm_command(
     mutually_exclusive_group(
-        argument("addr", nargs="?", metavar="ADDR", help="struct kvm_mmu_page address"),
-        argument("--gfn", metavar="GFN", help="every shadow page of this guest frame"),
+        argument("addr", nargs="?", metavar="ADDR", type="address",
+                 help="struct kvm_mmu_page address (hex, 0x optional)"),
+        argument("--gfn", metavar="GFN", type="gfn",
+                 help="every shadow page of this guest frame (hex, 0x optional)"),
     ),
     drgn_argument,
 )
@@ -110,14 +113,14 @@ def _cmd_sp(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -
     if args.gfn is not None:
         if args.drgn:
             raise UsageError("sp --drgn takes ADDR (a struct kvm_mmu_page address), not --gfn")
-        gfn = parse_gfn(args.gfn)
+        gfn = args.gfn
         for vm in vms:
             if pages := s.graph(vm).find_gfn(gfn):
                 found[vm.addr] = pages
         if not found:
             raise LookupFailed(f"no shadow page shadows gfn {hx(gfn)}")
     elif args.addr is not None:
-        vm, sp = s.find_sp(parse_int(args.addr, "shadow page address"), vms)
+        vm, sp = s.find_sp(args.addr, vms)
         found[vm.addr] = [sp]
         if args.drgn:
             print_code(args, lambda: sp_code(prog, s.kernel.layout, sp.addr))

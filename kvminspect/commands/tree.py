@@ -11,13 +11,13 @@ from drgn import Program
 from drgn.commands import argument, drgn_argument
 from rich.tree import Tree
 
-from kvminspect.commands import kvm_command, non_negative, per_vm, session_of, sp_scope, vm_header
+from kvminspect.commands import kvm_command, per_vm, session_of, sp_scope, vm_header
 from kvminspect.drgn_code import print_code, tree_code
 from kvminspect.errors import UsageError
 from kvminspect.fmt import hx
 from kvminspect.graph import VMGraph
 from kvminspect.model import VM
-from kvminspect.render import Stream, compact, console
+from kvminspect.render import Stream, compact, console, plural
 from kvminspect.results import TreeNode, page_view
 from kvminspect.session import Session
 from kvminspect.shapes import tree_node_json
@@ -161,8 +161,9 @@ def start_pages(g: VMGraph, sp: int | None) -> list[int]:
 
 
 @kvm_command(
-    argument("sp", nargs="?", metavar="SP", help="start at this shadow page (address)"),
-    argument("--depth", type=non_negative, metavar="N",
+    argument("sp", nargs="?", metavar="SP", type="address",
+             help="start at this shadow page (struct kvm_mmu_page address, hex)"),
+    argument("--depth", type="count", metavar="N",
              help="levels to show below the top (0 or more)"),
     argument("--unsync-only", action="store_true",
              help="only the paths that lead to unsync pages"),
@@ -200,8 +201,9 @@ def _cmd_tree(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any)
             c.print(to_rich(t, None), markup=False)
 
     def counts(plan: TreePlan) -> str:
-        return (f"{len(plan.g)} shadow pages, {len(plan.g.roots)} roots, "
-                f"{len(plan.g.orphans())} orphans")
+        return (f"{plural(len(plan.g), 'shadow page', 'shadow pages')}, "
+                f"{plural(len(plan.g.roots), 'root', 'roots')}, "
+                f"{plural(len(plan.g.orphans()), 'orphan', 'orphans')}")
 
     per_vm(kwargs, args, "tree", vms=vms, collect=collect, show=show,
            to_json=lambda vm, plan: {"pages": len(plan.g), "roots": len(plan.g.roots),

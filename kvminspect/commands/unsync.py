@@ -91,23 +91,28 @@ def render_replay(u: UnsyncRoot) -> None:
     c.print(f"{what}: {plural(len(r.batches), 'batch', 'batches')}, "
             f"{plural(nleaves, 'unsync leaf', 'unsync leaves')}", markup=False)
     for n, b in enumerate(r.batches, 1):
-        t = Grid(title=f"batch {n}: {len(b.pages)} entries")
+        t = Grid(title=f"batch {n}: {plural(len(b.pages), 'entry', 'entries')}")
+        # the systemtap script's words: SP Index is the position in the kvm_mmu_pages
+        # vector (pages->page[i]); the slot in the parent is the entry's idx
         t.add_column("SP Index", justify="right")
         t.add_column("SP Level", justify="right")
+        t.add_column("Slot in Parent", justify="right")
         t.add_column("SP")
-        for e in b.pages:
-            t.add_row(str(e.idx), str(e.level), hx(e.sp))
+        for i, e in enumerate(b.pages):
+            t.add_row(str(i), str(e.level), str(e.idx), hx(e.sp))
         c.print(t)
         for leaf in b.leaves:
             parents = "  ".join(f"L{lvl} {hx(p)}" for p, lvl in leaf.parents)
-            c.print(f"  {verb} sp {hx(leaf.sp)} gfn {hx(leaf.gfn)}  parents: {parents}",
+            pos = "" if leaf.pos < 0 else f"[{leaf.pos}] "
+            c.print(f"  {verb} sp {pos}{hx(leaf.sp)} gfn {hx(leaf.gfn)}  parents: {parents}",
                     markup=False)
     for err in r.errors:
         c.print(f"  walk error: {err}", markup=False)
 
 
 @kvm_command(
-    argument("sp", nargs="?", metavar="SP", help="replay from this shadow page"),
+    argument("sp", nargs="?", metavar="SP", type="address",
+             help="replay from this shadow page (struct kvm_mmu_page address, hex)"),
     argument("--zap", action="store_true",
              help="replay mmu_zap_unsync_children (the leaves are zapped, not synced)"),
 )
@@ -115,16 +120,21 @@ def _cmd_unsync(prog: Program, name: str, args: argparse.Namespace, **kwargs: An
     """replay mmu_sync_children's unsync walk offline, in the kernel's order
 
     For SP, or every root with unsync_children (vCPU roots, prev_roots, pages with
-    root_count > 0): mmu_unsync_walk fills 16-entry kvm_mmu_pages batches (SP Index =
-    slot in the parent, -1 for the root), for_each_sp visits each unsync leaf with its
-    mmu_page_path parents, and mmu_pages_clear_parents updates a copy of the bitmaps.
+    root_count > 0): mmu_unsync_walk fills 16-entry kvm_mmu_pages batches, for_each_sp
+    visits each unsync leaf with its mmu_page_path parents, and mmu_pages_clear_parents
+    updates a copy of the bitmaps.
     Each root is replayed on its own copy of the current state; the target is never
     modified. --zap replays mmu_zap_unsync_children instead (kvm_mmu_prepare_zap_page on
     each leaf; a level-1 SP has nothing to zap).
 
-    Columns of a batch: SP Index the page's slot in its parent (-1: the root the walk
-    starts at); SP Level its level; SP its struct kvm_mmu_page. A "root sp" line is
-    a root (held by the vCPUs named); a plain "sp" line, a page below the roots.
+    Columns of a batch: SP Index the entry's position in the kvm_mmu_pages vector
+    (pages->page[i], 0-15); SP Level its page's level (both as the systemtap script
+    this replaces prints them); Slot in Parent the entry's idx, the page's slot in its
+    parent's spt[] (-1: the root the walk starts at); SP its struct kvm_mmu_page. Then
+    one line per leaf synced (zapped), its vector position first ("sync sp [3] 0x...",
+    the script's "Current sp : [3]..."), and its mmu_page_path parents with their
+    levels (the script's "Level in Parents"). A "root sp" line is a root (held by the
+    vCPUs named); a plain "sp" line, a page below the roots.
     """
     s = session_of(kwargs)
     vms, top = sp_scope(s, args.vm, args.sp)

@@ -8,7 +8,9 @@ from typing import Any
 from drgn import Program
 from drgn.commands import argument
 
+from kvminspect.accounting import TdpPages
 from kvminspect.commands import NO_VMS, finish, kvm_command, session_of
+from kvminspect.commands.vms import tdp_text, vm_tdp_pages
 from kvminspect.errors import UsageError
 from kvminspect.fmt import hx
 from kvminspect.layout import known
@@ -54,15 +56,17 @@ def state_lines(st: VmState) -> list[str]:
     return out
 
 
-def show_vm(vm: VM, st: VmState | None = None) -> None:
-    """One VM's struct kvm: owner, vCPUs, MMU page counts, invalidation, NX huge
-    page and hash state, and memslots."""
+def show_vm(vm: VM, st: VmState | None = None, tdp: TdpPages | None = None) -> None:
+    """One VM's struct kvm: owner, vCPUs, MMU page counts (*tdp*: its TDP MMU's),
+    invalidation, NX huge page and hash state, and memslots."""
     c = console()
     c.print(f"VM {vm.index}: kvm {hx(vm.addr)}  pid {vm.pid} ({vm.comm or '?'}, "
             f"state {vm.task_state or '?'})  vCPUs {vm.online_vcpus}/{vm.created_vcpus}",
             markup=False)
-    c.print(f"  MMU {vm.mmu}: {vm.n_used_mmu_pages} of {vm.n_max_mmu_pages} pages used "
-            f"(requested {vm.n_requested_mmu_pages}), mmu_valid_gen {vm.mmu_valid_gen}, "
+    c.print(f"  MMU {vm.mmu}: {vm.n_used_mmu_pages} of {vm.n_max_mmu_pages} shadow pages used "
+            f"(requested {vm.n_requested_mmu_pages})"
+            + ("" if tdp is None else f", TDP MMU pages {tdp_text(tdp)}")
+            + f", mmu_valid_gen {vm.mmu_valid_gen}, "
             f"indirect_shadow_pages {vm.indirect_shadow_pages}", markup=False)
     for line in state_lines(st) if st is not None else ():
         c.print(line, markup=False)
@@ -114,7 +118,9 @@ def _cmd_vm(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -
                             f"{'it' if n == 1 else 'all of them'}; 'vm ID' selects one)",
                             markup=False)
         for vm in vms:
-            show_vm(vm, states[vm.addr])
+            show_vm(vm, states[vm.addr], tdps[vm.addr])
 
     states = {vm.addr: s.kernel.vm_state(vm) for vm in vms}
-    finish(s, args, "vm", {"vms": [vm_json(vm, states[vm.addr]) for vm in vms]}, human, vms)
+    tdps = {vm.addr: vm_tdp_pages(s.kernel, vm) for vm in vms}
+    finish(s, args, "vm", {"vms": [vm_json(vm, tdps[vm.addr], states[vm.addr]) for vm in vms]},
+           human, vms)

@@ -8,8 +8,9 @@ from typing import Any
 from drgn import Program
 from drgn.commands import argument, mutually_exclusive_group
 
-from kvminspect.commands import kvm_command, parse_int, per_vm, session_of
-from kvminspect.errors import LookupFailed, UsageError
+from kvminspect.commands import kvm_command, per_vm, session_of
+from kvminspect.errors import LookupFailed
+from kvminspect.fmt import spte_text
 from kvminspect.objects import VM, VCpu
 from kvminspect.render import Grid, console
 from kvminspect.session import Session
@@ -67,7 +68,7 @@ def render(w: Walk) -> None:
                 flags += " RSVD"
             t.add_row(f"L{st.level}", hex(st.table),
                       "" if st.table_gfn is None else hex(st.table_gfn), str(st.index),
-                      "unreadable" if st.value is None else f"{st.value:#018x}", flags,
+                      "unreadable" if st.value is None else spte_text(st.value), flags,
                       "" if st.child is None else hex(st.child))
         c.print(t)
     c.print(f"  stop: {w.stop.value.replace('_', ' ')}: {w.why}", markup=False)
@@ -87,12 +88,16 @@ def render(w: Walk) -> None:
 
 
 @kvm_command(
-    argument("addr", metavar="ADDR",
-             help="the address to walk: a guest virtual address through a shadow root, "
-             "a guest physical address through a TDP/direct root"),
+    argument("addr", metavar="ADDR", type="address",
+             help="the address to walk (hex, 0x optional: 200000 is 0x200000): a guest "
+             "virtual address through a shadow root, a guest physical address through a "
+             "TDP/direct root"),
     mutually_exclusive_group(
-        argument("--vcpu", metavar="N", help="walk from vCPU N's current root (default 0)"),
-        argument("--root", metavar="SP", help="walk from this shadow page as the top"),
+        argument("--vcpu", metavar="N", type="count",
+                 help="walk from vCPU N's current root (its index, decimal; default 0)"),
+        argument("--root", metavar="SP", type="address",
+                 help="walk from this shadow page (struct kvm_mmu_page address, hex) as "
+                 "the top"),
     ),
 )
 def _cmd_walk(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
@@ -117,14 +122,9 @@ def _cmd_walk(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any)
     SPTE points to.
     """
     s = session_of(kwargs)
-    addr = parse_int(args.addr, "address")
-    if not 0 <= addr < 1 << 64:
-        raise UsageError(f"bad address: {args.addr!r}")
-    vcpu = None if args.vcpu is None else parse_int(args.vcpu, "vCPU index")
+    addr, vcpu, top = args.addr, args.vcpu, args.root  # "address", "count", "address"
     vms = s.vms(args.vm)
-    top = None
-    if args.root is not None:
-        top = parse_int(args.root, "shadow page address")
+    if top is not None:
         vms = [s.find_sp(top, vms)[0]]
 
     def show(vm: VM, walks: list[Walk]) -> None:

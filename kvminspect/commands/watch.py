@@ -108,7 +108,7 @@ def watch_table(seen: list[VcpuWatch]) -> Grid:
 @kvm_command(
     argument("--interval", type=float, default=0.5, metavar="S",
              help="seconds between samples (default 0.5)"),
-    argument("--count", type=int, default=10, metavar="N", help="samples (default 10)"),
+    argument("--count", type="count", default=10, metavar="N", help="samples (default 10)"),
 )
 def _cmd_watch(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
     """sample every vCPU's roots on a live target: root switches, CR3s, prev_roots hits

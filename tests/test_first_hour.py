@@ -1,0 +1,458 @@
+"""Issue 18, "The first hour, second pass": items 2, 3, 5, 8, 9, 14, 16 and 17, each
+with the test that fails without its fix (the items' numbers head the sections)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvminspect import cli, registry
+from kvminspect.cli import run_one
+from kvminspect.commands import export, load_all
+from kvminspect.errors import KvminspectError, LookupFailed, UsageError
+from kvminspect.manifest import COMMANDS
+from kvminspect.session import Session
+from kvminspect.unsync import replay_sync
+from tests.conftest import VMCORES, open_fixture, run_main, truth
+
+ROOT = Path(__file__).resolve().parent.parent
+SHADOW = "6.1-shadow"  # the bundled sample's fixture
+TWO = "6.1-shadow-2vm"  # one VMM process (pid 98) with two VMs
+
+
+def session(name: str) -> Session:
+    return Session(open_fixture(name))
+
+
+def out_of(s: Session, argv: list[str], capsys) -> str:
+    """What command *argv* prints in session *s*."""
+    capsys.readouterr()
+    run_one(s, argv)
+    return capsys.readouterr().out
+
+
+def doc_of(s: Session, argv: list[str], capsys) -> dict:
+    return json.loads(out_of(s, [*argv, "--json"], capsys))
+
+
+# -- 2: a pid two VMs share is ambiguous, everywhere -------------------------------------
+
+
+@pytest.mark.parametrize("argv", [["vms"], ["roots"], ["check"], ["tree", "--depth", "0"],
+                                  ["-e", "vm pid:98"], ["vm", "pid:98"]])
+def test_a_shared_pid_is_an_ambiguous_error(argv: list[str], capsys) -> None:
+    """--vm pid:98 silently took VM 0 of the two VMs pid 98 owns."""
+    pid = truth(TWO)["vmm_pid"]
+    vm = [] if "pid:98" in " ".join(argv) else ["--vm", f"pid:{pid}"]
+    status, out, err = run_main(["-c", str(VMCORES / TWO), *vm, *argv], capsys)
+    assert status == 1 and out == "", err
+    assert err == (f"kvminspect: error: VM 'pid:{pid}' is ambiguous: pid {pid} owns VMs 0, 1 "
+                   "(use the index)\n")
+
+
+def test_a_shared_pid_in_a_session() -> None:
+    s = session(TWO)
+    with pytest.raises(LookupFailed, match="is ambiguous: pid 98 owns VMs 0, 1"):
+        s.vms("pid:98")
+    with pytest.raises(LookupFailed, match="is ambiguous"):
+        s.select("pid:98")
+    assert s.selected is None
+    vm1 = s.kernel.vms()[1]
+    assert s.vms("1") == [vm1] and s.vms(hex(vm1.addr)) == [vm1]
+    assert s.vms(f"{vm1.addr:x}") == [vm1]  # an address is hex, 0x optional
+    with pytest.raises(LookupFailed, match="no VM 'pid:7'"):
+        s.vms("pid:7")
+
+
+# -- 3: one rule for numbers ------------------------------------------------------------
+
+
+def test_walk_address_is_hex_without_0x(capsys) -> None:
+    """'walk 200000' walked decimal 200000 (0x30d40)."""
+    s = session(SHADOW)
+    text = out_of(s, ["walk", "200000"], capsys)
+    assert "walk 0x200000:" in text and text == out_of(s, ["walk", "0x200000"], capsys)
+    assert doc_of(s, ["walk", "30d40"], capsys)["vms"][0]["walks"][0]["addr"] == "0x30d40"
+
+
+def test_walk_vcpu_is_decimal_and_root_hex(capsys) -> None:
+    s = session(SHADOW)
+    assert out_of(s, ["walk", "200000", "--vcpu", "0x1"], capsys) == out_of(
+        s, ["walk", "200000", "--vcpu", "1"], capsys)
+    root = s.kernel.vcpus(s.kernel.vms()[0])[0].root.sp.addr
+    assert out_of(s, ["walk", "200000", "--root", f"{root:x}"], capsys) == out_of(
+        s, ["walk", "200000", "--root", hex(root)], capsys)
+
+
+def test_rmap_and_sp_gfn_are_hex(capsys) -> None:
+    s = session(SHADOW)
+    assert doc_of(s, ["rmap", "10"], capsys)["vms"][0]["gfn"] == "0x10"
+    assert out_of(s, ["rmap", "10"], capsys) == out_of(s, ["rmap", "0x10"], capsys)
+    assert out_of(s, ["sp", "--gfn", "101"], capsys) == out_of(s, ["sp", "--gfn", "0x101"],
+                                                                capsys)
+
+
+@pytest.mark.parametrize("cmd", ["sp", "tree", "unsync"])
+def test_a_shadow_page_address_is_hex_without_0x(cmd: str, capsys) -> None:
+    s = session(SHADOW)
+    root = s.kernel.vcpus(s.kernel.vms()[0])[0].root.sp.addr
+    text = out_of(s, [cmd, f"{root:x}"], capsys)
+    assert hex(root) in text and text == out_of(s, [cmd, hex(root)], capsys)
+
+
+def test_depth_accepts_0x(capsys) -> None:
+    """'tree --depth 0x1' was "not a number"."""
+    s = session(SHADOW)
+    assert out_of(s, ["tree", "--depth", "0x1"], capsys) == out_of(s, ["tree", "--depth", "1"],
+                                                                    capsys)
+
+
+@pytest.mark.parametrize("cmd, words, dest, value", [
+    ("watch", ["--count", "0x10"], "count", 16),
+    ("watch", ["--count", "010"], "count", 10),
+    ("rate", ["--seconds", "0xa"], "seconds", 10),
+    ("diagnose", ["--jsonl", "-j", "0x2", "A"], "jobs", 2),
+    ("diagnose", ["-j", "2", "--jsonl", "A"], "jobs", 2),
+    ("tree", ["--depth", "12"], "depth", 12),
+    ("walk", ["--vcpu", "10", "10"], "vcpu", 10),
+    ("walk", ["10"], "addr", 0x10),
+    ("walk", ["ffff888000001000"], "addr", 0xffff888000001000),
+    ("sp", ["--gfn", "259"], "gfn", 0x259),
+    ("rmap", ["16"], "gfn", 0x16),
+    ("unsync", ["0XABC"], "sp", 0xabc),
+])
+def test_every_parser_follows_the_rule(cmd: str, words: list[str], dest: str,
+                                       value: int) -> None:
+    """Counts decimal with 0x accepted, addresses and gfns hex with or without 0x, from
+    the manifest alone (before the target is opened) and from the live command."""
+    load_all()
+    for spec in (registry.CommandSpec.from_data(cmd, COMMANDS[cmd]), registry.LIVE[cmd]):
+        ns = registry.build_parser(spec, typed=True).parse_args(words)
+        assert getattr(ns, dest) == value, (cmd, words)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["walk", "zz"], "walk: argument ADDR: bad address: 'zz' (hex, 0x optional)"),
+    (["walk", "1" * 17], "bad address"),  # above 2^64
+    (["walk", "-5"], "bad address: '-5'"),
+    (["sp", "--gfn", "0x"], "bad gfn: '0x'"),
+    (["tree", "--depth", "ff"], "not a number: 'ff' (decimal, 0x accepted)"),
+    (["tree", "--depth", "-1"], "must be 0 or more, not -1"),
+    (["walk", "0", "--vcpu", "x"], "argument --vcpu: not a number: 'x'"),
+    (["watch", "--count", "2.5"], "not a number: '2.5'"),
+])
+def test_bad_numbers_are_one_line_before_the_target(argv: list[str], message: str,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys) -> None:
+    opened: list[object] = []
+    monkeypatch.setattr(cli, "open_source", lambda *a: opened.append(a))
+    status, out, err = run_main(["--sample", *argv], capsys)
+    assert (status, out, opened) == (2, "", [])
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_each_usage_line_states_the_rule() -> None:
+    load_all()
+    numbered = {"walk", "sp", "rmap", "tree", "unsync", "watch", "rate", "diagnose"}
+    for name, data in COMMANDS.items():
+        usage = registry.Entry(registry.CommandSpec.from_data(name, data)).format_usage()
+        if name not in numbered:
+            continue
+        assert usage.count("\n") == 0, usage
+        assert re.search(r"\((\w+(, \w+)*: hex, 0x optional)?(; )?"
+                         r"(\w+(, \w+)*: decimal, 0x accepted)?\)$", usage), usage
+    walk = registry.entry("walk")
+    assert walk is not None and walk.format_usage() == (
+        "walk [--vcpu N | --root SP] [--vm ID] [--json] ADDR  "
+        "(ADDR, SP: hex, 0x optional; N: decimal, 0x accepted)")
+
+
+def test_help_and_readme_state_the_rule(capsys) -> None:
+    assert cli.main(["help"]) == 0
+    assert f"Numbers: {registry.NUMBERS_RULE}." in capsys.readouterr().out
+    assert cli.main(["--help"]) == 0
+    assert "Numbers: addresses, gfns and SPTE values are hex" in capsys.readouterr().out
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "So `walk 200000` walks 0x200000 (before, it read decimal 200000, 0x30d40)" in readme
+
+
+# -- 5: a target without a command is a REPL; -k is --live ------------------------------
+
+
+def test_a_target_alone_opens_the_repl(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """'kvminspect -c CORE' was "error: no command"."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("vms\nroots\n"))
+    status, out, err = run_main(["-c", str(VMCORES / SHADOW)], capsys)
+    assert status == 0, err
+    assert "vmm" in out and "prev_roots[0]" in out and "kvminspect on" in err
+
+
+@pytest.mark.parametrize("argv, source", [
+    (["--sample"], ("sample", None)),
+    (["--live"], ("live", None)),
+    (["-k"], ("live", None)),
+    (["--qemu", "/run/q.sock"], ("qemu", "/run/q.sock")),
+    (["-c", "CORE", "--vm", "1"], ("core", "CORE")),
+])
+def test_every_target_alone_is_a_repl(argv: list[str], source: tuple,
+                                      monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    seen = []
+
+    def fake(src, symbols):
+        seen.append(src)
+        raise KvminspectError("opened")
+
+    monkeypatch.setattr(cli, "open_source", fake)
+    status, _, err = run_main(argv, capsys)
+    assert (status, seen, err) == (1, [source], "kvminspect: error: opened\n")
+
+
+def test_k_is_live_and_json_alone_is_refused(capsys) -> None:
+    g = cli.split_argv(["-k", "roots"])
+    assert g.live and cli.target_source(g) == ("live", None)
+    with pytest.raises(UsageError, match="conflicting targets: --live and --sample"):
+        cli.target_source(cli.split_argv(["-k", "--sample"]))
+    status, out, err = run_main(["--sample", "--json"], capsys)
+    assert (status, out) == (2, "") and "--json is for commands" in err
+    status, _, err = run_main([], capsys)  # no target, no command: still the usage
+    assert status == 2 and "no command" in err
+
+
+# -- 8: one width for SPTEs, one spelling for prev_roots, plurals -------------------------
+
+
+SPTE = re.compile(r"^0x[0-9a-f]{16}$")
+
+
+def test_sptes_print_at_one_width(capsys) -> None:
+    """sp printed 0x2cc5827 where walk and rmap print 0x0000000002ed6827."""
+    s = session(SHADOW)
+    root = s.kernel.vcpus(s.kernel.vms()[0])[0].root.sp.addr
+    page = doc_of(s, ["sp", hex(root)], capsys)["vms"][0]["pages"][0]
+    text = out_of(s, ["sp", hex(root)], capsys)
+    rows = [line.split() for line in text.splitlines() if re.match(r"^ +\d+ +0x", line)]
+    assert [r[1] for r in rows] == [f"{int(e['value'], 16):#018x}" for e in page["sptes"]]
+    assert all(SPTE.match(r[1]) for r in rows)
+    walk = out_of(s, ["walk", "0x200000"], capsys)
+    rmap = out_of(s, ["rmap", "0x10"], capsys)
+    for text in (walk, rmap):
+        assert [w for w in text.split() if w.startswith("0x00")]
+        assert all(SPTE.match(w) for w in text.split() if w.startswith("0x00"))
+
+
+def test_no_message_prints_an_spte_short() -> None:
+    """The findings' messages name SPTEs as text does (fmt.spte_text)."""
+    short = re.compile(r"(spt\[[^\]]*\] = |SPTE |writable \()\{[^}]*:#x\}|"
+                       r"\{[^}]*(spte|\.value):#x\}")
+    found = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in (ROOT / "kvminspect").rglob("*.py")
+             for m in short.finditer(p.read_text())]
+    assert not found
+
+
+def test_prev_roots_has_one_spelling(capsys) -> None:
+    """roots said prev[2] where tree and unsync say prev_roots[2]."""
+    s = session(SHADOW)
+    roots, tree = out_of(s, ["roots"], capsys), out_of(s, ["tree"], capsys)
+    assert "prev_roots[2]" in roots and "prev_roots[2]" in tree
+    assert "prev[" not in roots + tree + out_of(s, ["unsync"], capsys)
+    assert "prev[" not in out_of(s, ["roots", "--drgn"], capsys)
+
+
+ONE = re.compile(r"\b1 (roots|orphans|shadow pages|present SPTEs|entries|errors|warnings|"
+                 r"batches|vCPUs|edges|pages|bits|leaves|unsync leaves)\b")
+
+
+@pytest.mark.parametrize("name, argv", [
+    ("6.1-tdp", ["tree"]), ("6.1-tdp", ["vms"]), ("6.1-tdp", ["check"]),
+    (SHADOW, ["unsync"]), (SHADOW, ["check"]), (SHADOW, ["diagnose"]),
+    (SHADOW, ["sp", "--gfn", "0x104"]),
+])
+def test_a_count_of_one_is_singular(name: str, argv: list[str], capsys) -> None:
+    """'1 roots', '1 present SPTEs'."""
+    text = out_of(session(name), argv, capsys)
+    assert not ONE.findall(text), text
+    if argv == ["tree"]:
+        assert ", 1 root, " in text
+    if argv[0] == "sp":
+        assert "1 present SPTE, " in text
+
+
+def test_a_finding_counts_one_page_in_the_singular() -> None:
+    from kvminspect.accounting import CounterCheck, Verdict, finding
+    from kvminspect.check import FindingKind
+
+    one = CounterCheck(FindingKind.USED_MMU_PAGES, "kvm->arch.n_used_mmu_pages", 2, 1,
+                       "shadow pages on active_mmu_pages", Verdict.MISMATCH)
+    f = finding(one, 0x1000)
+    assert f is not None and f.message.startswith(
+        "kvm->arch.n_used_mmu_pages is 2 but 1 shadow page on active_mmu_pages: ")
+    same = CounterCheck(FindingKind.TDP_MMU_PAGES, "the kvm->arch.tdp_mmu_pages list", 1, 1,
+                        "non-root TDP MMU pages reachable", Verdict.MISMATCH, objects=(0x2000,))
+    f = finding(same, 0x1000)
+    assert f is not None and "holds 1 page, as many as" in f.message
+    assert "1 page is on one side only" in f.message
+
+
+# -- 9: a TDP MMU VM's pages ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, counted", [("6.1-tdp", True), ("5.10-tdp", True),
+                                           ("6.12-tdp", True), ("7.3-tdp", False)])
+def test_vms_shows_the_tdp_mmu_pages(name: str, counted: bool, capsys) -> None:
+    """vms showed MMU PAGES 0/64 where tree counts 5 pages."""
+    s = session(name)
+    (vm,) = doc_of(s, ["vms"], capsys)["vms"]
+    tree = doc_of(s, ["tree"], capsys)["vms"][0]
+    assert vm["tdp_mmu_roots"] == tree["roots"] >= 1
+    if counted:
+        assert (vm["tdp_mmu_pages"] + vm["tdp_mmu_roots"] + vm["n_used_mmu_pages"]
+                == tree["pages"])
+    else:
+        assert vm["tdp_mmu_pages"] is None  # 7.3 keeps no count
+    text = out_of(s, ["vms"], capsys)
+    head, row = text.splitlines()
+    assert " SHADOW PAGES " in head and " TDP PAGES " in head
+    n = "?" if not counted else vm["tdp_mmu_pages"]
+    assert f"  {vm['n_used_mmu_pages']}/{vm['n_max_mmu_pages']}  " in row
+    assert f"  {n} + {vm['tdp_mmu_roots']} root{'s' if vm['tdp_mmu_roots'] > 1 else ''}  " in row
+    assert "TDP MMU pages" in out_of(s, ["vm", "--vm", "0"], capsys)
+    assert doc_of(s, ["vm", "--vm", "0"], capsys)["vms"][0]["tdp_mmu_roots"] == tree["roots"]
+
+
+def test_a_shadow_vm_has_no_tdp_pages(capsys) -> None:
+    s = session(SHADOW)
+    (vm,) = doc_of(s, ["vms"], capsys)["vms"]
+    assert vm["tdp_mmu_pages"] is None and vm["tdp_mmu_roots"] is None
+    assert "TDP PAGES" not in out_of(s, ["vms"], capsys)
+
+
+# -- 14: export: one layout, and no DOT in an .svg ------------------------------------------
+
+
+def test_the_dot_file_is_laid_out_as_the_picture(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The .dot said rankdir="TB" while 'export g.svg' draws left to right."""
+    s = session(SHADOW)
+    vm = s.kernel.vms()[0]
+    g = export.plain_graph(s.graph(vm))
+    g.graph.update(export.graph_info(vm))
+    drawn: list[str] = []
+    monkeypatch.setattr(export, "render_picture",
+                        lambda dot, fmt: drawn.append(dot) or b"<svg/>")
+    dot, _ = export.encode(g, vm, "dot")
+    assert export.encode(g, vm, "svg") == (b"<svg/>", "")
+    assert drawn == [dot.decode()] and 'rankdir="LR"' in drawn[0]
+
+
+@pytest.mark.parametrize("fmt, file", [("dot", "g.svg"), ("svg", "g.dot"), ("json", "g.png"),
+                                       ("graphml", "G.DOT")])
+def test_format_and_extension_must_agree(fmt: str, file: str, tmp_path: Path,
+                                         capsys) -> None:
+    """'export --format dot g.svg' wrote DOT text into g.svg."""
+    path = tmp_path / file
+    status, out, err = run_main(["-c", str(VMCORES / SHADOW), "export", "--format", fmt,
+                                 str(path)], capsys)
+    assert (status, out) == (2, "") and err.count("\n") == 1
+    assert f"export: --format {fmt} but {path}'s extension says" in err
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("fmt, file", [("dot", "g.gv"), ("dot", "g.txt"), ("json", "-")])
+def test_format_with_an_agreeing_or_unknown_extension(fmt: str, file: str,
+                                                      tmp_path: Path) -> None:
+    assert export.format_of(fmt, file if file == "-" else str(tmp_path / file)) == fmt
+
+
+# -- 16: shell completion ------------------------------------------------------------------
+
+
+def bash_complete(script: Path, cwd: Path, *words: str) -> list[str]:
+    code = (f'source {script}; COMP_WORDS=("$@"); COMP_CWORD=$(($# - 1)); _kvminspect; '
+            'printf "%s\\n" "${COMPREPLY[@]}"')
+    r = subprocess.run(["bash", "-c", code, "_", "kvminspect", *words], capture_output=True,
+                       text=True, timeout=30, check=True, cwd=cwd)
+    return [w for w in r.stdout.splitlines() if w]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_bash_does_not_offer_what_was_given(tmp_path: Path, capsys) -> None:
+    """--sample was offered again after --sample."""
+    script = tmp_path / "kvminspect.bash"
+    assert cli.main(["--completion", "bash"]) == 0
+    script.write_text(capsys.readouterr().out)
+    assert bash_complete(script, tmp_path, "--sa") == ["--sample"]
+    assert bash_complete(script, tmp_path, "--sample", "--sa") == []
+    assert bash_complete(script, tmp_path, "-c", "X", "--") == [
+        o for o in bash_complete(script, tmp_path, "--") if o not in ("--core", "--live",
+                                                                       "--qemu", "--sample")]
+    opts = bash_complete(script, tmp_path, "--sample", "walk", "--vcpu", "1", "--")
+    assert "--vm" in opts and "--json" in opts
+    assert not {"--vcpu", "--root", "--sample", "--core", "--version"} & set(opts)
+    opts = bash_complete(script, tmp_path, "--sample", "roots", "--json", "--")
+    assert "--json" not in opts and "--drgn" in opts
+    assert "--symbols" in bash_complete(script, tmp_path, "-s", "A", "--sym")  # repeatable
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_walk_vcpu_offers_nothing_but_does_not_break(tmp_path: Path, capsys) -> None:
+    """After --vcpu a vCPU index goes, which only the target knows: bash offers nothing
+    (not the file names of the directory), zsh says what goes there; the line goes on."""
+    script = tmp_path / "kvminspect.bash"
+    assert cli.main(["--completion", "bash"]) == 0
+    script.write_text(capsys.readouterr().out)
+    (tmp_path / "vmcore").write_text("")
+    assert bash_complete(script, tmp_path, "--sample", "walk", "--vcpu", "") == []
+    assert bash_complete(script, tmp_path, "--sample", "walk", "--vcpu", "1", "") == []
+    assert bash_complete(script, tmp_path, "--sample", "tree", "--depth", "") == []
+    assert bash_complete(script, tmp_path, "--sample", "walk", "--vcpu", "1", "--j") == [
+        "--json"]
+    assert cli.main(["--completion", "zsh"]) == 0
+    zsh = capsys.readouterr().out
+    assert ("    walk:--vcpu) _message 'N: walk from vCPU N'\\''s current root (its index, "
+            "decimal; default 0)'; return ;;") in zsh
+    assert "    --vm) _message 'ID: " in zsh
+    assert 'for o in $opts; do [[ "$drop" == *" $o "* ]] || keep+=($o); done' in zsh
+
+
+# -- 17: unsync in the systemtap script's words ------------------------------------------
+
+
+def test_unsync_shows_the_vector_position_and_the_slot(capsys) -> None:
+    """SP Index was the slot in the parent; the systemtap script's SP Index is the position
+    in the kvm_mmu_pages vector, and it prints each leaf as 'Current sp : [3]ffff...'."""
+    s = session(SHADOW)
+    text = out_of(s, ["unsync"], capsys)
+    root = doc_of(s, ["unsync"], capsys)["vms"][0]["roots"][0]
+    batch = root["batches"][0]
+    lines = text.splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("batch 1: ")))
+    assert lines[at + 1].split() == "SP Index SP Level Slot in Parent SP".split()
+    rows = [line.split() for line in lines[at + 2:at + 2 + len(batch["pages"])]]
+    assert rows == [[str(i), str(e["level"]), str(e["idx"]), e["sp"]]
+                    for i, e in enumerate(batch["pages"])]
+    assert rows[0][2] == "-1" and [r[0] for r in rows[:4]] == ["0", "1", "2", "3"]
+    sps = [e["sp"] for e in batch["pages"]]
+    leaf_lines = [line for line in lines if line.startswith("  sync sp [")]
+    first = batch["leaves"][0]
+    assert leaf_lines[0].startswith(f"  sync sp [3] {first['sp']} gfn {first['gfn']}  parents:")
+    for line, leaf in zip(leaf_lines, batch["leaves"], strict=False):
+        pos = int(line.split()[2].strip("[]"))
+        assert sps[pos] == leaf["sp"] and batch["pages"][pos]["level"] == 1
+
+
+def test_a_leaf_knows_its_vector_position() -> None:
+    from kvminspect.commands.unsync import walk_pages
+
+    s = session(SHADOW)
+    vm = s.kernel.vms()[0]
+    g = s.graph(vm)
+    root = next(a for a in g.root_order() if g.sp(a).unsync_children)
+    for b in replay_sync(root, walk_pages(s.kernel, g)).batches:
+        for leaf in b.leaves:
+            assert b.pages[leaf.pos].sp == leaf.sp and b.pages[leaf.pos].level == 1
