@@ -47,10 +47,10 @@ from dataclasses import dataclass, replace
 from enum import Enum
 
 from kvminspect import spte
-from kvminspect.audit import AuditState
 from kvminspect.check import Finding, FindingKind, Severity, vm_problems
 from kvminspect.graph import VMGraph
 from kvminspect.layout import known
+from kvminspect.leaves import AuditState
 from kvminspect.model import Kernel
 from kvminspect.objects import VM, ShadowPage
 from kvminspect.render import plural
@@ -104,14 +104,14 @@ class Leaves:
 
     @classmethod
     def of(cls, st: AuditState) -> Leaves:
-        """From what kvminspect.audit.collect() read (check --audit reads it once)."""
+        """From what kvminspect.leaves.collect() read (check --audit reads it once)."""
         return cls(dict(Counter(x.sp.level for x in st.leaves)), len(st.frozen),
                    len(st.unreadable_tables))
 
 
 def count_leaves(k: Kernel, vg: VMGraph) -> Leaves:
     """Every page's present leaf SPTEs counted (every leaf table read, as
-    audit.collect() does, without the gfns): the graph's side of the page stats."""
+    leaves.collect() does, without the gfns): the graph's side of the page stats."""
     by_level: Counter[int] = Counter()
     frozen_value = k.spte_masks(vg.vm).layout.frozen
     frozen = unreadable = 0

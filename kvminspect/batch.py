@@ -34,7 +34,6 @@ check's 3; the lines say which core is which.
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import json
 import os
@@ -98,14 +97,6 @@ def request(words: list[str], symbols: list[str]) -> Request | None:
     if jobs is not None and jobs < 1:
         raise UsageError(f"diagnose: -j takes 1 or more workers, not {jobs}")
     return Request(tuple(cores), jobs or 1, tuple(symbols), ns.vm, ns.fail_on)
-
-
-def refuse_in_session(args: argparse.Namespace) -> None:
-    """The diagnose command in a session (a REPL, -e, -c CORE): --jsonl, -j and
-    CORE are the command line's, which starts a process per core."""
-    if args.jsonl or args.cores or args.jobs is not None:
-        raise UsageError("diagnose: --jsonl, -j and CORE are for the command line, without "
-                         f"a target: {BATCH_USAGE}")
 
 
 # -- this process: start the workers, print their lines in order ---------------------------
@@ -252,7 +243,7 @@ def diagnose_core(core: str, symbols: list[str], vm: str | None = None,
     import contextlib
     import io
 
-    from kvminspect.cli import run_one
+    from kvminspect.commands import run_command
     from kvminspect.errors import describe
     from kvminspect.session import Session
     from kvminspect.target import open_core
@@ -264,7 +255,7 @@ def diagnose_core(core: str, symbols: list[str], vm: str | None = None,
         words = ["diagnose", "--json", "--fail-on", fail_on] + (["--vm", vm] if vm else [])
         text = io.StringIO()
         with contextlib.redirect_stdout(text):
-            run_one(session, words)
+            run_command(session, words)
         doc = json.loads(text.getvalue())
         status = session.exit_status()
         k = target.kernel_if_opened
@@ -295,5 +286,5 @@ def worker_main(spec: str) -> int:
     return status
 
 
-__all__ = ["Request", "diagnose_core", "error_line", "refuse_in_session", "request", "run",
+__all__ = ["Request", "diagnose_core", "error_line", "request", "run",
            "worker_main"]

@@ -269,14 +269,24 @@ def _write(path: Path, out: Path) -> None:
     """Decompress *path* into *out*, through a partial file renamed when complete."""
     if path.suffix == ".zst" and zstd_truncated(path):
         raise TargetError(f"{path}: truncated zst file: the compressed data ends inside a frame")
+    made = not out.parent.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}{PARTIAL}", dir=out.parent)
+    done = False
     try:
-        with _decompressor(path) as src, os.fdopen(fd, "wb") as dst:
-            copy_stream(src, dst, path)
-        os.replace(tmp, out)
-    finally:  # a failure or Ctrl-C: nothing half-written stays
-        Path(tmp).unlink(missing_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}{PARTIAL}", dir=out.parent)
+        try:
+            with _decompressor(path) as src, os.fdopen(fd, "wb") as dst:
+                copy_stream(src, dst, path)
+            os.replace(tmp, out)
+            done = True
+        finally:  # a failure or Ctrl-C: nothing half-written stays
+            Path(tmp).unlink(missing_ok=True)
+    finally:
+        if made and not done:  # nor the entry's directory made for it
+            try:
+                out.parent.rmdir()
+            except OSError:
+                pass
 
 
 def decompressed(path: Path) -> Path:
@@ -323,4 +333,6 @@ def _unwritable(e: OSError) -> bool:
     """Whether *e* says the cache directory cannot be written at all (not: disk full)."""
     import errno
 
-    return e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST)
+    # ENOENT: a directory that cannot be made (KVMINSPECT_CACHE=/proc/nope)
+    return e.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST,
+                       errno.ENOENT)

@@ -244,17 +244,11 @@ def with_json(line: str) -> str:
 
 
 def run_one(session: Session, argv: list[str]) -> None:
-    """Run one command (argv[0] with its arguments) in *session*."""
-    from kvminspect.commands import NAMESPACE, check_arguments
+    """Run one command (argv[0] with its arguments) in *session*
+    (kvminspect.commands.run_command)."""
+    from kvminspect.commands import run_command
 
-    if (cmd := registry.asks_help(argv)) is not None:
-        argv = ["help", cmd]
-    check_arguments(session.target.prog, argv)
-    session.begin(progress="--json" not in argv)
-    entry = registry.entry(argv[0])
-    # py's words are its code as typed ('py "x + 1"'), not words to quote
-    line = " ".join(argv) if entry is not None and entry.spec.custom else shlex.join(argv)
-    NAMESPACE.run(session.target.prog, line, globals={"session": session})
+    run_command(session, argv)
 
 
 def run_help(argv: list[str]) -> None:
@@ -272,8 +266,8 @@ def run_script(session: Session, lines: list[str], json: bool) -> int:
     from kvminspect.repl import run_guarded
 
     for line in lines:
-        if not run_guarded(session, with_json(line) if json else line):
-            break
+        if not run_guarded(session, with_json(line) if json else line) or session.output_failed:
+            break  # 'quit', or the output cannot be written: said once
     return session.exit_status()
 
 
@@ -380,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except SystemExit as e:  # rich exits when the reader of a pipe goes away ('help | true')
+        if isinstance(e.__context__, BrokenPipeError):
+            return 0
+        raise
     except KvminspectError as e:  # as errors.describe says it, without importing drgn
         print(f"kvminspect: error: {e}", file=sys.stderr)
         return e.status

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from kvminspect.accounting import Leaves, check_accounting
-from kvminspect.audit import AuditState, audit_vm, collect
+from kvminspect.audit import audit_vm
 from kvminspect.check import (
     Finding,
     FindingKind,
@@ -46,6 +46,7 @@ from kvminspect.check import (
     summary,
 )
 from kvminspect.graph import VMGraph
+from kvminspect.leaves import AuditState, collect
 from kvminspect.model import Kernel
 from kvminspect.objects import LastExit, VCpu, is_obsolete_sp
 from kvminspect.read_vmstate import Invalidation, MmuLock, RangeUnit

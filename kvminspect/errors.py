@@ -102,6 +102,15 @@ def _argument_error_text(e: BaseException) -> str:
     return re.sub(r"^(\S+): error: ", r"\1: ", text) or "bad arguments"
 
 
+def is_output_error(e: BaseException) -> bool:
+    """Whether *e* is the output failing to be written (stdout or a '> file' on a full
+    disk, a lost terminal): an OSError of a write, which names no file."""
+    import errno
+
+    return (isinstance(e, OSError) and e.filename is None
+            and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO))
+
+
 def describe(e: BaseException, help_hint: str = "try help") -> tuple[str, str, int]:
     """(kind, one-line message, exit status) for an exception a command raised.
 
@@ -126,6 +135,8 @@ def describe(e: BaseException, help_hint: str = "try help") -> tuple[str, str, i
         return "error", f"syntax error: {e.msg}", UsageError.status
     if isinstance(e, NotImplementedError):  # e.g. a '3> file' redirect
         return "error", str(e), UsageError.status
+    if is_output_error(e):
+        return "error", f"writing output: {getattr(e, 'strerror', None) or e}", 1
     if isinstance(e, OSError) and e.filename is not None:
         return "error", f"{e.filename}: {e.strerror or e}", 1
     return "internal", f"{type(e).__name__}: {e}", 1

@@ -2,7 +2,7 @@
 memslots: invariants arch/x86/kvm/mmu/mmu.c and tdp_mmu.c keep, checked offline.
 
 ``check_invariants(k, vg, st)`` (part of ``check --audit``: kvminspect.audit.audit_vm)
-runs, over the graph's links and the one pass kvminspect.audit.collect() made over
+runs, over the graph's links and the one pass kvminspect.leaves.collect() made over
 the tables:
 
 * check_child_roles: a child's role is what the kernel derives from its parent's
@@ -48,8 +48,8 @@ from kvminspect.layout import known
 from kvminspect.model import Kernel
 from kvminspect.objects import Memslot, Role, ShadowPage
 
-if TYPE_CHECKING:  # audit imports this module to run it
-    from kvminspect.audit import AuditState
+if TYPE_CHECKING:
+    from kvminspect.leaves import AuditState
 
 MAX_REPORTED = 64  # findings of one check per VM spelled out (as kvminspect.audit's)
 SPTE_LEVEL_BITS = 9  # each level of a page table resolves 9 bits of the gfn

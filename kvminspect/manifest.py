@@ -33,7 +33,7 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
          'arguments': [{'args': ['--json'],
                         'kwargs': {'action': 'store_true', 'help': 'print one JSON document'}}]},
  'vm': {'module': 'kvminspect.commands.vm',
-        'description': 'select a VM (index, pid:PID or struct kvm address) and show it',
+        'description': 'select a VM (index, pid:PID, struct kvm address or name) and show it',
         'long_description': "'vm ID' selects a VM: in a REPL, later commands work on it only (the "
                             "prompt shows it); 'vm all' clears the selection. 'vm' alone shows "
                             'the selected VM; with none selected, a REPL says so, and a one-shot '
@@ -58,7 +58,8 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
         'arguments': [{'args': ['id'],
                        'kwargs': {'nargs': '?',
                                   'metavar': 'ID',
-                                  'help': "VM index, pid:PID, struct kvm address, or 'all'"}},
+                                  'help': 'VM index, pid:PID, struct kvm address, name (kvm-PID, '
+                                          "QEMU's -name), or 'all'"}},
                       {'args': ['--vm'],
                        'kwargs': {'metavar': 'ID',
                                   'help': 'VM index (decimal), pid:PID, struct kvm address (hex, '
@@ -201,7 +202,7 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
                  'optional)',
         'epilog': None,
         'custom': False,
-        'arguments': [{'exclusive': False,
+        'arguments': [{'exclusive': True,
                        'arguments': [{'args': ['addr'],
                                       'kwargs': {'nargs': '?',
                                                  'metavar': 'ADDR',

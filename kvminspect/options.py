@@ -44,8 +44,9 @@ class GlobalOption:
 SHELLS = ("bash", "zsh")
 
 OPTIONS: tuple[GlobalOption, ...] = (
-    GlobalOption(("-c", "--core"), "core", "vmcore (ELF or kdump; .xz/.zst/.gz) or fixture "
-                 "directory", metavar="CORE", target=True, file=True),
+    GlobalOption(("-c", "--core"), "core", "vmcore (ELF or kdump; .xz/.zst/.gz), crash "
+                 "directory (/var/crash/...: its vmcore or dump.*) or fixture directory",
+                 metavar="CORE", target=True, file=True),
     GlobalOption(("--live", "-k"), "live", "the running kernel (/proc/kcore; -k as in drgn)",
                  target=True),
     GlobalOption(("--qemu",), "qemu", "a QEMU-emulated host, live, through its QMP unix socket",

@@ -421,9 +421,10 @@ class Describable(Protocol):
     def format_help(self, *, indent: str = "") -> str: ...
 
 
-def show_help(name: str | None, commands: Mapping[str, Describable]) -> None:
-    """What 'help' prints: the list of *commands*, or command *name*'s usage,
-    description and options. UsageError for a command not in *commands*."""
+def show_help(name: str | None, commands: Mapping[str, Describable], repl: bool = False) -> None:
+    """What 'help' prints: the list of *commands* (in their order, that of --help),
+    or command *name*'s usage, description and options; *repl*: the REPL's own
+    words too. UsageError for a command not in *commands*."""
     from kvminspect.render import console
 
     c = console()
@@ -434,8 +435,12 @@ def show_help(name: str | None, commands: Mapping[str, Describable]) -> None:
         c.print(f"usage: {cmd.format_usage()}\n\n{cmd.description()}\n", markup=False)
         c.print(cmd.format_help(indent="  "), markup=False)
         return
-    for cmd_name, cmd in sorted(commands.items()):
+    for cmd_name, cmd in commands.items():
         c.print(f"  {cmd_name:<8} {cmd.description()}", markup=False)
+    if repl:
+        c.print(f"  {'vm all':<8} clear the VM selection ('vm ID' selects one for later "
+                "commands)\n"
+                f"  {'exit':<8} leave the REPL (also 'quit' or Ctrl-D)", markup=False)
     c.print("\nCommands that print data take --json (one JSON document). "
             "In the REPL: 'cmd | shell', 'cmd > file'; Ctrl-C cancels, Ctrl-D exits.\n"
             f"Numbers: {NUMBERS_RULE}.", markup=False)

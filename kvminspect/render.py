@@ -81,6 +81,9 @@ class _Column:
     justify: str = "left"
     text: bool = False
     carry: bool = False
+    items: bool = False
+    under: bool | str = False
+    drop: int = 0
     cells: list[str] = field(default_factory=list)
 
 
@@ -104,11 +107,18 @@ class Grid:
         self.styles: list[str | None] = []
 
     def add_column(self, header: str, justify: str = "left", text: bool = False,
-                   carry: bool = False) -> None:
+                   carry: bool = False, items: bool = False, under: bool | str = False,
+                   drop: int = 0) -> None:
         """A column: a value column unless *text* (free text, may wrap). With
         *carry*, an empty cell means "as above" (a group's first row holds
-        it): records repeat the value above."""
-        self.columns.append(_Column(header, justify, text, carry))
+        it): records repeat the value above. When the table does not fit the
+        width (narrow()): an *items* column (a comma-separated list) wraps after
+        its commas, never inside an item; an *under* column is stacked under
+        the column before it, or under the column headed *under* when that is
+        a header (a column before this one; both headers, both values in one
+        cell; the wide table keeps the columns' order); a *drop*
+        column (1 first, then 2, ...) is left out."""
+        self.columns.append(_Column(header, justify, text, carry, items, under, drop))
 
     def add_row(self, *cells: str | Text, style: str | None = None) -> None:
         """One row: a cell per column (plain text, never rich markup)."""
@@ -168,6 +178,103 @@ class Grid:
                 for line in _wrap(value, width - 2, col.text, fold):
                     yield "  " + line, style
 
+    def _slots(self, stack: bool, dropped: int) -> list[list[int]]:
+        """Column indexes per printed column: *stack* puts each under column
+        below the one before it; columns with 0 < drop <= *dropped* are left out."""
+        slots: list[list[int]] = []
+        for i, col in enumerate(self.columns):
+            if 0 < col.drop <= dropped:
+                continue
+            target = None
+            if stack and isinstance(col.under, str):
+                target = next((slot for slot in slots
+                               if any(self.columns[j].header == col.under for j in slot)), None)
+            elif stack and col.under and slots:
+                target = slots[-1]
+            if target is not None:
+                target.append(i)
+            else:
+                slots.append([i])
+        return slots
+
+    def _cell_lines(self, i: int, n: int, width: int) -> list[str]:
+        """Row *n*'s cell of column *i* as lines of at most *width* (a value
+        wider stays whole on its line)."""
+        col = self.columns[i]
+        value = col.cells[n]
+        if not value.strip():
+            return []
+        if col.text:
+            return _wrap(value, width, True, False)
+        if col.items:
+            return wrap_items(value, width)
+        return [value]
+
+    def _slot_widths(self, slots: list[list[int]], width: int) -> list[int] | None:
+        """Each printed column's width within *width*, or None when it does not fit."""
+        mins: list[int] = []
+        wants: list[int] = []
+        for slot in slots:
+            lo = hi = max(cell_len(self.columns[i].header) for i in slot)
+            for i in slot:
+                col = self.columns[i]
+                for cell in col.cells:
+                    full = cell_len(cell)
+                    if col.text:
+                        least = max((cell_len(x) for x in cell.split()), default=0)
+                    elif col.items:
+                        least = max((cell_len(x) for x in _items(cell)), default=0)
+                    else:
+                        least = full
+                    lo, hi = max(lo, least), max(hi, full)
+            mins.append(lo)
+            wants.append(hi)
+        spare = width - sum(mins) - self.PAD * len(slots)
+        if spare < 0:
+            return None
+        out = list(mins)
+        for k, (lo, hi) in enumerate(zip(mins, wants, strict=True)):
+            give = min(spare, hi - lo)
+            out[k] += give
+            spare -= give
+        return out
+
+    def narrow(self, width: int) -> list[tuple[str, str | None]] | None:
+        """(line, style) of the table in *width* with lists wrapped, then under
+        columns stacked, then drop columns left out; None if still too wide."""
+        drops = sorted({c.drop for c in self.columns if c.drop})
+        tries = [(False, 0), (True, 0)] + [(True, d) for d in drops]
+        for stack, dropped in tries:
+            slots = self._slots(stack, dropped)
+            widths = self._slot_widths(slots, width)
+            if widths is not None:
+                return self._lines(slots, widths)
+        return None
+
+    def _lines(self, slots: list[list[int]], widths: list[int]) -> list[tuple[str, str | None]]:
+        out: list[tuple[str, str | None]] = []
+        if self.title:
+            out.append((self.title, None))
+
+        def join(cells: list[list[str]], style: str | None) -> None:
+            for k in range(max((len(c) for c in cells), default=0)):
+                parts = []
+                for slot, w, c in zip(slots, widths, cells, strict=True):
+                    text = c[k] if k < len(c) else ""
+                    pad = " " * max(w - cell_len(text), 0)
+                    right = self.columns[slot[0]].justify == "right"
+                    parts.append(" " + (pad + text if right else text + pad) + " ")
+                out.append(("".join(parts).rstrip(" "), style))
+
+        join([[self.columns[i].header for i in slot] for slot in slots], "bold")
+        for n, style in enumerate(self.styles):
+            # an empty stacked cell keeps its (blank) line, so each value stays
+            # on its header's line
+            join([[line for i in slot
+                   for line in (self._cell_lines(i, n, w) or ([""] if i != slot[-1] else []))]
+                  for slot, w in zip(slots, widths, strict=True)], style)
+        return out
+
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         width = options.max_width
         if self.needed_width() <= width:
@@ -175,9 +282,91 @@ class Grid:
                 yield from _rstrip(line)
                 yield Segment.line()
             return
+        lines = self.narrow(width)
+        if lines is not None:
+            for text, style in lines:
+                yield Segment(text, console.get_style(style) if style else None)
+                yield Segment.line()
+            return
         for text, style in self.records(width, fold=not console.soft_wrap):
             yield Segment(text, console.get_style(style) if style else None)
             yield Segment.line()
+
+
+def _items(value: str) -> list[str]:
+    """A list cell's items, each with the comma that follows it ("A, B" or "A,B")."""
+    out: list[str] = []
+    for k, part in enumerate(value.split(",")):
+        last = k == len(value.split(",")) - 1
+        item = part.strip() + ("" if last else ",")
+        if item:
+            out.append(item)
+    return out
+
+
+def wrap_items(value: str, width: int, sep: str | None = None) -> list[str]:
+    """A comma-separated list in lines of at most *width*, broken after commas,
+    never inside an item (an item wider than *width* has a line to itself).
+    The items are joined as in *value* (", " or ",")."""
+    if sep is None:
+        sep = " " if ", " in value else ""
+    lines: list[str] = []
+    for item in _items(value):
+        if lines and cell_len(lines[-1]) + len(sep) + cell_len(item) <= width:
+            lines[-1] += sep + item
+        else:
+            lines.append(item)
+    return lines
+
+
+def wrap_words(words: list[str], width: int, first: str = "", rest: str = "  ") -> list[str]:
+    """*words* (units never split: a value, a list item with its comma) joined by
+    spaces in lines of at most *width*: the first line starts with *first*,
+    the others with *rest*; a unit wider than a line has a line to itself."""
+    lines = [first]
+    bare = True
+    for word in words:
+        if not bare and cell_len(lines[-1]) + 1 + cell_len(word) > width:
+            lines.append(rest)
+            bare = True
+        lines[-1] += word if bare else " " + word
+        bare = False
+    return lines
+
+
+def say(text: str, indent: str = "    ") -> None:
+    """Print a line of words at the console's width, wrapped between words (a
+    word is never cut), continuation lines indented by *indent* more."""
+    c = console()
+    lead = text[:len(text) - len(text.lstrip(" "))]
+    for line in wrap_words(text.split(), c.width, lead, lead + indent):
+        c.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+class TextTree:
+    """A tree drawn as rich's Tree draws it (├── └── │), each label a list of
+    units (never split) wrapped to the width, continuation lines indented under
+    the label: no value is cut. Lines are made as printed (a tree of 10^5
+    pages is never held as lines)."""
+
+    def __init__(self, label: list[str], children: Callable[[], Iterator[TextTree]]) -> None:
+        self.label = label
+        self.children = children
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        for line in self._lines("", "", "", width):
+            yield Segment(line)
+            yield Segment.line()
+
+    def _lines(self, lead: str, guide: str, below: str, width: int) -> Iterator[str]:
+        kids = list(self.children())
+        cont = below + ("│" if kids else " ") + "   "
+        yield from wrap_words(self.label, width, lead + guide, cont)
+        for k, kid in enumerate(kids):
+            last = k == len(kids) - 1
+            yield from kid._lines(below, "└── " if last else "├── ",
+                                  below + ("    " if last else "│   "), width)
 
 
 def _wrap(value: str, width: int, text: bool, fold: bool) -> list[str]:

@@ -39,7 +39,7 @@ from prompt_toolkit.output import Output
 
 from kvminspect import registry
 from kvminspect.commands import NAMESPACE, asks_help
-from kvminspect.errors import KvminspectError, describe
+from kvminspect.errors import KvminspectError, describe, is_output_error
 from kvminspect.model import VM
 from kvminspect.session import Session
 
@@ -155,8 +155,11 @@ def rewrite(prog: drgn.Program, line: str) -> str:
 
 def _failed(session: Session, e: BaseException) -> None:
     """report_error, and the first failure's exit status kept in *session*."""
+    if session.output_failed and is_output_error(e):
+        return  # said once: the output is gone
     report_error(e)
     session.failed = session.failed or describe(e)[2]
+    session.output_failed = session.output_failed or is_output_error(e)
 
 
 def run_line(session: Session, line: str) -> bool:
@@ -372,7 +375,7 @@ def _run_plain(session: Session, stdin: TextIO) -> int:
             line = stdin.readline()
         except KeyboardInterrupt:
             return 130
-        if not line or not run_guarded(session, line):
+        if not line or not run_guarded(session, line) or session.output_failed:
             return session.exit_status()
 
 

@@ -35,6 +35,7 @@ class Session:
     progress: bool = False  # a progress bar for slow graph builds (set by begin())
     py_globals: dict = field(default_factory=dict)  # the py command's names
     failed: int = 0  # the exit status of the first command that failed (0: none did)
+    output_failed: bool = False  # the output could not be written (a script then stops)
     check_errors: bool = False  # a check found error findings
 
     def exit_status(self) -> int:
@@ -123,8 +124,13 @@ class Session:
             g = self.graph(vm)
             if addr in g:
                 return vm, g.sp(addr)
-        raise LookupFailed(f"{addr:#x} is not a shadow page of "
-                           + ("this VM" if len(vms) == 1 else "any VM"))
+        where = "this VM" if len(vms) == 1 else "any VM"
+        searched = {vm.addr for vm in vms}
+        for vm in self.kernel.vms():  # another VM's page: say whose
+            if vm.addr not in searched and addr in self.graph(vm):
+                raise LookupFailed(f"{addr:#x} is not a shadow page of {where}: it is VM "
+                                   f"{vm.index}'s (pid {vm.pid}; use --vm {vm.index})")
+        raise LookupFailed(f"{addr:#x} is not a shadow page of {where}")
 
     def other(self, path: str) -> Session:
         """A session on another vmcore or fixture directory (diff's B), opened

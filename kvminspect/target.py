@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import struct
 import sys
 from collections.abc import Callable
@@ -351,6 +352,9 @@ def open_qemu(socket: str, debug: list[str]) -> Target:
     _quiet_drgn()
     if not os.path.exists(socket):
         raise TargetError(f"{socket}: no such QMP socket")
+    if not stat.S_ISSOCK(os.stat(socket).st_mode):
+        raise TargetError(f"{socket}: not a socket (--qemu takes QEMU's QMP unix socket, "
+                          "-qmp unix:SOCK,server=on,wait=off)")
     prog = drgn.Program()
     try:
         prog.set_qemu_qmp(socket)

@@ -281,8 +281,8 @@ def pf_in_invalidation(k: Kernel) -> list[Patch]:
 
 def _audit_state(k: Kernel):
     """The VM's graph and every present leaf SPTE (kvminspect.audit.collect)."""
-    from kvminspect.audit import collect
     from kvminspect.graph import build
+    from kvminspect.leaves import collect
 
     vg = build(k, _vm(k))
     return vg, collect(k, vg)

@@ -29,10 +29,10 @@ from kvminspect.accounting import (
     check_tdp_mmu_pages,
     count_leaves,
 )
-from kvminspect.audit import collect
 from kvminspect.check import FindingKind, Severity
 from kvminspect.cli import main
 from kvminspect.layout import has_member
+from kvminspect.leaves import collect
 from kvminspect.rmap import RMAP_BUCKETS, RmapReader, rmap_bucket, rmap_histogram
 from kvminspect.session import Session
 from kvminspect.target import open_core

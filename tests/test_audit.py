@@ -20,9 +20,10 @@ import drgn
 import pytest
 
 from kvminspect.accounting import Leaves, check_accounting
-from kvminspect.audit import audit_vm, collect
+from kvminspect.audit import audit_vm
 from kvminspect.check import FindingKind, Severity, check_vm
 from kvminspect.cli import main
+from kvminspect.leaves import collect
 from kvminspect.memory import Memory
 from kvminspect.rmap import DescLayout, RmapHead, RmapReader, sptes_of_gfn
 from kvminspect.session import Session
@@ -269,7 +270,8 @@ def test_rmap_array_missing_from_the_dump_is_not_checkable() -> None:
 def test_large_writable_spte_over_a_shadowed_gfn() -> None:
     """A writable 2 MiB leaf whose range holds a shadowed gfn (not its first):
     write protection is checked over the whole range, large pfns on their first 4K."""
-    from kvminspect.audit import AuditState, LeafSpte, check_write_protection, shadowed_gfns
+    from kvminspect.audit import check_write_protection, shadowed_gfns
+    from kvminspect.leaves import AuditState, LeafSpte
 
     s = session("6.1-shadow")
     k = s.kernel

@@ -1,4 +1,4 @@
-"""Issue 18, "The first hour, second pass": items 2, 3, 5, 8, 9, 14, 16 and 17, each
+"""Issue 18, "The first hour, second pass": items 2, 3, 5, 8, 9, 10, 11, 13, 14, 15, 16 and 17, each
 with the test that fails without its fix (the items' numbers head the sections)."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -333,6 +334,206 @@ def test_a_shadow_vm_has_no_tdp_pages(capsys) -> None:
     assert "TDP PAGES" not in out_of(s, ["vms"], capsys)
 
 
+# -- 10: help ------------------------------------------------------------------------------
+
+
+def _listed(text: str) -> list[str]:
+    """The command names of a 'help' list (lines '  NAME  description')."""
+    return [line.split()[0] for line in text.splitlines()
+            if line.startswith("  ") and len(line) > 2 and line[2] != " "]
+
+
+def test_repl_help_lists_exit_and_vm_all(capsys) -> None:
+    """The REPL's 'help' said neither how to leave nor how to clear a selection."""
+    s = session(SHADOW)
+    s.interactive = True
+    text = out_of(s, ["help"], capsys)
+    assert re.search(r"^  vm all\s", text, re.M) and re.search(r"^  exit\s.*quit", text, re.M)
+
+
+def test_vm_help_says_names_work() -> None:
+    vm = COMMANDS["vm"]
+    assert "name" in vm["description"]
+    (arg,) = [a for a in vm["arguments"] if a["args"] == ["id"]]
+    assert "name" in arg["kwargs"]["help"] and "'all'" in arg["kwargs"]["help"]
+
+
+def test_help_and_dash_dash_help_list_commands_in_one_order(capsys) -> None:
+    """'help' listed the commands sorted, '--help' in the manifest's order."""
+    _, listed, _ = run_main(["help"], capsys)
+    _, full, _ = run_main(["--help"], capsys)
+    commands = full.split("\ncommands:\n", 1)[1].split("\n\n", 1)[0]
+    assert _listed(listed) == _listed(commands) == list(COMMANDS)
+    s = session(SHADOW)
+    assert _listed(out_of(s, ["help"], capsys)) == list(COMMANDS)  # the REPL's (-e) too
+
+
+def test_c_help_mentions_crash_directories(capsys) -> None:
+    _, full, _ = run_main(["--help"], capsys)
+    assert "crash directory" in " ".join(full.split())
+
+
+def test_help_into_a_closed_pipe_exits_0() -> None:
+    """'kvminspect help | true' exited 1 (rich's SystemExit on the broken pipe)."""
+    p = subprocess.Popen([sys.executable, "-m", "kvminspect", "help"], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()  # before it writes: it starts slower than this
+    err = p.stderr.read()
+    assert p.wait() == 0 and err == b""
+
+
+@pytest.mark.parametrize("argv", [["-c", "/nonexistent", "sp"], ["--sample", "-e", "sp"]])
+def test_sp_alone_prints_its_usage(argv: list[str], capsys) -> None:
+    """'sp' alone said 'sp needs ADDR or --gfn GFN', after opening the target; walk and
+    rmap print their usage, before it."""
+    status, out, err = run_main(argv, capsys)
+    assert status == 2 and "/nonexistent" not in err
+    assert "kvminspect: error: sp: one of the arguments ADDR --gfn is required" in err
+    assert "usage: sp [--gfn GFN]" in err + out
+
+
+# -- 11: error paths ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [["roots"], ["-e", "roots; vms"]])
+def test_a_full_disk_is_one_line_once(argv: list[str]) -> None:
+    """'> /dev/full' was 'internal error: OSError ...', once per command."""
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, "-m", "kvminspect", "--sample", *argv], cwd=ROOT,
+                           stdout=full, stderr=subprocess.PIPE, text=True, check=False)
+    assert (p.returncode, p.stderr) == (
+        1, "kvminspect: error: writing output: No space left on device\n")
+
+
+def test_a_full_disk_in_a_piped_repl_is_said_once(capsys) -> None:
+    from kvminspect.repl import run_line
+
+    s = session(SHADOW)
+    for line in ("roots > /dev/full", "vms > /dev/full"):
+        run_line(s, line)
+        if s.output_failed:
+            break
+    err = capsys.readouterr().err
+    assert err == "kvminspect: error: writing output: No space left on device\n"
+    assert s.exit_status() == 1
+
+
+@pytest.fixture
+def own_cache(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    from kvminspect import cache
+
+    monkeypatch.delenv("KVMINSPECT_CACHE_MAX", raising=False)
+    cache.forget_process_state()
+    yield
+    if (d := cache.fallback_dir()) is not None:
+        shutil.rmtree(d, ignore_errors=True)
+    cache.forget_process_state()
+
+
+def test_a_cache_that_cannot_be_made_falls_back(own_cache: None, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capsys) -> None:
+    """KVMINSPECT_CACHE=/proc/nope was fatal (ENOENT): the README promises a warning."""
+    import lzma
+
+    from kvminspect import cache
+
+    monkeypatch.setenv("KVMINSPECT_CACHE", "/proc/nope")
+    src = tmp_path / "vmcore.xz"
+    src.write_bytes(lzma.compress(b"x" * 5000))
+    out = cache.decompressed(src)
+    assert out.read_bytes() == b"x" * 5000
+    fallback = cache.fallback_dir()
+    assert fallback is not None and fallback in out.parents
+    err = capsys.readouterr().err
+    assert err.startswith("kvminspect: warning: cannot write the cache /proc/nope")
+    assert err.count("\n") == 1
+
+
+def test_a_truncated_xz_leaves_no_cache_entry(own_cache: None, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import lzma
+
+    from kvminspect import cache
+
+    monkeypatch.setenv("KVMINSPECT_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "vmcore.xz"
+    src.write_bytes(lzma.compress(bytes(range(256)) * 400)[:-20])
+    with pytest.raises(KvminspectError, match="truncated xz file"):
+        cache.decompressed(src)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_qemu_at_a_regular_file_is_not_a_socket(tmp_path: Path, capsys) -> None:
+    f = tmp_path / "sock"
+    f.write_text("")
+    status, out, err = run_main(["--qemu", str(f), "vms"], capsys)
+    assert status == 1 and out == ""
+    assert err.startswith(f"kvminspect: error: {f}: not a socket") and err.count("\n") == 1
+    assert "refused" not in err
+
+
+def test_sp_of_another_vm_names_its_vm(capsys) -> None:
+    s = session(TWO)
+    vm1 = s.kernel.vms()[1]
+    addr = s.graph(vm1).root_order()[0]
+    status, out, err = run_main(["-c", str(VMCORES / TWO), "sp", hex(addr), "--vm", "0"], capsys)
+    assert status == 1 and out == ""
+    assert err == (f"kvminspect: error: {addr:#x} is not a shadow page of this VM: it is "
+                   f"VM 1's (pid {vm1.pid}; use --vm 1)\n")
+
+
+def test_unsync_on_an_unsync_leaf_says_why_nothing(capsys) -> None:
+    """'unsync LEAF' said '0 batches, 0 unsync leaves' and nothing else."""
+    s = session(SHADOW)
+    g = s.graph(s.kernel.vms()[0])
+    leaf = next(sp for sp in g.pages() if sp.unsync)
+    text = out_of(s, ["unsync", hex(leaf.addr)], capsys)
+    assert "0 batches" in text and "this page is itself unsync" in text
+    parent = g.parents(leaf.addr)[0][0]
+    assert f"its parents: {parent:#x}" in text
+    plain = next(sp for sp in g.pages() if not sp.unsync and not sp.unsync_children)
+    assert "no unsync_children" in out_of(s, ["unsync", hex(plain.addr)], capsys)
+
+
+# -- 13: what each debug file is for ----------------------------------------------------------
+
+
+def _section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n{title}\n")
+    return text[start:text.index("\n#", start + len(title) + 2)]
+
+
+def test_the_readme_says_what_each_debug_file_is_for() -> None:
+    """The README said kvm-amd.ko's debug info was needed; every command works without it."""
+    text = _section("### Debug info")
+    assert not re.search(r"needs[^.]*kvm-amd", " ".join(text.split()))
+    rows = {row.split("|")[1].strip(): row for row in text.splitlines()
+            if row.startswith("| `vmlinux`") or row.startswith("| `kvm")}
+    assert list(rows) == ["`vmlinux`", "`kvm.ko`",
+                          "`kvm-amd.ko` / `kvm-intel.ko` (the vendor module loaded: `vms` says "
+                          "which)"]
+    vendor = rows[list(rows)[2]]
+    assert "every command works" in vendor
+    for lost in ("last exit", "`diagnose`", "RFLAGS", "segment", "`guest-core`"):
+        assert lost in vendor, lost
+
+
+def test_without_the_vendor_file_guest_core_loses_what_the_readme_says(tmp_path: Path,
+                                                                        capsys) -> None:
+    d = tmp_path / SHADOW
+    d.mkdir()
+    for f in (VMCORES / SHADOW).iterdir():
+        if not f.name.startswith("kvm-amd.ko"):
+            (d / f.name).symlink_to(f.resolve())
+    status, out, err = run_main(["-c", str(d), "guest-core", str(tmp_path / "g.core")], capsys)
+    assert status == 0, err
+    assert "kvm-amd.ko" in err and "rflags ?" in out
+    assert "rflags es cs ss ds fs gs" in out  # not in the dump: RFLAGS and the segments
+
+
 # -- 14: export: one layout, and no DOT in an .svg ------------------------------------------
 
 
@@ -367,6 +568,51 @@ def test_format_and_extension_must_agree(fmt: str, file: str, tmp_path: Path,
 def test_format_with_an_agreeing_or_unknown_extension(fmt: str, file: str,
                                                       tmp_path: Path) -> None:
     assert export.format_of(fmt, file if file == "-" else str(tmp_path / file)) == fmt
+
+
+# -- 15: install and run ----------------------------------------------------------------------
+
+
+def test_the_readme_installs_into_a_venv() -> None:
+    """'python3 -m pip install .' is refused by Debian's Python (PEP 668)."""
+    text = _section("## Install and test")
+    block = re.search(r"```sh\n(.*?)```", text, re.S)
+    assert block is not None
+    installs = [line for line in block[1].splitlines() if "install" in line.split("#")[0]]
+    assert installs and not any(line.startswith(("python3 -m pip", "pip ")) for line in installs)
+    assert "python3 -m venv" in block[1] and "pipx install ." in block[1]
+    assert "PEP 668" in text
+    assert "sudo ~/.venvs/kvminspect/bin/kvminspect live" in text
+
+
+def test_the_readme_says_where_the_history_is(monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    from kvminspect.repl import history_path
+
+    text = " ".join(_section("## Install and test").split())
+    monkeypatch.delenv("KVMINSPECT_HISTORY", raising=False)
+    monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert history_path() == tmp_path / ".local/state/kvminspect/history"
+    assert "`~/.local/state/kvminspect/history`" in text
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    assert history_path() == tmp_path / "state/kvminspect/history"
+    assert "`$XDG_STATE_HOME/kvminspect/history`" in text
+    monkeypatch.setenv("KVMINSPECT_HISTORY", str(tmp_path / "h"))
+    assert history_path() == tmp_path / "h" and "`$KVMINSPECT_HISTORY`" in text
+
+
+def test_the_kvm_plugin_example_loads_plain_files() -> None:
+    """The %kvm example gave drgn vmlinux, kvm.ko, kvm-amd.ko: the sample ships .xz."""
+    text = _section("### drgn")
+    (line,) = [ln.strip() for ln in text.splitlines() if ln.strip().startswith("drgn -c")]
+    words = line.split()[1:]
+    files = [w for w in words if not w.startswith("-")]
+    helpers = _section("## drgn helpers")
+    assert 'xz -dc "$f" > "/tmp/sample/$(basename "$f" .xz)"' in helpers
+    shipped = {p.name.removesuffix(".xz") for p in (VMCORES / SHADOW).glob("*.xz")}
+    assert {Path(f).parent for f in files} == {Path("/tmp/sample")}
+    assert {Path(f).name for f in files} <= shipped and not any(f.endswith(".xz") for f in files)
 
 
 # -- 16: shell completion ------------------------------------------------------------------

@@ -26,12 +26,13 @@ from pathlib import Path
 import pytest
 
 from kvminspect import spte
-from kvminspect.audit import audit_vm, collect
+from kvminspect.audit import audit_vm
 from kvminspect.check import Finding, FindingKind, Severity
 from kvminspect.errors import KvmNotFound
 from kvminspect.graph import VMGraph, build
 from kvminspect.invariants import Link, check_invariants, role_mismatches
 from kvminspect.layout import known
+from kvminspect.leaves import collect
 from kvminspect.model import Kernel
 from kvminspect.objects import Role, ShadowPage
 from kvminspect.target import open_core

@@ -55,8 +55,12 @@ def text(name: str, argv: list[str], columns: str, capsys, monkeypatch) -> str:
 
 
 def words(out: str) -> Counter:
-    """The words of *out*, a trailing ':' (a record's 'KEY:') dropped."""
-    return Counter(w.rstrip(":") for w in out.split() if w.rstrip(":"))
+    """The words of *out*, a trailing ':' (a record's 'KEY:') dropped, a list
+    split into its items (a narrow table wraps a list after its commas)."""
+    return Counter(w.rstrip(":") for w in re.split(r"[\s,]+", out) if w.rstrip(":"))
+
+
+FIT_80 = {"vms", "vcpus", "roots", "stats"}  # issue 18 item 4: a table at 80, no records
 
 
 def json_hex(doc: object) -> set[str]:
@@ -112,18 +116,36 @@ def test_every_table_at_every_width(name: str, headers: set[str], capsys, monkey
             assert not lost, (where, lost)
             tokens = {t.strip(",:()") for t in out.split()}
             assert shown <= tokens, (where, shown - tokens)
+            if cols == "80" and argv[0] in FIT_80:  # stacked and wrapped, not records
+                assert not headers_of(out), (where, headers_of(out))
+                assert max(len(line) for line in out.splitlines()) <= 80, where
+            if cols == "20" and argv[0] in FIT_80 and argv[0] != "stats":
+                assert headers_of(out), where  # no row fits even stacked: records
 
 
 def test_roots_at_80_columns_keeps_addresses_and_flags(capsys, monkeypatch) -> None:
-    """The issue's case: roots at 80 columns cut SP to '0xffff8b…' and flags to 'unsync_…'."""
+    """The issue's case: roots at 80 columns cut SP to '0xffff8b…' and flags to
+    'unsync_…'. Now (issue 18 item 4) a table with stacked columns, every value
+    whole, no line over 80; at 60 no row fits even stacked: records."""
     out = text("sample", ["roots"], "80", capsys, monkeypatch)
     capsys.readouterr()
     run_one(session("sample"), ["roots", "--json"])
     (vm,) = json.loads(capsys.readouterr().out)["vms"]
+    lines = out.splitlines()
+    assert lines[1].split() == ["VCPU", "ROOT", "PGD", "SP", "FLAGS"]
+    assert lines[2].split() == ["CR3", "HPA", "GFN/LVL"]
+    assert not headers_of(out) and "SP:" not in out
+    tokens = [line.split() for line in lines[3:]]
     for v in vm["vcpus"]:
-        assert f"SP: {v['root']['page']['sp']}" in out
-        assert f"unsync_children={v['root']['page']['unsync_children']}" in out
-    assert max(len(line) for line in out.splitlines() if not line.startswith("VM ")) <= 80
+        page = v["root"]["page"]
+        assert any(page["sp"] in t for t in tokens), page["sp"]
+        assert any(f"unsync_children={page['unsync_children']}" in t for t in tokens)
+    assert max(len(line) for line in lines) <= 80
+    narrow = text("sample", ["roots"], "60", capsys, monkeypatch)
+    for v in vm["vcpus"]:
+        assert f"SP: {v['root']['page']['sp']}" in narrow
+        assert f"unsync_children={v['root']['page']['unsync_children']}" in narrow
+    assert max(len(line) for line in narrow.splitlines() if not line.startswith("VM ")) <= 60
 
 
 def test_empty_prev_roots_slot(capsys, monkeypatch) -> None:
@@ -219,10 +241,19 @@ def test_grid_table_then_records() -> None:
     table = render(g, need)
     assert table.splitlines()[1].split() == ["A", "ADDR", "NOTE"]
     assert "0xffff8b86c2c01a10" in table and "wrap" in table
-    records = render(g, need - 1)
+    # narrower: still a table, the free text wrapped between words, values whole
+    assert render(g, need - 1).splitlines() == [
+        "t", " A  ADDR                NOTE", " x  0xffff8b86c2c01a10  some free text",
+        "                        that may wrap", "    0xffff8b86c2c01508"]
+    least = (1 + 2) + (18 + 2) + (4 + 2)  # NOTE as its longest word
+    narrow = render(g, least).splitlines()
+    assert narrow[:3] == ["t", " A  ADDR                NOTE", " x  0xffff8b86c2c01a10  some"]
+    assert [line.strip() for line in narrow[3:-1]] == ["free", "text", "that", "may", "wrap"]
+    assert max(len(line) for line in narrow) <= least
+    records = render(g, least - 1)  # no row fits: records
     assert records.splitlines() == [
-        "t", "", "A: x", "ADDR: 0xffff8b86c2c01a10", "NOTE: some free text that may wrap",
-        "", "A: x", "ADDR: 0xffff8b86c2c01508"]  # A carried, the empty NOTE left out
+        "t", "", "A: x", "ADDR: 0xffff8b86c2c01a10", "NOTE:", "  some free text that may",
+        "  wrap", "", "A: x", "ADDR: 0xffff8b86c2c01508"]  # A carried, the empty NOTE left out
 
 
 def test_grid_records_on_a_terminal_fold_values_never_cut() -> None:

@@ -121,6 +121,21 @@ def load_all() -> KvmNamespace:
     return NAMESPACE
 
 
+
+def run_command(session: Session, argv: list[str]) -> None:
+    """Run one command (argv[0] with its arguments) in *session*: its arguments
+    checked first (a bad one is one line), then drgn's command framework."""
+    import shlex
+
+    if (cmd := asks_help(argv)) is not None:
+        argv = ["help", cmd]
+    check_arguments(session.target.prog, argv)
+    session.begin(progress="--json" not in argv)
+    entry = registry.entry(argv[0])
+    # py's words are its code as typed ('py "x + 1"'), not words to quote
+    line = " ".join(argv) if entry is not None and entry.spec.custom else shlex.join(argv)
+    NAMESPACE.run(session.target.prog, line, globals={"session": session})
+
 def check_arguments(prog: Program, argv: list[str]) -> None:
     """Parse a one-shot command's arguments before it runs: a bad one is then
     one line, "CMD: what is wrong; usage: CMD ..." (a UsageError: exit status 2),
@@ -241,4 +256,4 @@ def per_vm(kwargs: dict[str, Any], args: argparse.Namespace, command: str, *,
 
 
 __all__ = ["NAMESPACE", "JSON_ARG", "NO_VMS", "VM_ARG", "Program", "asks_help", "finish",
-           "load_all", "per_vm", "session_of", "sp_flags", "sp_scope", "vm_header"]
+           "run_command", "load_all", "per_vm", "session_of", "sp_flags", "sp_scope", "vm_header"]

@@ -8,7 +8,7 @@ from typing import Any
 from drgn import Program
 from drgn.commands import argument
 
-from kvminspect import audit
+from kvminspect import audit, leaves
 from kvminspect.accounting import Leaves, check_accounting
 from kvminspect.check import Finding, FindingKind, Severity, by_severity, check_vm, summary
 from kvminspect.commands import kvm_command, per_vm, vm_header
@@ -106,7 +106,7 @@ def _cmd_check(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
 
     def collect(s: Session, vm: VM) -> list[Finding]:
         g = s.graph(vm)
-        st = audit.collect(s.kernel, g) if args.audit else None
+        st = leaves.collect(s.kernel, g) if args.audit else None
         findings = check_vm(s.kernel, g) + check_accounting(
             s.kernel, g, None if st is None else Leaves.of(st), live=s.target.live)
         if st is not None:

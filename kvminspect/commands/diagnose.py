@@ -9,12 +9,13 @@ from typing import Any
 from drgn import Program
 from drgn.commands import argument
 
-from kvminspect.batch import refuse_in_session
 from kvminspect.check import Severity
 from kvminspect.commands import kvm_command, per_vm, vm_header
 from kvminspect.diagnose import Folded, VcpuDiagnosis, Verdict, VmDiagnosis, diagnose_vm
+from kvminspect.errors import UsageError
 from kvminspect.fmt import hx
 from kvminspect.objects import VM
+from kvminspect.options import BATCH_USAGE
 from kvminspect.render import console, plural
 from kvminspect.session import Session
 from kvminspect.shapes import diagnosis_json
@@ -32,6 +33,14 @@ def say(text: str, style: str | None = None) -> None:
                           break_long_words=False, break_on_hyphens=False) or [""]
     for line in lines:
         c.print(line, style=style, markup=False, soft_wrap=True)
+
+
+def refuse_in_session(args: argparse.Namespace) -> None:
+    """The diagnose command in a session (a REPL, -e, -c CORE): --jsonl, -j and
+    CORE are the command line's, which starts a process per core."""
+    if args.jsonl or args.cores or args.jobs is not None:
+        raise UsageError("diagnose: --jsonl, -j and CORE are for the command line, without "
+                         f"a target: {BATCH_USAGE}")
 
 
 def verdict_line(vm: VM, d: VmDiagnosis) -> str:

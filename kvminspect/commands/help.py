@@ -8,7 +8,7 @@ from typing import Any
 from drgn import Program
 from drgn.commands import argument
 
-from kvminspect.commands import NAMESPACE, kvm_command
+from kvminspect.commands import NAMESPACE, kvm_command, session_of
 from kvminspect.registry import show_help
 
 
@@ -19,4 +19,4 @@ from kvminspect.registry import show_help
 )
 def _cmd_help(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
     """list commands, or show one command's usage and options"""
-    show_help(args.cmd, dict(NAMESPACE.enabled(prog)))
+    show_help(args.cmd, dict(NAMESPACE.enabled(prog)), repl=session_of(kwargs).interactive)

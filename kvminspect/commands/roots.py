@@ -88,7 +88,9 @@ def roots_table(vcpus: list[VcpuRoots]) -> Grid:
                       if p is not None)
     t = Grid()
     for col in ("VCPU", "CR3", "ROOT", "PGD", "HPA", "SP", "GFN/LVL", "FLAGS"):
-        t.add_column(col, text=col == "FLAGS", carry=col in ("VCPU", "CR3"))
+        # narrow (80 columns): CR3 under VCPU, HPA under PGD, GFN/LVL under SP
+        t.add_column(col, text=col == "FLAGS", carry=col in ("VCPU", "CR3"),
+                     under=col in ("CR3", "HPA", "GFN/LVL"))
     for v in vcpus:
         vcpu = v.vcpu
         nested = vcpu.mmu_name == GUEST_MMU

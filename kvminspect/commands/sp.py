@@ -86,6 +86,7 @@ def render(d: SpDetail) -> None:
                  help="struct kvm_mmu_page address (hex, 0x optional)"),
         argument("--gfn", metavar="GFN", type="gfn",
                  help="every shadow page of this guest frame (hex, 0x optional)"),
+        required=True,
     ),
     drgn_argument,
 )

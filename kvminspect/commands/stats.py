@@ -40,6 +40,32 @@ def vcpu_table(rows: list[VcpuStat]) -> Grid:
     return t
 
 
+def vcpu_tables(rows: list[VcpuStat], width: int) -> list[Grid]:
+    """vcpu_table(), or where it does not fit *width* (80 columns) the same
+    counters turned: one counter per row, one column per vCPU, as many vCPUs
+    to a table as fit."""
+    wide = vcpu_table(rows)
+    if wide.needed_width() <= width:
+        return [wide]
+    names: list[str] = []
+    for _, st in rows:
+        names.extend(k for k in st if k not in names)
+    label = max([len("COUNTER"), *(len(n) for n in names)]) + Grid.PAD
+    per = max(1, (width - label) // (len("vcpu[999]") + Grid.PAD))
+    out = []
+    for k in range(0, len(rows), per):
+        part = rows[k:k + per]
+        t = Grid()
+        t.add_column("COUNTER")
+        for v, _ in part:
+            t.add_column(f"vcpu[{v.vcpu_idx if v.vcpu_idx >= 0 else v.vcpu_id}]",
+                         justify="right")
+        for n in names:
+            t.add_row(n, *(str(st.get(n, "-")) for _, st in part))
+        out.append(t)
+    return out
+
+
 @kvm_command()
 def _cmd_stats(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
     """MMU counters: kvm->stat and per vCPU vcpu->stat
@@ -57,7 +83,8 @@ def _cmd_stats(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
         c.print(vm_table(data.stat) if data.stat else "  kvm->stat: no MMU counters",
                 markup=False)
         if data.vcpus:
-            c.print(vcpu_table(data.vcpus), markup=False)
+            for t in vcpu_tables(data.vcpus, c.width):
+                c.print(t, markup=False)
 
     per_vm(kwargs, args, "stats", collect=collect, show=show,
            header=lambda vm, data: vm_header(vm) + f"  mmu pages {vm.n_used_mmu_pages}/"

@@ -9,7 +9,6 @@ from typing import Any
 
 from drgn import Program
 from drgn.commands import argument, drgn_argument
-from rich.tree import Tree
 
 from kvminspect.commands import kvm_command, per_vm, session_of, sp_scope, vm_header
 from kvminspect.drgn_code import print_code, tree_code
@@ -17,7 +16,7 @@ from kvminspect.errors import UsageError
 from kvminspect.fmt import hx
 from kvminspect.graph import VMGraph
 from kvminspect.model import VM
-from kvminspect.render import Stream, compact, console, plural
+from kvminspect.render import Stream, TextTree, compact, console, plural
 from kvminspect.results import TreeNode, page_view
 from kvminspect.session import Session
 from kvminspect.shapes import tree_node_json
@@ -25,15 +24,27 @@ from kvminspect.shapes import tree_node_json
 _new = tuple.__new__
 
 
-def sp_label(n: TreeNode) -> str:
-    """One line for a tree's page: slot, address, gfn, level, state, holders."""
+def label_units(n: TreeNode) -> list[str]:
+    """A tree page's label as units never split when it wraps: slot, address,
+    gfn, level, state, each holder (with its comma), the notes."""
     p = n.page
     sp = p.sp
     parts = [f"[{n.slot}]" if n.slot is not None else "",
-             f"sp {hx(sp.addr)} gfn {hx(sp.gfn)} L{sp.level}", *p.flags()]
+             f"sp {hx(sp.addr)}", f"gfn {hx(sp.gfn)}", f"L{sp.level}", *p.flags()]
     if p.holders:
-        parts.append("<- " + ", ".join(str(h) for h in p.holders))
-    return " ".join(x for x in parts if x)
+        names = [str(h) for h in p.holders]
+        units = [*(h + "," for h in names[:-1]), names[-1]]
+        parts += ["<- " + units[0], *units[1:]]
+    if n.ref:
+        parts.append("(subtree shown above)")
+    if n.children_omitted:
+        parts.append(f"(+{n.children_omitted} below --depth)")
+    return [x for x in parts if x]
+
+
+def sp_label(n: TreeNode) -> str:
+    """One line for a tree's page: slot, address, gfn, level, state, holders."""
+    return " ".join(label_units(n))
 
 
 def _wanted(g: VMGraph, unsync_only: bool) -> set[int] | None:
@@ -139,16 +150,9 @@ class TreePlan:
         yield "]"
 
 
-def to_rich(node: TreeNode, parent: Tree | None) -> Tree:
-    label = sp_label(node)
-    if node.ref:
-        label += " (subtree shown above)"
-    if node.children_omitted:
-        label += f" (+{node.children_omitted} below --depth)"
-    t = parent.add(label) if parent is not None else Tree(label)
-    for c in node.children:
-        to_rich(c, t)
-    return t
+def to_text(node: TreeNode) -> TextTree:
+    """*node* and its children as a TextTree (labels wrapped, never cut)."""
+    return TextTree(label_units(node), lambda: (to_text(c) for c in node.children))
 
 
 def start_pages(g: VMGraph, sp: int | None) -> list[int]:
@@ -198,7 +202,7 @@ def _cmd_tree(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any)
         if not plan.tops:
             c.print("  (nothing to show)")
         for t in plan.trees():
-            c.print(to_rich(t, None), markup=False)
+            c.print(to_text(t))
 
     def counts(plan: TreePlan) -> str:
         return (f"{plural(len(plan.g), 'shadow page', 'shadow pages')}, "

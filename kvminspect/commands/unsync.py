@@ -79,6 +79,18 @@ def walk_roots(k: Kernel, g: VMGraph, top: int | None) -> list[int]:
     return [a for a in g.root_order() if g.sp(a).unsync_children]
 
 
+def why_nothing(g: VMGraph, addr: int) -> str:
+    """Why the walk from *addr* found nothing: the page is an unsync leaf itself (the
+    walk starts above it), or has no unsync_children."""
+    sp = g.sp(addr)
+    if sp.unsync:
+        parents = ", ".join(hx(p) for p, _ in g.parents(addr))
+        return ("this page is itself unsync, a leaf of the walk: mmu_unsync_walk starts "
+                "at a page with unsync_children above it"
+                + (f" (its parents: {parents}; or 'unsync' with no SP)" if parents else ""))
+    return "no unsync_children: nothing below this page is unsync"
+
+
 def render_replay(u: UnsyncRoot) -> None:
     """One page's replay: a line for the page, then per batch its entries and a
     line per unsync leaf with its parents, then the walk's errors."""
@@ -151,6 +163,8 @@ def _cmd_unsync(prog: Program, name: str, args: argparse.Namespace, **kwargs: An
             console().print("  no root has unsync children")
         for u in replays:
             render_replay(u)
+            if not u.replay.batches and not u.replay.errors:
+                console().print(f"  {why_nothing(s.graph(vm), u.replay.root)}", markup=False)
 
     per_vm(kwargs, args, "unsync", vms=vms, collect=collect, show=show,
            to_json=lambda vm, replays: {"roots": [replay_json(u) for u in replays]})

@@ -34,9 +34,13 @@ def mmu_cell(v: VCpu) -> str:
 def vcpu_table(vcpus: list[VCpu]) -> Grid:
     """One row per vCPU (the fields of shapes.vcpu_json)."""
     t = Grid()
+    # narrow (80 columns): ID under IDX, CPU under TID, MP_STATE and REQUESTS
+    # under MODE, ROOT HPA under MMU; REQUESTS wraps after its commas
     for col in ("IDX", "ID", "VCPU", "TID", "CPU", "MODE", "MP_STATE", "CR3", "MMU",
                 "ROOT HPA", "REQUESTS"):
-        t.add_column(col)
+        t.add_column(col, text=col == "MMU", items=col == "REQUESTS",
+                     under="MODE" if col == "REQUESTS"
+                     else col in ("ID", "CPU", "MP_STATE", "ROOT HPA"))
     for v in vcpus:
         tid = str(v.tid) if v.tid or not known(v.tid) else "-"  # None (no thread yet)
         t.add_row(str(v.vcpu_idx), str(v.vcpu_id), hx(v.addr), tid, str(v.cpu), str(v.mode),

@@ -81,10 +81,11 @@ def show_vm(vm: VM, st: VmState | None = None, tdp: TdpPages | None = None) -> N
 
 @kvm_command(
     argument("id", nargs="?", metavar="ID",
-             help="VM index, pid:PID, struct kvm address, or 'all'"),
+             help="VM index, pid:PID, struct kvm address, name (kvm-PID, QEMU's -name), "
+                  "or 'all'"),
 )
 def _cmd_vm(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
-    """select a VM (index, pid:PID or struct kvm address) and show it
+    """select a VM (index, pid:PID, struct kvm address or name) and show it
 
     'vm ID' selects a VM: in a REPL, later commands work on it only (the prompt shows
     it); 'vm all' clears the selection. 'vm' alone shows the selected VM; with none

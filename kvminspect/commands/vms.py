@@ -14,6 +14,12 @@ from kvminspect.model import VM, Kernel
 from kvminspect.render import Grid, console, plural
 from kvminspect.shapes import vm_json
 
+# when the table does not fit (80 columns): these go under the column before them
+# (COMM, NAME and ST under PID),
+# then ST and VENDOR are left out
+NARROW_UNDER = ("COMM", "NAME", "ST", "VENDOR", "TDP PAGES", "MEMSLOTS")
+NARROW_DROP = {"ST": 1, "VENDOR": 2}
+
 
 def vm_tdp_pages(k: Kernel, vm: VM) -> TdpPages | None:
     """*vm*'s TDP MMU pages (accounting.tdp_mmu_pages), read as the VM's: what cannot
@@ -71,7 +77,8 @@ def _cmd_vms(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) 
         tdp_col = any(tdp is not None for tdp in tdps)
         for col in ("VM", "KVM", "PID", "COMM", "NAME", "ST", "VCPUS", "MMU", "VENDOR",
                     "SHADOW PAGES", *(("TDP PAGES",) if tdp_col else ()), "GEN", "MEMSLOTS"):
-            t.add_column(col, justify="right" if col in ("VM", "PID", "GEN") else "left")
+            t.add_column(col, justify="right" if col in ("VM", "PID", "GEN") else "left",
+                         under=col in NARROW_UNDER, drop=NARROW_DROP.get(col, 0))
         for vm, tdp in zip(vms, tdps, strict=True):
             mark = "*" if s.selected and s.selected.addr == vm.addr else ""
             t.add_row(f"{mark}{vm.index}", hx(vm.addr), str(vm.pid), vm.comm or "?",

@@ -12,7 +12,7 @@ from kvminspect.commands import kvm_command, per_vm, session_of
 from kvminspect.errors import LookupFailed
 from kvminspect.fmt import spte_text
 from kvminspect.objects import VM, VCpu
-from kvminspect.render import Grid, console
+from kvminspect.render import Grid, console, say
 from kvminspect.session import Session
 from kvminspect.shapes import walk_json
 from kvminspect.walk import AddressKind, Verdict, Walk, memslot_why, walk
@@ -53,14 +53,14 @@ def collect(s: Session, vm: VM, addr: int, vcpu: int | None, top: int | None) ->
 
 def render(w: Walk) -> None:
     c = console()
-    c.print(f"walk {w.addr:#x}: {KINDS[w.kind]} from {w.root}"
-            + ("" if w.root_addr is None else f" (top {w.root_addr:#x}"
-               + (", role.invalid: zapped, on its way out)" if w.root_invalid else ")")),
-            markup=False)
+    say(f"walk {w.addr:#x}: {KINDS[w.kind]} from {w.root}"
+        + ("" if w.root_addr is None else f" (top {w.root_addr:#x}"
+           + (", role.invalid: zapped, on its way out)" if w.root_invalid else ")")))
     if w.steps:
         t = Grid()
+        # narrow (80 columns): GFN under TABLE, IDX under GFN; FLAGS wraps
         for col in ("LVL", "TABLE", "GFN", "IDX", "SPTE", "FLAGS", "NEXT SP"):
-            t.add_column(col)
+            t.add_column(col, text=col == "FLAGS", under=col in ("GFN", "IDX"))
         for st in w.steps:
             flags = st.bits.flags() if st.bits else ("present" if st.value and st.value & 1
                                                       else "-")
@@ -71,7 +71,7 @@ def render(w: Walk) -> None:
                       "unreadable" if st.value is None else spte_text(st.value), flags,
                       "" if st.child is None else hex(st.child))
         c.print(t)
-    c.print(f"  stop: {w.stop.value.replace('_', ' ')}: {w.why}", markup=False)
+    say(f"  stop: {w.stop.value.replace('_', ' ')}: {w.why}")
     if not w.checked_reserved and w.steps:
         c.print("  reserved bits: not checked (no vCPU holds this root)", markup=False)
     m = w.check
@@ -83,8 +83,8 @@ def render(w: Walk) -> None:
             line += f" -> hva {m.hva:#x}"
         if m.host_pfn is not None:
             line += f" -> host pfn {m.host_pfn:#x}"
-        c.print(line, markup=False)
-        c.print(f"  check: {VERDICTS[m.verdict]}{memslot_why(m)}", markup=False)
+        say(line)
+        say(f"  check: {VERDICTS[m.verdict]}{memslot_why(m)}")
 
 
 @kvm_command(
