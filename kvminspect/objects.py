@@ -232,8 +232,8 @@ class VM:
     index: int
     addr: int
     pid: Int
-    comm: str | None
-    task_state: str | None
+    comm: str | NoValue | None  # None: no owner task (exited); UNREADABLE: not in the dump
+    task_state: str | NoValue | None
     online_vcpus: Int
     created_vcpus: Int
     mmu: str  # shadow | tdp_mmu | tdp_legacy

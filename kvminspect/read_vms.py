@@ -15,8 +15,10 @@ from drgn.helpers.linux.pid import find_task
 from kvminspect.errors import LookupFailed
 from kvminspect.layout import (
     UNKNOWN,
+    UNREADABLE,
     Int,
     Layout,
+    NoValue,
     bare_type,
     has_member,
     known,
@@ -158,7 +160,9 @@ class Vms:
         v = self.layout.value
         try:
             pid = v(kvm, "struct kvm", "userspace_pid")
-            comm = state = guest = None
+            comm: str | NoValue | None = None
+            state: str | NoValue | None = None
+            guest = None
             try:
                 task = find_task(self.mem.prog, pid) if known(pid) else None
                 if task:
@@ -166,8 +170,12 @@ class Vms:
                     from drgn.helpers.linux.sched import task_state_to_char
                     state = task_state_to_char(task)
                     guest = self._guest_name(task)
-            except (LookupError, drgn.FaultError, ValueError):
-                pass
+            except (LookupError, drgn.FaultError, ValueError) as e:
+                # a filtered dump (makedumpfile -d 31 drops the slab pages of tasks and
+                # pids): the owner is named unreadable, never shown as if it had none
+                comm = state = UNREADABLE
+                self.mem.problem("struct task_struct", None,
+                                 f"owner of the VM (pid {pid}) unreadable ({e})")
             arch = kvm.arch
             online = (UNKNOWN if self.layout.lacks("struct kvm", "online_vcpus")
                       else kvm.online_vcpus.counter.value_())

@@ -324,7 +324,7 @@ class ReplCompleter(Completer):
         """VM indexes and pid:PID forms (and 'all' for the vm command)."""
         out = []
         for vm in self.session.kernel.vms():
-            meta = f"pid {vm.pid} {vm.comm or '?'} {vm.mmu}"
+            meta = f"pid {vm.pid} {vm.comm if isinstance(vm.comm, str) else '?'} {vm.mmu}"
             out += [(str(vm.index), meta), (f"pid:{vm.pid}", f"VM {vm.index}")]
         if all_:
             out.append(("all", "clear the selection"))

@@ -71,7 +71,7 @@ def vm_json(vm: VM, tdp: TdpPages | None, state: VmState | None = None) -> dict[
     extra = {"mmu_state": vm_state_json(state)} if state is not None else {}
     return {
         **vm_ref(vm), "stats_id": vm.stats_id, "guest_name": vm.guest_name,
-        "comm": vm.comm, "task_state": vm.task_state,
+        "comm": value(vm.comm), "task_state": value(vm.task_state),
         "online_vcpus": value(vm.online_vcpus), "created_vcpus": value(vm.created_vcpus),
         "vm_type": vm.vm_type, "n_used_mmu_pages": value(vm.n_used_mmu_pages),
         "n_max_mmu_pages": value(vm.n_max_mmu_pages),

@@ -276,6 +276,16 @@ def pf_in_invalidation(k: Kernel) -> list[Patch]:
     return _fault_in_invalidation(k, 0x4E, 0x200000, 0x2, at, at + 1)
 
 
+def owner_task_unmapped(k: Kernel) -> list[Patch]:
+    """The VM owner's struct pid points its task list into unmapped memory, as a
+    dump filtered with makedumpfile -d 31 (tasks' slab pages dropped) reads."""
+    from drgn.helpers.linux.pid import find_pid
+
+    pid = find_pid(k.prog, _vm(k).pid)
+    first = pid.tasks[0].first  # PIDTYPE_PID
+    return [Patch(first.address_, u64(UNMAPPED), f"struct pid {pid.value_():#x} tasks[0]")]
+
+
 # -- the MMU audit's invariants (check --audit), one broken each ------------------
 
 
@@ -577,6 +587,7 @@ CASES: dict[str, Callable[[Kernel], list[Patch]]] = {
     "wrong-child-level": wrong_child_level,
     "private-mismatch": private_mismatch,
     "reload-request-cleared": reload_request_cleared,
+    "owner-task-unmapped": owner_task_unmapped,
     "npf-in-invalidation": npf_in_invalidation,
     "npf-outside-invalidation": npf_outside_invalidation,
     "pf-in-invalidation": pf_in_invalidation,

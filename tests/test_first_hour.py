@@ -497,6 +497,31 @@ def test_unsync_on_an_unsync_leaf_says_why_nothing(capsys) -> None:
     assert "no unsync_children" in out_of(s, ["unsync", hex(plain.addr)], capsys)
 
 
+# -- 12: an owner the dump lacks is named unreadable -------------------------------------------
+
+
+def test_an_unreadable_owner_is_named(tmp_path, capsys) -> None:
+    """The owner's task not in the dump (its struct pid pointing into unmapped memory,
+    as a -d 31 filter leaves it): vcpus' header says so instead of "(None)", a warning
+    names the task, and the JSON says "unreadable" with the error listed."""
+    import json
+
+    from kvminspect.cli import main
+    from tests.corrupt import make
+
+    make("6.12-shadow", "owner-task-unmapped", tmp_path / "core")
+    capsys.readouterr()
+    assert main(["-c", str(tmp_path / "core"), "vcpus"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].endswith("(owner unreadable)") and "(None)" not in out
+    assert "kvminspect: warning: struct task_struct: owner of the VM (pid" in err
+    assert main(["-c", str(tmp_path / "core"), "vms", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    (vm,) = doc["vms"]
+    assert (vm["comm"], vm["task_state"]) == ("unreadable", "unreadable")
+    assert [e["object"] for e in doc["errors"]] == ["struct task_struct"]
+
+
 # -- 13: what each debug file is for ----------------------------------------------------------
 
 

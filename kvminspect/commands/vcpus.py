@@ -10,7 +10,7 @@ from drgn import Program
 from kvminspect.commands import kvm_command, per_vm, vm_header
 from kvminspect.fmt import hpa_text, hx
 from kvminspect.layout import known
-from kvminspect.model import VCpu
+from kvminspect.model import VM, VCpu
 from kvminspect.render import Grid, console
 from kvminspect.results import GUEST_MMU, root_hpa
 from kvminspect.shapes import vcpu_json
@@ -49,6 +49,14 @@ def vcpu_table(vcpus: list[VCpu]) -> Grid:
     return t
 
 
+def owner_text(vm: VM) -> str:
+    """The VM's owner task as the header names it: its comm, "owner unreadable"
+    (a dump that lacks its task), or "no owner task" (it exited)."""
+    if isinstance(vm.comm, str):
+        return vm.comm
+    return "owner unreadable" if vm.comm is not None else "no owner task"
+
+
 @kvm_command()
 def _cmd_vcpus(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) -> None:
     """list vCPUs (struct kvm_vcpu) with thread, state, CR3 and MMU
@@ -72,5 +80,5 @@ def _cmd_vcpus(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any
     per_vm(kwargs, args, "vcpus",
            collect=lambda s, vm: s.kernel.vcpus(vm),
            to_json=lambda vm, vcpus: {"vcpus": [vcpu_json(v) for v in vcpus]},
-           header=lambda vm, vcpus: vm_header(vm) + f"  ({vm.comm})",
+           header=lambda vm, vcpus: vm_header(vm) + f"  ({owner_text(vm)})",
            show=lambda vm, vcpus: console().print(vcpu_table(vcpus)))

@@ -10,6 +10,7 @@ from drgn import Program
 from kvminspect.accounting import TdpPages, tdp_mmu_pages
 from kvminspect.commands import NO_VMS, finish, kvm_command, session_of
 from kvminspect.fmt import hx
+from kvminspect.layout import NoValue
 from kvminspect.model import VM, Kernel
 from kvminspect.render import Grid, console, plural
 from kvminspect.shapes import vm_json
@@ -41,6 +42,11 @@ def vm_name(vm: VM) -> str:
     if vm.guest_name and vm.stats_id:
         return f"{vm.guest_name} ({vm.stats_id})"
     return vm.guest_name or vm.stats_id or "-"
+
+
+def shown(v: str | NoValue | None) -> str:
+    """An owner field: its value, "unreadable" (the dump lacks the task), or "?" (none)."""
+    return v if isinstance(v, str) else "unreadable" if v is not None else "?"
 
 
 @kvm_command(vm=False)
@@ -81,8 +87,8 @@ def _cmd_vms(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any) 
                          under=col in NARROW_UNDER, drop=NARROW_DROP.get(col, 0))
         for vm, tdp in zip(vms, tdps, strict=True):
             mark = "*" if s.selected and s.selected.addr == vm.addr else ""
-            t.add_row(f"{mark}{vm.index}", hx(vm.addr), str(vm.pid), vm.comm or "?",
-                      vm_name(vm), vm.task_state or "?", f"{vm.online_vcpus}/{vm.created_vcpus}",
+            t.add_row(f"{mark}{vm.index}", hx(vm.addr), str(vm.pid), shown(vm.comm),
+                      vm_name(vm), shown(vm.task_state), f"{vm.online_vcpus}/{vm.created_vcpus}",
                       vm.mmu + (f" ({vm.vm_type})" if vm.vm_type not in (None, "default")
                                 else ""), vm.vendor or "?",
                       f"{vm.n_used_mmu_pages}/{vm.n_max_mmu_pages}",
