@@ -46,6 +46,7 @@ from kvminspect.check import (
     summary,
 )
 from kvminspect.graph import VMGraph
+from kvminspect.layout import known
 from kvminspect.leaves import AuditState, collect
 from kvminspect.model import Kernel
 from kvminspect.objects import LastExit, VCpu, is_obsolete_sp
@@ -215,7 +216,7 @@ def fault_address(k: Kernel, vg: VMGraph, v: VCpu, exit_: LastExit | None,
     if point is not None:
         inside = inv.in_range(point, inv.unit)
     else:  # no address in the range's unit: only "nothing in progress" can be said
-        inside = False if inv.in_range(0, inv.unit) is False else None
+        inside = False if known(inv.in_progress) and inv.in_progress == 0 else None
     return FaultAddress(address, kind, gfn, hva, how, inside)
 
 

@@ -25,11 +25,9 @@ PT_ADDR_MASK = ((1 << 52) - 1) & ~((1 << PAGE_SHIFT) - 1)  # PT64_BASE_ADDR_MASK
 
 
 def gfn_to_hva(vm: VM, gfn: int, as_id: int = 0) -> int | None:
-    """__gfn_to_hva_memslot(): the VMM's address of *gfn*, None outside every memslot."""
-    for s in vm.memslots:
-        if s.as_id == as_id and s.base_gfn <= gfn < s.base_gfn + s.npages:
-            return s.userspace_addr + ((gfn - s.base_gfn) << PAGE_SHIFT)
-    return None
+    """gfn_to_hva(): the VMM's address of *gfn*, None outside every memslot."""
+    slot = vm.memslot_of(gfn, as_id)
+    return None if slot is None else slot.hva_of(gfn)
 
 
 def read_guest_u64(k: Kernel, vm: VM, gpa: int, mm: drgn.Object | None) -> int | None:

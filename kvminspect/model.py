@@ -203,10 +203,6 @@ class Kernel:
         """to_shadow_page(): page_private(pfn_to_page(pfn)), or None."""
         return self.pages.to_shadow_page(pfn)
 
-    def page_to_sp(self, pfn: int) -> int | None:
-        """to_shadow_page() (the name kvminspect used before the parts)."""
-        return self.pages.to_shadow_page(pfn)
-
     def sptes(self, sp: ShadowPage, keep: bool = True) -> array.array[int] | None:
         """sp->spt[0..511]; None if unreadable (ShadowPages.sptes)."""
         return self.pages.sptes(sp, keep)
@@ -251,9 +247,5 @@ class Kernel:
     def spte_bits(self, sp: ShadowPage, value: int, vm: VM | None = None) -> spte.SpteBits:
         """One SPTE of *sp*, every bit decoded."""
         return self.pages.spte_bits(sp, value, vm)
-
-    def read_word(self, addr: int) -> int:
-        """The u64 at *addr* through Memory's page cache."""
-        return self.memory.read_word(addr)
 
 

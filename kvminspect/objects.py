@@ -19,7 +19,7 @@ from kvminspect.layout import (  # Int: re-exported, the model's integers
     bare_type,
     known,
 )
-from kvminspect.spte import SpteBits
+from kvminspect.spte import PAGE_SHIFT, SpteBits
 
 MP_STATES = {  # KVM_MP_STATE_* (include/uapi/linux/kvm.h)
     0: "RUNNABLE", 1: "UNINITIALIZED", 2: "INIT_RECEIVED", 3: "HALTED",
@@ -224,6 +224,14 @@ class Memslot:
     userspace_addr: int
     flags: int
 
+    def holds(self, gfn: int) -> bool:
+        """Whether *gfn* is one of this memslot's pages."""
+        return self.base_gfn <= gfn < self.base_gfn + self.npages
+
+    def hva_of(self, gfn: int) -> int:
+        """__gfn_to_hva_memslot(): the VMM's address of *gfn* (a page of this memslot)."""
+        return self.userspace_addr + ((gfn - self.base_gfn) << PAGE_SHIFT)
+
 
 @dataclass(frozen=True)
 class VM:
@@ -251,6 +259,10 @@ class VM:
     # "KVM: stats: Add fd-based API to read binary stats data" (5.14, cb082bfab59a)
     stats_id: str | None = None  # kvm->stats_id, "kvm-PID"; None before
     guest_name: str | None = None  # QEMU's -name guest=NAME in the owner's command line
+
+    def memslot_of(self, gfn: int, as_id: int = 0) -> Memslot | None:
+        """The memslot of address space *as_id* holding *gfn* (__gfn_to_memslot), or None."""
+        return next((s for s in self.memslots if s.as_id == as_id and s.holds(gfn)), None)
 
     @property
     def names(self) -> tuple[str, ...]:

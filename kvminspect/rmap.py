@@ -266,7 +266,7 @@ class RmapReader:
         pfn = (sptep - k.layout.page_offset_base) >> PAGE_SHIFT
         if pfn < 0:
             return None
-        return k.page_to_sp(pfn)
+        return k.to_shadow_page(pfn)
 
     def resolve(self, vm: VM, as_id: int, gfn: int, level: int, sptep: int) -> RmapEntry:
         """One rmap sptep as its shadow page, index and SPTE (None where unreadable)."""

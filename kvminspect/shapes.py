@@ -30,7 +30,7 @@ from kvminspect.graph import Holder
 from kvminspect.layout import NoValue
 from kvminspect.model import VM, MmuRoots, RootRef, ShadowPage, VCpu
 from kvminspect.objects import LastExit
-from kvminspect.read_vmstate import VmState
+from kvminspect.read_vmstate import Invalidation, VmState
 from kvminspect.results import (
     Exported,
     PageView,
@@ -86,6 +86,14 @@ def vm_json(vm: VM, tdp: TdpPages | None, state: VmState | None = None) -> dict[
     }
 
 
+def invalidation_json(inv: Invalidation) -> dict[str, Any]:
+    """struct kvm's MMU notifier state (read_vmstate.Invalidation): which names the
+    kernel uses, the sequence, the count in progress, the range and its unit."""
+    return {"names": inv.prefix, "seq": value(inv.seq), "in_progress": value(inv.in_progress),
+            "range_start": hx(inv.range_start), "range_end": hx(inv.range_end),
+            "unit": inv.unit.value}
+
+
 def vm_state_json(st: VmState) -> dict[str, Any]:
     """What explains stuck vCPUs VM-wide (kvminspect.read_vmstate): the MMU
     notifier's invalidation (names: "mmu_invalidate" from 6.0, "mmu_notifier"
@@ -99,10 +107,7 @@ def vm_state_json(st: VmState) -> dict[str, Any]:
     """
     inv, nx, h = st.invalidation, st.nx, st.hash
     out: dict[str, Any] = {
-        "invalidate": {"names": inv.prefix, "seq": value(inv.seq),
-                       "in_progress": value(inv.in_progress),
-                       "range_start": hx(inv.range_start), "range_end": hx(inv.range_end),
-                       "unit": inv.unit.value},
+        "invalidate": invalidation_json(inv),
         "nx_huge_pages": {"param": value(nx.param), "possible_nx_huge_pages": value(nx.possible),
                           "by_mmu": nx.by_mmu},
     }
@@ -452,9 +457,7 @@ def diagnosis_json(d: VmDiagnosis) -> dict[str, Any]:
         "audit": {"pages": d.audit.pages, "leaves": d.audit.leaves,
                   "unchecked": d.audit.unchecked},
         "rmaps": rmap_histogram_json(d.rmaps),
-        "invalidation": {"names": inv.prefix, "seq": value(inv.seq),
-                         "in_progress": value(inv.in_progress), "unit": inv.unit.value,
-                         "range_start": hx(inv.range_start), "range_end": hx(inv.range_end)},
+        "invalidation": invalidation_json(inv),
         "mmu_lock": {"rwlock": lock.rwlock, "writer": lock.writer, "readers": lock.readers,
                      "error": lock.error},
         "vcpus": [vcpu_diagnosis_json(v) for v in d.vcpus],

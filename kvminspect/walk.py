@@ -175,11 +175,10 @@ def memslot_check(k: Kernel, vm: VM, gfn: int | None, pfn: int, as_id: int = 0,
     pfn the leaf must map (*pfn*: the one it maps)."""
     if gfn is None:
         return MemslotCheck(None, pfn, MemslotOutcome.NO_GFN, as_id)
-    slot = next((s for s in vm.memslots if s.as_id == as_id
-                 and s.base_gfn <= gfn < s.base_gfn + s.npages), None)
+    slot = vm.memslot_of(gfn, as_id)
     if slot is None:
         return MemslotCheck(gfn, pfn, MemslotOutcome.NO_MEMSLOT, as_id)
-    hva = slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT)
+    hva = slot.hva_of(gfn)
     try:
         if mm is None:
             mm = k.vm_reader.vmm_mm(vm)
@@ -247,7 +246,7 @@ def _walk_pae(k: Kernel, vm: VM, addr: int, root: RootRef, label: str,
     child = None
     present = bool(value & PT_PRESENT_MASK)
     if present:
-        child = k.page_to_sp((value & k.layout.addr_mask) >> PAGE_SHIFT)
+        child = k.to_shadow_page((value & k.layout.addr_mask) >> PAGE_SHIFT)
     step = Step(PT32E_ROOT_LEVEL, table, None, i, value, None, None, child)
     w = Walk(addr, kind, f"{label} pae_root[{i}]", table, [step],
              checked_reserved=rsvd is not None)
@@ -290,7 +289,7 @@ def _descend(k: Kernel, vm: VM, w: Walk, sp: ShadowPage, rsvd: RsvdMasks | None)
             reserved = spte.is_rsvd_spte(value, level, rsvd[0], rsvd[1], masks.layout)
         child = None
         if bits.present and not bits.leaf and not reserved:
-            child = k.page_to_sp(bits.pfn)
+            child = k.to_shadow_page(bits.pfn)
         w.steps.append(Step(level, sp.addr, sp.gfn, i, value, bits, reserved, child))
         where = f"L{level} index {i}"
         if bits.frozen:

@@ -9,6 +9,8 @@ import tempfile
 from functools import cache
 from pathlib import Path
 
+import pytest
+
 VMCORES = Path(__file__).resolve().parent / "vmcores"
 ALL = sorted(p.name for p in VMCORES.iterdir() if (p / "truth.json").exists())
 
@@ -88,3 +90,21 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
     status = main(argv)
     out, err = capsys.readouterr()
     return status, out, err
+
+
+@pytest.fixture(scope="session")
+def damaged(tmp_path_factory):
+    """damaged(fixture, case): a damaged copy of a fixture (tests/corrupt.py CASES),
+    made once per test session and shared by the modules that use the same case."""
+    from tests.corrupt import make
+
+    made: dict[tuple[str, str], Path] = {}
+
+    def get(fixture: str, case: str) -> Path:
+        if (fixture, case) not in made:
+            out = tmp_path_factory.mktemp(case) / fixture
+            make(fixture, case, out)
+            made[(fixture, case)] = out
+        return made[(fixture, case)]
+
+    return get

@@ -250,8 +250,9 @@ def _gfn_or_hva(k: Kernel, gfn: int) -> int:
 
     vm = _vm(k)
     if k.vm_state(vm, hash_chains=False).invalidation.unit is RangeUnit.HVA:
-        slot = next(s for s in vm.memslots if s.base_gfn <= gfn < s.base_gfn + s.npages)
-        return slot.userspace_addr + ((gfn - slot.base_gfn) << 12)
+        slot = vm.memslot_of(gfn)
+        assert slot is not None, f"gfn {gfn:#x} is in no memslot"
+        return slot.hva_of(gfn)
     return gfn
 
 

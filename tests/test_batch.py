@@ -18,7 +18,6 @@ import pytest
 from kvminspect import batch, cache
 from kvminspect.batch import Request
 from tests.conftest import ALL, VMCORES, run_main, truth
-from tests.corrupt import make
 
 ROOT = Path(__file__).resolve().parent.parent
 CLEAN = [n for n in ALL if not truth(n).get("special")]  # every fixture with a VM
@@ -280,21 +279,6 @@ def test_missing_and_truncated_cores(tmp_path: Path, capsys) -> None:
     assert lines[0]["error"] == f"{missing}: no such file or directory"
     assert "truncated vmcore: 20971520 bytes, its headers need" in lines[1]["error"]
     assert "truncated xz file" in lines[3]["error"]
-
-
-@pytest.fixture(scope="module")
-def damaged(tmp_path_factory):
-    """damaged(fixture, case): a tests/corrupt.py copy, made once per module."""
-    made: dict[tuple[str, str], Path] = {}
-
-    def get(fixture: str, case: str) -> Path:
-        if (fixture, case) not in made:
-            out = tmp_path_factory.mktemp(case) / fixture
-            make(fixture, case, out)
-            made[(fixture, case)] = out
-        return made[(fixture, case)]
-
-    return get
 
 
 @pytest.mark.slow

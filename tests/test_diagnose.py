@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -12,24 +11,8 @@ from kvminspect.diagnose import RootHealth, StuckReason, Verdict, diagnose_vm
 from kvminspect.graph import build
 from kvminspect.target import open_core
 from tests.conftest import ALL, FIXTURES, LARGE, MULTI_VM, SMM, VMCORES, open_fixture, truth
-from tests.corrupt import make
 
 CLEAN = [n for n in ALL if not truth(n).get("special")]  # every fixture with a VM
-
-
-@pytest.fixture(scope="module")
-def damaged(tmp_path_factory):
-    """damaged(fixture, case): a tests/corrupt.py copy, made once per module."""
-    made: dict[tuple[str, str], Path] = {}
-
-    def get(fixture: str, case: str) -> Path:
-        if (fixture, case) not in made:
-            out = tmp_path_factory.mktemp(case) / fixture
-            make(fixture, case, out)
-            made[(fixture, case)] = out
-        return made[(fixture, case)]
-
-    return get
 
 
 def run(argv: list[str], capsys, monkeypatch, columns: int = 100) -> tuple[int, str, str]:
