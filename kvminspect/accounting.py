@@ -265,13 +265,6 @@ def used_pages(k: Kernel, vg: VMGraph, busy: tuple[str, ...]) -> list[CounterChe
     return [c]
 
 
-def tdp_mmu_pages_count(k: Kernel, vm: VM) -> int | None:
-    """kvm->arch.tdp_mmu_pages as a count (atomic64_t, 6.2-7.2), None where it is
-    a list (5.10-6.1) or absent (7.3). 6.2: "KVM: x86/mmu: Track the number of TDP
-    MMU pages, but not the actual pages" (d25ceb926436)."""
-    return k.vm_reader.tdp_mmu_pages_count(vm)
-
-
 @dataclass(frozen=True)
 class TdpPages:
     """A TDP MMU VM's pages as the kernel keeps them (vms, vm): the pages its
@@ -283,15 +276,14 @@ class TdpPages:
 
 def tdp_mmu_pages(k: Kernel, vm: VM) -> TdpPages | None:
     """What kvm->arch.tdp_mmu_pages and tdp_mmu_roots hold for *vm*: the count (6.2-7.2)
-    or the list's length (5.10-6.1, its pages decoded on the way: as check reads them),
+    or the list's length (5.10-6.1),
     and the roots; None for a VM without the TDP MMU (shadow, tdp_legacy: its pages are
     shadow pages, in n_used_mmu_pages) or whose MMU is not read (TDX)."""
     if vm.mmu != "tdp_mmu" or vm.unsupported:
         return None
-    n = tdp_mmu_pages_count(k, vm)
-    if n is None and k.layout.tdp_mmu_pages_list:  # active_pages() walks both lists
-        n = sum(1 for sp in k.shadow_pages(k.active_pages(vm))
-                if sp is not None and sp.tdp_mmu_page)
+    n = k.vm_reader.tdp_mmu_pages_count(vm)
+    if n is None:  # 5.10-6.1: the list's length, its pages not decoded (vms stays cheap)
+        n = k.vm_reader.tdp_mmu_pages_listed(vm)
     return TdpPages(n, len(k.tdp_roots(vm)))
 
 
@@ -300,7 +292,7 @@ def tdp_pages(k: Kernel, vg: VMGraph, busy: tuple[str, ...]) -> list[CounterChec
     reached = [sp for sp in vg.pages() if sp.tdp_mmu_page and sp.addr not in vg.roots
                and not vg.is_orphan(sp.addr)]
     what = "non-root TDP MMU pages reachable"
-    n = tdp_mmu_pages_count(k, vg.vm)
+    n = k.vm_reader.tdp_mmu_pages_count(vg.vm)
     hidden = _model_problems(k, vg)
     if n is not None:
         return [_compare(FindingKind.TDP_MMU_PAGES, "kvm->arch.tdp_mmu_pages", n, len(reached),

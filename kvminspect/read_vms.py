@@ -306,6 +306,14 @@ class Vms:
         except (LookupError, AttributeError, drgn.FaultError):
             return None
 
+    def tdp_mmu_pages_listed(self, vm: VM) -> int | None:
+        """The nodes of the kvm->arch.tdp_mmu_pages list (5.10-6.1, before the count
+        above), walked without decoding a page; None where the kernel has no list."""
+        if not self.layout.tdp_mmu_pages_list:
+            return None
+        head = self.kvm_object(vm).arch.tdp_mmu_pages.address_of_().value_()
+        return sum(1 for _ in self.mem.list_nodes(head, "kvm->arch.tdp_mmu_pages"))
+
     def _slots_of(self, slots: drgn.Object) -> Iterator[drgn.Object]:
         """struct kvm_memory_slot of one struct kvm_memslots."""
         st = bare_type(slots.type_.type)
