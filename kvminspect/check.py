@@ -133,6 +133,16 @@ def summary(findings: list[Finding]) -> dict[Severity, int]:
     return {s: c.get(s, 0) for s in Severity}
 
 
+def infos_by_kind(findings: list[Finding]) -> dict[FindingKind, list[Finding]]:
+    """The info findings of each check, the checks in the order first met: what the
+    text of check and diagnose folds into one line per check."""
+    out: dict[FindingKind, list[Finding]] = {}
+    for f in findings:
+        if f.severity is Severity.INFO:
+            out.setdefault(f.check, []).append(f)
+    return out
+
+
 def by_severity(findings: list[Finding]) -> list[Finding]:
     """*findings* errors first, then warnings, then info (stable: each check's order kept)."""
     return sorted(findings, key=lambda f: f.severity.rank)

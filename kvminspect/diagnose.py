@@ -30,7 +30,6 @@ with each vCPU:
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
 
@@ -42,6 +41,7 @@ from kvminspect.check import (
     Severity,
     by_severity,
     check_vm,
+    infos_by_kind,
     reload_pending,
     summary,
 )
@@ -152,12 +152,8 @@ class VmDiagnosis:
     @property
     def folded(self) -> list[Folded]:
         """The info findings, one per kind, in the order first met."""
-        infos = [f for f in self.findings if f.severity is Severity.INFO]
-        counts = Counter(f.check for f in infos)
-        firsts: dict[FindingKind, Finding] = {}
-        for f in infos:
-            firsts.setdefault(f.check, f)
-        return [Folded(kind, counts[kind], first) for kind, first in firsts.items()]
+        return [Folded(kind, len(same), same[0])
+                for kind, same in infos_by_kind(self.findings).items()]
 
 
 def verdict_of(counts: dict[Severity, int], stuck: int = 0) -> Verdict:

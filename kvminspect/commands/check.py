@@ -10,7 +10,7 @@ from drgn.commands import argument
 
 from kvminspect import audit, leaves
 from kvminspect.accounting import Leaves, check_accounting
-from kvminspect.check import Finding, FindingKind, Severity, by_severity, check_vm, summary
+from kvminspect.check import Finding, Severity, by_severity, check_vm, infos_by_kind, summary
 from kvminspect.commands import kvm_command, per_vm, vm_header
 from kvminspect.objects import VM
 from kvminspect.render import Grid, console, plural
@@ -26,12 +26,11 @@ def findings_table(findings: list[Finding], every: bool = True) -> Grid:
     t = Grid()
     for col in ("SEVERITY", "CHECK", "MESSAGE"):
         t.add_column(col, text=col == "MESSAGE")
-    folded: dict[FindingKind, list[Finding]] = {}
+    folded = {} if every else infos_by_kind(findings)
     for f in findings:
-        if not every and f.severity is Severity.INFO:
-            folded.setdefault(f.check, []).append(f)
-            if len(folded[f.check]) > 1:
-                continue
+        same = folded.get(f.check) if f.severity is Severity.INFO else None
+        if same is not None and f is not same[0]:
+            continue
         t.add_row(f.severity.value, f.check.value, f.message, style=STYLE[f.severity])
     for kind, same in folded.items():
         if len(same) > 1:
