@@ -33,7 +33,7 @@ GLOBAL_OTHER_VALUES = tuple(f for f in GLOBAL_VALUES
                             if f not in FILE_OPTIONS and f not in GLOBAL_CHOICES)
 REPLS = {"live": "REPL on the running kernel (or --qemu SOCK)",
          "vmcore": "REPL on a vmcore (no PATH: the bundled sample)"}
-FILE_ARGS = ("vmcore", "diff", "diagnose", "export")  # commands whose positional argument is a file
+FILE_ARGS = ("vmcore", "diff", "diagnose", "export", "guest-core")  # a file positional
 # global options once given -> the global options not to offer again: any target rules
 # out every target; -s and -e may be repeated
 TARGETS = tuple(f for o in options.targets() for f in o.flags)

@@ -440,6 +440,8 @@ def show_help(name: str | None, commands: Mapping[str, Describable], repl: bool 
     if repl:
         c.print(f"  {'vm all':<8} clear the VM selection ('vm ID' selects one for later "
                 "commands)\n"
+                f"  {'pager':<8} 'pager off' or 'pager on': output longer than the screen "
+                "goes through $PAGER (default less -FRX)\n"
                 f"  {'exit':<8} leave the REPL (also 'quit' or Ctrl-D)", markup=False)
     c.print("\nCommands that print data take --json (one JSON document). "
             "In the REPL: 'cmd | shell', 'cmd > file'; Ctrl-C cancels, Ctrl-D exits.\n"

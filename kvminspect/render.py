@@ -83,6 +83,7 @@ class _Column:
     carry: bool = False
     items: bool = False
     under: bool | str = False
+    stage: int = 1
     drop: int = 0
     cells: list[str] = field(default_factory=list)
 
@@ -108,7 +109,7 @@ class Grid:
 
     def add_column(self, header: str, justify: str = "left", text: bool = False,
                    carry: bool = False, items: bool = False, under: bool | str = False,
-                   drop: int = 0) -> None:
+                   drop: int = 0, stage: int = 1) -> None:
         """A column: a value column unless *text* (free text, may wrap). With
         *carry*, an empty cell means "as above" (a group's first row holds
         it): records repeat the value above. When the table does not fit the
@@ -116,9 +117,10 @@ class Grid:
         its commas, never inside an item; an *under* column is stacked under
         the column before it, or under the column headed *under* when that is
         a header (a column before this one; both headers, both values in one
-        cell; the wide table keeps the columns' order); a *drop*
-        column (1 first, then 2, ...) is left out."""
-        self.columns.append(_Column(header, justify, text, carry, items, under, drop))
+        cell; the wide table keeps the columns' order), at *stage* 1 first,
+        then 2 (a second stacking for narrower widths); a *drop* column (1
+        first, then 2, ...) is left out."""
+        self.columns.append(_Column(header, justify, text, carry, items, under, stage, drop))
 
     def add_row(self, *cells: str | Text, style: str | None = None) -> None:
         """One row: a cell per column (plain text, never rich markup)."""
@@ -175,21 +177,25 @@ class Grid:
                     yield f"{key} {value}", style
                     continue
                 yield key, style
-                for line in _wrap(value, width - 2, col.text, fold):
+                lines = (wrap_items(value, width - 2) if col.items
+                         else _wrap(value, width - 2, col.text, fold))
+                for line in lines:
                     yield "  " + line, style
 
-    def _slots(self, stack: bool, dropped: int) -> list[list[int]]:
-        """Column indexes per printed column: *stack* puts each under column
-        below the one before it; columns with 0 < drop <= *dropped* are left out."""
+    def _slots(self, stack: int, dropped: int) -> list[list[int]]:
+        """Column indexes per printed column: *stack* puts each under column of
+        stage <= *stack* below its column; columns with 0 < drop <= *dropped*
+        are left out."""
         slots: list[list[int]] = []
         for i, col in enumerate(self.columns):
             if 0 < col.drop <= dropped:
                 continue
             target = None
-            if stack and isinstance(col.under, str):
+            stacked = bool(col.under) and col.stage <= stack
+            if stacked and isinstance(col.under, str):
                 target = next((slot for slot in slots
                                if any(self.columns[j].header == col.under for j in slot)), None)
-            elif stack and col.under and slots:
+            elif stacked and slots:
                 target = slots[-1]
             if target is not None:
                 target.append(i)
@@ -243,7 +249,8 @@ class Grid:
         """(line, style) of the table in *width* with lists wrapped, then under
         columns stacked, then drop columns left out; None if still too wide."""
         drops = sorted({c.drop for c in self.columns if c.drop})
-        tries = [(False, 0), (True, 0)] + [(True, d) for d in drops]
+        stages = max((c.stage for c in self.columns if c.under), default=0)
+        tries = [(k, 0) for k in range(stages + 1)] + [(stages, d) for d in drops]
         for stack, dropped in tries:
             slots = self._slots(stack, dropped)
             widths = self._slot_widths(slots, width)
@@ -334,12 +341,16 @@ def wrap_words(words: list[str], width: int, first: str = "", rest: str = "  ") 
     return lines
 
 
-def say(text: str, indent: str = "    ") -> None:
-    """Print a line of words at the console's width, wrapped between words (a
-    word is never cut), continuation lines indented by *indent* more."""
+def say(text: str, indent: str = "    ", units: list[str] | None = None) -> None:
+    """Print a line of words at the console's width: as it is when it fits,
+    else wrapped between words (a word, or each of *units* when given, is
+    never cut), continuation lines indented by *indent* more."""
     c = console()
+    if cell_len(text) <= c.width:
+        c.print(text, markup=False, highlight=False, soft_wrap=True)
+        return
     lead = text[:len(text) - len(text.lstrip(" "))]
-    for line in wrap_words(text.split(), c.width, lead, lead + indent):
+    for line in wrap_words(units or text.split(), c.width, lead, lead + indent):
         c.print(line, markup=False, highlight=False, soft_wrap=True)
 
 

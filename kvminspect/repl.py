@@ -15,11 +15,16 @@ in; the banner then goes to stderr to keep stdout clean.
 
 from __future__ import annotations
 
+import io
 import os
 import re
+import shlex
+import shutil
 import signal
+import subprocess
 import sys
 import traceback
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
@@ -38,12 +43,15 @@ from prompt_toolkit.input import Input
 from prompt_toolkit.output import Output
 
 from kvminspect import registry
-from kvminspect.commands import NAMESPACE, asks_help
-from kvminspect.errors import KvminspectError, describe, is_output_error
+from kvminspect.commands import NAMESPACE, asks_help, check_arguments
+from kvminspect.errors import KvminspectError, UsageError, describe, is_output_error
 from kvminspect.model import VM
 from kvminspect.session import Session
 
 EXIT_WORDS = ("quit", "exit")
+PAGER_DEFAULT = "less -FRX"  # as crash: quit at one screen, colours, no screen clear
+# commands that stream (a line per sample, a shell): never paged
+UNPAGED = ("watch", "rate", "py", "guest")
 # commands whose positional argument is a shadow page (struct kvm_mmu_page address)
 SP_COMMANDS = ("sp", "tree", "unsync")
 SP_METAVARS = ("SP", "ADDR")
@@ -51,6 +59,8 @@ SP_METAVARS = ("SP", "ADDR")
 ADDR_COMMANDS = ("walk",)
 # commands whose positional argument is a file (diff B: a vmcore or fixture directory)
 FILE_COMMANDS = ("diff",)
+FILE_METAVARS = ("OUT", "FILE")  # guest-core OUT, export FILE: a path to write
+
 
 
 # -- history ------------------------------------------------------------------
@@ -162,6 +172,118 @@ def _failed(session: Session, e: BaseException) -> None:
     session.output_failed = session.output_failed or is_output_error(e)
 
 
+# -- the pager ----------------------------------------------------------------
+
+
+class _Screen(io.StringIO):
+    """What a paged command prints, kept until it ends; a terminal to the
+    renderers (colours, the terminal's width), as the real stdout is."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def pager_command() -> list[str]:
+    """$PAGER split as a shell would, else PAGER_DEFAULT."""
+    try:
+        words = shlex.split(os.environ.get("PAGER", ""))
+    except ValueError:
+        words = []
+    return words or shlex.split(PAGER_DEFAULT)
+
+
+def paged(session: Session, text: str) -> bool:
+    """Whether REPL line *text* goes through the pager, as crash's does: the
+    REPL's pager is on, stdout is a terminal, and the line neither pipes,
+    redirects ('cmd | shell', 'cmd > file') nor streams (UNPAGED)."""
+    words = text.split()
+    return (session.interactive and session.paging and _is_tty(sys.stdout) and bool(words)
+            and words[0] not in UNPAGED and not any(c in text for c in "|>"))
+
+
+def page(out: str) -> None:
+    """Print *out*: through pager_command() when it is longer than the screen,
+    else (or when the pager cannot start, said as a warning) straight to stdout."""
+    rows = shutil.get_terminal_size((80, 24)).lines
+    if out.count("\n") < rows - 1:
+        sys.stdout.write(out)
+        return
+    cmd = pager_command()
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, text=True)
+    except OSError as e:
+        _err(f"warning: pager '{shlex.join(cmd)}' did not start ({e.strerror}); "
+             "'pager off' stops trying")
+        sys.stdout.write(out)
+        return
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(out)
+        proc.stdin.close()
+    except BrokenPipeError:
+        pass  # the pager was left before the end: the reader's choice
+    while True:
+        try:
+            proc.wait()
+            return
+        except KeyboardInterrupt:
+            continue  # Ctrl-C belongs to the pager while it runs
+
+
+def pager_builtin(session: Session, word: str | None) -> None:
+    """The REPL's 'pager' word: 'pager on', 'pager off', or 'pager' for the state."""
+    if word in ("on", "off"):
+        session.paging = word == "on"
+    elif word is not None:
+        raise UsageError("usage: pager [on|off]")
+    state = f"on ({shlex.join(pager_command())})" if session.paging else "off"
+    print(f"pager {state}")
+
+
+def _checked(session: Session, text: str) -> bool:
+    """Check the arguments of REPL line *text* as the one-shot CLI does
+    (commands.check_arguments): a bad one is one line, "CMD: what is wrong;
+    usage: ...", not argparse's usage line and error line; False then. A line
+    whose words do not split (an open quote) is left to drgn's parser."""
+    prog = session.target.prog
+    # the words before a pipe or redirect ('cmd | sh', 'cmd > f', 'cmd 2> f')
+    command = re.split(r"\s\d+>|[|>]", rewrite(prog, text), maxsplit=1)[0]
+    try:
+        argv = shlex.split(command)
+    except ValueError:
+        return True
+    if not argv:
+        return True
+    try:
+        check_arguments(prog, argv)
+    except UsageError as e:
+        _failed(session, e)
+        return False
+    except CommandNotFoundError:
+        pass  # drgn's namespace says so, with its suggestions
+    return True
+
+
+def _run_command(session: Session, text: str) -> None:
+    """One command line through drgn's namespace, its output paged when wanted."""
+    prog = session.target.prog
+    if not _checked(session, text):
+        return
+    to_pager = paged(session, text)
+    screen = _Screen()
+    real = sys.stdout
+    if to_pager:
+        sys.stdout = screen
+    try:
+        session.begin(progress="--json" not in text.split())
+        NAMESPACE.run(prog, rewrite(prog, text), globals={"session": session},
+                      onerror=lambda e: _failed(session, e))
+    finally:
+        if to_pager:
+            sys.stdout = real
+            page(screen.getvalue())
+
+
 def run_line(session: Session, line: str) -> bool:
     """Run one REPL line; False when it asks to leave. Never raises (but Ctrl-C).
     A failure is reported and recorded (Session.failed)."""
@@ -174,10 +296,15 @@ def run_line(session: Session, line: str) -> bool:
     if text == "help" and "help" not in _commands(prog):
         _builtin_help(prog)
         return True
+    words = text.split()
+    if words[0] == "pager" and len(words) <= 2:
+        try:
+            pager_builtin(session, words[1] if len(words) > 1 else None)
+        except UsageError as e:
+            _failed(session, e)
+        return True
     try:
-        session.begin(progress="--json" not in text.split())
-        NAMESPACE.run(prog, rewrite(prog, text), globals={"session": session},
-                      onerror=lambda e: _failed(session, e))
+        _run_command(session, text)
     except Exception as e:  # run() hands errors to onerror; this is a last resort
         _failed(session, e)
     except SystemExit:
@@ -317,15 +444,20 @@ class ReplCompleter(Completer):
             yield from _matching(word, self._vm_ids(all_=name == "vm"))
         elif name == "help" or metavar == "CMD":
             yield from self._complete_commands(word)
-        elif name in FILE_COMMANDS:
+        elif name in FILE_COMMANDS or metavar in FILE_METAVARS:
             yield from self._complete_path(word, event)
 
     def _vm_ids(self, all_: bool) -> list[tuple[str, str]]:
-        """VM indexes and pid:PID forms (and 'all' for the vm command)."""
+        """VM indexes and pid:PID forms (and 'all' for the vm command); a pid
+        that owns two VMs is not offered (it is ambiguous: an error)."""
         out = []
-        for vm in self.session.kernel.vms():
+        vms = self.session.kernel.vms()
+        pids = Counter(vm.pid for vm in vms)
+        for vm in vms:
             meta = f"pid {vm.pid} {vm.comm if isinstance(vm.comm, str) else '?'} {vm.mmu}"
-            out += [(str(vm.index), meta), (f"pid:{vm.pid}", f"VM {vm.index}")]
+            out.append((str(vm.index), meta))
+            if pids[vm.pid] == 1:
+                out.append((f"pid:{vm.pid}", f"VM {vm.index}"))
         if all_:
             out.append(("all", "clear the selection"))
         return out

@@ -43,6 +43,7 @@ class Session:
         check found errors, else 0."""
         return self.failed or (CHECK_ERRORS if self.check_errors else 0)
     interactive: bool = False  # a REPL (selections last); False: one command and out
+    paging: bool = True  # the REPL pages long output on a terminal ('pager off')
     # the process ends after this session's command (the one-shot CLI): graphs may
     # be frozen out of the cyclic GC's way (graph.build's freeze)
     freeze_graphs: bool = False

@@ -21,6 +21,7 @@ from typing import BinaryIO
 
 import drgn
 
+from kvminspect import modsyms
 from kvminspect.cache import decompressed
 from kvminspect.cache import strip_compression as _strip_compression
 from kvminspect.errors import DebugInfoError, KvmNotFound, TargetError
@@ -30,6 +31,7 @@ from kvminspect.model import Kernel
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 DEBUG_NAMES = re.compile(r"^(vmlinux.*|.*\.ko|.*\.debug)$")
 KVM_MODULES = ("kvm",)
+VENDOR_MODULES = ("kvm_amd", "kvm_intel")
 
 
 def core_release(path: Path) -> str | None:
@@ -290,6 +292,18 @@ def _load_debug_info(prog: drgn.Program, files: list[Path], release: str | None)
     for mod, _ in prog.loaded_modules():
         if mod.name in KVM_MODULES:
             kvm = mod
+    # drgn skips a module whose sect_attrs names are not in the dump (a filtered
+    # dump): place kvm and its vendor module from their own kallsyms instead
+    for placed in modsyms.place_modules(prog, KVM_MODULES + VENDOR_MODULES,
+                                        [Path(r) for r in real]):
+        print(f"kvminspect: warning: {placed.name}'s section attributes (struct "
+              "module.sect_attrs) are not in the dump (filtered?): its debug info is "
+              "placed from the module's own symbol table (mod->kallsyms)", file=sys.stderr)
+        kvm = placed if placed.name in KVM_MODULES else kvm
+    if kvm is None and "kvm" in modsyms.listed_modules(prog):
+        raise DebugInfoError(
+            f"kernel {release or '?'} has kvm loaded, but its section attributes are not "
+            "in the dump (filtered?) and no kvm.ko given with -s matches its symbols")
     if kvm is None:
         raise KvmNotFound(f"kernel {release or '?'} has no kvm module loaded")
     if kvm.wants_debug_file():

@@ -233,7 +233,7 @@ def per_vm(kwargs: dict[str, Any], args: argparse.Namespace, command: str, *,
     the JSON document is {"vms": [{vm_ref..., **to_json(vm, data)}]}; the
     text says when there are no VMs, and prints *header* then *show* per VM.
     """
-    from kvminspect.render import console
+    from kvminspect.render import console, say
     from kvminspect.shapes import vm_ref
 
     s = session_of(kwargs)
@@ -248,7 +248,7 @@ def per_vm(kwargs: dict[str, Any], args: argparse.Namespace, command: str, *,
         if not vms:
             c.print(NO_VMS)
         for vm, data in items:
-            c.print(header(vm, data), markup=False)
+            say(header(vm, data))  # wrapped between words when narrow
             show(vm, data)
 
     doc = {"vms": [{**vm_ref(vm), **to_json(vm, data)} for vm, data in items]}

@@ -37,8 +37,10 @@ def render(s: Session, vm: VM, gfn: int, found: GfnSptes) -> None:
     else:
         smm = any(e.as_id for e in entries)
         t = Grid()
+        # narrow (80 columns): IDX under LVL, SP GFN under SP, FROM under SPTE
+        under = {"IDX": "LVL", "SP GFN": "SP", "FROM": "SPTE"}
         for col in ("AS", "LVL", "SP", "SP GFN", "IDX", "SPTE", "FLAGS", "FROM")[not smm:]:
-            t.add_column(col)
+            t.add_column(col, text=col == "FLAGS", under=under.get(col, False))
         for e in entries:
             sp = s.kernel.shadow_page(e.sp) if e.sp else None
             row = [LEVEL_NAMES.get(e.level, str(e.level)),

@@ -88,9 +88,12 @@ def roots_table(vcpus: list[VcpuRoots]) -> Grid:
                       if p is not None)
     t = Grid()
     for col in ("VCPU", "CR3", "ROOT", "PGD", "HPA", "SP", "GFN/LVL", "FLAGS"):
-        # narrow (80 columns): CR3 under VCPU, HPA under PGD, GFN/LVL under SP
+        # narrow (80 columns): CR3 under VCPU, HPA under PGD, GFN/LVL under SP;
+        # narrower (60): PGD and HPA under ROOT, FLAGS under SP's GFN/LVL too
+        second = {"PGD": "ROOT", "FLAGS": "SP"}
         t.add_column(col, text=col == "FLAGS", carry=col in ("VCPU", "CR3"),
-                     under=col in ("CR3", "HPA", "GFN/LVL"))
+                     under=second.get(col, col in ("CR3", "HPA", "GFN/LVL")),
+                     stage=2 if col in second else 1)
     for v in vcpus:
         vcpu = v.vcpu
         nested = vcpu.mmu_name == GUEST_MMU

@@ -14,7 +14,7 @@ from kvminspect.fmt import hx
 from kvminspect.graph import VMGraph
 from kvminspect.layout import known
 from kvminspect.model import VM, Kernel, ShadowPage
-from kvminspect.render import Grid, console, plural
+from kvminspect.render import Grid, console, plural, say
 from kvminspect.results import UnsyncRoot
 from kvminspect.session import Session
 from kvminspect.shapes import replay_json
@@ -100,8 +100,8 @@ def render_replay(u: UnsyncRoot) -> None:
     nleaves = sum(len(b.leaves) for b in r.batches)
     what = f"root sp {hx(r.root)} ({', '.join(str(h) for h in u.holders)})" \
         if u.holders else f"sp {hx(r.root)}"
-    c.print(f"{what}: {plural(len(r.batches), 'batch', 'batches')}, "
-            f"{plural(nleaves, 'unsync leaf', 'unsync leaves')}", markup=False)
+    say(f"{what}: {plural(len(r.batches), 'batch', 'batches')}, "
+        f"{plural(nleaves, 'unsync leaf', 'unsync leaves')}")
     for n, b in enumerate(r.batches, 1):
         t = Grid(title=f"batch {n}: {plural(len(b.pages), 'entry', 'entries')}")
         # the systemtap script's words: SP Index is the position in the kvm_mmu_pages
@@ -114,10 +114,12 @@ def render_replay(u: UnsyncRoot) -> None:
             t.add_row(str(i), str(e.level), str(e.idx), hx(e.sp))
         c.print(t)
         for leaf in b.leaves:
-            parents = "  ".join(f"L{lvl} {hx(p)}" for p, lvl in leaf.parents)
+            levels = [f"L{lvl} {hx(p)}" for p, lvl in leaf.parents]
             pos = "" if leaf.pos < 0 else f"[{leaf.pos}] "
-            c.print(f"  {verb} sp {pos}{hx(leaf.sp)} gfn {hx(leaf.gfn)}  parents: {parents}",
-                    markup=False)
+            line = f"{verb} sp {pos}{hx(leaf.sp)} gfn {hx(leaf.gfn)}"
+            # a parent's level and address stay together when the line wraps
+            say(f"  {line}  parents: {'  '.join(levels)}",
+                units=[*line.split(), "parents:", *levels])
     for err in r.errors:
         c.print(f"  walk error: {err}", markup=False)
 
