@@ -4,7 +4,10 @@ Matching, as the kernel's object lifetimes allow:
 
 * a VM (struct kvm) by its address, with the same owner pid (a freed struct
   kvm's address is reused: kvm_destroy_vm, kvm_create_vm), else by its owner
-  pid; a VM on one side only is added or removed (pair_vms);
+  pid; a VM on one side only is added or removed (pair_vms). One VM chosen
+  in A is found in B by the same rules, and a pid that owns several VMs of B
+  is ambiguous, never a silent choice (partner); two VMs chosen in each dump
+  by one name pair by their name when neither rule pairs them (pair_of);
 * a vCPU by vcpu_idx, its index in kvm->vcpu_array (vcpu_id on kernels without it:
   "KVM: remember position in kvm->vcpus array" (before 5.10, 8750e72a79dd));
 * a shadow page by what it shadows, never by its address alone (struct
@@ -32,6 +35,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Generic, NamedTuple, TypeVar
 
+from kvminspect.errors import LookupFailed
 from kvminspect.graph import VMGraph
 from kvminspect.layout import NoValue, known
 from kvminspect.objects import VM, ShadowPage, VCpu
@@ -65,6 +69,7 @@ class MatchedBy(Enum):
 
     KVM = "kvm"  # the struct kvm address, with the same owner pid
     PID = "pid"  # the owner pid (the struct kvm is another one)
+    NAME = "name"  # --vm NAME in both dumps: QEMU's guest name (another VMM process)
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,42 @@ def pair_vms(a: list[VM], b: list[VM]) -> list[VmPair]:
         found = match.get(va.addr)
         out.append(VmPair(va, None, None) if found is None else VmPair(va, *found))
     return out + [VmPair(None, vb, None) for vb in left]
+
+
+def _indices(vms: list[VM]) -> str:
+    return ", ".join(str(v.index) for v in vms)
+
+
+def partner(va: VM, b: list[VM]) -> tuple[VM, MatchedBy]:
+    """A's VM *va* in B's VMs *b*, by pair_vms' rules for one VM: the VM with its
+    struct kvm and owner, else the one VM with its owner pid. LookupFailed when
+    none is, or when several VMs of B have that pid and none its struct kvm (one
+    VMM process owns several VMs: only the struct kvm tells them apart)."""
+    same = [v for v in b if _same_kvm(va, v)]
+    if same:
+        return same[0], MatchedBy.KVM
+    by_pid = [v for v in b if _same_pid(va, v)]
+    if len(by_pid) == 1:
+        return by_pid[0], MatchedBy.PID
+    if by_pid:
+        raise LookupFailed(f"A's VM {va.index} is ambiguous: none has its struct kvm "
+                           f"{va.addr:#x}, and its pid {va.pid} owns VMs {_indices(by_pid)}")
+    raise LookupFailed(f"no VM has A's VM {va.index}'s struct kvm {va.addr:#x} or its "
+                       f"pid {va.pid}")
+
+
+def pair_of(va: VM, vb: VM, ident: str) -> MatchedBy | None:
+    """How A's *va* and B's *vb*, each the VM --vm *ident* names in its dump, are
+    one VM: by struct kvm (with the same owner), by owner pid, by the name
+    *ident* (QEMU's guest name outlives a VMM process); None: two VMs (a struct
+    kvm address another owner reused)."""
+    if _same_kvm(va, vb):
+        return MatchedBy.KVM
+    if _same_pid(va, vb):
+        return MatchedBy.PID
+    if ident in va.names and ident in vb.names:
+        return MatchedBy.NAME
+    return None
 
 
 # -- shadow pages -----------------------------------------------------------------

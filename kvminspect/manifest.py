@@ -700,16 +700,20 @@ COMMANDS: dict[str, dict[str, Any]] = {'vms': {'module': 'kvminspect.commands.vm
           'description': 'what changed between this vmcore (A, before) and B (after)',
           'long_description': "One shot: 'kvminspect diff A B' (or 'kvminspect -c A diff B'); in "
                               "a REPL, 'diff B' compares the REPL's target with B. B is read with "
-                              'the same -s debug paths, and must be of the same kernel. Per VM '
-                              '(matched by struct kvm address, else by owner pid; VMs on one side '
-                              'only are added/removed): mmu_valid_gen and the struct kvm counters '
-                              "old -> new, kvm->stat's MMU counters, per vCPU (by vcpu_idx) each "
-                              'root and prev_roots[] entry that changed (before and after rows), '
-                              'and the shadow pages zapped, added and changed (unsync, '
+                              'the same -s debug paths, and must be a dump of the same kernel '
+                              '(release and build id: else one line, exit 1). Per VM (matched by '
+                              'struct kvm address, else by owner pid; VMs on one side only are '
+                              'added/removed): mmu_valid_gen and the struct kvm counters old -> '
+                              "new, kvm->stat's MMU counters, per vCPU (by vcpu_idx) each root "
+                              'and prev_roots[] entry that changed (before and after rows), and '
+                              'the shadow pages zapped, added and changed (unsync, '
                               'unsync_children, root_count, invalid, obsolete, orphan), matched '
                               'by gfn and role word (role.invalid aside) and, for shadow pages, '
-                              "mmu_valid_gen: never by address, which is reused. --vm takes A's "
-                              'ID (a VM only in B: its pid:PID or address).',
+                              'mmu_valid_gen: never by address, which is reused. --vm selects in '
+                              'both dumps: pid:PID, a name or a struct kvm address names a VM in '
+                              'each (the two must pair: by struct kvm, owner pid or that name), '
+                              "an index names A's VM, found in B as every VM is; missing or "
+                              'ambiguous in either dump: one line, exit 1.',
           'usage': None,
           'epilog': None,
           'custom': False,

@@ -153,7 +153,7 @@ def listed_modules(prog: drgn.Program) -> list[str]:
 
 
 def place_modules(prog: drgn.Program, names: tuple[str, ...], files: list[Path]
-                  ) -> list[drgn.Module]:
+                  ) -> list[drgn.RelocatableModule]:
     """For each module of *names* on the kernel's ``modules`` list that drgn
     did not load (its sect_attrs or notes not in the dump), the drgn module
     made from its kallsyms and the matching .ko of *files*, its debug info

@@ -113,7 +113,7 @@ def _err(message: str, newline: bool = False) -> None:
     print(f"{chr(10) if newline else ''}kvminspect: {message}", file=sys.stderr, flush=True)
 
 
-def _is_tty(f: TextIO | None) -> bool:
+def is_tty(f: TextIO | None) -> bool:
     """Whether *f* is a terminal (False for closed or fd-less files)."""
     try:
         return f is not None and f.isatty()
@@ -124,7 +124,7 @@ def _is_tty(f: TextIO | None) -> bool:
 def report_error(e: BaseException) -> None:
     """Print what went wrong as one line (a traceback only with KVMINSPECT_DEBUG)."""
     if isinstance(e, CommandExitStatusError) and e.exit_status in (-signal.SIGINT, 130):
-        _err("interrupted", newline=_is_tty(sys.stderr))
+        _err("interrupted", newline=is_tty(sys.stderr))
         return
     kind, text, _ = describe(e)
     if kind == "error":
@@ -197,7 +197,7 @@ def paged(session: Session, text: str) -> bool:
     REPL's pager is on, stdout is a terminal, and the line neither pipes,
     redirects ('cmd | shell', 'cmd > file') nor streams (UNPAGED)."""
     words = text.split()
-    return (session.interactive and session.paging and _is_tty(sys.stdout) and bool(words)
+    return (session.interactive and session.paging and is_tty(sys.stdout) and bool(words)
             and words[0] not in UNPAGED and not any(c in text for c in "|>"))
 
 
@@ -320,7 +320,7 @@ def run_guarded(session: Session, line: str) -> bool:
         return run_line(session, line)
     except KeyboardInterrupt:
         _flush_stdout()
-        _err("interrupted", newline=_is_tty(sys.stderr))  # after the terminal's "^C"
+        _err("interrupted", newline=is_tty(sys.stderr))  # after the terminal's "^C"
         session.failed = session.failed or 130
         return True
 
@@ -529,7 +529,7 @@ def run_repl(session: Session, *, input: Input | None = None,
              output: Output | None = None) -> int:
     """Read and run commands until Ctrl-D, 'quit' or 'exit'; the exit status (0)."""
     session.interactive = True
-    if input is None and not _is_tty(sys.stdin):
+    if input is None and not is_tty(sys.stdin):
         return _run_plain(session, sys.stdin)
     prompt = make_prompt(session, input, output)
     print(banner(session), flush=True)

@@ -236,6 +236,7 @@ class Target:
     release: str | None
     live: bool = False
     symbols: tuple[str, ...] = ()  # the -s paths it was opened with (diff opens B with them)
+    build_id: str | None = None  # the kernel's (vmlinux's) build id, hex; None: not known
     _kernel: Kernel | None = field(default=None, repr=False)
 
     @property
@@ -312,6 +313,12 @@ def _load_debug_info(prog: drgn.Program, files: list[Path], release: str | None)
                              f"build id {kid}")
 
 
+def main_build_id(prog: drgn.Program) -> str | None:
+    """The build id of the kernel a program reads (its vmlinux's), hex; None if unknown."""
+    bid = prog.main_module().build_id
+    return bid.hex() if bid else None
+
+
 def open_core(path: str, debug: list[str]) -> Target:
     """A vmcore file (maybe compressed) or a fixture directory."""
     _quiet_drgn()
@@ -337,7 +344,7 @@ def open_core(path: str, debug: list[str]) -> Target:
     release = core_release(real)
     _load_debug_info(prog, files, release)
     return Target(prog, core.name if not p.is_dir() else p.name, release,
-                  symbols=tuple(debug))
+                  symbols=tuple(debug), build_id=main_build_id(prog))
 
 
 def open_live(debug: list[str], kcore: str = "/proc/kcore") -> Target:
@@ -354,7 +361,8 @@ def open_live(debug: list[str], kcore: str = "/proc/kcore") -> Target:
         raise TargetError(f"cannot open the live kernel: {e}") from None
     release = os.uname().release
     _load_debug_info(prog, _debug_files(debug), release)
-    return Target(prog, "live", release, live=True, symbols=tuple(debug))
+    return Target(prog, "live", release, live=True, symbols=tuple(debug),
+                  build_id=main_build_id(prog))
 
 
 def open_qemu(socket: str, debug: list[str]) -> Target:
@@ -380,7 +388,8 @@ def open_qemu(socket: str, debug: list[str]) -> Target:
                           "(run QEMU with -device vmcoreinfo and load qemu_fw_cfg in the host)")
     release = kernel_release(prog)
     _load_debug_info(prog, _debug_files(debug), release)
-    return Target(prog, "live:qemu", release, live=True, symbols=tuple(debug))
+    return Target(prog, "live:qemu", release, live=True, symbols=tuple(debug),
+                  build_id=main_build_id(prog))
 
 
 def open_sample() -> Target:

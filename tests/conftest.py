@@ -56,6 +56,12 @@ MULTI_VM = [n for n in ALL if _shaped(truth(n)) and _nvms(truth(n)) > 1]
 # Debian's QEMU in the host running a Linux guest that keeps forking (mkfixture
 # --real-guest; truth["vmm"] "qemu"): tests/test_real_guest.py
 REAL_GUEST = [n for n in ALL if _real_guest(truth(n))]
+# one host dumped twice in one boot, before and after a fast zap (mkfixture --pair):
+# NAME/before and NAME/after are fixture directories, each a name as any other here
+# (truth("NAME/after"), open_fixture, VMCORES / name); NAME has no truth.json, so
+# neither is in ALL: tests/test_diff.py, tests/test_fixtures.py
+PAIRS = sorted(p.parent.parent.name for p in VMCORES.glob("*/before/truth.json"))
+PAIR_SIDES = [f"{n}/{side}" for n in PAIRS for side in ("before", "after")]
 
 
 @cache

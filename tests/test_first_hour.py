@@ -262,14 +262,14 @@ def test_the_pager_is_off_when_piped_or_streaming(monkeypatch: pytest.MonkeyPatc
 
     session = Session(open_fixture("6.1-shadow"))
     session.interactive = True
-    monkeypatch.setattr(repl, "_is_tty", lambda f: True)
+    monkeypatch.setattr(repl, "is_tty", lambda f: True)
     assert repl.paged(session, "roots")
     assert not repl.paged(session, "roots | less")
     assert not repl.paged(session, "roots > out.txt")
     assert not repl.paged(session, "watch --interval 1")
     session.paging = False
     assert not repl.paged(session, "roots")
-    monkeypatch.setattr(repl, "_is_tty", lambda f: False)
+    monkeypatch.setattr(repl, "is_tty", lambda f: False)
     session.paging = True
     assert not repl.paged(session, "roots")  # stdout piped: never paged
 

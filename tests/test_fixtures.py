@@ -19,7 +19,7 @@ from drgn.helpers.linux.list import list_for_each_entry
 from drgn.helpers.linux.pid import find_task
 from drgn.helpers.linux.xarray import xa_load
 
-from tests.conftest import FIXTURES, MULTI_VM, VMCORES, fixtures, truth
+from tests.conftest import MULTI_VM, PAIR_SIDES, PAIRS, VMCORES, fixtures, truth
 
 INVALID_PAGE = 2**64 - 1
 CACHE = Path(os.environ.get("KVMINSPECT_TEST_CACHE", "/tmp/kvminspect-test-cache"))
@@ -60,6 +60,11 @@ def prog_of(name: str) -> drgn.Program:
 def all_vms(prog: drgn.Program) -> list[drgn.Object]:
     """Every struct kvm on vm_list, head first."""
     return list(list_for_each_entry("struct kvm", prog["vm_list"].address_of_(), "vm_list"))
+
+
+def with_pairs(pred=lambda t: True) -> list[str]:
+    """fixtures(pred) and the sides of the same-boot pairs (PAIR_SIDES) *pred* takes."""
+    return fixtures(pred) + [n for n in PAIR_SIDES if pred(truth(n))]
 
 
 def the_vm(prog: drgn.Program) -> drgn.Object:
@@ -103,7 +108,7 @@ def active_pages(kvm: drgn.Object) -> list[drgn.Object]:
                                     kvm.arch.active_mmu_pages.address_of_(), "link"))
 
 
-@pytest.mark.parametrize("name", FIXTURES)
+@pytest.mark.parametrize("name", with_pairs())
 def test_vm_owner_and_vcpus(name: str) -> None:
     t = truth(name)
     prog = prog_of(name)
@@ -152,7 +157,7 @@ def test_shadow_roots_follow_cr3(name: str) -> None:
             assert prev == set_cr3s - {v.arch.cr3.value_()}
 
 
-@pytest.mark.parametrize("name", fixtures(lambda t: t["mmu"] == "shadow" and not t["zapped"]))
+@pytest.mark.parametrize("name", with_pairs(lambda t: t["mmu"] == "shadow" and not t["zapped"]))
 def test_unsync_leaves_are_the_written_page_tables(name: str) -> None:
     t = truth(name)
     kvm = the_vm(prog_of(name))
@@ -221,7 +226,7 @@ def test_tdp_legacy_roots(name: str) -> None:
         assert sp.value_() in {p.value_() for p in pages} and sp.role.level.value_() == 4
 
 
-@pytest.mark.parametrize("name", fixtures(lambda t: t["zapped"]))
+@pytest.mark.parametrize("name", with_pairs(lambda t: t["zapped"]))
 def test_zapped_roots_are_invalid(name: str) -> None:
     prog = prog_of(name)
     kvm = the_vm(prog)
@@ -249,7 +254,7 @@ def test_five_level_host(name: str) -> None:
     assert the_vm(prog).value_() >> 52 != 0xFFF
 
 
-@pytest.mark.parametrize("name", FIXTURES)
+@pytest.mark.parametrize("name", with_pairs())
 def test_small_debug_set_reads_tasks_and_stacks(name: str) -> None:
     """What the small vmlinux must still give drgn: tasks, per-CPU data, stacks."""
     t = truth(name)
@@ -279,6 +284,33 @@ def test_tdp_child_page_levels(name: str) -> None:
     assert child.tdp_mmu_page and child.root_count.value_() == 0
     old = truth(name)["kernel_release"].startswith("5.10.")
     assert child.role.level.value_() == (4 if old else 3)
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_pair_is_one_boot_before_and_after_a_fast_zap(pair: str) -> None:
+    """NAME/before and NAME/after (mkfixture --pair): one kernel, one boot (the same
+    struct kvm, owner and vCPU threads), the VMM's one record; after the zap
+    (kvm_mmu_zap_all_fast) mmu_valid_gen is 1, active_mmu_pages is empty and the
+    roots the halted vCPUs hold are all that n_used_mmu_pages still counts."""
+    before, after = (truth(f"{pair}/{side}") for side in ("before", "after"))
+    assert (before["pair"]["side"], after["pair"]["side"]) == ("before", "after")
+    assert (before["zapped"], after["zapped"]) == (False, True)
+    for key in ("kernel_release", "vmm_pid", "vcpus", "made_with"):
+        assert before[key] == after[key], key
+    assert [s["cr3"] for s in before["sets"]] == [s["cr3"] for s in after["sets"]]
+    progs = [prog_of(f"{pair}/{side}") for side in ("before", "after")]
+    kvm0, kvm1 = (the_vm(p) for p in progs)
+    assert kvm0.value_() == kvm1.value_()
+    assert kvm0.userspace_pid.value_() == kvm1.userspace_pid.value_() == before["vmm_pid"]
+    assert [v.value_() for v in vcpus_of(kvm0)] == [v.value_() for v in vcpus_of(kvm1)]
+    assert (kvm0.arch.mmu_valid_gen.value_(), kvm1.arch.mmu_valid_gen.value_()) == (0, 1)
+    assert active_pages(kvm0) and not active_pages(kvm1)
+    roots = {root_hpa(v.arch.mmu) for v in vcpus_of(kvm1)}
+    roots |= {r.hpa.value_() for v in vcpus_of(kvm1) for r in v.arch.mmu.prev_roots}
+    roots.discard(INVALID_PAGE)
+    assert {to_sp(progs[1], hpa).gfn.value_() for hpa in roots} == \
+        {int(s["cr3"], 16) >> 12 for s in before["sets"]}
+    assert kvm1.arch.n_used_mmu_pages.value_() == len(roots)
 
 
 # Fixtures with several VMs in one VMM process: truth["vms"] in creation order.

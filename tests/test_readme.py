@@ -120,7 +120,10 @@ def test_sample_output_is_what_the_command_prints(tmp_path: Path) -> None:
     assert [cmd for cmd, _ in outputs] == ["COLUMNS=130 kvminspect --sample roots",
                                            "COLUMNS=100 kvminspect --sample walk 0x200000",
                                            "COLUMNS=100 kvminspect --sample check --audit",
-                                           "COLUMNS=100 kvminspect --sample rmap 0x10"]
+                                           "COLUMNS=100 kvminspect --sample rmap 0x10",
+                                           "COLUMNS=130 kvminspect diff "
+                                           "tests/vmcores/6.1-shadow-pair/before "
+                                           "tests/vmcores/6.1-shadow-pair/after"]
     for cmd, shown in outputs:
         env, _ = split(cmd)
         stated = re.search(rf"prints, at (\d+) columns \(`{re.escape(cmd)}`", README)

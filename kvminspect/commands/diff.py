@@ -4,10 +4,15 @@
     kvminspect -c A diff B [--vm ID] [--json]             the same (A is the target)
     diff B                                                in a REPL: A is its target
 
-B is opened with the -s paths A was opened with, once per session. A VM is
-matched by its struct kvm address (with the same owner pid: a freed struct
-kvm's address is reused), else by its owner pid; a VM on one side only is
-listed as added or removed. A vCPU is matched by vcpu_idx (vcpu_id on kernels
+B is opened with the -s paths A was opened with, once per session, and must
+be a dump of A's kernel (its release and build id; else one line, exit 1). A
+VM is matched by its struct kvm address (with the same owner pid: a freed
+struct kvm's address is reused), else by its owner pid; a VM on one side only
+is listed as added or removed. --vm ID selects in both dumps: a pid, name or
+struct kvm address names a VM in each (the two must pair: same struct kvm and
+owner, same owner pid, or that name), an index (a position on A's vm_list)
+names A's VM, found in B as above; a VM missing or ambiguous in either dump is
+one line, exit 1. A vCPU is matched by vcpu_idx (vcpu_id on kernels
 without it: "KVM: remember position in kvm->vcpus array" (before 5.10, 8750e72a79dd)).
 A shadow page is matched by what it shadows, never by its address
 alone (struct kvm_mmu_page addresses are reused): its gfn, its role word
@@ -42,11 +47,14 @@ from kvminspect.diff import (
     VcpuChange,
     VmDiff,
     VmPair,
+    pair_of,
     pair_vms,
+    partner,
     vm_diff,
 )
-from kvminspect.errors import LookupFailed, Problem, UsageError
+from kvminspect.errors import KvminspectError, LookupFailed, Problem
 from kvminspect.fmt import hx
+from kvminspect.objects import VM
 from kvminspect.render import Grid, console, plural
 from kvminspect.results import PageView
 from kvminspect.session import Session
@@ -177,23 +185,61 @@ def _labelled(problems: list[Problem], side: str) -> Iterator[Problem]:
         yield Problem(p.kind, p.addr, f"{p.what} (in {side})")
 
 
-def _selected(a: Session, b: Session, ident: str | None, pairs: list[VmPair]
-              ) -> list[VmPair]:
-    """The pairs --vm ID (or A's selected VM) names: by A's ID, else by B's (a VM
-    only in B); all without either."""
-    if ident is None and a.selected is None:
-        return pairs
+class DifferentKernels(KvminspectError):
+    """A and B are dumps of two kernels (release or build id): nothing of one's
+    kvm is the other's. One line, exit 1."""
+
+
+def same_kernel(a: Session, b: Session, path: str) -> None:
+    """DifferentKernels unless B (at *path*) is a dump of A's kernel: the same
+    release and, where both dumps give one, the same vmlinux build id."""
+    ra, rb = a.target.release, b.target.release
+    if ra and rb and ra != rb:
+        raise DifferentKernels(f"{path}: kernel {rb}, but A's is {ra}: diff compares two "
+                               "vmcores of one kernel")
+    ia, ib = a.target.build_id, b.target.build_id
+    if ia and ib and ia != ib:
+        raise DifferentKernels(f"{path}: kernel {rb} build id {ib}, but A's build id is {ia}: "
+                               "diff compares two vmcores of one kernel")
+
+
+def _is_index(ident: str) -> bool:
+    """Whether --vm ID is a VM index, as Kernel.vm_by_id reads one (a number below
+    0x10000): a position on one dump's vm_list, which the other dump's need not share."""
     try:
-        (va,) = a.vms(ident)
-        return [p for p in pairs if p.old is not None and p.old.addr == va.addr]
-    except LookupFailed:
-        if ident is None:
-            raise
+        return int(ident.strip(), 0) < 0x10000
+    except ValueError:
+        return False
+
+
+def _vm_in(s: Session, side: str, ident: str) -> VM:
+    """The VM --vm *ident* names in one dump (*side* "A" or "B"), or a LookupFailed
+    that says which dump lacks it or has several."""
+    try:
+        return s.kernel.vm_by_id(ident)
+    except LookupFailed as e:
+        raise LookupFailed(f"{side} ({s.target.name}): {e}") from None
+
+
+def selected(a: Session, b: Session, ident: str | None) -> VmPair:
+    """The VM --vm *ident* selects in both dumps (without --vm: the VM selected in
+    A's REPL). A pid, name or struct kvm address is looked up in each dump, and the
+    two must be one VM (kvminspect.diff.pair_of); an index, or A's selected VM, is
+    A's VM, found in B by the rules that pair every VM (kvminspect.diff.partner).
+    LookupFailed (one line, exit 1) when either dump lacks it or has several."""
+    va = a.selected if ident is None else _vm_in(a, "A", ident)
+    assert va is not None
+    if ident is None or _is_index(ident):
         try:
-            vb = b.kernel.vm_by_id(ident)
-        except LookupFailed:
-            raise LookupFailed(f"no VM {ident!r} in A or B") from None
-        return [p for p in pairs if p.new is not None and p.new.addr == vb.addr]
+            return VmPair(va, *partner(va, b.kernel.vms()))
+        except LookupFailed as e:
+            raise LookupFailed(f"B ({b.target.name}): {e}") from None
+    vb = _vm_in(b, "B", ident)
+    how = pair_of(va, vb, ident.strip())
+    if how is None:
+        raise LookupFailed(f"VM {ident.strip()!r} is two VMs: A's has pid {va.pid}, B's pid "
+                           f"{vb.pid} (a struct kvm address another VMM reused)")
+    return VmPair(va, vb, how)
 
 
 def _vm_diff(a: Session, b: Session, pair: VmPair) -> VmDiff:
@@ -215,22 +261,25 @@ def _cmd_diff(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any)
 
     One shot: 'kvminspect diff A B' (or 'kvminspect -c A diff B'); in a REPL, 'diff B'
     compares the REPL's target with B. B is read with the same -s debug paths, and must
-    be of the same kernel. Per VM (matched by struct kvm address, else by owner pid;
-    VMs on one side only are added/removed): mmu_valid_gen and the struct kvm counters
+    be a dump of the same kernel (release and build id: else one line, exit 1). Per VM
+    (matched by struct kvm address, else by owner pid; VMs on one side only are
+    added/removed): mmu_valid_gen and the struct kvm counters
     old -> new, kvm->stat's MMU counters, per vCPU (by vcpu_idx) each root and
     prev_roots[] entry that changed (before and after rows), and the shadow pages
     zapped, added and changed (unsync, unsync_children, root_count, invalid,
     obsolete, orphan), matched by gfn and role word (role.invalid aside) and, for
-    shadow pages, mmu_valid_gen: never by address, which is reused. --vm takes A's ID
-    (a VM only in B: its pid:PID or address).
+    shadow pages, mmu_valid_gen: never by address, which is reused. --vm selects in
+    both dumps: pid:PID, a name or a struct kvm address names a VM in each (the two
+    must pair: by struct kvm, owner pid or that name), an index names A's VM, found
+    in B as every VM is; missing or ambiguous in either dump: one line, exit 1.
     """
     a = session_of(kwargs)
     b = a.other(args.core)
-    ra, rb = a.target.release, b.target.release
-    if ra and rb and ra != rb:
-        raise UsageError(f"{args.core}: kernel {rb}, but A's is {ra}: diff compares two "
-                         "vmcores of one host")
-    pairs = _selected(a, b, args.vm, pair_vms(a.kernel.vms(), b.kernel.vms()))
+    same_kernel(a, b, args.core)
+    if args.vm is None and a.selected is None:
+        pairs = pair_vms(a.kernel.vms(), b.kernel.vms())
+    else:
+        pairs = [selected(a, b, args.vm)]
     diffs = [_vm_diff(a, b, p) for p in pairs]
     a_vms = [p.old for p in pairs if p.old is not None]
     b_vms = [p.new for p in pairs if p.new is not None]

@@ -10,8 +10,14 @@ With --vms 2 the VMM runs two VMs in one process. With --big-shadow N or
 --big-tdp N the VMM runs a big workload instead (N level-1 shadow or TDP MMU
 pages, one working vCPU; see vmm.c), for benchmarks: such a core is written
 where --out says, and truth.json describes the workload (see big_truth).
+With --vmms N the host runs N VMM processes at once, each with the VMM's
+usual options (see vmms_script; truth.json gets every VMM's record).
+With --pair the host is dumped twice in one boot, before and after the VMM
+zaps every VM (a fast zap), into NAME/before and NAME/after (see write_pair).
 
     tests/vmcores/pipeline/mkfixture.py --kernel 6.1 --mmu shadow --name 6.1-shadow
+    tests/vmcores/pipeline/mkfixture.py --kernel 6.1 --mmu shadow --pair \
+        --share-debug 6.1-shadow --name 6.1-shadow-pair
     tests/vmcores/pipeline/mkfixture.py --kernel 6.1 --mmu shadow --big-shadow 100000 \
         --host-mem 3072 --timeout 900 --compress none --out /var/tmp/big-100k
 
@@ -190,6 +196,21 @@ def big_kind(args: argparse.Namespace) -> str | None:
     return None
 
 
+# vmm.c's -T layout: the memslot is TDP_BASE + N * HUGE bytes from GPA 0
+TDP_BASE, HUGE = 1 << 30, 2 << 20
+TCG_PHYS_BITS = 40  # QEMU's TCG CPUs' default MAXPHYADDR
+
+
+def host_cpu(args: argparse.Namespace) -> str:
+    """QEMU's -cpu for the emulated host: max, la57 off unless --la57, and
+    phys-bits=46 when --big-tdp's memslot ends past 1 TiB (KVM refuses a
+    memslot beyond the host CPU's MAXPHYADDR)."""
+    cpu = "max" if args.la57 else "max,la57=off"
+    if TDP_BASE + (getattr(args, "big_tdp", None) or 0) * HUGE > 1 << TCG_PHYS_BITS:
+        cpu += ",phys-bits=46"
+    return cpu
+
+
 def vmm_command(args: argparse.Namespace) -> str:
     """The VMM's command line in /init (a stand-in that records nothing for
     the special hosts)."""
@@ -242,9 +263,55 @@ cd /
 """
 
 
+def vmms_script(vmm: str, n: int) -> str:
+    """/init's part with --vmms N: N VMM processes (*vmm*, each one's command
+    line) started in the background one after the other, each writing into
+    /tmp/vmm/I (I = 0 .. N-1, the launch order); when all N have said
+    KVMINSPECT-READY, their records in launch order, then KVMINSPECT-READY.
+    A VMM that exits (a working one never does) or says KVMINSPECT-FAILED
+    fails the host: its other lines, then KVMINSPECT-FAILED."""
+    ready = "$(cat /tmp/vmm/* | grep -c KVMINSPECT-READY)"
+    return f"""mkdir -p /tmp/vmm
+pids=
+i=0
+while [ $i -lt {n} ]; do
+    {vmm} >/tmp/vmm/$i 2>&1 &
+    pids="$pids $i:$!"
+    i=$((i + 1))
+done
+t=0
+until [ "{ready}" -ge {n} ]; do
+    for ip in $pids; do
+        if ! kill -0 ${{ip#*:}} 2>/dev/null || grep -q KVMINSPECT-FAILED /tmp/vmm/${{ip%:*}}; then
+            echo "KVMINSPECT-VMM ${{ip%:*}} failed:"; grep -v ^KVMINSPECT- /tmp/vmm/${{ip%:*}}
+            echo KVMINSPECT-FAILED; sleep 100000
+        fi
+    done
+    sleep 1; t=$((t + 1))
+    [ $((t % 30)) = 0 ] && echo "KVMINSPECT-WAITING ${{t}}s: {ready} of {n} VMMs ready"
+done
+i=0
+while [ $i -lt {n} ]; do grep KVMINSPECT-RECORD /tmp/vmm/$i; i=$((i + 1)); done
+echo KVMINSPECT-READY
+wait"""
+
+
 def init_script(args: argparse.Namespace) -> str:
-    """The host's /init: load KVM with the requested MMU, run the VMM."""
-    return f"""{init_head(args)}{vmm_command(args)}
+    """The host's /init: load KVM with the requested MMU, run the VMM.
+
+    With --pair the VMM (-Z) waits after its record, and each line "zap" typed
+    on the host's console (QEMU's stdin: zap_and_dump) sends it SIGUSR1: it
+    zaps every VM once and prints KVMINSPECT-ZAPPED N."""
+    vmm = vmm_command(args)
+    if getattr(args, "vmms", 1) > 1:
+        vmm = vmms_script(vmm, args.vmms)
+    if getattr(args, "pair", False):
+        vmm = f"""stty -echo </dev/console
+{vmm} -Z &
+vmm=$!
+(while read -r line; do [ "$line" = zap ] && kill -USR1 $vmm; done) </dev/console &
+wait $vmm"""
+    return f"""{init_head(args)}{vmm}
 echo KVMINSPECT-FAILED
 sleep 100000
 """
@@ -580,29 +647,33 @@ class QMP:
 
 
 def boot_and_dump(work: Path, tree: Path, release: str, initrd: Path, args: argparse.Namespace,
-                  busy=None) -> tuple[Path, dict, str]:
+                  busy=None, then=None) -> tuple[Path, dict, str]:
     """Boot the host, wait for the VMM's record, dump memory over QMP.
 
     *busy*(dump, record), if given, says why a dump is not wanted (a string)
     or None: the host then runs on for a moment and is dumped again
-    (DUMP_TRIES in all)."""
+    (DUMP_TRIES in all). *then*(qemu, qmp, console), if given, runs after
+    the dump, before QEMU quits (--pair: zap_and_dump). The host's serial
+    console is QEMU's stdio: its output goes to work/console.log, and lines
+    written to qemu.stdin are typed on it."""
     kernel = kernel_image(tree, release)
     qmp_path = work / "qmp.sock"
     console = work / "console.log"
     dump = work / "vmcore.elf"
     for p in (qmp_path, console, dump):
         p.unlink(missing_ok=True)
-    cpu = "max" if args.la57 else "max,la57=off"
+    cpu = host_cpu(args)
     cmd = [
         "qemu-system-x86_64", "-accel", "tcg", "-cpu", cpu, "-smp", str(args.host_cpus),
         "-m", f"{args.host_mem}M", "-kernel", str(kernel), "-initrd", str(initrd),
         "-append", "console=ttyS0 panic=-1 loglevel=4",
         "-device", "vmcoreinfo", "-display", "none", "-no-reboot",
-        "-serial", f"file:{console}", "-qmp", f"unix:{qmp_path},server=on,wait=off",
-        "-monitor", "none",
+        "-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console",
+        "-qmp", f"unix:{qmp_path},server=on,wait=off", "-monitor", "none",
     ]
     log(" ".join(cmd))
-    qemu = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    with open(console, "wb") as out:
+        qemu = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out)
     try:
         qmp = QMP(qmp_path)
         deadline = time.time() + args.timeout
@@ -623,8 +694,9 @@ def boot_and_dump(work: Path, tree: Path, release: str, initrd: Path, args: argp
             time.sleep(1)  # let the busy vCPUs spin in guest mode for a while
         if getattr(args, "real_guest", False):
             record = real_guest_record(text)
-        else:
-            record = json.loads(re.search(r"KVMINSPECT-RECORD (\{.*\})", text).group(1))
+        else:  # --vmms N: N records, the first one's fields at the top level
+            records = [json.loads(r) for r in re.findall(r"KVMINSPECT-RECORD (\{.*\})", text)]
+            record = {**records[0], "vmms": records} if len(records) > 1 else records[0]
         params = re.search(r"KVMINSPECT-PARAMS (.*)", text).group(1).strip()
         for attempt in range(1, DUMP_TRIES + 1):
             log("dumping memory")
@@ -641,6 +713,8 @@ def boot_and_dump(work: Path, tree: Path, release: str, initrd: Path, args: argp
             log(f"dump {attempt}: {why}; once more")
             qmp.cmd("cont")
             time.sleep(1 + attempt % 3)
+        if then is not None:
+            then(qemu, qmp, console)
         qmp.cmd("quit")
     finally:
         try:
@@ -648,6 +722,33 @@ def boot_and_dump(work: Path, tree: Path, release: str, initrd: Path, args: argp
         except subprocess.TimeoutExpired:
             qemu.kill()
     return dump, record, params
+
+
+PAIR_SIDES = ("before", "after")  # --pair: the two dumps of one boot, in this order
+
+
+def zap_and_dump(qemu: subprocess.Popen, qmp: QMP, console: Path, dump: Path,
+                 timeout: float) -> None:
+    """--pair, after the first dump: the host runs on, "zap" is typed on its
+    console (init_script turns it into a SIGUSR1 to the VMM, which zaps every
+    VM: a memslot added and deleted, kvm_mmu_zap_all_fast), and when the VMM
+    says KVMINSPECT-ZAPPED 1 the host is stopped and dumped again into *dump*.
+    The halted vCPUs keep their roots, now invalid and obsolete: the zap's
+    KVM_REQ_MMU_FREE_OBSOLETE_ROOTS does not wake a vCPU in kvm_vcpu_block."""
+    assert qemu.stdin is not None
+    qmp.cmd("cont")
+    qemu.stdin.write(b"zap\n")
+    qemu.stdin.flush()
+    zapped = re.compile(r"^KVMINSPECT-ZAPPED 1\r?$", re.M)
+    deadline = time.time() + timeout
+    while not zapped.search(text := console.read_text(errors="replace")):
+        if time.time() > deadline or qemu.poll() is not None or "KVMINSPECT-FAILED" in text:
+            sys.exit(f"mkfixture: the VMM did not zap; console:\n{text[-4000:]}")
+        time.sleep(0.5)
+    log("zapped; dumping memory again")
+    qmp.cmd("stop")
+    dump.unlink(missing_ok=True)
+    qmp.cmd("dump-guest-memory", paging=False, protocol=f"file:{dump}")
 
 
 def fix_elf_phdrs(path: Path) -> None:
@@ -734,10 +835,12 @@ def drop_range(src: Path, dst: Path, lo: int, hi: int) -> int:
     return dropped
 
 
-def filter_dump(dump: Path, out: Path, level: int, vmlinux: Path, compress: str = "xz"
-                ) -> Path:
+def filter_dump(dump: Path, out: Path, level: int, vmlinux: Path, compress: str = "xz",
+                keep_dump: bool = True) -> Path:
     """makedumpfile -E -d LEVEL (ELF output), kernel text dropped, then xz -9e
     (*compress* "xz"), zstd -T2 ("zstd") or nothing ("none": *out* is the ELF).
+    Without *keep_dump* the raw *dump* is deleted as soon as makedumpfile has
+    written the filtered one (a big host's raw dump is as big as its memory).
 
     Returns the uncompressed ELF that was compressed into *out* (the caller
     may read it and then deletes it), or *out* itself with "none".
@@ -754,6 +857,8 @@ def filter_dump(dump: Path, out: Path, level: int, vmlinux: Path, compress: str 
             log(f"makedumpfile: {line.strip()}")
     if r.returncode:
         sys.exit(f"mkfixture: makedumpfile failed ({r.returncode})")
+    if not keep_dump:
+        dump.unlink()
     lo, hi = kernel_text_range(filtered, vmlinux)
     n = drop_range(filtered, notext, lo, hi)
     log(f"dropped {n >> 10} KiB of kernel text at {lo:#x}-{hi:#x}")
@@ -768,12 +873,14 @@ def filter_dump(dump: Path, out: Path, level: int, vmlinux: Path, compress: str 
 
 
 def vm_list_order(elf: Path, vmlinux: Path, kvm_ko: Path, record: dict) -> list[int]:
-    """The VMs on the dump's vm_list, head first, as creation indices.
+    """The VMs on the dump's vm_list, head first, as creation indices (with
+    --vmms, the record's "vmms": as the VMMs' launch indices).
 
     kvm_create_vm() adds a VM at the head of vm_list, so the newest comes
     first; this reads the order from the dump instead of assuming it. A VM
     is recognised by its vCPU threads (every VM of the VMM has the same
-    userspace_pid). Exits if the VMs on vm_list are not the record's.
+    userspace_pid), and must have its VMM's pid. Exits if the VMs on vm_list
+    are not the record's.
     """
     import drgn
     from drgn.helpers.linux.list import list_for_each_entry
@@ -783,8 +890,10 @@ def vm_list_order(elf: Path, vmlinux: Path, kvm_ko: Path, record: dict) -> list[
     prog = drgn.Program()
     prog.set_core_dump(str(elf))
     prog.load_debug_info([str(vmlinux), str(kvm_ko)])
-    by_tids = {frozenset(v["tid"] for v in vm["vcpus"]): vm["index_created"]
-               for vm in record["vms"]}
+    vms = ([(vm["index_created"], record["vmm_pid"], vm["vcpus"]) for vm in record["vms"]]
+           if "vms" in record else
+           [(i, vmm["vmm_pid"], vmm["vcpus"]) for i, vmm in enumerate(record["vmms"])])
+    by_tids = {frozenset(v["tid"] for v in vcpus): (index, pid) for index, pid, vcpus in vms}
     order = []
     for kvm in list_for_each_entry("struct kvm", prog["vm_list"].address_of_(), "vm_list"):
         n = kvm.online_vcpus.counter.value_()
@@ -794,11 +903,12 @@ def vm_list_order(elf: Path, vmlinux: Path, kvm_ko: Path, record: dict) -> list[
         except AttributeError:  # 5.10: kvm->vcpus[]
             vcpus = [kvm.vcpus[i] for i in range(n)]
         tids = frozenset(pid_task(v.pid, 0).pid.value_() for v in vcpus)
-        if kvm.userspace_pid.value_() != record["vmm_pid"] or tids not in by_tids:
+        index, pid = by_tids.get(tids, (None, None))
+        if kvm.userspace_pid.value_() != pid:
             sys.exit(f"mkfixture: VM {kvm.value_():#x} on vm_list is not the VMM's "
                      f"(pid {kvm.userspace_pid.value_()}, vCPU tids {sorted(tids)})")
-        order.append(by_tids[tids])
-    if sorted(order) != sorted(by_tids.values()):
+        order.append(index)
+    if sorted(order) != sorted(index for index, _ in by_tids.values()):
         sys.exit(f"mkfixture: vm_list holds VMs {order}, the VMM made {len(by_tids)}")
     return order
 
@@ -934,7 +1044,10 @@ def truth(record: dict, release: str, args: argparse.Namespace, params: str,
     The top level describes the first VM created; with several VMs, "vms"
     holds each VM's truth in creation order (the first is the top level's)
     and "vm_list_order" their creation indices in vm_list order, as read
-    from the dump.
+    from the dump. With several VMM processes (--vmms), the top level is the
+    first VMM's, "vmms" holds each VMM's truth in launch order ("index", the
+    VMM's own "vmm_pid", vcpus, sets, ...: its record) and "vm_list_order"
+    their launch indices in vm_list order.
     """
     if args.special:
         return {"kernel_release": release, "special": args.special, "mmu": None,
@@ -951,7 +1064,41 @@ def truth(record: dict, release: str, args: argparse.Namespace, params: str,
         t["vms"] = [{"index_created": vm["index_created"],
                      **vm_truth(vm, record["vmm_pid"], args)} for vm in record["vms"]]
         t["vm_list_order"] = vm_order
+    if "vmms" in record:
+        t["vmms"] = [{"index": i, **vm_truth(vmm, vmm["vmm_pid"], args)}
+                     for i, vmm in enumerate(record["vmms"])]
+        t["vm_list_order"] = vm_order
     return t
+
+
+def write_pair(outdir: Path, dumps: list[Path], core_name: str, record: dict, release: str,
+               args: argparse.Namespace, params: str, level: int,
+               debug: tuple[Path, Path, Path, Path | None]) -> None:
+    """--pair: *dumps* (before, after the zap: one boot) each filtered into its
+    own fixture directory, outdir/before and outdir/after (PAIR_SIDES), with
+    the debug set and truth.json. Both truths are the VMM's one record (it
+    prints it once, before the zap); the after side's says "zapped" (no unsync
+    pages: the zap freed them), and each says its side in "pair". *debug*:
+    vmlinux and kvm.ko for drgn, the -dbg tree and the shared fixture (or None)."""
+    vmlinux, kvm_ko, dbg, shared = debug
+    for side, dump in zip(PAIR_SIDES, dumps, strict=True):
+        d = outdir / side
+        d.mkdir(parents=True, exist_ok=True)
+        core = d / core_name
+        elf = filter_dump(dump, core, level, vmlinux, args.compress)
+        dump.unlink()
+        vm_order = vm_list_order(elf, vmlinux, kvm_ko, record) if "vms" in record else None
+        if elf != core:
+            elf.unlink()
+        if not args.skip_debug:
+            debug_set(args.work, dbg, release, d, shared)
+        after = side == PAIR_SIDES[1]
+        t = truth(record, release, argparse.Namespace(**{**vars(args), "zap": after}), params,
+                  vm_order)
+        t["pair"] = {"side": side, "zaps": int(after), "sides": list(PAIR_SIDES)}
+        t["dump_level"] = level
+        (d / "truth.json").write_text(json.dumps(t, indent=1) + "\n")
+        log(f"wrote {d}: {core.stat().st_size} bytes of {core_name}")
 
 
 def main() -> None:
@@ -972,6 +1119,9 @@ def main() -> None:
                     help="big workload: N 2 MiB regions touched, N level-1 TDP MMU pages "
                     "(--mmu tdp_mmu; VMM -T)")
     ap.add_argument("--zap", action="store_true", help="delete a memslot after the workload")
+    ap.add_argument("--pair", action="store_true",
+                    help="dump the host twice in one boot, before and after the VMM zaps "
+                    "(VMM -Z): NAME/before and NAME/after")
     ap.add_argument("--busy", action="store_true", help="vCPUs spin in guest mode")
     ap.add_argument("--special", choices=["no-vm", "no-kvm"],
                     help="a host with kvm loaded but no VM, or without kvm")
@@ -993,6 +1143,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--vms", type=int, choices=[1, 2], default=1,
                     help="VMs in the VMM process (VMM -n)")
+    ap.add_argument("--vmms", type=int, default=1, metavar="N",
+                    help="VMM processes in the host, each with the options above (one VM "
+                    "each unless --vms 2); truth.json gets every one's record")
     ap.add_argument("--vm2-vcpus", type=int, default=2, help="vCPUs of the second VM")
     ap.add_argument("--vm2-sets", type=int, default=2, help="page-table sets of the second VM")
     ap.add_argument("--vm2-windows", default="1,3", help="windows per set of the second VM")
@@ -1031,6 +1184,14 @@ def main() -> None:
                             or args.smm or args.vms > 1 or args.la57):
         # npt=1 under TCG crashed the emulated host after 13 minutes
         ap.error("--real-guest needs --mmu shadow and takes none of the VMM's options")
+    if args.pair and (args.zap or args.busy or args.special or args.real_guest
+                      or big_kind(args)):
+        ap.error("--pair zaps between its two dumps: no --zap, --busy, --special, "
+                 "--real-guest or big workload")
+    if args.vmms < 1 or args.vmms > 1 and (args.vms > 1 or args.pair or args.special
+                                           or args.real_guest or big_kind(args)):
+        ap.error("--vmms N: N >= 1; more than one takes no --vms 2, --pair, --special, "
+                 "--real-guest or big workload")
     if args.host_mem is None:
         args.host_mem = 2048 if args.real_guest else 256
     if args.timeout is None:
@@ -1055,8 +1216,13 @@ def main() -> None:
     busy = None
     if args.real_guest:  # dump when no vCPU thread is changing the MMU
         busy = lambda dump, record: mmu_busy(dump, vmlinux, kvm_ko, record["vmm_pid"])  # noqa: E731
+    then = None
+    if args.pair:  # the same boot dumped again, after a fast zap
+        after = work / "vmcore-after.elf"
+        then = lambda qemu, qmp, console: zap_and_dump(qemu, qmp, console, after,  # noqa: E731
+                                                       args.timeout)
     t0 = time.time()
-    dump, record, params = boot_and_dump(work, tree, release, initrd, args, busy)
+    dump, record, params = boot_and_dump(work, tree, release, initrd, args, busy, then)
     log(f"booted and dumped in {time.time() - t0:.0f}s ({params})")
 
     outdir = args.out if args.out else VMCORES / args.name
@@ -1064,18 +1230,24 @@ def main() -> None:
     level = args.dump_level if args.dump_level is not None else (
         REAL_GUEST_DUMP_LEVEL if args.real_guest else DUMP_LEVEL[args.kernel])
     core = outdir / {"xz": "vmcore.xz", "zstd": "vmcore.zst", "none": "vmcore"}[args.compress]
+    if args.pair:  # two fixture directories of one boot
+        write_pair(outdir, [dump, after], core.name, record, release, args, params, level,
+                   (vmlinux, kvm_ko, dbg, shared))
+        return
     t0 = time.time()
-    elf = filter_dump(dump, core, level, vmlinux, args.compress)
+    # the raw dump is kept only for guest_ram_in_dump
+    elf = filter_dump(dump, core, level, vmlinux, args.compress, keep_dump=args.real_guest)
     log(f"filtered in {time.time() - t0:.0f}s")
     in_dump = None
     if args.real_guest:
         in_dump = guest_ram_in_dump(dump, elf, vmlinux, record)
         log(f"guest RAM in the dump: {in_dump}")
-    dump.unlink()
+        dump.unlink()
     vm_order = None
-    if "vms" in record:
+    if "vms" in record or "vmms" in record:
         vm_order = vm_list_order(elf, vmlinux, kvm_ko, record)
-        log(f"vm_list, head first: VMs {vm_order} (creation order)")
+        log(f"vm_list, head first: VMs {vm_order} "
+            f"({'creation' if 'vms' in record else 'VMM launch'} order)")
     counts = big_counts(elf, vmlinux, kvm_ko, args.mmu == "tdp_mmu") if "big" in record else None
     if elf != core:
         elf.unlink()
