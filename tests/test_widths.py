@@ -14,7 +14,7 @@ import pytest
 from kvminspect import render
 from kvminspect.cli import run_one
 from kvminspect.session import Session
-from tests.conftest import FIXTURES, MULTI_VM, open_fixture
+from tests.conftest import FIXTURES, MULTI_VM, VMCORES, open_fixture
 
 COMMANDS = [["vms"], ["vcpus"], ["roots"], ["tree"], ["walk", "0x200000"], ["rmap", "0x10"],
             ["stats"], ["check"], ["unsync"], ["diagnose"]]
@@ -103,3 +103,22 @@ def test_list_column_wraps_at_commas() -> None:
     assert render.wrap_items("CLOCK_UPDATE,STEAL_UPDATE,GLOBAL_CLOCK_UPDATE", 26) == [
         "CLOCK_UPDATE,STEAL_UPDATE,", "GLOBAL_CLOCK_UPDATE"]
     assert render.wrap_items("a, b, c", 5) == ["a, b,", "c"]
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_diff_of_the_pair_at_every_width(width: int, monkeypatch) -> None:
+    """diff on the same-boot pair (tests/vmcores/6.1-shadow-pair): every hex value of
+    its JSON whole in the text, no KEY: value fallback, no line wider than asked."""
+    after = str(VMCORES / "6.1-shadow-pair" / "after")
+    monkeypatch.delenv("COLUMNS", raising=False)
+    out, _ = _run("6.1-shadow-pair/before", ["diff", after, "--json"])
+    wide, _ = _run("6.1-shadow-pair/before", ["diff", after])
+    values = {v for v in _values(json.loads(out)) if _whole(v, wide)}
+    assert len(values) > 20
+    monkeypatch.setenv("COLUMNS", str(width))
+    text, fell_back = _run("6.1-shadow-pair/before", ["diff", after])
+    for v in values:
+        assert _whole(v, text), f"diff at {width}: {v} cut or missing"
+    assert not fell_back
+    long = [line for line in text.splitlines() if len(line) > width]
+    assert not long, long[0]

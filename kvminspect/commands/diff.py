@@ -55,7 +55,7 @@ from kvminspect.diff import (
 from kvminspect.errors import KvminspectError, LookupFailed, Problem
 from kvminspect.fmt import hx
 from kvminspect.objects import VM
-from kvminspect.render import Grid, console, plural
+from kvminspect.render import Grid, console, plural, say
 from kvminspect.results import PageView
 from kvminspect.session import Session
 from kvminspect.shapes import vm_diff_json
@@ -84,7 +84,15 @@ def hex_arrow(c: Change[Any]) -> str:
 
 
 def changes_line(changes: dict[str, Change[Any]]) -> str:
-    return ", ".join(f"{k} {arrow(c)}" for k, c in changes.items())
+    """The changes as "name a -> b, name a -> b"."""
+    return " ".join(changes_units(changes))
+
+
+def changes_units(changes: dict[str, Change[Any]]) -> list[str]:
+    """Each change as "name a -> b," (the last without its comma): what a
+    narrow line wraps between, never inside."""
+    items = [f"{k} {arrow(c)}" for k, c in changes.items()]
+    return [item + ("," if n < len(items) - 1 else "") for n, item in enumerate(items)]
 
 
 def header(d: VmDiff) -> str:
@@ -103,8 +111,13 @@ def header(d: VmDiff) -> str:
 def roots_table(vcpus: list[VcpuChange]) -> Grid:
     """Per changed vCPU root: a 'before' row and an 'after' row (roots.root_view_rows)."""
     t = Grid()
+    # narrow: CR3 under VCPU, HPA under PGD, GFN/LVL and FLAGS under SP (WHEN keeps
+    # its column: an 'after' row has no ROOT to stack it under); narrower: PGD and
+    # HPA under ROOT too
+    under = {"CR3": "VCPU", "PGD": "ROOT", "HPA": "PGD", "GFN/LVL": "SP", "FLAGS": "SP"}
     for col in ("VCPU", "CR3", "ROOT", "WHEN", "PGD", "HPA", "SP", "GFN/LVL", "FLAGS"):
-        t.add_column(col, text=col == "FLAGS", carry=col in ("VCPU", "CR3", "ROOT", "WHEN"))
+        t.add_column(col, text=col == "FLAGS", carry=col in ("VCPU", "CR3", "ROOT", "WHEN"),
+                     under=under.get(col, False), stage=2 if col == "PGD" else 1)
     for v in vcpus:
         cr3 = v.cr3
         first = [f"vcpu[{v.vcpu.vcpu_idx}]",
@@ -131,8 +144,8 @@ def _page_cells(p: PageView, sp: str, role: str, rest: str) -> tuple[str, ...]:
 def pages_table(pages: Sequence[PageView]) -> Grid:
     """Shadow pages zapped or added: address, gfn, level, role word, flags."""
     t = Grid()
-    for col in ("SP", "GFN", "LVL", "ROLE", "FLAGS"):
-        t.add_column(col, text=col == "FLAGS")
+    for col in ("SP", "GFN", "LVL", "ROLE", "FLAGS"):  # narrow: GFN, LVL under SP
+        t.add_column(col, text=col == "FLAGS", under="SP" if col in ("GFN", "LVL") else False)
     for p in pages:
         t.add_row(*_page_cells(p, hx(p.sp.addr), hx(p.sp.role.word), " ".join(p.flags())))
     return t
@@ -142,8 +155,8 @@ def changed_table(pages: Sequence[PageChange]) -> Grid:
     """Matched pages that changed, as in B: address, gfn, level, role word (each
     old -> new if it changed), then the other changed fields, old -> new."""
     t = Grid()
-    for col in ("SP", "GFN", "LVL", "ROLE", "CHANGES"):
-        t.add_column(col, text=col == "CHANGES")
+    for col in ("SP", "GFN", "LVL", "ROLE", "CHANGES"):  # narrow: GFN, LVL under SP
+        t.add_column(col, text=col == "CHANGES", under="SP" if col in ("GFN", "LVL") else False)
     for p in pages:
         c = p.changes
         sp = hex_arrow(c[PageField.SP]) if PageField.SP in c else hx(p.new.sp.addr)
@@ -162,9 +175,10 @@ def show(d: VmDiff) -> None:
     if d.pages.changed:
         counts["shadow pages"] = d.pages
     if counts:
-        c.print("  " + changes_line(counts), markup=False)
+        say("  " + changes_line(counts), units=changes_units(counts))
     if d.stat:
-        c.print("  kvm->stat: " + changes_line(dict(d.stat)), markup=False)
+        say("  kvm->stat: " + changes_line(dict(d.stat)),
+            units=["kvm->stat:", *changes_units(dict(d.stat))])
     sections: list[tuple[str, Sequence[Any], Callable[[Any], Grid]]] = [
         ("vCPU roots", d.vcpus, roots_table),
         ("shadow pages zapped", d.pages_zapped, pages_table),
@@ -292,7 +306,7 @@ def _cmd_diff(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any)
         if not diffs:
             c.print("no VMs in A or B (vm_list is empty)")
         for d in diffs:
-            c.print(header(d), markup=False)
+            say(header(d))
             show(d)
 
     finish(a, args, "diff", {"vms": [vm_diff_json(d) for d in diffs]}, human, a_vms,
