@@ -9,11 +9,14 @@
 The cores are made on demand by the fixture pipeline (tests/vmcores/pipeline/
 mkfixture.py --big-shadow N / --big-tdp N: a Debian 6.1 host under QEMU TCG
 whose VMM runs a guest with N distinct level-1 page tables, or N touched 2 MiB
-regions under the TDP MMU) into a cache outside the repository:
+regions under the TDP MMU; --vmms N: N VMM processes, each the fixtures' usual
+guest with 2 vCPUs) into a cache outside the repository:
 $KVMINSPECT_BENCH_DIR, else ~/.cache/kvminspect-bench/, one directory per
 core (vmcore: the filtered ELF, uncompressed; truth.json; the 6.1 debug set,
 copied from tests/vmcores/6.1-shadow; gen.json: how long generation took). A
-core already there is not made again.
+core already there is not made again; one whose making needs more free disk
+than there is (Spec.disk_need: the host's raw dump and the filtered core) is
+skipped, with a message.
 
 For each core, in one run (after reading the whole core once, so that the page
 cache holds it, and one warm-up ``vms``: the debug files
@@ -27,7 +30,10 @@ decompressed into kvminspect's cache, the core in the page cache):
   * whole process: ``python -m kvminspect -c CORE CMD --json`` for each command
     (the median wall time of --runs runs after one warm-up, and the peak RSS
     of the child from wait4()), and per shadow page the memory above the
-    ``vms`` floor: (peak RSS of CMD - peak RSS of vms) / pages.
+    ``vms`` floor: (peak RSS of CMD - peak RSS of vms) / pages;
+  * the truth: the pages ``diagnose --json`` audits, the naive walk's pages
+    and the count the pipeline read from the dump (truth.json "in_dump"), or
+    for --vmms cores the VMs' pids against the VMMs' records (check_truth).
 
 "pages" is what the naive walk reaches from the roots (every page for these
 cores: they have no orphans). Nothing here asserts a speed: it reports.
@@ -56,7 +62,7 @@ MKFIXTURE = ROOT / "tests" / "vmcores" / "pipeline" / "mkfixture.py"
 DEBUG_FROM = ROOT / "tests" / "vmcores" / "6.1-shadow"  # the 6.1 fixtures' one debug set
 DEBUG_FILES = ("vmlinux.xz", "kvm.ko.xz", "kvm-amd.ko.xz")
 FIXTURE_WORK = Path("/var/tmp/kvminspect-fixtures")  # mkfixture's default --work
-COMMANDS = ("vms", "vcpus", "roots", "tree", "unsync", "check", "stats")
+COMMANDS = ("vms", "vcpus", "roots", "tree", "unsync", "check", "stats", "diagnose")
 BEGIN = "<!-- scale:begin (python -m benchmarks.scale --write-readme) -->"
 END = "<!-- scale:end -->"
 
@@ -66,25 +72,39 @@ class Spec:
     """One benchmark core: its name in the cache and how mkfixture makes it."""
 
     name: str
-    kind: str  # "shadow" or "tdp"
-    n: int  # level-1 pages the guest makes
+    kind: str  # "shadow", "tdp" (one big VM) or "vms" (n VMM processes)
+    n: int  # level-1 pages the guest makes, or VMMs
+    mem: int = 0  # MiB for the emulated host, when not host_mem's estimate
 
     @property
-    def mmu(self) -> str:
-        """mkfixture's --mmu."""
-        return "shadow" if self.kind == "shadow" else "tdp_mmu"
+    def workload(self) -> list[str]:
+        """mkfixture's options for the workload: --mmu and the VMM's shape."""
+        if self.kind == "vms":  # the fixtures' usual guest (4 sets), 2 vCPUs per VM
+            return ["--mmu", "shadow", "--vmms", str(self.n), "--vcpus", "2"]
+        return ["--mmu", "shadow" if self.kind == "shadow" else "tdp_mmu",
+                f"--big-{self.kind}", str(self.n)]
 
     @property
     def host_mem(self) -> int:
-        """MiB for the emulated host: ~13 KiB per level-1 page (shadow: the
-        guest's table, spt, shadowed_translation, rmap; TDP: the data page,
-        the host's PTE page, the TDP page) above a 1.5 GiB base, at least 3 GiB."""
-        return max(3072, 1536 + self.n * 13 // 1024)
+        """MiB for the emulated host: *mem*, else ~13 KiB per level-1 page
+        (shadow: the guest's table, spt, shadowed_translation, rmap; TDP: the
+        data page, the host's PTE page, the TDP page) above a 1.5 GiB base, at
+        least 3 GiB."""
+        return self.mem or max(3072, 1536 + self.n * 13 // 1024)
 
     @property
     def timeout(self) -> int:
         """Seconds for the guest to finish (generous: ~30 s per 100k is typical)."""
-        return 300 + self.n // 250
+        return 300 + (self.n * 10 if self.kind == "vms" else self.n // 250)
+
+    @property
+    def disk_need(self) -> int:
+        """Bytes of free disk while the core is made: the host's raw dump (its
+        memory; mkfixture deletes it once makedumpfile has written the filtered
+        dump) and the filtered dump, twice (the kernel text is cut out into a
+        copy): ~9 KiB per page above ~200 MB (tdp-100k: 962 MB), 1 GiB spare."""
+        core = 200 * 10**6 + (self.n * 9 * 1024 if self.kind != "vms" else 0)
+        return max(self.host_mem * 2**20 + core, 2 * core) + 2**30
 
 
 SPECS = {s.name: s for s in (
@@ -92,6 +112,10 @@ SPECS = {s.name: s for s in (
     Spec("shadow-100k", "shadow", 100_000),
     Spec("shadow-300k", "shadow", 300_000),
     Spec("tdp-100k", "tdp", 100_000),
+    # 12 KiB per 2 MiB region touched (TDP page, guest page, the VMM's PTE
+    # page): an 11 GiB host ran out of memory at 10^6
+    Spec("tdp-1m", "tdp", 1_000_000, mem=15 * 1024),
+    Spec("vms-64", "vms", 64, mem=2048),
 )}
 
 
@@ -126,16 +150,27 @@ def is_made(path: Path) -> bool:
     return all((path / f).exists() for f in ("vmcore", "truth.json", "gen.json", *DEBUG_FILES))
 
 
-def generate(spec: Spec, cache: Path, fixture_work: Path) -> None:
-    """Make *spec*'s core in the cache with mkfixture (one emulator at a time)."""
+def generate(spec: Spec, cache: Path, fixture_work: Path) -> bool:
+    """Make *spec*'s core in the cache with mkfixture (one emulator at a time).
+
+    The pipeline's own drgn steps read the dump with the 6.1 fixtures' small
+    debug set (--share-debug: no -dbg package). False, with a message, if the
+    core is not there and the disk has not the room to make it."""
     out = cache / spec.name
     if is_made(out):
-        return
+        return True
     tmp = cache / f"{spec.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, str(MKFIXTURE), "--kernel", "6.1", "--mmu", spec.mmu,
-           f"--big-{spec.kind}", str(spec.n), "--host-mem", str(spec.host_mem),
+    free = shutil.disk_usage(cache).free
+    if free < spec.disk_need:
+        log(f"skipping {spec.name}: making it needs {spec.disk_need / 1e9:.1f} GB of free "
+            f"disk in {cache} (a {spec.host_mem} MiB host's raw dump, the filtered core), "
+            f"there are {free / 1e9:.1f} GB")
+        return False
+    cmd = [sys.executable, str(MKFIXTURE), "--kernel", "6.1", *spec.workload,
+           "--host-mem", str(spec.host_mem),
            "--timeout", str(spec.timeout), "--compress", "none", "--skip-debug",
+           "--share-debug", DEBUG_FROM.name,
            "--out", str(tmp), "--work", str(work_dir(cache, fixture_work))]
     log(f"generating {spec.name}: {' '.join(cmd[1:])}")
     t0 = time.monotonic()
@@ -149,6 +184,7 @@ def generate(spec: Spec, cache: Path, fixture_work: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     log(f"generated {spec.name} in {seconds:.0f}s")
+    return True
 
 
 # -- the naive baseline -------------------------------------------------------
@@ -310,6 +346,28 @@ def warm_page_cache(path: Path) -> None:
             pass
 
 
+def check_truth(core: Path, truth: dict[str, Any], naive_pages: int) -> dict[str, Any]:
+    """kvminspect's count against the truth: the pages ``diagnose --json``
+    audits (every VM's) and the naive walk's against the pages the pipeline
+    counted in the dump (the TDP MMU's lists, else n_used_mmu_pages); for a
+    core of several VMMs, the VMs' pids against the VMMs' records (and the
+    audit's pages against the naive walk's). "ok" says whether they agree."""
+    r = subprocess.run([sys.executable, "-m", "kvminspect", "-c", str(core), "diagnose",
+                        "--json"], env=child_env(), stdout=subprocess.PIPE, text=True)
+    vms = json.loads(r.stdout)["vms"] if r.stdout.strip() else []
+    out: dict[str, Any] = {"kvminspect": sum(vm["audit"]["pages"] for vm in vms),
+                           "naive": naive_pages, "vms": len(vms)}
+    if "vmms" in truth:
+        out["expected_vm_pids"] = sorted(v["vmm_pid"] for v in truth["vmms"])
+        out["ok"] = (sorted(vm["pid"] for vm in vms) == out["expected_vm_pids"]
+                     and out["kvminspect"] == naive_pages)
+        return out
+    counted = truth.get("in_dump", {})
+    out["expected"] = counted.get("tdp_mmu_pages", counted.get("n_used_mmu_pages"))
+    out["ok"] = out["expected"] == out["kvminspect"] == naive_pages
+    return out
+
+
 def measure(spec: Spec, cache: Path, runs: int) -> dict[str, Any]:
     """Every figure of one core."""
     core = cache / spec.name
@@ -329,12 +387,16 @@ def measure(spec: Spec, cache: Path, runs: int) -> dict[str, Any]:
         f"naive {res['naive_s']:.2f}s ({res['naive']['pages']} pages)")
     log(f"{spec.name}: whole process, {runs} runs each")
     res["commands"] = whole_process(core, runs)
+    res["truth"] = check_truth(core, truth, res["naive"]["pages"])
+    log(f"{spec.name}: truth {'agrees' if res['truth']['ok'] else 'DISAGREES'}: "
+        f"{res['truth']}")
     res["name"] = spec.name
     res["kind"] = spec.kind
     res["core_mb"] = (core / "vmcore").stat().st_size / 1e6
     res["gen_s"] = gen["seconds"]
     res["host_mem_mib"] = gen["host_mem_mib"]
-    res["unsync"] = len(truth.get("unsync_gfns", []))
+    res["unsync"] = len(truth.get("unsync_gfns", [])) + sum(  # big cores; VMMs' sets
+        len(s["unsync_gfns"]) for vmm in truth.get("vmms", []) for s in vmm["sets"])
     res["in_dump"] = truth.get("in_dump", {})
     return res
 
@@ -382,8 +444,9 @@ def table(results: list[dict[str, Any]], measured: str) -> str:
     ]
     for r in results:
         pages = r["naive"]["pages"]
+        wrong = "" if r.get("truth", {}).get("ok", True) else " (not the truth's)"
         lines.append(
-            f"| {r['name']} | {pages:,} | {r['unsync']} | {r['core_mb']:,.0f} "
+            f"| {r['name']} | {pages:,}{wrong} | {r['unsync']} | {r['core_mb']:,.0f} "
             f"| {r['gen_s']:.0f} s ({r['host_mem_mib'] // 1024} GiB host) "
             f"| {r['open_s']:.2f} | {r['graph_s']:.2f} | {r['rss_graph_mb']:.0f} "
             f"| {r['naive_s']:.2f} | {r['naive_s'] / r['graph_s']:.2f}x |")
@@ -447,8 +510,7 @@ def main() -> None:
         doc = json.loads((cache / "results.json").read_text())
         report(doc["cores"], doc["measured"], args.write_readme)
         return
-    for name in names:
-        generate(SPECS[name], cache, args.fixture_work)
+    names = [n for n in names if generate(SPECS[n], cache, args.fixture_work)]
     if args.generate_only:
         return
     results = [measure(SPECS[n], cache, args.runs) for n in names]
