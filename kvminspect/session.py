@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import drgn
 from rich.console import Console
@@ -20,6 +21,7 @@ from kvminspect.layout import known
 from kvminspect.model import VM, Kernel, ShadowPage
 from kvminspect.target import Target, open_core
 
+T = TypeVar("T")
 CHECK_ERRORS = 3  # the exit status when check found error findings (README: Exit status)
 
 
@@ -32,6 +34,7 @@ class Session:
     printed: set[Problem] = field(default_factory=set)  # warned on stderr already
     _graphs: dict[int, graph.VMGraph] = field(default_factory=dict)
     _others: dict[str, Session] = field(default_factory=dict)  # diff's B, by path
+    _results: dict[tuple[Hashable, ...], Any] = field(default_factory=dict)  # memo()'s
     progress: bool = False  # a progress bar for slow graph builds (set by begin())
     py_globals: dict = field(default_factory=dict)  # the py command's names
     failed: int = 0  # the exit status of the first command that failed (0: none did)
@@ -72,6 +75,7 @@ class Session:
         if not self.target.fresh():
             return
         self._graphs.clear()
+        self._results.clear()
         if self.selected is not None:
             old = self.selected
             self.selected = next((v for v in self.kernel.vms() if v.addr == old.addr), None)
@@ -99,6 +103,15 @@ class Session:
                     self._graphs[vm.addr] = (self._live_graph(vm) if self.target.live
                                              else graph.build(k, vm, self.freeze_graphs))
         return self._graphs[vm.addr]
+
+    def memo(self, key: tuple[Hashable, ...], make: Callable[[], T]) -> T:
+        """make()'s result, made once per reading as the graphs are: for the
+        session on a vmcore (a REPL's second 'diagnose' prints what the first
+        found, without reading again), anew after begin() on a live target.
+        *key* names the command, the VM and whatever else the result depends on."""
+        if key not in self._results:
+            self._results[key] = make()
+        return cast(T, self._results[key])
 
     def _live_graph(self, vm: VM) -> VMGraph:
         """graph.build on a running kernel: retried once if the MMU changed meanwhile."""

@@ -9,6 +9,7 @@ import pytest
 from kvminspect.cli import main
 from kvminspect.diagnose import RootHealth, StuckReason, Verdict, diagnose_vm
 from kvminspect.graph import build
+from kvminspect.session import Session
 from kvminspect.target import open_core
 from tests.conftest import ALL, FIXTURES, LARGE, MULTI_VM, SMM, VMCORES, open_fixture, truth
 
@@ -146,3 +147,26 @@ def test_the_verdict_goes_away_outside_the_range(damaged) -> None:
     assert d.verdict is Verdict.HEALTHY and not [v for v in d.vcpus if v.stuck]
     (v0,) = [v for v in d.vcpus if v.vcpu.vcpu_idx == 0]
     assert v0.fault is not None and v0.fault.gfn == 0x200 and v0.fault.inside is False
+
+
+def test_a_second_diagnose_in_a_session_reuses_the_first(monkeypatch, capsys) -> None:
+    """On a vmcore the REPL's second 'diagnose' prints what the first found without
+    diagnosing again (Session.memo), the same text and exit status."""
+    from kvminspect import repl
+    from kvminspect.commands import diagnose as cmd
+
+    calls = []
+    real = cmd.diagnose_vm
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(cmd, "diagnose_vm", counted)
+    session = Session(open_fixture("6.1-shadow-2vm"))
+    outs = []
+    for _ in range(2):
+        repl.run_line(session, "diagnose")
+        outs.append(capsys.readouterr().out)
+    assert len(calls) == 2  # two VMs, once each
+    assert outs[0] == outs[1] and "VM 1" in outs[0]

@@ -129,7 +129,8 @@ def _cmd_diagnose(prog: Program, name: str, args: argparse.Namespace, **kwargs: 
     fail = FAIL_ON[args.fail_on]
 
     def collect(s: Session, vm: VM) -> VmDiagnosis:
-        d = diagnose_vm(s.kernel, s.graph(vm), live=s.target.live)
+        d = s.memo(("diagnose", vm.addr),
+                   lambda: diagnose_vm(s.kernel, s.graph(vm), live=s.target.live))
         if d.verdict is Verdict.CORRUPT or (fail is Severity.WARNING
                                              and d.verdict is Verdict.DEGRADED):
             s.check_errors = True  # exit status 3
