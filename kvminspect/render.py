@@ -341,17 +341,18 @@ def wrap_words(words: list[str], width: int, first: str = "", rest: str = "  ") 
     return lines
 
 
-def say(text: str, indent: str = "    ", units: list[str] | None = None) -> None:
-    """Print a line of words at the console's width: as it is when it fits,
-    else wrapped between words (a word, or each of *units* when given, is
-    never cut), continuation lines indented by *indent* more."""
+def say(text: str, indent: str = "    ", units: list[str] | None = None,
+        style: str | None = None) -> None:
+    """Print a line of words at the console's width (in *style*): as it is
+    when it fits, else wrapped between words (a word, or each of *units* when
+    given, is never cut), continuation lines indented by *indent* more."""
     c = console()
     if cell_len(text) <= c.width:
-        c.print(text, markup=False, highlight=False, soft_wrap=True)
+        c.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
         return
     lead = text[:len(text) - len(text.lstrip(" "))]
     for line in wrap_words(units or text.split(), c.width, lead, lead + indent):
-        c.print(line, markup=False, highlight=False, soft_wrap=True)
+        c.print(line, style=style, markup=False, highlight=False, soft_wrap=True)
 
 
 class TextTree:

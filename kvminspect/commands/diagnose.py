@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import textwrap
 from typing import Any
 
 from drgn import Program
 from drgn.commands import argument
 
+from kvminspect import render
 from kvminspect.check import Severity
 from kvminspect.commands import kvm_command, per_vm, vm_header
 from kvminspect.diagnose import Folded, VcpuDiagnosis, Verdict, VmDiagnosis, diagnose_vm
@@ -16,7 +16,7 @@ from kvminspect.errors import UsageError
 from kvminspect.fmt import hx
 from kvminspect.objects import VM
 from kvminspect.options import BATCH_USAGE
-from kvminspect.render import console, plural
+from kvminspect.render import plural
 from kvminspect.session import Session
 from kvminspect.shapes import diagnosis_json
 
@@ -25,14 +25,9 @@ FAIL_ON = {"error": Severity.ERROR, "warning": Severity.WARNING}
 
 
 def say(text: str, style: str | None = None) -> None:
-    """One item of diagnose's text, wrapped at the console's width between words (an
-    address is never cut), its continuation lines indented two more than its first."""
-    c = console()
-    lead = len(text) - len(text.lstrip(" "))
-    lines = textwrap.wrap(text, width=max(c.width, 40), subsequent_indent=" " * (lead + 2),
-                          break_long_words=False, break_on_hyphens=False) or [""]
-    for line in lines:
-        c.print(line, style=style, markup=False, soft_wrap=True)
+    """One item of diagnose's text (render.say): wrapped at the console's width
+    between words (an address is never cut), continuation lines indented two more."""
+    render.say(text, "  ", style=style)
 
 
 def refuse_in_session(args: argparse.Namespace) -> None:
