@@ -42,15 +42,13 @@ findings. Nothing here renders.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, replace
 from enum import Enum
 
-from kvminspect import spte
 from kvminspect.check import Finding, FindingKind, Severity, vm_problems
 from kvminspect.graph import VMGraph
 from kvminspect.layout import known
-from kvminspect.leaves import AuditState
+from kvminspect.leaves import AuditState, collect
 from kvminspect.model import Kernel
 from kvminspect.objects import VM, ShadowPage
 from kvminspect.render import plural
@@ -105,29 +103,18 @@ class Leaves:
     @classmethod
     def of(cls, st: AuditState) -> Leaves:
         """From what kvminspect.leaves.collect() read (check --audit reads it once)."""
-        return cls(dict(Counter(x.sp.level for x in st.leaves)), len(st.frozen),
-                   len(st.unreadable_tables))
+        import numpy as np
+
+        levels, first, count = np.unique(st.columns().level, return_index=True,
+                                          return_counts=True)
+        by_level = {int(levels[i]): int(count[i]) for i in np.argsort(first)}  # as met
+        return cls(by_level, len(st.frozen), len(st.unreadable_tables))
 
 
 def count_leaves(k: Kernel, vg: VMGraph) -> Leaves:
     """Every page's present leaf SPTEs counted (every leaf table read, as
     leaves.collect() does, without the gfns): the graph's side of the page stats."""
-    by_level: Counter[int] = Counter()
-    frozen_value = k.spte_masks(vg.vm).layout.frozen
-    frozen = unreadable = 0
-    for sp in vg.pages():
-        if not 1 <= sp.level <= 5 or sp.role.is_mirror:
-            continue
-        spt = k.sptes(sp, keep=sp.level > 1)
-        if spt is None:
-            unreadable += 1
-            continue
-        if frozen_value is not None and sp.tdp_mmu_page:
-            frozen += spt.count(frozen_value)
-        n = len(spte.present_leaves(spt, sp.level, k.spte_format))
-        if n:
-            by_level[sp.level] += n
-    return Leaves(dict(by_level), frozen, unreadable)
+    return Leaves.of(collect(k, vg, gfns=False))
 
 
 @dataclass(frozen=True)
@@ -224,15 +211,13 @@ def page_stats(k: Kernel, vg: VMGraph, leaves: Leaves | None,
 def _shadow_pages(vg: VMGraph) -> tuple[int, list[ShadowPage], int]:
     """Shadow-MMU pages on active_mmu_pages; zapped roots still held (role.invalid,
     root_count > 0, off the list: accounted until put); unreadable list entries."""
-    on_list = unreadable = 0
-    for a in vg.active:
-        sp = vg.nodes.get(a)
-        if sp is None:
-            unreadable += 1
-        elif not sp.tdp_mmu_page:
-            on_list += 1
-    held = [sp for sp in vg.pages() if not sp.tdp_mmu_page and sp.addr not in vg.active
-            and sp.role.invalid and known(sp.root_count) and sp.root_count > 0]
+    active = vg.active
+    tdp, listed = vg.column("tdp_mmu_page"), vg.listed()
+    read = int(listed.sum())  # the pages on the lists that were read (in nodes)
+    unreadable = len(active) - read
+    on_list = read - int((listed & tdp).sum())
+    held = [sp for sp in vg.pages() if sp.role.invalid and not sp.tdp_mmu_page
+            and sp.addr not in active and known(sp.root_count) and sp.root_count > 0]
     return on_list, held, unreadable
 
 
@@ -289,8 +274,12 @@ def tdp_mmu_pages(k: Kernel, vm: VM) -> TdpPages | None:
 
 def tdp_pages(k: Kernel, vg: VMGraph, busy: tuple[str, ...]) -> list[CounterCheck]:
     """kvm->arch.tdp_mmu_pages against the non-root TDP MMU pages the roots reach."""
-    reached = [sp for sp in vg.pages() if sp.tdp_mmu_page and sp.addr not in vg.roots
-               and not vg.is_orphan(sp.addr)]
+    import numpy as np
+
+    addrs, tdp = vg.column("addr"), vg.column("tdp_mmu_page")
+    out = np.fromiter([*vg.roots, *vg.orphan_set], dtype=np.uint64)  # (a few)
+    reaches = tdp & ~np.isin(addrs, out) if len(out) else tdp
+    reached = addrs[reaches]
     what = "non-root TDP MMU pages reachable"
     n = k.vm_reader.tdp_mmu_pages_count(vg.vm)
     hidden = _model_problems(k, vg)
@@ -305,8 +294,9 @@ def tdp_pages(k: Kernel, vg: VMGraph, busy: tuple[str, ...]) -> list[CounterChec
         return [CounterCheck(FindingKind.TDP_MMU_PAGES, "kvm->arch.tdp_mmu_pages", None,
                              len(reached), what, Verdict.UNCHECKED,
                              "this kernel keeps no count of TDP MMU pages")]
-    listed = {a for a in vg.active if a in vg.nodes and vg.nodes[a].tdp_mmu_page}
-    apart = tuple(sorted(listed ^ {sp.addr for sp in reached}))  # on one side only
+    lists = vg.listed() & tdp
+    listed = addrs[lists]
+    apart = tuple(np.sort(addrs[lists ^ reaches]).tolist())  # on one side only
     c = _compare(FindingKind.TDP_MMU_PAGES, "the kvm->arch.tdp_mmu_pages list", len(listed),
                  len(reached), what, busy, hidden)
     if c.verdict is Verdict.MATCH and apart:  # as many, not the same

@@ -33,7 +33,6 @@ is counted by its kvminspect.walk.MemslotOutcome. Nothing here renders.
 
 from __future__ import annotations
 
-import bisect
 from collections import Counter
 
 from kvminspect.check import Finding, FindingKind, Severity, sp_id
@@ -45,9 +44,9 @@ from kvminspect.leaves import AuditState, collect
 from kvminspect.model import Kernel
 from kvminspect.objects import VM, ShadowPage
 from kvminspect.render import plural
-from kvminspect.rmap import LEVEL_NAMES, RmapHead, RmapReader
+from kvminspect.rmap import LEVEL_NAMES, RmapReader
 from kvminspect.spte import PAGE_SHIFT
-from kvminspect.walk import MemslotCheck, MemslotOutcome, Verdict, memslot_check
+from kvminspect.walk import CHECK_OUTCOMES, TRANSLATED, MemslotOutcome, memslot_checks
 
 MAX_REPORTED = 64  # findings of one check per VM spelled out; the rest counted
 PT_WRITABLE_MASK = 1 << 1
@@ -74,34 +73,50 @@ UNCHECKED = {
 
 def check_leaf_pfns(k: Kernel, vm: VM, st: AuditState) -> list[Finding]:
     """audit_mappings(): each present leaf's pfn against gfn -> memslot -> hva -> host
-    pfn (large SPTEs on their first 4K); the ones the dump cannot confirm counted."""
+    pfn (large SPTEs on their first 4K); the ones the dump cannot confirm counted.
+
+    Each (address space, gfn) is translated once (the first leaf's check stands
+    for the others), all at once (kvminspect.walk.memslot_checks)."""
+    import numpy as np
+
+    cols = st.columns()
     out: list[Finding] = []
-    host: dict[tuple[int, int], MemslotCheck] = {}  # (as_id, gfn): the first leaf's check
     unchecked: Counter[MemslotOutcome] = Counter()
-    bad = 0
-    mask = k.layout.addr_mask
-    mm = k.vm_reader.vmm_mm(vm)  # None: memslot_check says why, leaf by leaf
-    for leaf in st.leaves:
-        if leaf.gfn is None:
-            unchecked[MemslotOutcome.NO_GFN] += 1
-            continue
-        pfn = (leaf.value & mask) >> PAGE_SHIFT
-        key = (leaf.as_id, leaf.gfn)
-        c = host.get(key)
-        if c is None:
-            c = host[key] = memslot_check(k, vm, leaf.gfn, pfn, leaf.as_id, mm)
-        if c.verdict is Verdict.NOT_CHECKABLE:
-            unchecked[c.outcome] += 1
-            continue
-        if c.host_pfn == pfn:  # (c may be another leaf's of this gfn: its verdict is not ours)
-            continue
-        bad += 1
-        if bad > MAX_REPORTED:
-            continue
+    no_gfn = int((~cols.has_gfn).sum())
+    if no_gfn:
+        unchecked[MemslotOutcome.NO_GFN] = no_gfn
+    with_gfn = np.flatnonzero(cols.has_gfn)
+    gfns, as_ids = cols.gfn[with_gfn], cols.as_id[with_gfn]
+    # each distinct (address space, gfn) once, and which of them each leaf is
+    key_of = np.zeros(len(with_gfn), dtype=np.intp)
+    keys_gfn, keys_as = [], []
+    n_keys = 0
+    for as_id in np.unique(as_ids).tolist():
+        mine = np.flatnonzero(as_ids == as_id)
+        distinct, back = np.unique(gfns[mine], return_inverse=True)
+        key_of[mine] = n_keys + back.reshape(-1)
+        keys_gfn.append(distinct)
+        keys_as.append(np.full(len(distinct), as_id, dtype=np.int64))
+        n_keys += len(distinct)
+    mm = k.vm_reader.vmm_mm(vm)  # None: NO_MM for every leaf a memslot holds
+    code, hva, host = (memslot_checks(k, vm, np.concatenate(keys_gfn), np.concatenate(keys_as),
+                                      mm) if n_keys else
+                       (np.zeros(0, dtype=np.uint8), np.zeros(0, dtype=np.uint64),
+                        np.zeros(0, dtype=np.uint64)))
+    leaf_code = code[key_of]
+    for c, n in zip(*np.unique(leaf_code[leaf_code != TRANSLATED], return_counts=True),
+                    strict=True):
+        unchecked[CHECK_OUTCOMES[int(c)]] += int(n)
+    pfn = (cols.value[with_gfn] & np.uint64(k.layout.addr_mask)) >> np.uint64(PAGE_SHIFT)
+    wrong = np.flatnonzero((leaf_code == TRANSLATED) & (host[key_of] != pfn))
+    bad = len(wrong)
+    for j in wrong[:MAX_REPORTED].tolist():
+        leaf, key = cols[int(with_gfn[j])], int(key_of[j])
+        assert leaf.gfn is not None
         out.append(Finding(
             FindingKind.LEAF_PFN, Severity.ERROR, [leaf.sp.addr],
-            f"{leaf.where()} maps pfn {pfn:#x} but the memslot translation of gfn "
-            f"{leaf.gfn:#x} (hva {c.hva or 0:#x}) is pfn {c.host_pfn or 0:#x}"))
+            f"{leaf.where()} maps pfn {int(pfn[j]):#x} but the memslot translation of gfn "
+            f"{leaf.gfn:#x} (hva {int(hva[key]):#x}) is pfn {int(host[key]):#x}"))
     if unchecked:
         n = sum(unchecked.values())
         out.append(Finding(
@@ -115,44 +130,53 @@ def check_leaf_pfns(k: Kernel, vm: VM, st: AuditState) -> list[Finding]:
 def check_rmaps(k: Kernel, vg: VMGraph, st: AuditState, reader: RmapReader) -> list[Finding]:
     """inspect_spte_has_rmap / check_mappings_rmap: shadow-MMU leaf SPTEs against
     the memslots' rmaps, both ways (the TDP MMU keeps no rmaps)."""
+    import numpy as np
+
     vm = vg.vm
     if not reader.has_rmaps(vm):
         return []
     scan = reader.scan(vm)
     out = [Finding(FindingKind.RMAP_UNREADABLE, Severity.ERROR, [where],
                    f"rmap at {where:#x}: {why}") for where, why in scan.problems[:MAX_REPORTED]]
-    leaves = {}
+    cols = st.columns()
+    shadow = np.flatnonzero(~cols.table_tdp[cols.table])  # the TDP MMU keeps no rmaps
+    t = cols.table[shadow]
+    spt = np.fromiter((sp.spt for sp in cols.tables), dtype=np.uint64, count=len(cols.tables))
+    spteps = (spt[t] + np.uint64(8) * cols.index[shadow].astype(np.uint64)).tolist()
+    gfns, has = cols.gfn[shadow].tolist(), cols.has_gfn[shadow].tolist()
+    levels, as_ids = cols.table_level[t].tolist(), cols.table_as[t].tolist()
+    entries, readable, some_unreadable = scan.entries, scan.readable, bool(scan.unreadable)
     missing = wrong = 0
-    for leaf in st.leaves:
-        if leaf.sp.tdp_mmu_page:
+    for j, sptep in enumerate(spteps):
+        if not has[j]:
             continue
-        leaves[leaf.sptep] = leaf
-        got = scan.entries.get(leaf.sptep)
-        if leaf.gfn is None:
-            continue
-        shift = 9 * (leaf.sp.level - 1)
-        want = RmapHead(leaf.as_id, leaf.gfn, leaf.sp.level)
-        if got is None and not scan.readable(*want):
-            continue
+        got = entries.get(sptep)
+        gfn, level, as_id = gfns[j], levels[j], as_ids[j]
         if got is None:
+            if some_unreadable and not readable(as_id, gfn, level):
+                continue
             missing += 1
             if missing <= MAX_REPORTED:
+                leaf = cols[int(shadow[j])]
                 out.append(Finding(
                     FindingKind.RMAP_MISSING, Severity.ERROR, [leaf.sp.addr],
                     f"{leaf.where()}: present leaf SPTE {spte_text(leaf.value)} has no entry "
-                    f"in the {LEVEL_NAMES[leaf.sp.level]} rmap of gfn {leaf.gfn:#x}"
-                    + (f" (address space {leaf.as_id})" if leaf.as_id else "")))
-        elif (got.as_id, got.gfn >> shift, got.level) != (want.as_id, want.gfn >> shift,
-                                                           want.level):
+                    f"in the {LEVEL_NAMES[level]} rmap of gfn {gfn:#x}"
+                    + (f" (address space {as_id})" if as_id else "")))
+            continue
+        shift = 9 * (level - 1)
+        if (got.as_id, got.gfn >> shift, got.level) != (as_id, gfn >> shift, level):
             wrong += 1
             if wrong <= MAX_REPORTED:
+                leaf = cols[int(shadow[j])]
                 out.append(Finding(
                     FindingKind.RMAP_WRONG_GFN, Severity.ERROR, [leaf.sp.addr],
-                    f"{leaf.where()}: expected in the {LEVEL_NAMES[leaf.sp.level]} rmap of gfn "
-                    f"{leaf.gfn:#x}, found in the {LEVEL_NAMES.get(got.level, '?')} rmap of "
+                    f"{leaf.where()}: expected in the {LEVEL_NAMES[level]} rmap of gfn "
+                    f"{gfn:#x}, found in the {LEVEL_NAMES.get(got.level, '?')} rmap of "
                     f"gfn {got.gfn:#x} (address space {got.as_id})"))
+    leaves = set(spteps)
     stale = 0
-    for sptep, (as_id, gfn, level) in scan.entries.items():
+    for sptep, (as_id, gfn, level) in entries.items():
         if sptep in leaves:
             continue
         stale += 1
@@ -196,47 +220,58 @@ def shadowed_gfns(vg: VMGraph) -> dict[tuple[int, int], ShadowPage]:
     with "KVM: X86/MMU: Fix shadowing 5-level NPT for 4-level NPT L1 guest",
     84e5ffd045f3)."""
     out: dict[tuple[int, int], ShadowPage] = {}
+    vm_gen = vg.vm.mmu_valid_gen
+    by_role: dict[int, tuple[bool, int]] = {}  # role word: (never shadows, address space)
     for sp in vg.pages():
-        if (sp.role.direct or sp.tdp_mmu_page or sp.role.get("passthrough")
-                or vg.obsolete(sp) or sp.unsync is True or not known(sp.unsync)):
+        role = sp.role
+        never = by_role.get(role.word)
+        if never is None:
+            never = by_role[role.word] = (
+                bool(role.direct or role.get("passthrough") or role.invalid),
+                1 if role.get("smm") else 0)
+        if never[0] or sp.tdp_mmu_page or sp.unsync is True or not known(sp.unsync):
             continue
-        out.setdefault((1 if sp.role.get("smm") else 0, sp.gfn), sp)
+        # is_obsolete_sp() (role.invalid above): an old mmu_valid_gen
+        if known(sp.mmu_valid_gen) and known(vm_gen) and sp.mmu_valid_gen != vm_gen:
+            continue
+        out.setdefault((never[1], sp.gfn), sp)
     return out
 
 
 def check_write_protection(vg: VMGraph, st: AuditState) -> list[Finding]:
     """audit_write_protection(): no writable leaf SPTE maps a shadowed gfn (a
     large one: none inside its range)."""
+    import numpy as np
+
     shadowed = shadowed_gfns(vg)
     if not shadowed:
         return []
     by_as: dict[int, list[int]] = {}
     for as_id, gfn in shadowed:
         by_as.setdefault(as_id, []).append(gfn)
-    for v in by_as.values():
-        v.sort()
+    cols = st.columns()
+    writable = np.flatnonzero(((cols.value & np.uint64(PT_WRITABLE_MASK)) != 0) & cols.has_gfn)
+    as_ids, gfns = cols.as_id[writable], cols.gfn[writable]
+    span = np.uint64(1) << (np.uint64(9) * (cols.level[writable] - 1).astype(np.uint64))
+    hit = np.full(len(writable), -1, dtype=np.int64)  # the shadowed gfn each covers
+    for as_id, v in by_as.items():
+        table = np.array(sorted(v), dtype=np.uint64)
+        mine = np.flatnonzero(as_ids == as_id)
+        i = np.searchsorted(table, gfns[mine])  # bisect_left
+        inside = i < len(table)
+        first = table[np.minimum(i, len(table) - 1)]
+        covers = inside & (first < gfns[mine] + span[mine])
+        hit[mine[covers]] = first[covers].astype(np.int64)
+    found = np.flatnonzero(hit >= 0)
     out: list[Finding] = []
-    n = 0
-    for leaf in st.leaves:
-        if not leaf.value & PT_WRITABLE_MASK or leaf.gfn is None:
-            continue
-        gfns = by_as.get(leaf.as_id)
-        if not gfns:
-            continue
-        span = 1 << (9 * (leaf.sp.level - 1))
-        i = bisect.bisect_left(gfns, leaf.gfn)
-        if i == len(gfns) or gfns[i] >= leaf.gfn + span:
-            continue
-        gfn = gfns[i]
+    for j in found[:MAX_REPORTED].tolist():
+        leaf, gfn = cols[int(writable[j])], int(hit[j])
         guest = shadowed[(leaf.as_id, gfn)]
-        n += 1
-        if n > MAX_REPORTED:
-            continue
         out.append(Finding(
             FindingKind.WRITABLE_SHADOWED, Severity.ERROR, [leaf.sp.addr, guest.addr],
             f"{leaf.where()} is writable ({spte_text(leaf.value)}) but gfn {gfn:#x} is a guest "
             f"page table that {sp_id(guest)} shadows (synced: it must be write-protected)"))
-    return _capped(out, n - MAX_REPORTED, FindingKind.WRITABLE_SHADOWED,
+    return _capped(out, len(found) - MAX_REPORTED, FindingKind.WRITABLE_SHADOWED,
                    "writable SPTEs to shadowed gfns")
 
 

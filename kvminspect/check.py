@@ -168,7 +168,8 @@ def _sp_of(kernel: Kernel, vg: VMGraph, addr: int) -> ShadowPage | None:
 
 
 def _unsync_pages(vg: VMGraph) -> list[ShadowPage]:
-    """The pages whose unsync fields mean something, which the checks below read.
+    """The pages whose unsync fields mean something and say something (unsync,
+    unsync_children or a bit of unsync_child_bitmap), which the checks below read.
 
     Not: bad levels, 6.14's mirror pages, and every page of a kernel that
     lacks one of the fields (UNKNOWN). From 6.14 unsync_children shares a
@@ -177,8 +178,11 @@ def _unsync_pages(vg: VMGraph) -> list[ShadowPage]:
     kvm_mmu_page" and "KVM: x86/mmu: Add an is_mirror member for union
     kvm_mmu_page_role".
     """
+    # only pages with one of the three set matter to the checks below (a NoValue is
+    # false too): tested first, a 10^6-page MMU has a few
     return [sp for sp in vg.pages()
-            if 1 <= sp.level <= 5 and not sp.role.is_mirror
+            if (sp.unsync_child_bitmap or sp.unsync or sp.unsync_children)
+            and 1 <= sp.level <= 5 and not sp.role.is_mirror
             and not isinstance(sp.unsync, NoValue)
             and not isinstance(sp.unsync_children, NoValue)
             and not isinstance(sp.unsync_child_bitmap, NoValue)]
@@ -433,8 +437,9 @@ def check_root_counts(vg: VMGraph, list_ref: bool = True) -> list[Finding]:
             FindingKind.ROOT_COUNT, severity, [addr],
             f"{sp_id(sp)}: root_count {sp.root_count} but expected {expected}: {how}"
             + (f" ({_names(held)})" if held else "") + note))
-    for sp in vg.pages():
-        if known(sp.root_count) and sp.root_count < 0 and sp.addr not in vg.roots:
+    for sp in vg.pages():  # (a root_count of 0, or unknown, is false: tested first)
+        if sp.root_count and known(sp.root_count) and sp.root_count < 0 \
+                and sp.addr not in vg.roots:
             out.append(Finding(FindingKind.ROOT_COUNT, Severity.ERROR, [sp.addr],
                                f"{sp_id(sp)}: negative root_count {sp.root_count}"))
     return out

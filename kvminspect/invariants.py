@@ -38,6 +38,7 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from collections.abc import Iterable
+from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, NamedTuple
 
 from kvminspect import spte
@@ -52,6 +53,9 @@ if TYPE_CHECKING:
     from kvminspect.leaves import AuditState
 
 MAX_REPORTED = 64  # findings of one check per VM spelled out (as kvminspect.audit's)
+FIRST, SECOND = itemgetter(0), itemgetter(1)  # of a link's (index, child)
+GFN, LEVEL, TDP = attrgetter("gfn"), attrgetter("level"), attrgetter("tdp_mmu_page")
+ROLE_WORD = attrgetter("role.word")
 SPTE_LEVEL_BITS = 9  # each level of a page table resolves 9 bits of the gfn
 KVM_MEMSLOT_INVALID = 1 << 16  # include/linux/kvm_host.h: a memslot being deleted or moved
 # role fields kvm_mmu_child_role() sets rather than copies (level: checked on its own,
@@ -229,6 +233,22 @@ def role_mismatches(link: Link) -> list[str]:
     return out
 
 
+def all_fit(parent: ShadowPage, pairs: list[tuple[int, int]], nodes: dict[int, ShadowPage]
+            ) -> bool:
+    """Whether every child in *pairs* has the role kvm_mmu_child_role() gives it
+    (check_child_roles' judgement, once per distinct (role, level, index parity,
+    tdp_mmu_page) of the children, the keys made in C): a parent with 512
+    children of one role is judged twice, not 512 times."""
+    kids = list(map(nodes.__getitem__, map(SECOND, pairs)))
+    keys = list(zip(map(ROLE_WORD, kids), map(LEVEL, kids),
+                    map((1).__and__, map(FIRST, pairs)), map(TDP, kids), strict=True))
+    for key in set(keys):
+        at = keys.index(key)
+        if role_mismatches(Link(parent, pairs[at][0], kids[at])):
+            return False
+    return True
+
+
 def check_child_roles(vg: VMGraph, parents: list[tuple[ShadowPage, list[tuple[int, int]]]],
                       dead: set[int], bad: set[int]) -> list[Finding]:
     """Each child's role against kvm_mmu_child_role() of its parent and SPTE index
@@ -247,7 +267,7 @@ def check_child_roles(vg: VMGraph, parents: list[tuple[ShadowPage, list[tuple[in
     out: list[Finding] = []
     reported: set[int] = set()
     for parent, pairs in parents:
-        if parent.addr in bad:
+        if parent.addr in bad or all_fit(parent, pairs, nodes):
             continue
         judged: dict[tuple[int, int, int, bool], list[str]] = {}
         for index, c in pairs:
@@ -319,6 +339,16 @@ def check_child_gfns(vg: VMGraph, parents: list[tuple[ShadowPage, list[tuple[int
         shift = SPTE_LEVEL_BITS * (parent.level - 1)
         exact = kvm_mmu_page_get_gfn(parent, 0) is not None
         by_index = parent.tdp_mmu_page or parent.role.direct
+        # every child where it belongs (the common case: told in C, no child reported)
+        gfns = list(map(GFN, map(nodes.__getitem__, map(SECOND, pairs))))
+        if exact and by_index:
+            if gfns == [parent.gfn + (i << shift) for i, _ in pairs]:
+                continue
+        elif exact:
+            if gfns.count(parent.gfn) == len(gfns):
+                continue
+        elif not any(g & ((1 << shift) - 1) for g in gfns):
+            continue
         for index, c in pairs:
             if c in dead or c in bad:
                 continue
@@ -456,31 +486,42 @@ def check_leaf_memslots(vg: VMGraph, st: AuditState, dead: set[int], bad: set[in
     address space from its role.smm), and leaves whose gfn could not be read
     (counted by the leaf-pfn check).
     """
+    import numpy as np
+
     slots = Slots(vg.vm.memslots)
     out: list[Finding] = []
     skip = dead | bad
     find = slots.find
-    last = (-1, 0, 0)  # (as_id, first gfn, end) of the memslot the last leaf was in
-    for leaf in st.leaves:
+    cols = st.columns()
+    # the leaves no memslot holds whole, found for all at once: the memslot whose
+    # base_gfn is the last at or below the gfn (Slots.find) must reach past its span
+    gfns, as_ids, levels = cols.gfn, cols.as_id, cols.level
+    span = np.uint64(1) << (np.uint64(SPTE_LEVEL_BITS) * (levels - 1).astype(np.uint64))
+    outside = cols.has_gfn.copy()
+    for as_id in np.unique(as_ids).tolist():
+        mine = np.flatnonzero(as_ids == as_id)
+        held = slots.slots.get(as_id, [])
+        if not held:
+            continue
+        bases = np.array([x.base_gfn for x in held], dtype=np.uint64)
+        ends = np.array([x.base_gfn + x.npages for x in held], dtype=np.uint64)
+        i = np.searchsorted(bases, gfns[mine], side="right") - 1  # bisect_right - 1
+        inside = (i >= 0) & (gfns[mine] + span[mine] <= ends[np.maximum(i, 0)])
+        outside[mine[inside]] = False
+    for j in np.flatnonzero(outside).tolist():
+        leaf = cols[j]
         sp, gfn = leaf.sp, leaf.gfn
         if gfn is None or sp.addr in skip:
             continue
         as_id, level = leaf.as_id, sp.level
-        span = 1 if level == 1 else 1 << (SPTE_LEVEL_BITS * (level - 1))
-        if as_id == last[0] and last[1] <= gfn and gfn + span <= last[2]:
-            continue  # (leaves come page by page: mostly the memslot of the one before)
-        s = find(as_id, gfn)
-        if s is not None:
-            last = (as_id, s.base_gfn, s.base_gfn + s.npages)
-            if gfn + span <= last[2]:
-                continue
+        span_ = 1 if level == 1 else 1 << (SPTE_LEVEL_BITS * (level - 1))
         parent, at = parent_of(vg, sp, dead)
         s = find(as_id, gfn)
         what = (f"gfn {gfn:#x}, which no memslot of address space {as_id} holds"
-                if s is None and span == 1 else
-                f"gfns {gfn:#x}-{gfn + span - 1:#x}, the first of which no memslot of "
+                if s is None and span_ == 1 else
+                f"gfns {gfn:#x}-{gfn + span_ - 1:#x}, the first of which no memslot of "
                 f"address space {as_id} holds" if s is None else
-                f"gfns {gfn:#x}-{gfn + span - 1:#x}, past the end of memslot {s.id} "
+                f"gfns {gfn:#x}-{gfn + span_ - 1:#x}, past the end of memslot {s.id} "
                 f"(gfn {s.base_gfn + s.npages:#x}) of address space {as_id}")
         out.append(Finding(
             FindingKind.LEAF_NO_MEMSLOT, Severity.ERROR,

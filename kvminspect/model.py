@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import array
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import drgn
 
@@ -55,6 +56,10 @@ from kvminspect.read_spte import SpteReader
 from kvminspect.read_vcpus import MmuRootWords, RsvdMasks, Vcpus
 from kvminspect.read_vms import Vms
 from kvminspect.read_vmstate import VmState, VmStates
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
 
 # the model's data (kvminspect.objects), re-exported beside Kernel
 __all__ = ["MP_STATES", "VCPU_MODES", "VENDOR_MODULES", "VM", "VM_TYPES", "Kernel", "LastExit",
@@ -207,9 +212,24 @@ class Kernel:
         """sp->spt[0..511]; None if unreadable (ShadowPages.sptes)."""
         return self.pages.sptes(sp, keep)
 
+    def table_runs(self, sps: list[ShadowPage]
+                   ) -> Iterator[tuple[NDArray[np.intp], NDArray[np.uint64] | None]]:
+        """sp->spt[] of many pages, by runs of neighbours (ShadowPages.table_runs)."""
+        return self.pages.table_runs(sps)
+
+    def leaf_gfns_of(self, sps: list[ShadowPage], table: NDArray[np.intp],
+                     index: NDArray[np.int64]) -> tuple[NDArray[np.uint64], NDArray[np.bool_]]:
+        """kvm_mmu_page_get_gfn() of many leaves of indirect pages
+        (ShadowPages.leaf_gfns_of)."""
+        return self.pages.leaf_gfns_of(sps, table, index)
+
     def links(self, sp: ShadowPage) -> list[tuple[int, int, int | None]]:
         """(index, SPTE, child) of each present non-leaf SPTE of *sp*."""
         return self.pages.links(sp)
+
+    def link_columns(self, sp: ShadowPage) -> tuple[list[int], list[int], list[int | None]]:
+        """links() as three lists: indexes, SPTEs, children (ShadowPages.link_columns)."""
+        return self.pages.link_columns(sp)
 
     def children(self, sp: ShadowPage) -> list[Spte]:
         """Present non-leaf SPTEs of *sp* with their child shadow pages."""

@@ -13,7 +13,9 @@ import array
 import struct
 import sys
 from collections.abc import Iterable, Iterator
-from typing import Any
+from itertools import repeat
+from operator import attrgetter
+from typing import TYPE_CHECKING, Any
 
 import drgn
 
@@ -27,11 +29,19 @@ from kvminspect.objects import (
     Spte,
 )
 from kvminspect.read_spte import SpteReader
-from kvminspect.spte import PAGE_SHIFT
+from kvminspect.spte import PAGE_SHIFT, SPTE_ENT_PER_PAGE
+
+if TYPE_CHECKING:  # numpy is imported where it is used: `vms` never needs it
+    import numpy as np
+    from numpy.typing import NDArray
 
 _U64 = struct.Struct("<Q")
 PRIVATES_RUN = 16  # vmemmap pages read at once by page_private() (1024 struct pages)
 _new = tuple.__new__  # ShadowPage(...) without NamedTuple's Python-level __new__
+LEVEL_OF, SPT_OF, ADDR_OF = attrgetter("level"), attrgetter("spt"), attrgetter("addr")
+COLUMNS_FROM = 256  # _decode_many(): structs decoded column by column from this many
+LINKS_COLUMNS_FROM = 64  # link_columns(): tables with this many non-zero entries, by numpy
+NUMPY_CODES = {"B": "<u1", "H": "<u2", "I": "<u4", "Q": "<u8", "i": "<i4"}  # struct -> numpy
 
 
 class SpDecoder:
@@ -74,6 +84,28 @@ class SpDecoder:
         self.complete = at not in self.index  # every scalar is in the record itself
         self.bitmap = (None if lay.unsync_child_bitmap is None else
                        (lay.unsync_child_bitmap, lay.unsync_child_bitmap + lay.bitmap_bytes))
+        self.spec = present  # name: (offset, struct code) of each field the struct has
+        self.size = lay.size
+        self._numpy: Any = None  # numpy_dtype(), made once
+
+    def numpy_dtype(self) -> Any:
+        """The struct as a numpy record type: every field kvminspect reads at its
+        offset (union members may overlap), the bitmap as bytes."""
+        import numpy as np
+
+        if self._numpy is None:
+            names, formats, offsets = [], [], []
+            for name, (off, code) in self.spec.items():
+                names.append(name)
+                formats.append(NUMPY_CODES[code])
+                offsets.append(off)
+            if self.bitmap is not None:
+                names.append("unsync_child_bitmap")
+                formats.append(f"({self.bitmap[1] - self.bitmap[0]},)u1")
+                offsets.append(self.bitmap[0])
+            self._numpy = np.dtype({"names": names, "formats": formats, "offsets": offsets,
+                                    "itemsize": self.size})
+        return self._numpy
 
     def rows(self, blocks: list[bytes]) -> Iterator[tuple[Any, ...]]:
         """Per block (one struct's bytes each): the record's values, UNKNOWN,
@@ -190,19 +222,10 @@ class ShadowPages:
         to_shadow_page() would not lead to it (kvm_mmu_alloc_shadow_page() and
         tdp_mmu_init_sp() set_page_private(virt_to_page(sp->spt), sp))."""
         lay = self.layout
-        offset, base, size = lay.page_offset_base, lay.vmemmap_base, lay.page_size
-        privates = self._privates
+        offset, size = lay.page_offset_base, lay.page_size
         suspects: Iterable[ShadowPage] = pages
         if size & (size - 1) == 0 and not offset & PAGE_MASK:
-            # the struct page of sp->spt is at base + (spt - offset) / PAGE_SIZE * size:
-            # one shift, and the words links() read answer most pages in one pass
-            shift, first = PAGE_SHIFT - (size.bit_length() - 1), base - (offset >> (
-                PAGE_SHIFT - (size.bit_length() - 1)))
-            block, index = ~PAGE_MASK, PAGE_MASK
-            words_of = privates.get
-            suspects = [sp for sp in pages
-                        if (w := words_of((at := first + (sp.spt >> shift)) & block)) is None
-                        or w[(at & index) // size] != sp.addr]
+            suspects = self._owner_suspects(list(pages))
         out = []
         for sp in suspects:
             pfn = (sp.spt - offset) >> PAGE_SHIFT
@@ -210,6 +233,38 @@ class ShadowPages:
             if owner != sp.addr:
                 out.append((sp.addr, pfn, owner))
         return out
+
+    def _owner_suspects(self, pages: list[ShadowPage]) -> list[ShadowPage]:
+        """The pages whose sp->spt page's private word, as links() read it, is not
+        the page (or was not read): spt_owner_mismatches() asks those again. The
+        struct page of sp->spt is at base + (spt - offset) / PAGE_SIZE * size, one
+        shift; numpy does it for all the pages at once."""
+        import numpy as np
+
+        lay = self.layout
+        size = lay.page_size
+        n = len(pages)
+        spt = np.fromiter(map(SPT_OF, pages), dtype=np.uint64, count=n)
+        addrs = np.fromiter(map(ADDR_OF, pages), dtype=np.uint64, count=n)
+        shift = PAGE_SHIFT - (size.bit_length() - 1)
+        first = lay.vmemmap_base - (lay.page_offset_base >> shift)  # (may be negative)
+        at = (spt >> np.uint64(shift)) + np.uint64(first & (2**64 - 1))  # (mod 2**64)
+        blocks = at & np.uint64(~PAGE_MASK & (2**64 - 1))
+        unique, which = np.unique(blocks, return_inverse=True)
+        per = PAGE_SIZE // size
+        words = np.zeros((len(unique), per), dtype=np.uint64)
+        have = np.zeros(len(unique), dtype=bool)
+        for j, block in enumerate(unique.tolist()):
+            got = self._privates.get(block)
+            if got is not None and len(got) == per:
+                words[j] = np.frombuffer(got, dtype=np.uint64)
+                have[j] = True
+        which = which.reshape(-1)
+        slot = ((at & np.uint64(PAGE_MASK)) // np.uint64(size)).astype(np.intp)
+        # (spt values so large that the sum wraps are garbage: asked again too)
+        wrapped = spt >> np.uint64(shift) > np.uint64(2**64 - 1 - (first & (2**64 - 1)))
+        ok = have[which] & (words[which, slot] == addrs) & ~wrapped
+        return [pages[j] for j in np.flatnonzero(~ok).tolist()]
 
     def shadow_page(self, addr: int) -> ShadowPage | None:
         """struct kvm_mmu_page at *addr*, decoded by offset; None if unreadable."""
@@ -243,14 +298,16 @@ class ShadowPages:
         """Structs kvm_mmu_page (their addresses and bytes) as ShadowPages.
 
         One SpDecoder.rows() pass, one Role per role word, impossible levels
-        and unsync_children recorded as problems. The hot loop of a 10^5-page
-        MMU: ~1.5 us a page.
+        and unsync_children recorded as problems: ~1.5 us a page. Many pages
+        (a list walk's) are decoded column by column instead (SpDecoder.columns).
         """
         lay = self.layout.sp
         assert lay is not None
         dec = self._decoder
         if dec is None:
             dec = self._decoder = SpDecoder(lay)
+        if len(addrs) >= COLUMNS_FROM:
+            return self._decode_columns(dec, addrs, blocks)
         ig, ir, isp, iu, ic, irc, igen, itdp = dec.index
         roles = self._roles
         bitmap = dec.bitmap
@@ -282,6 +339,68 @@ class ShadowPages:
                 self.mem.problem("struct kvm_mmu_page", addr,
                                  f"impossible unsync_children {children}")
         return out
+
+    def _decode_columns(self, dec: SpDecoder, addrs: list[int], blocks: list[bytes]
+                        ) -> list[ShadowPage]:
+        """_decode_many() column by column: the structs' bytes as one numpy record
+        array, each field one vector, a ShadowPage made per page from them
+        (~0.5 us a page); the same ShadowPages, problems and order."""
+        import numpy as np
+
+        rec = np.frombuffer(b"".join(blocks), dtype=dec.numpy_dtype())
+        n = len(addrs)
+        unknown: list[Any] = [UNKNOWN] * n
+        col: dict[str, list[Any]] = {
+            name: rec[name].tolist() if name in rec.dtype.names else unknown
+            for name in SpDecoder.SCALARS}
+        roles = self._roles
+        words = col["role"]
+        for word in set(words):
+            if word not in roles:
+                self._role(word)
+        role_of = list(map(roles.__getitem__, words))
+        levels = list(map(LEVEL_OF, role_of))
+        tdp = ([False] * n if "tdp_mmu_page" not in rec.dtype.names
+               else (rec["tdp_mmu_page"] != 0).tolist())
+        root_counts = col["root_count"]
+        quirk_at = next((i for i in range(n) if tdp[i] and root_counts[i] == 0), n)
+        unsync = col["unsync"]
+        if unsync is not unknown:
+            unsync = (rec["unsync"] != 0).tolist()
+        if dec.bitmap is None:
+            bitmaps: list[Any] = unknown
+        else:
+            bits = rec["unsync_child_bitmap"]
+            bitmaps = [0] * n
+            from_bytes = int.from_bytes
+            for i in np.flatnonzero(bits.any(axis=1)).tolist():
+                bitmaps[i] = from_bytes(bits[i].tobytes(), "little")
+        children = col["unsync_children"]
+        # the problems, page by page as _decode_many records them, and the TDP MMU
+        # level quirk decided where _decode_many would first ask
+        bad = [i for i in range(n) if not 1 <= levels[i] <= 5
+               or (children[i] is not UNKNOWN and children[i] > 512)]
+        for i in bad:
+            if i >= quirk_at:
+                break
+            self._problems_of(addrs[i], levels[i], children[i])
+        if quirk_at < n and self.tdp_child_level_is_parents():
+            for i in range(quirk_at, n):
+                if tdp[i] and root_counts[i] == 0:
+                    levels[i] -= 1
+        for i in bad:
+            if i >= quirk_at:
+                self._problems_of(addrs[i], role_of[i].level, children[i])
+        return list(map(_new, repeat(ShadowPage, n), zip(
+            addrs, col["gfn"], levels, role_of, col["spt"], unsync, children, bitmaps,
+            root_counts, col["mmu_valid_gen"], tdp, strict=True)))
+
+    def _problems_of(self, addr: int, level: int, children: Any) -> None:
+        """The problems _decode_many records for one page's role.level and unsync_children."""
+        if not 1 <= level <= 5:
+            self.mem.problem("struct kvm_mmu_page", addr, f"impossible level {level}")
+        if children is not UNKNOWN and children > 512:
+            self.mem.problem("struct kvm_mmu_page", addr, f"impossible unsync_children {children}")
 
     def _role(self, word: int) -> Role:
         """The Role of a role word (union kvm_mmu_page_role), made once per word."""
@@ -353,6 +472,42 @@ class ShadowPages:
             self._spt_cache[sp.addr] = out
         return out
 
+    def table_runs(self, sps: list[ShadowPage]
+                   ) -> Iterator[tuple[NDArray[np.intp], NDArray[np.uint64] | None]]:
+        """sp->spt[0..511] of each page of *sps*, by runs: (positions in *sps*,
+        their tables as rows of 512 SPTEs), or (positions, None) for tables that
+        cannot be read (each recorded as sptes() records it). sptes() for many
+        pages at once: level-1 tables read together with their neighbours
+        (Memory.page_runs; an audit reads 10^5 of them once, none kept), the
+        others through sptes() (kept, and mostly read by the graph already).
+        A run's rows are a view of one read, to use before the next."""
+        import numpy as np
+
+        n = len(sps)
+        spt = np.fromiter(map(SPT_OF, sps), dtype=np.uint64, count=n)
+        bulk = ((np.fromiter(map(LEVEL_OF, sps), dtype=np.int64, count=n) == 1)
+                & (spt >= np.uint64(KERNEL_MIN)) & ((spt & np.uint64(PAGE_MASK)) == 0))
+        if self._spt_cache:  # (tables sptes() kept: from their copy)
+            bulk &= ~np.fromiter(map(self._spt_cache.__contains__, map(ADDR_OF, sps)),
+                                 dtype=bool, count=n)
+        for j in np.flatnonzero(~bulk).tolist():
+            sp = sps[j]
+            table = self.sptes(sp, keep=sp.level > 1)
+            yield (np.array([j], dtype=np.intp),
+                   None if table is None else np.frombuffer(table, dtype="<u8").reshape(1, -1))
+        where = np.flatnonzero(bulk)
+        if not len(where):
+            return
+        addrs = spt[where]
+        for at, rows in self.mem.page_runs(addrs):
+            if rows is not None:
+                yield where[at], rows
+                continue
+            for j in where[at].tolist():  # read alone: the problem says why, as sptes() does
+                table = self.sptes(sps[j], keep=False)
+                yield (np.array([j], dtype=np.intp),
+                       None if table is None else np.frombuffer(table, dtype="<u8").reshape(1, -1))
+
     def spte_bits(self, sp: ShadowPage, value: int, vm: VM | None = None) -> spte.SpteBits:
         """One SPTE of *sp*, every bit decoded (kvminspect.spte.decode_bits)."""
         return self.spte.bits(sp.level, value, None if vm is None else vm.addr)
@@ -372,31 +527,81 @@ class ShadowPages:
 
     def links(self, sp: ShadowPage) -> list[tuple[int, int, int | None]]:
         """(index, SPTE, child struct kvm_mmu_page or None) of every present
-        non-leaf SPTE of *sp* (a page above level 1): the graph's edges.
+        non-leaf SPTE of *sp* (a page above level 1): the graph's edges
+        (link_columns(), as triples)."""
+        return list(zip(*self.link_columns(sp), strict=True))
+
+    def link_columns(self, sp: ShadowPage) -> tuple[list[int], list[int], list[int | None]]:
+        """links() as three lists: the indexes, the SPTEs and the children.
 
         spte.present_non_leaf() over the whole table, and to_shadow_page() for
-        the child (its struct page read through Memory's page cache, inline).
+        each child (its struct page read through Memory's page cache); a table
+        with many children (a TDP MMU's level 2: up to 512) is done column by
+        column, each vmemmap page's private words taken at once.
         """
         if sp.level <= 1:
-            return []
+            return [], [], []
         spt = self.sptes(sp)
         if spt is None:
-            return []
-        found = spte.present_non_leaf(spt, self.spte.format)
+            return [], [], []
+        if spt.count(0) > SPTE_ENT_PER_PAGE - LINKS_COLUMNS_FROM:  # (a C loop: ~1 us)
+            found = spte.present_non_leaf(spt, self.spte.format)
+            return ([i for i, _ in found], [v for _, v in found],
+                    [self._child(v) for _, v in found])
+        return self._link_columns(spt)
+
+    def _child(self, value: int) -> int | None:
+        """to_shadow_page() of a non-leaf SPTE: inline where its struct page's
+        private word is read already."""
         lay = self.layout
-        mask, base, size = lay.addr_mask, lay.vmemmap_base, lay.page_size
-        privates, to_sp = self._privates, self.to_shadow_page
-        out = []
-        for i, v in found:  # page_private(pfn_to_page(pfn)), inline when its words are read
-            pfn = (v & mask) >> PAGE_SHIFT
-            at = base + pfn * size
-            block = at & ~(PAGE_SIZE - 1)
-            words = privates.get(block)
-            if words is not None:
-                out.append((i, v, words[(at - block) // size] or None))
-            else:
-                out.append((i, v, to_sp(pfn)))
-        return out
+        pfn = (value & lay.addr_mask) >> PAGE_SHIFT
+        at = lay.vmemmap_base + pfn * lay.page_size
+        block = at & ~(PAGE_SIZE - 1)
+        words = self._privates.get(block)
+        if words is not None:
+            return words[(at - block) // lay.page_size] or None
+        return self.to_shadow_page(pfn)
+
+    def _link_columns(self, spt: array.array[int]
+                      ) -> tuple[list[int], list[int], list[int | None]]:
+        """link_columns() of a table with many entries, by numpy."""
+        import numpy as np
+
+        lay = self.layout
+        t = np.frombuffer(spt, dtype=np.uint64)
+        index = np.flatnonzero(spte.present_non_leaf_mask(t, self.spte.format))
+        values = t[index]
+        pfns = (values & np.uint64(lay.addr_mask)) >> np.uint64(PAGE_SHIFT)
+        size = lay.page_size
+        # where base + pfn * size stays below 2**64 (else page_private() says no)
+        fits = pfns <= np.uint64((2**64 - 1 - lay.vmemmap_base) // size - 1)
+        at = np.uint64(lay.vmemmap_base) + pfns * np.uint64(size)
+        blocks = at & np.uint64(~(PAGE_SIZE - 1) & (2**64 - 1))
+        slot = ((at - blocks) // np.uint64(size)).astype(np.intp)
+        # the private words of each vmemmap page the children's struct pages are in
+        unique, first, which = np.unique(blocks, return_index=True, return_inverse=True)
+        per = PAGE_SIZE // size
+        words = np.zeros((len(unique), per), dtype=np.uint64)
+        have = np.zeros(len(unique), dtype=bool)
+        privates = self._privates
+        for j, block in enumerate(unique.tolist()):
+            got = privates.get(block)
+            if got is None and fits[first[j]]:
+                self.to_shadow_page(int(pfns[first[j]]))  # reads it (and its neighbours)
+                got = privates.get(block)
+            if got is not None and len(got) == per:
+                words[j] = np.frombuffer(got, dtype=np.uint64)
+                have[j] = True
+        which = which.reshape(-1)
+        found = fits & have[which]
+        children: list[int | None] = [
+            c or None for c in words[which, slot].tolist()] if found.all() else [None] * len(index)
+        if not found.all():
+            for j in np.flatnonzero(found).tolist():
+                children[j] = int(words[which[j], slot[j]]) or None
+            for j in np.flatnonzero(~found).tolist():  # one by one, as page_private() reads
+                children[j] = self.to_shadow_page(int(pfns[j]))
+        return index.tolist(), values.tolist(), children
 
     def active_pages(self, vm: VM) -> list[int]:
         """Shadow pages on kvm->arch.active_mmu_pages (and the tdp_mmu_pages list, 5.10-6.1)."""
@@ -436,6 +641,9 @@ class ShadowPages:
             return out
         if node == 0:  # never initialised (e.g. the TDP MMU lists of a shadow VM)
             return out
+        fast = self._plain_walk(head, node)
+        if fast is not None:
+            return fast
         cached, page_mask = mem.cached_page, ~(PAGE_SIZE - 1)
         # Brent's cycle detection (no set of every node): the tortoise jumps to
         # the current node after 1, 2, 4, ... steps; a loop is met within twice
@@ -480,6 +688,64 @@ class ShadowPages:
                 todo.append(addr)
                 blocks.append(d)
                 if len(todo) == 4096:  # decoded in runs: a few MB of bytes at most
+                    for sp in self._decode_many(todo, blocks):
+                        cache[sp.addr] = sp
+                    todo, blocks = [], []
+            node = unpack(d, link)[0]
+        for sp in self._decode_many(todo, blocks):
+            cache[sp.addr] = sp
+        return out
+
+    def _plain_walk(self, head: int, node: int) -> list[int] | None:
+        """_sp_list() where nothing is wrong: each node's struct kvm_mmu_page,
+        decoded into the cache by runs of 4096 as _sp_list() decodes them; None
+        at the first thing that is not plain (a pointer that is no kernel
+        address, a struct that is unreadable or crosses a page, more than
+        MAX_LIST nodes: a loop), for the careful walk to say what (it decodes
+        what is not decoded yet, from the same run boundaries). The hot loop of
+        a 10^6-page MMU: no more per node than following it."""
+        lay = self.layout.sp
+        assert lay is not None
+        mem = self.mem
+        link, size, cache = lay.link, lay.size, self._sp_cache
+        cached, fetch, unpack = mem.cached_page, mem.read_block, _U64.unpack_from
+        page_mask, last = ~(PAGE_SIZE - 1), PAGE_SIZE - size
+        out: list[int] = []
+        todo: list[int] = []  # not decoded yet, and their bytes
+        blocks: list[bytes] = []
+        add = out.append
+        tick = left = 0x1000
+        ticked: set[int] = set()  # the node met at each tick: a loop repeats one soon
+        while node != head:
+            if node < KERNEL_MIN:  # (also LIST_POISON1/2)
+                return None
+            if not left:
+                if len(out) > MAX_LIST - tick or node in ticked:  # the careful walk says
+                    return None
+                ticked.add(node)
+                left = tick
+                if mem.on_progress is not None and not len(out) & 0x3FFF:
+                    mem.on_progress(len(out))
+            left -= 1
+            addr = node - link
+            page = addr & page_mask
+            off = addr - page
+            data = cached(page)
+            if data is None or off > last:
+                if off > last:
+                    return None
+                try:
+                    fetch(page, PAGE_SIZE)
+                except drgn.FaultError:
+                    return None
+                data = cached(page)
+                assert data is not None
+            d = data[off:off + size]
+            add(addr)
+            if addr not in cache:
+                todo.append(addr)
+                blocks.append(d)
+                if len(todo) == 4096:
                     for sp in self._decode_many(todo, blocks):
                         cache[sp.addr] = sp
                     todo, blocks = [], []
@@ -541,6 +807,42 @@ class ShadowPages:
         if sys.byteorder != "little":
             arr.byteswap()
         return [arr[i] >> shift for i in indexes]
+
+    def leaf_gfns_of(self, sps: list[ShadowPage], table: NDArray[np.intp],
+                     index: NDArray[np.int64]) -> tuple[NDArray[np.uint64], NDArray[np.bool_]]:
+        """leaf_gfns() of many leaves of indirect pages at once: for each j,
+        kvm_mmu_page_get_gfn(sps[table[j]], index[j]), and whether it could be
+        read (not where the page's array pointer is NULL or either is not in the
+        dump). The pointers are read from the structs, the arrays (a page each)
+        with their neighbours, each page once (Memory.gather_words)."""
+        import numpy as np
+
+        n = len(table)
+        where = self._translation_array()
+        if where is None or not n:
+            return np.zeros(n, dtype=np.uint64), np.zeros(n, dtype=bool)
+        off, shift = where
+        words = np.array([sp.addr + off for sp in sps], dtype=np.uint64)
+        page = np.uint64(~PAGE_MASK & (2**64 - 1))
+        ptrs, read = self.mem.gather_words(
+            words & page, ((words & np.uint64(PAGE_MASK)) >> np.uint64(3)).astype(np.intp))
+        if bool((words & np.uint64(7)).any()) or bool((ptrs & np.uint64(PAGE_MASK)).any()):
+            # (never: slab objects and the arrays are aligned) page by page
+            gfns = np.zeros(n, dtype=np.uint64)
+            ok = np.zeros(n, dtype=bool)
+            for j, (t, i) in enumerate(zip(table.tolist(), index.tolist(), strict=True)):
+                got = self.leaf_gfns(sps[t], [i])
+                if got is not None:
+                    gfns[j], ok[j] = got[0], True
+            return gfns, ok
+        ptr = ptrs[table]
+        usable = read[table] & (ptr != 0)
+        values, ok = self.mem.gather_words(ptr[usable], index[usable].astype(np.intp))
+        gfns = np.zeros(n, dtype=np.uint64)
+        gfns[usable] = values >> np.uint64(shift)
+        found = np.zeros(n, dtype=bool)
+        found[usable] = ok
+        return gfns, found
 
     def _translation_array(self) -> tuple[int, int] | None:
         """(offset in struct kvm_mmu_page, shift) of shadowed_translation (6.0+)

@@ -25,7 +25,7 @@ from kvminspect import spte
 from kvminspect.layout import bare_type
 from kvminspect.memory import Memory
 from kvminspect.model import Kernel
-from kvminspect.objects import VM, ShadowPage
+from kvminspect.objects import VM
 from kvminspect.spte import PAGE_SHIFT
 
 LEVELS = (1, 2, 3)  # PG_LEVEL_4K .. PG_LEVEL_1G: KVM_NR_PAGE_SIZES rmap arrays
@@ -433,9 +433,3 @@ def sptes_of_gfn(k: Kernel, vm: VM, gfn: int, reader: RmapReader | None = None) 
     reader = reader or RmapReader(k)
     entries, problems = reader.of_gfn(vm, gfn)
     return GfnSptes(entries + tdp_of_gfn(k, vm, gfn), problems)
-
-
-def leaf_sptes(k: Kernel, sp: ShadowPage, spt: array.array[int]) -> list[tuple[int, int]]:
-    """(index, value) of every present leaf SPTE of one table (is_last_spte):
-    spte.present_leaves() by this kernel's rule."""
-    return spte.present_leaves(spt, sp.level, k.spte_format)

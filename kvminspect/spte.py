@@ -23,6 +23,11 @@ import array
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # numpy is imported where it is used: `vms` never needs it
+    import numpy as np
+    from numpy.typing import NDArray
 
 # The rule's constants, one home: kvminspect.helpers (the drgn helpers) and
 # the code --drgn prints (kvminspect.drgn_code) take them from here.
@@ -107,36 +112,37 @@ def present_non_leaf(table: Iterable[int], fmt: SpteFormat) -> list[tuple[int, i
             if v and v & special != mmio and not v & large]
 
 
-# bytes.translate table for present_leaves(): 1 where a byte has SPTE_MMU_PRESENT_MASK's bit
-_BIT11_BYTE = 1 if sys.byteorder == "little" else 6  # the SPTE byte holding bit 11
-_PRESENT_BYTE = bytes(1 if b & (SPTE_MMU_PRESENT_MASK >> 8) else 0 for b in range(256))
+def present_non_leaf_mask(table: NDArray[np.uint64], fmt: SpteFormat) -> NDArray[np.bool_]:
+    """present_non_leaf() of a table (or many SPTEs) at once: True where an entry
+    points at a child page table (is_shadow_present_pte() && !is_large_pte())."""
+    import numpy as np
 
-
-def present_leaves(table: array.array[int], level: int, fmt: SpteFormat
-                   ) -> list[tuple[int, int]]:
-    """(index, SPTE) of each entry of a level-*level* page table that maps memory:
-    is_shadow_present_pte() && is_last_spte(), over a whole table.
-
-    5.13+: SPTE_MMU_PRESENT_MASK found by bytes operations over the table (bit
-    3 of each SPTE's second byte), so that a 10^5-page MMU's mostly empty
-    tables cost microseconds each; before, value by value (the same rule as
-    is_shadow_present_pte).
-    """
-    large = PT_PAGE_SIZE_MASK
+    present: NDArray[np.bool_]
     if fmt.present_bit:
-        flags = table.tobytes()[_BIT11_BYTE::8].translate(_PRESENT_BYTE)
-        out = []
-        i = flags.find(1)
-        while i >= 0:
-            v = table[i]
-            if level == PG_LEVEL_4K or v & large:
-                out.append((i, v))
-            i = flags.find(1, i + 1)
-        return out
-    special, mmio = SPTE_SPECIAL_MASK, SPTE_MMIO_MASK
-    if level == PG_LEVEL_4K:
-        return [(i, v) for i, v in enumerate(table) if v and v & special != mmio]
-    return [(i, v) for i, v in enumerate(table) if v and v & special != mmio and v & large]
+        present = (table & np.uint64(SPTE_MMU_PRESENT_MASK)) != 0
+    else:
+        present = (table != 0) & ((table & np.uint64(SPTE_SPECIAL_MASK))
+                                  != np.uint64(SPTE_MMIO_MASK))
+    small: NDArray[np.bool_] = (table & np.uint64(PT_PAGE_SIZE_MASK)) == 0
+    return present & small
+
+
+def present_leaf_mask(values: NDArray[np.uint64], levels: NDArray[np.int64], fmt: SpteFormat
+                      ) -> NDArray[np.bool_]:
+    """Which of many SPTEs map memory, each of a table of the level in *levels*
+    (the same shape): is_shadow_present_pte() && is_last_spte(), by this
+    release's rule, as numpy booleans."""
+    import numpy as np
+
+    large: NDArray[np.bool_] = (values & np.uint64(PT_PAGE_SIZE_MASK)) != 0
+    present: NDArray[np.bool_]
+    if fmt.present_bit:
+        present = (values & np.uint64(SPTE_MMU_PRESENT_MASK)) != 0
+    else:
+        present = (values != 0) & ((values & np.uint64(SPTE_SPECIAL_MASK))
+                                   != np.uint64(SPTE_MMIO_MASK))
+    last: NDArray[np.bool_] = large | (levels == PG_LEVEL_4K)  # is_last_spte()
+    return present & last
 
 
 @dataclass(frozen=True)
@@ -494,6 +500,26 @@ def mmio_sptes(table: array.array[int], fmt: SpteFormat, m: SpteMasks
     is_shadow_present_pte() does not (decode_bits' order): mmio_scanner()'s."""
     scan = mmio_scanner(fmt, m)
     return [] if scan is None else scan(table)
+
+
+def mmio_mask(values: NDArray[np.uint64], fmt: SpteFormat, m: SpteMasks
+              ) -> NDArray[np.bool_] | None:
+    """mmio_sptes() of many SPTEs at once: True where is_mmio_spte() holds and
+    is_shadow_present_pte() does not; None where the kernel makes no MMIO SPTE
+    at all (as mmio_scanner())."""
+    import numpy as np
+
+    if not m.mmio_caching or not m.mmio_value or not m.mmio_mask:
+        return None
+    hit: NDArray[np.bool_] = (values & np.uint64(m.mmio_mask)) == np.uint64(
+        m.mmio_value & m.mmio_mask)
+    absent: NDArray[np.bool_]  # not is_shadow_present_pte()
+    if fmt.present_bit:
+        absent = (values & np.uint64(SPTE_MMU_PRESENT_MASK)) == 0
+    else:
+        absent = (values == 0) | ((values & np.uint64(SPTE_SPECIAL_MASK))
+                                  == np.uint64(SPTE_MMIO_MASK))
+    return hit & absent
 
 
 def decode_bits(value: int, level: int, fmt: SpteFormat, m: SpteMasks) -> SpteBits:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import drgn
 
@@ -25,6 +26,10 @@ from kvminspect import spte
 from kvminspect.model import Kernel
 from kvminspect.objects import VM, Memslot, RootKind, RootRef, ShadowPage, VCpu
 from kvminspect.spte import PAGE_SHIFT, PT_PRESENT_MASK, SPTE_ENT_PER_PAGE
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
 
 PT32E_ROOT_LEVEL = 3
 # mmu->shadow_zero_check (struct rsvd_bits_validate): (rsvd_bits_mask[2][N], bad_mt_xwr);
@@ -166,6 +171,59 @@ def level_shift(level: int) -> int:
 def spte_index(addr: int, level: int) -> int:
     """SPTE_INDEX(addr, level)."""
     return (addr >> level_shift(level)) & (SPTE_ENT_PER_PAGE - 1)
+
+
+# memslot_checks()' outcomes: TRANSLATED (the host pfn is known), then by MemslotOutcome
+TRANSLATED = 0
+CHECK_OUTCOMES = (MemslotOutcome.MATCH, MemslotOutcome.NO_MEMSLOT, MemslotOutcome.NO_MM,
+                  MemslotOutcome.NOT_MAPPED, MemslotOutcome.NOT_IN_DUMP,
+                  MemslotOutcome.CANNOT_TRANSLATE)
+_CODE = {o: i for i, o in enumerate(CHECK_OUTCOMES)}
+
+
+def memslot_checks(k: Kernel, vm: VM, gfns: NDArray[np.uint64], as_ids: NDArray[np.int64],
+                   mm: drgn.Object | None
+                   ) -> tuple[NDArray[np.uint8], NDArray[np.uint64], NDArray[np.uint64]]:
+    """memslot_check() of many gfns at once (*as_ids*: each one's address space;
+    *mm*: kvm->mm, read by the caller): (outcome, hva, host pfn) of each, the
+    outcome a position in CHECK_OUTCOMES, TRANSLATED where the host pfn is
+    known (MATCH or MISMATCH: the caller compares it with the SPTE's). The
+    VMM's page tables are walked for all of them at once (Vms.hva_to_pfns),
+    else gfn by gfn as memslot_check() does."""
+    import numpy as np
+
+    from kvminspect.read_vms import HVA_NOT_IN_DUMP, HVA_NOT_MAPPED
+
+    n = len(gfns)
+    code = np.full(n, _CODE[MemslotOutcome.NO_MEMSLOT], dtype=np.uint8)
+    hva = np.zeros(n, dtype=np.uint64)
+    host = np.zeros(n, dtype=np.uint64)
+    found = np.zeros(n, dtype=bool)
+    for slot in vm.memslots:  # __gfn_to_memslot(): the first memslot that holds it
+        if slot.npages <= 0:
+            continue
+        mine = (~found & (as_ids == slot.as_id) & (gfns >= np.uint64(slot.base_gfn))
+                & (gfns < np.uint64(slot.base_gfn + slot.npages)))
+        hva[mine] = np.uint64(slot.userspace_addr) + (
+            (gfns[mine] - np.uint64(slot.base_gfn)) << np.uint64(PAGE_SHIFT))
+        found |= mine
+    at = np.flatnonzero(found)
+    if mm is None:
+        code[at] = _CODE[MemslotOutcome.NO_MM]
+        return code, hva, host
+    got = k.vm_reader.hva_to_pfns(mm, hva[at])
+    if got is None:  # address by address, as memslot_check()
+        for j in at.tolist():
+            c = memslot_check(k, vm, int(gfns[j]), 0, int(as_ids[j]), mm)
+            code[j] = _CODE.get(c.outcome, TRANSLATED)
+            host[j] = c.host_pfn or 0
+        return code, hva, host
+    pfns, outcome = got
+    host[at] = pfns
+    code[at] = np.where(outcome == HVA_NOT_MAPPED, _CODE[MemslotOutcome.NOT_MAPPED],
+                        np.where(outcome == HVA_NOT_IN_DUMP, _CODE[MemslotOutcome.NOT_IN_DUMP],
+                                 TRANSLATED))
+    return code, hva, host
 
 
 def memslot_check(k: Kernel, vm: VM, gfn: int | None, pfn: int, as_id: int = 0,
