@@ -68,11 +68,13 @@ class Vms:
         self._vms: list[VM] | None = None
         self._vendor: str | None = None
         self._vendor_read = False
+        self._listed: dict[int, int] = {}  # tdp_mmu_pages_listed() by struct kvm
         self._has_stats_id: bool | None = None
 
     def reset(self) -> None:
         """Forget the VMs read (the next vms() walks vm_list again)."""
         self._vms = None
+        self._listed.clear()
 
     def tdp_enabled(self) -> bool:
         """kvm.ko's tdp_enabled: NPT/EPT in use for the guest's own MMU."""
@@ -383,11 +385,16 @@ class Vms:
 
     def tdp_mmu_pages_listed(self, vm: VM) -> int | None:
         """The nodes of the kvm->arch.tdp_mmu_pages list (5.10-6.1, before the count
-        above), walked without decoding a page; None where the kernel has no list."""
+        above), walked without decoding a page, once per reading (a REPL's next
+        'vms' on 10^6 pages does not walk them again); None where the kernel has
+        no list."""
         if not self.layout.tdp_mmu_pages_list:
             return None
-        head = self.kvm_object(vm).arch.tdp_mmu_pages.address_of_().value_()
-        return sum(1 for _ in self.mem.list_nodes(head, "kvm->arch.tdp_mmu_pages"))
+        if vm.addr not in self._listed:
+            head = self.kvm_object(vm).arch.tdp_mmu_pages.address_of_().value_()
+            self._listed[vm.addr] = sum(
+                1 for _ in self.mem.list_nodes(head, "kvm->arch.tdp_mmu_pages"))
+        return self._listed[vm.addr]
 
     def _slots_of(self, slots: drgn.Object) -> Iterator[drgn.Object]:
         """struct kvm_memory_slot of one struct kvm_memslots."""

@@ -364,3 +364,28 @@ def test_completion_never_raises(session: Session, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(session, "vms", broken)
     assert complete(session, "sp ") == []
     assert complete(session, 'sp "unterminated') == []
+
+
+def test_a_second_vms_does_not_walk_the_tdp_mmu_pages_again(monkeypatch, capsys) -> None:
+    """6.1's kvm->arch.tdp_mmu_pages list is walked to count a TDP MMU VM's pages;
+    on a vmcore once per session (10^6 nodes took 0.8 s per 'vms')."""
+    from kvminspect.memory import Memory
+    from kvminspect.repl import run_line
+    from tests.conftest import open_fixture
+
+    walked = []
+    real = Memory.list_nodes
+
+    def counted(self, head, kind):
+        if kind == "kvm->arch.tdp_mmu_pages":
+            walked.append(head)
+        return real(self, head, kind)
+
+    monkeypatch.setattr(Memory, "list_nodes", counted)
+    s = Session(open_fixture("6.1-tdp"))
+    outs = []
+    for _ in range(2):
+        run_line(s, "vms --json")
+        outs.append(capsys.readouterr().out)
+    assert len(walked) == 1 and outs[0] == outs[1]
+    assert json.loads(outs[0])["vms"][0]["tdp_mmu_pages"] == 4
