@@ -371,7 +371,8 @@ def test_a_second_vms_does_not_walk_the_tdp_mmu_pages_again(monkeypatch, capsys)
     on a vmcore once per session (10^6 nodes took 0.8 s per 'vms')."""
     from kvminspect.memory import Memory
     from kvminspect.repl import run_line
-    from tests.conftest import open_fixture
+    from kvminspect.target import open_core
+    from tests.conftest import VMCORES
 
     walked = []
     real = Memory.list_nodes
@@ -382,7 +383,7 @@ def test_a_second_vms_does_not_walk_the_tdp_mmu_pages_again(monkeypatch, capsys)
         return real(self, head, kind)
 
     monkeypatch.setattr(Memory, "list_nodes", counted)
-    s = Session(open_fixture("6.1-tdp"))
+    s = Session(open_core(str(VMCORES / "6.1-tdp"), []))  # a target of its own
     outs = []
     for _ in range(2):
         run_line(s, "vms --json")
