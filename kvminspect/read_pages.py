@@ -688,13 +688,18 @@ class ShadowPages:
                 todo.append(addr)
                 blocks.append(d)
                 if len(todo) == 4096:  # decoded in runs: a few MB of bytes at most
-                    for sp in self._decode_many(todo, blocks):
-                        cache[sp.addr] = sp
+                    self._cache_decoded(todo, blocks)
                     todo, blocks = [], []
             node = unpack(d, link)[0]
+        self._cache_decoded(todo, blocks)
+        return out
+
+    def _cache_decoded(self, todo: list[int], blocks: list[bytes]) -> None:
+        """Decode the struct kvm_mmu_page bytes *blocks* of the pages at *todo*
+        (_decode_many) into the page cache: the list walks' runs of 4096."""
+        cache = self._sp_cache
         for sp in self._decode_many(todo, blocks):
             cache[sp.addr] = sp
-        return out
 
     def _plain_walk(self, head: int, node: int) -> list[int] | None:
         """_sp_list() where nothing is wrong: each node's struct kvm_mmu_page,
@@ -746,12 +751,10 @@ class ShadowPages:
                 todo.append(addr)
                 blocks.append(d)
                 if len(todo) == 4096:
-                    for sp in self._decode_many(todo, blocks):
-                        cache[sp.addr] = sp
+                    self._cache_decoded(todo, blocks)
                     todo, blocks = [], []
             node = unpack(d, link)[0]
-        for sp in self._decode_many(todo, blocks):
-            cache[sp.addr] = sp
+        self._cache_decoded(todo, blocks)
         return out
 
     def _cut_loop(self, out: list[int], node: int, link: int, kind: str,
