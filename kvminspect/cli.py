@@ -212,7 +212,7 @@ def open_source(source: tuple[str, str | None], symbols: list[str]) -> Target:
     if kind == "live":
         return open_live(symbols)
     if kind == "sample":
-        return open_sample()
+        return open_sample(symbols)
     return open_core(value or "", symbols)
 
 

@@ -392,11 +392,12 @@ def open_qemu(socket: str, debug: list[str]) -> Target:
                   build_id=main_build_id(prog))
 
 
-def open_sample() -> Target:
-    """The small real vmcore shipped inside the package."""
+def open_sample(debug: list[str] | None = None) -> Target:
+    """The small real vmcore shipped inside the package (its debug set with it;
+    *debug*: -s paths given too, checked as for any core)."""
     if not SAMPLE_DIR.is_dir():
         raise TargetError(f"the bundled sample is missing ({SAMPLE_DIR})")
-    t = open_core(str(SAMPLE_DIR), [])
+    t = open_core(str(SAMPLE_DIR), list(debug or []))
     t.name = "sample"
     return t
 

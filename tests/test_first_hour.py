@@ -614,6 +614,20 @@ def test_unsync_on_an_unsync_leaf_says_why_nothing(capsys) -> None:
     assert "no unsync_children" in out_of(s, ["unsync", hex(plain.addr)], capsys)
 
 
+@pytest.mark.parametrize("argv", [["--sample", "-s", "/nonexistent/vmlinux", "vms"],
+                                  ["--sample", "vms", "-s", "/nonexistent/vmlinux"]])
+def test_a_missing_debug_path_with_the_sample_is_an_error(argv: list[str], capsys) -> None:
+    """-s with --sample was silently ignored (the sample brings its own debug set):
+    a path that is not there is one line, exit 1, as with -c."""
+    from kvminspect.cli import main
+
+    assert main(argv) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        "kvminspect: error: debug info path not found: /nonexistent/vmlinux"]
+
+
 # -- 12: an owner the dump lacks is named unreadable -------------------------------------------
 
 
