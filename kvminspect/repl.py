@@ -392,6 +392,9 @@ class ReplCompleter(Completer):
         if not words:
             yield from self._complete_commands(word)
             return
+        if words == ["pager"]:  # the REPL's own word, not a command
+            yield from _matching(word, [("on", "page long output"), ("off", "never page")])
+            return
         try:
             cmd = NAMESPACE.lookup(self.session.target.prog, words[0])
         except CommandNotFoundError:
@@ -414,10 +417,12 @@ class ReplCompleter(Completer):
         yield from self._paths.get_completions(Document(word, len(word)), event)
 
     def _complete_commands(self, word: str) -> Iterator[Completion]:
-        """Command names (with their description), then quit/exit."""
+        """Command names (with their description), then the REPL's words: pager,
+        quit, exit."""
         cmds = _commands(self.session.target.prog)
         pairs = [(n, c.description()) for n, c in cmds.items()]
-        yield from _matching(word, pairs + [(w, "leave") for w in EXIT_WORDS])
+        words = [("pager", "long output through $PAGER: pager on|off")]
+        yield from _matching(word, pairs + words + [(w, "leave") for w in EXIT_WORDS])
 
     def _complete_positional(self, words: list[str], word: str, cmd: Any,
                              options: dict[str, bool], event: CompleteEvent

@@ -313,6 +313,9 @@ def test_complete_command_names(session: Session) -> None:
     assert complete(session, "ro") == ["roots"]
     assert complete(session, "  v") == [n for n in names if n.startswith("v")]
     assert complete(session, "nope") == []
+    assert complete(session, "pa") == ["pager"]
+    assert complete(session, "pager ") == ["on", "off"]
+    assert complete(session, "pager o") == ["on", "off"]
 
 
 def test_complete_options(session: Session) -> None:
