@@ -159,7 +159,7 @@ def place_modules(prog: drgn.Program, names: tuple[str, ...], files: list[Path]
     made from its kallsyms and the matching .ko of *files*, its debug info
     loaded; the modules made."""
     loaded = {m.name for m in prog.modules()}
-    kos = [ko for p in files if (ko := read_ko(p)) is not None]
+    kos: list[KoFile] | None = None  # read only when a module needs placing
     made = []
     for mod in for_each_module(prog):
         try:
@@ -168,6 +168,8 @@ def place_modules(prog: drgn.Program, names: tuple[str, ...], files: list[Path]
             continue
         if name not in names or name in loaded:
             continue
+        if kos is None:
+            kos = [ko for p in files if (ko := read_ko(p)) is not None]
         for ko in (k for k in kos if k.name == name):
             addresses = section_addresses(mod, ko)
             if not addresses:
