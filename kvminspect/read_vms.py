@@ -392,8 +392,7 @@ class Vms:
             return None
         if vm.addr not in self._listed:
             head = self.kvm_object(vm).arch.tdp_mmu_pages.address_of_().value_()
-            self._listed[vm.addr] = sum(
-                1 for _ in self.mem.list_nodes(head, "kvm->arch.tdp_mmu_pages"))
+            self._listed[vm.addr] = self.mem.count_nodes(head, "kvm->arch.tdp_mmu_pages")
         return self._listed[vm.addr]
 
     def _slots_of(self, slots: drgn.Object) -> Iterator[drgn.Object]:

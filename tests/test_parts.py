@@ -145,3 +145,42 @@ def test_no_mismatch_on_real_fixtures() -> None:
             assert k.pages.spt_owner_mismatches(pages) == [], name
             seen += len(pages)
     assert seen > 200
+
+
+def _memory_over(words: dict[int, int]):
+    """A Memory whose read_word reads *words* (FaultError elsewhere)."""
+    import drgn
+
+    from kvminspect.memory import Memory
+
+    mem = Memory(open_fixture("6.1-tdp").prog)
+
+    def read_word(addr: int) -> int:
+        if addr not in words:
+            raise drgn.FaultError("could not read memory", addr)
+        return words[addr]
+
+    mem.read_word = read_word  # type: ignore[method-assign]
+    return mem
+
+
+K = 0xFFFF888000000000
+
+
+@pytest.mark.parametrize("case, words", [
+    ("empty", {K: K}),
+    ("never initialised", {K: 0}),
+    ("one node", {K: K + 8, K + 8: K}),
+    ("plain", {K: K + 8, **{K + 8 * i: K + 8 * (i + 1) for i in range(1, 100)}, K + 800: K}),
+    ("loop", {K: K + 8, **{K + 8 * i: K + 8 * (i + 1) for i in range(1, 50)}, K + 400: K + 80}),
+    ("self loop", {K: K + 8, K + 8: K + 16, K + 16: K + 16}),
+    ("poisoned", {K: K + 8, K + 8: 0xDEAD000000000100}),
+    ("unreadable", {K: K + 8, K + 8: K + 16}),
+    ("head unreadable", {}),
+])
+def test_count_nodes_counts_and_says_as_list_nodes(case: str, words: dict[int, int]) -> None:
+    """Memory.count_nodes (Brent's cycle check, no set) counts what list_nodes yields
+    and, for a list that is not plain, records the same problems."""
+    a, b = _memory_over(words), _memory_over(words)
+    assert a.count_nodes(K, "test list") == sum(1 for _ in b.list_nodes(K, "test list")), case
+    assert [str(p) for p in a.problems] == [str(p) for p in b.problems], case

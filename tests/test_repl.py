@@ -378,14 +378,14 @@ def test_a_second_vms_does_not_walk_the_tdp_mmu_pages_again(monkeypatch, capsys)
     from tests.conftest import VMCORES
 
     walked = []
-    real = Memory.list_nodes
+    real = Memory.count_nodes
 
     def counted(self, head, kind):
         if kind == "kvm->arch.tdp_mmu_pages":
             walked.append(head)
         return real(self, head, kind)
 
-    monkeypatch.setattr(Memory, "list_nodes", counted)
+    monkeypatch.setattr(Memory, "count_nodes", counted)
     s = Session(open_core(str(VMCORES / "6.1-tdp"), []))  # a target of its own
     outs = []
     for _ in range(2):
