@@ -697,9 +697,8 @@ class ShadowPages:
     def _cache_decoded(self, todo: list[int], blocks: list[bytes]) -> None:
         """Decode the struct kvm_mmu_page bytes *blocks* of the pages at *todo*
         (_decode_many) into the page cache: the list walks' runs of 4096."""
-        cache = self._sp_cache
-        for sp in self._decode_many(todo, blocks):
-            cache[sp.addr] = sp
+        # _decode_many makes one page per address, in order: filled in C
+        self._sp_cache.update(zip(todo, self._decode_many(todo, blocks), strict=True))
 
     def _plain_walk(self, head: int, node: int) -> list[int] | None:
         """_sp_list() where nothing is wrong: each node's struct kvm_mmu_page,
