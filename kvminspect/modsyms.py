@@ -57,7 +57,16 @@ def _cstr(data: bytes, offset: int) -> str:
 
 def read_ko(path: Path) -> KoFile | None:
     """The ELF tables of the relocatable object *path* (a .ko, with or without
-    debug info); None when it is not a 64-bit little-endian ELF .ko."""
+    debug info); None when it is not a 64-bit little-endian ELF .ko, or its
+    tables are cut short or point outside it."""
+    try:
+        return _read_ko(path)
+    except (struct.error, IndexError, KeyError, OSError):
+        return None
+
+
+def _read_ko(path: Path) -> KoFile | None:
+    """read_ko(), which may raise on a damaged file."""
     with path.open("rb") as f:
         head = f.read(18)
     # e_ident: ELF, 64-bit, little-endian; e_type ET_REL (a .ko, not vmlinux)

@@ -707,6 +707,23 @@ def test_a_real_filtered_dump_places_kvm_from_its_kallsyms(tmp_path: Path, capsy
         "its symbols"]
 
 
+def test_a_damaged_ko_is_not_a_module_file(tmp_path: Path) -> None:
+    """modsyms.read_ko on a .ko cut short (or not an ELF .ko at all): None, no
+    traceback; the whole file: its name and symbols."""
+    import lzma
+
+    from kvminspect.modsyms import read_ko
+
+    data = lzma.decompress((VMCORES / "6.12-shadow" / "kvm.ko.xz").read_bytes())
+    ko = tmp_path / "kvm.ko"
+    ko.write_bytes(data)
+    whole = read_ko(ko)
+    assert whole is not None and whole.name == "kvm" and len(whole.symbols) > 5000
+    for cut in (0, 18, 64, 4096, len(data) // 2):
+        ko.write_bytes(data[:cut])
+        assert read_ko(ko) is None, cut
+
+
 # -- 13: what each debug file is for ----------------------------------------------------------
 
 
