@@ -25,13 +25,12 @@ from itertools import compress
 from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any, cast
 
-import networkx as nx
-
 from kvminspect.fmt import spte_text
 from kvminspect.layout import known
 from kvminspect.model import VM, Kernel, RootRef, ShadowPage, VCpu, is_obsolete_sp
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # networkx (0.1 s to import) only when VMGraph.graph is asked for
+    import networkx as nx
     from numpy.typing import NDArray
 
 MAX_PAGES = 1 << 20
@@ -258,6 +257,8 @@ class VMGraph:
         """The graph as a networkx DiGraph (made on first use): nodes are
         addresses with attributes ``sp`` and ``orphan``, edges carry ``indexes``."""
         if self._nx is None:
+            import networkx as nx
+
             g = nx.DiGraph()
             g.add_nodes_from((a, {"sp": sp, "orphan": a in self.orphan_set})
                              for a, sp in self.nodes.items())
