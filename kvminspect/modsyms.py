@@ -34,6 +34,7 @@ SHT_SYMTAB = 2
 SHN_LORESERVE = 0xFF00
 AGREE = 0.9  # the share of a section's symbols that must agree on its address
 MAX_SYMBOLS = 1 << 20  # bound on mod->kallsyms->num_symtab (a garbage count)
+MAX_MODULES = 1 << 16  # bound on the modules list (one that loops)
 
 
 @dataclass(frozen=True)
@@ -149,16 +150,22 @@ def core_range(mod: drgn.Object) -> tuple[int, int]:
     return base, base + size
 
 
-def listed_modules(prog: drgn.Program) -> list[str]:
-    """The names on the kernel's ``modules`` list (struct module.name), as far
-    as it is readable."""
-    names = []
+def listed_modules(prog: drgn.Program) -> list[tuple[str, drgn.Object]]:
+    """(name, struct module *) of each module on the kernel's ``modules`` list,
+    as far as it is readable: a module whose name is not in the dump is left
+    out, an unreadable or looping list ends the walk (at MAX_MODULES)."""
+    out: list[tuple[str, drgn.Object]] = []
     try:
         for mod in for_each_module(prog):
-            names.append(mod.name.string_().decode(errors="replace"))
+            if len(out) >= MAX_MODULES:
+                break
+            try:
+                out.append((mod.name.string_().decode(errors="replace"), mod))
+            except drgn.FaultError:
+                continue
     except (drgn.FaultError, LookupError, ValueError):
         pass
-    return names
+    return out
 
 
 def place_modules(prog: drgn.Program, names: tuple[str, ...], files: list[Path]
@@ -170,11 +177,7 @@ def place_modules(prog: drgn.Program, names: tuple[str, ...], files: list[Path]
     loaded = {m.name for m in prog.modules()}
     kos: list[KoFile] | None = None  # read only when a module needs placing
     made = []
-    for mod in for_each_module(prog):
-        try:
-            name = mod.name.string_().decode()
-        except drgn.FaultError:
-            continue
+    for name, mod in listed_modules(prog):
         if name not in names or name in loaded:
             continue
         if kos is None:

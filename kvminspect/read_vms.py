@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import drgn
-from drgn.helpers.linux.module import for_each_module
 from drgn.helpers.linux.pid import find_task
 
 from kvminspect.errors import LookupFailed
@@ -26,6 +25,7 @@ from kvminspect.layout import (
     known,
 )
 from kvminspect.memory import PAGE_MASK, Memory
+from kvminspect.modsyms import listed_modules
 from kvminspect.objects import (
     VENDOR_MODULES,
     VM,
@@ -85,14 +85,9 @@ class Vms:
         ``modules`` list (struct module.name) says; None if neither."""
         if not self._vendor_read:
             self._vendor_read = True
-            try:  # the kernel's modules list: drgn may have skipped a module
-                for mod in for_each_module(self.mem.prog):  # of a filtered dump
-                    name = mod.name.string_().decode(errors="replace")
-                    if name in VENDOR_MODULES:
-                        self._vendor = name
-                        break
-            except (drgn.FaultError, LookupError, ValueError):
-                pass
+            # the kernel's modules list: drgn may have skipped a module of a filtered dump
+            self._vendor = next((name for name, _ in listed_modules(self.mem.prog)
+                                 if name in VENDOR_MODULES), None)
         return self._vendor
 
     def _vm_type(self, kvm: drgn.Object) -> str | None:

@@ -26,12 +26,11 @@ from kvminspect.cache import decompressed
 from kvminspect.cache import strip_compression as _strip_compression
 from kvminspect.errors import DebugInfoError, KvmNotFound, TargetError
 from kvminspect.layout import kernel_release
-from kvminspect.model import Kernel
+from kvminspect.model import VENDOR_MODULES, Kernel
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 DEBUG_NAMES = re.compile(r"^(vmlinux.*|.*\.ko|.*\.debug)$")
 KVM_MODULES = ("kvm",)
-VENDOR_MODULES = ("kvm_amd", "kvm_intel")
 
 
 def core_release(path: Path) -> str | None:
@@ -272,8 +271,10 @@ def _quiet_drgn() -> None:
     logging.getLogger("drgn").setLevel(logging.ERROR)
 
 
-def _load_debug_info(prog: drgn.Program, files: list[Path], release: str | None) -> None:
-    """Load vmlinux and kvm.ko debug info; one clear line when they are not there."""
+def _load_files(prog: drgn.Program, files: list[Path]) -> list[str]:
+    """Load the debug files *files* (decompressed), or drgn's standard search
+    when there are none; the paths given to drgn. Whether a module still lacks
+    its debug info is each caller's to check."""
     real = [str(decompressed(p)) for p in files]
     try:
         if real:
@@ -281,14 +282,27 @@ def _load_debug_info(prog: drgn.Program, files: list[Path], release: str | None)
         else:
             prog.load_default_debug_info()
     except drgn.MissingDebugInfoError:
-        pass  # checked per module below
+        pass
+    return real
+
+
+def _no_vmlinux(prog: drgn.Program, given: int, kernel: str) -> str | None:
+    """The line saying *kernel*'s vmlinux debug info was not found (*given*: how
+    many files -s gave); None when drgn has it."""
     main = prog.main_module()
+    if not main.wants_debug_file():
+        return None
     bid = main.build_id.hex() if main.build_id else "unknown"
-    if main.wants_debug_file():
-        tried = f" (tried {len(real)} file(s) given)" if real else " (give it with -s)"
-        raise DebugInfoError(
-            f"no matching vmlinux debug info for kernel {release or '?'} "
-            f"build id {bid}{tried}")
+    tried = f" (tried {given} file(s) given)" if given else " (give it with -s)"
+    return f"no matching vmlinux debug info for {kernel} build id {bid}{tried}"
+
+
+def _load_debug_info(prog: drgn.Program, files: list[Path], release: str | None) -> None:
+    """Load vmlinux and kvm.ko debug info; one clear line when they are not there."""
+    real = _load_files(prog, files)
+    missing = _no_vmlinux(prog, len(real), f"kernel {release or '?'}")
+    if missing is not None:
+        raise DebugInfoError(missing)
     kvm = None
     for mod, _ in prog.loaded_modules():
         if mod.name in KVM_MODULES:
@@ -301,7 +315,7 @@ def _load_debug_info(prog: drgn.Program, files: list[Path], release: str | None)
               "module.sect_attrs) are not in the dump (filtered?): its debug info is "
               "placed from the module's own symbol table (mod->kallsyms)", file=sys.stderr)
         kvm = placed if placed.name in KVM_MODULES else kvm
-    if kvm is None and "kvm" in modsyms.listed_modules(prog):
+    if kvm is None and any(name == "kvm" for name, _ in modsyms.listed_modules(prog)):
         raise DebugInfoError(
             f"kernel {release or '?'} has kvm loaded, but its section attributes are not "
             "in the dump (filtered?) and no kvm.ko given with -s matches its symbols")
@@ -433,21 +447,9 @@ def open_guest(segments: list[tuple[int, int]], read: Callable[[int, int], bytes
         prog.set_linux_kernel_custom(vmcoreinfo, False)
     except (ValueError, LookupError, drgn.FaultError) as e:
         raise TargetError(f"the guest's VMCOREINFO is not usable ({e})") from None
-    files = [str(decompressed(p)) for p in _debug_files(debug)]
-    try:
-        if files:
-            prog.load_debug_info(files, main=True)
-        else:
-            prog.load_default_debug_info()
-    except drgn.MissingDebugInfoError:
-        pass
-    main = prog.main_module()
-    if not main.wants_debug_file():
-        return prog, None
-    bid = main.build_id.hex() if main.build_id else "unknown"
-    tried = f" (tried {len(files)} file(s) given)" if files else " (give it with -s)"
-    return prog, (f"no matching vmlinux debug info for the guest kernel "
-                  f"{kernel_release_of(vmcoreinfo) or '?'} build id {bid}{tried}")
+    files = _load_files(prog, _debug_files(debug))
+    return prog, _no_vmlinux(prog, len(files),
+                             f"the guest kernel {kernel_release_of(vmcoreinfo) or '?'}")
 
 
 def kernel_release_of(vmcoreinfo: bytes) -> str | None:
