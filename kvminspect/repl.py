@@ -62,7 +62,6 @@ FILE_COMMANDS = ("diff",)
 FILE_METAVARS = ("OUT", "FILE")  # guest-core OUT, export FILE: a path to write
 
 
-
 # -- history ------------------------------------------------------------------
 
 
@@ -192,13 +191,19 @@ def pager_command() -> list[str]:
     return words or shlex.split(PAGER_DEFAULT)
 
 
+def command_part(line: str) -> str:
+    """The words of a REPL line before its pipe or redirect ('cmd | sh',
+    'cmd > f', 'cmd 2> f'): the command and its arguments."""
+    return re.split(r"\s\d+>|[|>]", line, maxsplit=1)[0]
+
+
 def paged(session: Session, text: str) -> bool:
     """Whether REPL line *text* goes through the pager, as crash's does: the
     REPL's pager is on, stdout is a terminal, and the line neither pipes,
     redirects ('cmd | shell', 'cmd > file') nor streams (UNPAGED)."""
     words = text.split()
     return (session.interactive and session.paging and is_tty(sys.stdout) and bool(words)
-            and words[0] not in UNPAGED and not any(c in text for c in "|>"))
+            and words[0] not in UNPAGED and command_part(text) == text)
 
 
 def page(out: str) -> None:
@@ -240,22 +245,19 @@ def pager_builtin(session: Session, word: str | None) -> None:
     print(f"pager {state}")
 
 
-def _checked(session: Session, text: str) -> bool:
-    """Check the arguments of REPL line *text* as the one-shot CLI does
+def _checked(session: Session, line: str) -> bool:
+    """Check the arguments of REPL *line* (rewritten) as the one-shot CLI does
     (commands.check_arguments): a bad one is one line, "CMD: what is wrong;
     usage: ...", not argparse's usage line and error line; False then. A line
     whose words do not split (an open quote) is left to drgn's parser."""
-    prog = session.target.prog
-    # the words before a pipe or redirect ('cmd | sh', 'cmd > f', 'cmd 2> f')
-    command = re.split(r"\s\d+>|[|>]", rewrite(prog, text), maxsplit=1)[0]
     try:
-        argv = shlex.split(command)
+        argv = shlex.split(command_part(line))
     except ValueError:
         return True
     if not argv:
         return True
     try:
-        check_arguments(prog, argv)
+        check_arguments(session.target.prog, argv)
     except UsageError as e:
         _failed(session, e)
         return False
@@ -265,18 +267,19 @@ def _checked(session: Session, text: str) -> bool:
 
 
 def _run_command(session: Session, text: str) -> None:
-    """One command line through drgn's namespace, its output paged when wanted."""
+    """One command line through drgn's namespace, its arguments checked first,
+    its output paged when wanted."""
     prog = session.target.prog
-    if not _checked(session, text):
+    line = rewrite(prog, text)
+    if not _checked(session, line):
         return
     to_pager = paged(session, text)
-    screen = _Screen()
     real = sys.stdout
     if to_pager:
-        sys.stdout = screen
+        sys.stdout = screen = _Screen()
     try:
         session.begin(progress="--json" not in text.split())
-        NAMESPACE.run(prog, rewrite(prog, text), globals={"session": session},
+        NAMESPACE.run(prog, line, globals={"session": session},
                       onerror=lambda e: _failed(session, e))
     finally:
         if to_pager:
