@@ -112,19 +112,26 @@ def present_non_leaf(table: Iterable[int], fmt: SpteFormat) -> list[tuple[int, i
             if v and v & special != mmio and not v & large]
 
 
+def present_mask(values: NDArray[np.uint64], fmt: SpteFormat) -> NDArray[np.bool_]:
+    """is_shadow_present_pte() of many SPTEs at once, by the rule of the release
+    *fmt* describes (the present bit, or non-zero and not MMIO), as numpy booleans."""
+    import numpy as np
+
+    if fmt.present_bit:
+        bit: NDArray[np.bool_] = (values & np.uint64(SPTE_MMU_PRESENT_MASK)) != 0
+        return bit
+    not_mmio: NDArray[np.bool_] = (values != 0) & (
+        (values & np.uint64(SPTE_SPECIAL_MASK)) != np.uint64(SPTE_MMIO_MASK))
+    return not_mmio
+
+
 def present_non_leaf_mask(table: NDArray[np.uint64], fmt: SpteFormat) -> NDArray[np.bool_]:
     """present_non_leaf() of a table (or many SPTEs) at once: True where an entry
     points at a child page table (is_shadow_present_pte() && !is_large_pte())."""
     import numpy as np
 
-    present: NDArray[np.bool_]
-    if fmt.present_bit:
-        present = (table & np.uint64(SPTE_MMU_PRESENT_MASK)) != 0
-    else:
-        present = (table != 0) & ((table & np.uint64(SPTE_SPECIAL_MASK))
-                                  != np.uint64(SPTE_MMIO_MASK))
     small: NDArray[np.bool_] = (table & np.uint64(PT_PAGE_SIZE_MASK)) == 0
-    return present & small
+    return present_mask(table, fmt) & small
 
 
 def present_leaf_mask(values: NDArray[np.uint64], levels: NDArray[np.int64], fmt: SpteFormat
@@ -135,14 +142,8 @@ def present_leaf_mask(values: NDArray[np.uint64], levels: NDArray[np.int64], fmt
     import numpy as np
 
     large: NDArray[np.bool_] = (values & np.uint64(PT_PAGE_SIZE_MASK)) != 0
-    present: NDArray[np.bool_]
-    if fmt.present_bit:
-        present = (values & np.uint64(SPTE_MMU_PRESENT_MASK)) != 0
-    else:
-        present = (values != 0) & ((values & np.uint64(SPTE_SPECIAL_MASK))
-                                   != np.uint64(SPTE_MMIO_MASK))
     last: NDArray[np.bool_] = large | (levels == PG_LEVEL_4K)  # is_last_spte()
-    return present & last
+    return present_mask(values, fmt) & last
 
 
 @dataclass(frozen=True)
@@ -513,13 +514,7 @@ def mmio_mask(values: NDArray[np.uint64], fmt: SpteFormat, m: SpteMasks
         return None
     hit: NDArray[np.bool_] = (values & np.uint64(m.mmio_mask)) == np.uint64(
         m.mmio_value & m.mmio_mask)
-    absent: NDArray[np.bool_]  # not is_shadow_present_pte()
-    if fmt.present_bit:
-        absent = (values & np.uint64(SPTE_MMU_PRESENT_MASK)) == 0
-    else:
-        absent = (values == 0) | ((values & np.uint64(SPTE_SPECIAL_MASK))
-                                  == np.uint64(SPTE_MMIO_MASK))
-    return hit & absent
+    return hit & ~present_mask(values, fmt)  # not is_shadow_present_pte()
 
 
 def decode_bits(value: int, level: int, fmt: SpteFormat, m: SpteMasks) -> SpteBits:
