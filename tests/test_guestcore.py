@@ -66,30 +66,28 @@ def plain_core(name: str) -> Path:
     return cache.decompressed(VMCORES / name / "vmcore.xz")
 
 
-def notes(path: Path) -> list[tuple[bytes, int, bytes]]:
-    """The notes of an ELF core's PT_NOTE segments."""
-    data = path.read_bytes()
-    phoff = struct.unpack_from("<Q", data, 32)[0]
-    phnum = struct.unpack_from("<H", data, 56)[0]
-    out = []
-    for i in range(phnum):
-        p_type, _, off, _, _, filesz = struct.unpack_from("<IIQQQQ", data, phoff + 56 * i)
-        if p_type == elfcore.PT_NOTE:
-            out += elfcore.notes_of(data[off:off + filesz])
-    return out
-
-
-def loads(path: Path) -> list[tuple[int, int, int, int]]:
-    """(p_offset, p_vaddr, p_paddr, p_filesz) of an ELF core's PT_LOADs."""
-    data = path.read_bytes()[:1 << 20]
+def phdrs(data: bytes) -> list[tuple[int, int, int, int, int]]:
+    """(p_type, p_offset, p_vaddr, p_paddr, p_filesz) of each program header of
+    the ELF core whose head is *data*."""
     phoff = struct.unpack_from("<Q", data, 32)[0]
     phnum = struct.unpack_from("<H", data, 56)[0]
     out = []
     for i in range(phnum):
         p_type, _, off, vaddr, paddr, filesz = struct.unpack_from("<IIQQQQ", data, phoff + 56 * i)
-        if p_type == elfcore.PT_LOAD:
-            out.append((off, vaddr, paddr, filesz))
+        out.append((p_type, off, vaddr, paddr, filesz))
     return out
+
+
+def notes(path: Path) -> list[tuple[bytes, int, bytes]]:
+    """The notes of an ELF core's PT_NOTE segments."""
+    data = path.read_bytes()
+    return [n for p_type, off, _, _, filesz in phdrs(data) if p_type == elfcore.PT_NOTE
+            for n in elfcore.notes_of(data[off:off + filesz])]
+
+
+def loads(path: Path) -> list[tuple[int, int, int, int]]:
+    """(p_offset, p_vaddr, p_paddr, p_filesz) of an ELF core's PT_LOADs."""
+    return [h[1:] for h in phdrs(path.read_bytes()[:1 << 20]) if h[0] == elfcore.PT_LOAD]
 
 
 def read_core(path: Path) -> drgn.Program:
