@@ -288,7 +288,10 @@ class ShadowPages:
     def shadow_pages(self, addrs: list[int]) -> list[ShadowPage | None]:
         """shadow_page() of each address (those of a list walk are decoded already)."""
         cache = self._sp_cache
-        return [cache[a] if a in cache else self.shadow_page(a) for a in addrs]
+        try:
+            return list(map(cache.__getitem__, addrs))  # (all decoded: in C)
+        except KeyError:
+            return [cache[a] if a in cache else self.shadow_page(a) for a in addrs]
 
     def _decode_sp(self, addr: int, d: bytes) -> ShadowPage:
         """A struct kvm_mmu_page's bytes as a ShadowPage (see _decode_many)."""
@@ -301,11 +304,7 @@ class ShadowPages:
         and unsync_children recorded as problems: ~1.5 us a page. Many pages
         (a list walk's) are decoded column by column instead (SpDecoder.columns).
         """
-        lay = self.layout.sp
-        assert lay is not None
-        dec = self._decoder
-        if dec is None:
-            dec = self._decoder = SpDecoder(lay)
+        dec = self._decoder_of()
         if len(addrs) >= COLUMNS_FROM:
             return self._decode_columns(dec, addrs, blocks)
         ig, ir, isp, iu, ic, irc, igen, itdp = dec.index
@@ -340,6 +339,14 @@ class ShadowPages:
                                  f"impossible unsync_children {children}")
         return out
 
+    def _decoder_of(self) -> SpDecoder:
+        """The SpDecoder of this kernel's struct kvm_mmu_page (made once)."""
+        lay = self.layout.sp
+        assert lay is not None
+        if self._decoder is None:
+            self._decoder = SpDecoder(lay)
+        return self._decoder
+
     def _decode_columns(self, dec: SpDecoder, addrs: list[int], blocks: list[bytes]
                         ) -> list[ShadowPage]:
         """_decode_many() column by column: the structs' bytes as one numpy record
@@ -347,7 +354,14 @@ class ShadowPages:
         (~0.5 us a page); the same ShadowPages, problems and order."""
         import numpy as np
 
-        rec = np.frombuffer(b"".join(blocks), dtype=dec.numpy_dtype())
+        return self._decode_records(
+            dec, addrs, np.frombuffer(b"".join(blocks), dtype=dec.numpy_dtype()))
+
+    def _decode_records(self, dec: SpDecoder, addrs: list[int], rec: Any
+                        ) -> list[ShadowPage]:
+        """_decode_columns() of structs already in a numpy record array *rec*."""
+        import numpy as np
+
         n = len(addrs)
         unknown: list[Any] = [UNKNOWN] * n
         col: dict[str, list[Any]] = {
@@ -696,7 +710,7 @@ class ShadowPages:
 
     def _cache_decoded(self, todo: list[int], blocks: list[bytes]) -> None:
         """Decode the struct kvm_mmu_page bytes *blocks* of the pages at *todo*
-        (_decode_many) into the page cache: the list walks' runs of 4096."""
+        (_decode_many) into the page cache: the careful list walk's runs of 4096."""
         # _decode_many makes one page per address, in order: filled in C
         self._sp_cache.update(zip(todo, self._decode_many(todo, blocks), strict=True))
 
@@ -704,25 +718,29 @@ class ShadowPages:
         """_sp_list() where nothing is wrong: each node's struct kvm_mmu_page,
         decoded into the cache by runs of 4096 as _sp_list() decodes them; None
         at the first thing that is not plain (a pointer that is no kernel
-        address, a struct that is unreadable or crosses a page, more than
-        MAX_LIST nodes: a loop), for the careful walk to say what (it decodes
-        what is not decoded yet, from the same run boundaries). The hot loop of
-        a 10^6-page MMU: no more per node than following it."""
+        address, an unreadable struct, more than MAX_LIST nodes: a loop), for
+        the careful walk to say what (this one decodes nothing before it ends,
+        so the careful walk's runs are the same).
+
+        The hot loop of a 10^6-page MMU, so following a node is one lookup:
+        sp->link.next is the u64 at the node itself, taken from the 4 KiB page
+        Memory holds as a memoryview of u64 words (a slab page holds a few
+        dozen nodes, in random order with CONFIG_SLAB_FREELIST_RANDOM); the
+        structs are decoded after the walk from the same pages (_cache_gathered).
+        """
         lay = self.layout.sp
         assert lay is not None
         mem = self.mem
-        link, size, cache = lay.link, lay.size, self._sp_cache
-        cached, fetch, unpack = mem.cached_page, mem.read_block, _U64.unpack_from
-        page_mask, last = ~(PAGE_SIZE - 1), PAGE_SIZE - size
+        link, size = lay.link, lay.size
+        page_mask = ~(PAGE_SIZE - 1)
+        lo, hi = link, PAGE_SIZE - size + link  # a node's offset whose struct is in its page
+        words: dict[int, memoryview] = {}  # each slab page read, as u64 words
+        get = words.get
         out: list[int] = []
-        todo: list[int] = []  # not decoded yet, and their bytes
-        blocks: list[bytes] = []
         add = out.append
         tick = left = 0x1000
         ticked: set[int] = set()  # the node met at each tick: a loop repeats one soon
         while node != head:
-            if node < KERNEL_MIN:  # (also LIST_POISON1/2)
-                return None
             if not left:
                 if len(out) > MAX_LIST - tick or node in ticked:  # the careful walk says
                     return None
@@ -731,30 +749,53 @@ class ShadowPages:
                 if mem.on_progress is not None and not len(out) & 0x3FFF:
                     mem.on_progress(len(out))
             left -= 1
-            addr = node - link
-            page = addr & page_mask
-            off = addr - page
-            data = cached(page)
-            if data is None or off > last:
-                if off > last:
+            page = node & page_mask
+            off = node - page
+            page_words = get(page)
+            if page_words is None or not lo <= off <= hi:
+                if node < KERNEL_MIN or node & 7:  # (also LIST_POISON1/2)
                     return None
-                try:
-                    fetch(page, PAGE_SIZE)
+                try:  # every page of the struct, for _cache_gathered
+                    mem.read_block(node - link, size)
                 except drgn.FaultError:
                     return None
-                data = cached(page)
-                assert data is not None
-            d = data[off:off + size]
-            add(addr)
-            if addr not in cache:
-                todo.append(addr)
-                blocks.append(d)
-                if len(todo) == 4096:
-                    self._cache_decoded(todo, blocks)
-                    todo, blocks = [], []
-            node = unpack(d, link)[0]
-        self._cache_decoded(todo, blocks)
+                data = mem.cached_page(page)
+                assert data is not None  # (read just now)
+                page_words = words[page] = memoryview(data).cast("Q")
+            add(node - link)
+            node = page_words[off >> 3]
+        words.clear()
+        cache = self._sp_cache
+        todo = [a for a in out if a not in cache]  # (roots decoded before the walk)
+        for i in range(0, len(todo), 4096):
+            self._cache_gathered(todo[i:i + 4096], size)
         return out
+
+    def _cache_gathered(self, addrs: list[int], size: int) -> None:
+        """_cache_decoded() of structs whose slab pages Memory holds (the plain
+        walk's): their bytes gathered by numpy from those pages at once (a few,
+        one by one: numpy is not needed for a small MMU)."""
+        if len(addrs) < COLUMNS_FROM:
+            block = self.mem.read_block
+            self._cache_decoded(addrs, [block(a, size) for a in addrs])
+            return
+        import numpy as np
+
+        at = np.array(addrs, dtype=np.uint64)
+        pages = at & np.uint64(~(PAGE_SIZE - 1) & (2**64 - 1))
+        offs = (at - pages).astype(np.intp)
+        held = np.unique(pages)
+        cross = offs > PAGE_SIZE - size
+        if cross.any():  # the next page follows its page in *held* (sorted, adjacent)
+            held = np.unique(np.concatenate([held, pages[cross] + np.uint64(PAGE_SIZE)]))
+        cached = self.mem.cached_page
+        buf = np.frombuffer(b"".join([cached(p) or b"" for p in held.tolist()]), np.uint8)
+        where = np.searchsorted(held, pages).astype(np.intp) * PAGE_SIZE + offs
+        dec = self._decoder_of()
+        # a record at every byte of *buf* (a view), of which those at *where* are copied
+        every = np.ndarray((len(buf) - size + 1,), dec.numpy_dtype(), buf, 0, (1,))
+        rec = every[where]
+        self._sp_cache.update(zip(addrs, self._decode_records(dec, addrs, rec), strict=True))
 
     def _cut_loop(self, out: list[int], node: int, link: int, kind: str,
                   head: int) -> list[int]:

@@ -209,6 +209,47 @@ def tree_node_json(n: TreeNode) -> dict[str, Any]:
     return d
 
 
+# tree_leaf_json_text(): compact(tree_node_json(n)) of a plain childless page, filled in
+_LEAF_TEXT = ('{"sp": "%s", "gfn": "%s", "level": %d, "direct": %s, "tdp_mmu_page": %s, '
+              '"unsync": %s, "unsync_children": %d, "invalid": %s, "obsolete": %s, '
+              '"root_count": %d, "smm": %s, "guest_mode": %s, "orphan": %s, "holders": [], '
+              '"index": %s, "ref": %s, "children_omitted": %d, "children": []}')
+_BOOL_TEXT = ("false", "true")
+
+
+def tree_leaf_json_text(n: TreeNode) -> str | None:
+    """page_leaf_json_text() of a tree node without holders or children shown;
+    None for any other."""
+    p = n.page
+    if n.children or p.holders:
+        return None
+    return page_leaf_json_text(p.sp, p.obsolete, p.orphan, n.slot, n.ref, n.children_omitted)
+
+
+def page_leaf_json_text(sp: ShadowPage, obsolete: bool, orphan: bool, index: int | None,
+                        ref: bool = False, omitted: int = 0) -> str | None:
+    """The one-line JSON text of tree_node_json() (render.compact's, the same
+    bytes) of a node of *sp* with no holders and no children shown, by one
+    template: most pages of a big tree, 5x faster than the dict and the
+    encoder. None unless every field is a plain bool or int."""
+    role = sp.role
+    if (type(sp.addr) is not int or type(sp.gfn) is not int or type(sp.level) is not int
+            or type(sp.unsync) is not bool or type(sp.unsync_children) is not int
+            or type(sp.root_count) is not int or type(sp.tdp_mmu_page) is not bool
+            or type(ref) is not bool or type(omitted) is not int
+            or (index is not None and type(index) is not int)
+            or type(role.direct) is not bool or type(role.invalid) is not bool
+            or type(obsolete) is not bool or type(orphan) is not bool):
+        return None
+    b = _BOOL_TEXT
+    bits = role.fields
+    return _LEAF_TEXT % (
+        hex(sp.addr), hex(sp.gfn), sp.level, b[role.direct], b[sp.tdp_mmu_page],
+        b[sp.unsync], sp.unsync_children, b[role.invalid], b[obsolete], sp.root_count,
+        b[bool(bits.get("smm"))], b[bool(bits.get("guest_mode"))], b[orphan],
+        "null" if index is None else index, b[ref], omitted)
+
+
 def export_node_json(p: PageView, root: bool) -> dict[str, Any]:
     """A node of export's graph: page_json() with holders by name (GraphML holds no
     objects), then "addr" (the page again) and "root"."""

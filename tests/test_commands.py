@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from typing import Any
 
 import pytest
 
 from kvminspect.cli import run_one
+from kvminspect.commands.tree import TreePlan, start_pages
 from kvminspect.errors import LookupFailed, UsageError
+from kvminspect.layout import UNKNOWN, UNREADABLE
+from kvminspect.render import compact
+from kvminspect.results import TreeNode, page_view
 from kvminspect.session import Session
-from tests.conftest import FIXTURES, fixtures, open_fixture, truth
+from kvminspect.shapes import page_leaf_json_text, tree_leaf_json_text, tree_node_json
+from tests.conftest import FIXTURES, MULTI_VM, PAIR_SIDES, VMCORES, fixtures, open_fixture, truth
 
 
 def run_json(name: str, *argv: str, capsys) -> dict:
@@ -282,3 +290,63 @@ def test_every_command_runs_clean(name: str, capsys) -> None:
         assert doc["warnings"] == [], (command, doc["warnings"])
     for vm in run_json(name, "check", capsys=capsys)["vms"]:
         assert vm["summary"]["error"] == 0
+
+
+# -- tree --json's template for plain pages (shapes.page_leaf_json_text) --------
+
+
+@pytest.mark.parametrize("name", FIXTURES + MULTI_VM + PAIR_SIDES)
+def test_tree_leaf_template_is_the_encoders_text(name: str) -> None:
+    """Every page of every fixture, as a childless tree node (slot, ref and
+    omitted children varied): the template's text is compact(tree_node_json())
+    byte for byte, or it is None (holders, or a field that is not a plain
+    bool or int); and the streamed tree document is the nested one."""
+    s = Session(open_fixture(name))
+    templated = bare = 0
+    for vm in s.kernel.vms():
+        g = s.graph(vm)
+        for n, sp in enumerate(g.nodes.values()):
+            slot, ref, omitted = (None, False, 0) if n % 3 == 0 else (n % 512, n % 2 == 1, n % 5)
+            node = TreeNode(page_view(sp, g), slot, ref, omitted, ())
+            text = tree_leaf_json_text(node)
+            if node.page.holders:
+                assert text is None
+                continue
+            bare += 1
+            if text is not None:
+                assert text == compact(tree_node_json(node)), sp
+                templated += 1
+        plan = TreePlan(g, start_pages(g, None), None, None)
+        assert json.loads("".join(plan.chunks())) == json.loads(
+            compact([tree_node_json(t) for t in plan.trees()]))
+    assert templated if bare else not templated  # (a zapped VM's pages are all held roots)
+
+
+def test_tree_leaf_template_refuses_what_it_cannot_write() -> None:
+    """A field that is UNKNOWN, UNREADABLE or an int where a bool belongs (a
+    kernel without the member, a damaged struct) goes to the encoder."""
+    s = Session(open_fixture("6.1-tdp"))
+    g = s.graph(s.kernel.vms()[0])
+    sp = next(sp for sp in g.nodes.values() if sp.addr not in g.roots)
+    assert page_leaf_json_text(sp, False, False, 3) is not None
+    for field, bad in (("unsync", UNKNOWN), ("unsync_children", UNKNOWN),
+                       ("root_count", UNREADABLE), ("gfn", UNKNOWN), ("unsync", 1),
+                       ("tdp_mmu_page", 1)):
+        assert page_leaf_json_text(sp._replace(**{field: bad}), False, False, 3) is None
+    one: Any = 1  # an int where obsolete's bool belongs
+    assert page_leaf_json_text(sp, one, False, 3) is None
+
+
+@pytest.mark.parametrize("name", ["6.1-shadow", "6.1-tdp"])
+def test_small_reads_do_not_import_numpy(name: str) -> None:
+    """vms, vcpus and roots of a small MMU run without numpy (the emulated host
+    of tests/test_live_kcore.py has none): the list walks import it only for a
+    run of COLUMNS_FROM pages or more."""
+    code = ("import sys; from kvminspect.cli import main\n"
+            f"for cmd in ('vms', 'vcpus', 'roots'):\n"
+            f"    assert main(['-c', {str(VMCORES / name)!r}, cmd, '--json']) == 0\n"
+            "print('numpy' in sys.modules, file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "False", r.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import lzma
 import os
+import shutil
 from functools import cache
 from pathlib import Path
 
@@ -32,6 +33,9 @@ def _plain(p: Path) -> Path:
     st = p.stat()
     out = CACHE / f"{p.parent.name}-{st.st_size}-{st.st_mtime_ns}" / p.stem
     if not out.exists():
+        # the same file of another checkout (another mtime): one copy kept, not one per clone
+        for old in CACHE.glob(f"{p.parent.name}-{st.st_size}-*/{p.stem}"):
+            shutil.rmtree(old.parent, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         if p.suffix == ".xz":
             data = lzma.decompress(p.read_bytes())

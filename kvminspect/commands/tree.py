@@ -15,11 +15,11 @@ from kvminspect.drgn_code import print_code, tree_code
 from kvminspect.errors import UsageError
 from kvminspect.fmt import hx
 from kvminspect.graph import VMGraph
-from kvminspect.model import VM
+from kvminspect.model import VM, is_obsolete_sp
 from kvminspect.render import Stream, TextTree, compact, console, plural
 from kvminspect.results import TreeNode, page_view
 from kvminspect.session import Session
-from kvminspect.shapes import tree_node_json
+from kvminspect.shapes import page_leaf_json_text, tree_leaf_json_text, tree_node_json
 
 _new = tuple.__new__
 
@@ -91,6 +91,12 @@ def _single(g: VMGraph, addr: int, index: int | None, depth: int | None,
     return _new(TreeNode, (page_view(g.nodes[addr], g), index, False, len(kids), ()))
 
 
+def leaf_text(n: TreeNode) -> str:
+    """compact(tree_node_json(n)), by shapes' template where the node is plain."""
+    text = tree_leaf_json_text(n)
+    return compact(tree_node_json(n)) if text is None else text
+
+
 def subtree_chunks(g: VMGraph, addr: int, index: int | None, depth: int | None,
                    keep: set[int] | None, seen: set[int]) -> Iterator[str]:
     """subtree() as JSON text (shapes.tree_node_json), piece by piece
@@ -98,30 +104,38 @@ def subtree_chunks(g: VMGraph, addr: int, index: int | None, depth: int | None,
     pages are encoded together."""
     one = _single(g, addr, index, depth, keep, seen)
     if one is not None:
-        yield compact(tree_node_json(one))
+        yield leaf_text(one)
         return
     seen.add(addr)
     node = tree_node_json(TreeNode(page_view(g.sp(addr), g), index, False, 0, ()))
     del node["children"]  # they follow, piece by piece
     yield compact(node)[:-1] + ', "children": [\n'
     below = None if depth is None else depth - 1
-    run: list[dict[str, Any]] = []
+    run: list[str] = []  # a run of childless pages: one line, as compact() of their list
     sep = ""
+    links, nodes, roots, orphans, vm = g.links, g.nodes, g.roots, g.orphan_set, g.vm
     for i, c in g.children(addr):
         if keep is not None and c not in keep:
             continue
+        if keep is None and c not in links and c not in roots:  # _single's most common
+            seen.add(c)  # node (childless, no holders), without its PageView and TreeNode
+            sp = nodes[c]
+            text = page_leaf_json_text(sp, is_obsolete_sp(sp, vm), c in orphans, i)
+            if text is not None:
+                run.append(text)
+                continue
         leaf = _single(g, c, i, below, keep, seen)
         if leaf is not None:
-            run.append(tree_node_json(leaf))
+            run.append(leaf_text(leaf))
             continue
         if run:
-            yield sep + compact(run)[1:-1]
+            yield sep + ", ".join(run)
             run, sep = [], ",\n"
         yield sep
         yield from subtree_chunks(g, c, i, below, keep, seen)
         sep = ",\n"
     if run:
-        yield sep + compact(run)[1:-1]
+        yield sep + ", ".join(run)
     yield "]}"
 
 
