@@ -1,7 +1,5 @@
 """python -m kvminspect"""
 
-import sys
+from kvminspect.cli import run
 
-from kvminspect.cli import main
-
-sys.exit(main())
+run()

@@ -19,13 +19,15 @@ position; two targets, or two different --vm, are an error (exit 2).
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import os
 import shlex
 import sys
 import textwrap
 import traceback
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from kvminspect import __version__, options, registry
 from kvminspect.errors import KvminspectError, UsageError
@@ -365,6 +367,20 @@ def _main(argv: list[str] | None) -> int:
     if k is not None and k.vms_if_read() == [] and k.problems:
         return 1  # nothing could be read: the VM list itself is damaged
     return session.exit_status()
+
+
+def run() -> NoReturn:
+    """The ``kvminspect`` program (and ``python -m kvminspect``): main(), then
+    the process ends at once. What a command read stays allocated: at 10^6
+    shadow pages, freeing it object by object would take a third of a second
+    more. Output is flushed and atexit handlers (the cache's temporary files)
+    run first, as at a normal exit."""
+    status = main()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError):  # (a reader gone: main() said so already)
+            stream.flush()
+    atexit._run_exitfuncs()
+    os._exit(status)
 
 
 def main(argv: list[str] | None = None) -> int:

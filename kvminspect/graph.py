@@ -21,7 +21,7 @@ import gc
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from itertools import compress
+from itertools import compress, islice
 from operator import attrgetter, itemgetter
 from typing import TYPE_CHECKING, Any, cast
 
@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # networkx (0.1 s to import) only when VMGraph.graph is asked
     from numpy.typing import NDArray
 
 MAX_PAGES = 1 << 20
+BIG_TABLE = 64  # _expand(): a table with this many children is checked by numpy
 # VMGraph.column(): the ShadowPage fields it makes arrays of, and their numpy types
 COLUMNS = {"addr": "u8", "gfn": "u8", "level": "i8", "spt": "u8", "tdp_mmu_page": "?"}
 second = itemgetter(1)  # the child of a link (index, child)
@@ -103,6 +104,9 @@ class VMGraph:
     # each parent's (index, child) pairs whose child's level is not the parent's minus
     # one: recorded as problems, kept out of links and not followed (_expand)
     wrong_level: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    # build(): how many pages of ``nodes`` come first (the roots), then how many
+    # are the listed pages after them (the rest are not on the lists): listed()
+    listed_span: tuple[int, int] | None = field(default=None, repr=False)
     _sorted: list[ShadowPage] | None = field(default=None, repr=False)
     _parents: dict[int, list[tuple[int, int]]] | None = field(default=None, repr=False)
     _nx: nx.DiGraph | None = field(default=None, repr=False)
@@ -198,7 +202,7 @@ class VMGraph:
     def find_gfn(self, gfn: int) -> list[ShadowPage]:
         return [s for s in self.pages() if s.gfn == gfn]
 
-    def mark_orphans(self, linked: set[int] | None = None) -> None:
+    def mark_orphans(self, linked: set[int] | NDArray[Any] | None = None) -> None:
         """orphan_set: the pages no root reaches through links.
 
         A link goes one level down (_expand keeps no other; unlink() only takes
@@ -207,7 +211,8 @@ class VMGraph:
         (the common case, told from the links at once, by counting: the pages
         without a parent are as many as the roots without one); else the walk
         from the roots says which. *linked*: every child of links, if known
-        (_expand's: pages of ``nodes``, each).
+        (_expand's: pages of ``nodes``, each once; a set, or a sorted numpy
+        array for a big graph).
         """
         nodes = self.nodes
         if linked is None:
@@ -215,7 +220,10 @@ class VMGraph:
             for pairs in self.links.values():
                 linked.update(map(second, pairs))
             linked &= nodes.keys()  # (what-if edits may link a page not in nodes)
-        tops = sum(1 for r in self.roots if r in nodes and r not in linked)
+        if isinstance(linked, set):
+            tops = sum(1 for r in self.roots if r in nodes and r not in linked)
+        else:
+            tops = sum(1 for r in self.roots if r in nodes and not _in_sorted(linked, r))
         if len(nodes) - len(linked) == tops:
             self.orphan_set = set()
             return
@@ -243,18 +251,28 @@ class VMGraph:
         self._changed()
 
     def _changed(self) -> None:
-        self._sorted = self._parents = self._nx = None
+        self._sorted = self._parents = self._nx = self.listed_span = None
         self._columns.clear()
 
     def listed(self) -> NDArray[Any]:
         """Whether each page (in the order of ``nodes``) is on the VM's page lists
-        (``active``), as a numpy array of booleans (made once)."""
+        (``active``), as a numpy array of booleans (made once): from the
+        build's order where it is known (``listed_span``: the roots, then the
+        listed pages, then those only linked), else page by page."""
         import numpy as np
 
         col = self._columns.get("listed")
         if col is None:
-            col = self._columns["listed"] = np.fromiter(
-                map(self.active.__contains__, self.nodes), dtype=bool, count=len(self.nodes))
+            n = len(self.nodes)
+            if self.listed_span is None:
+                col = np.fromiter(map(self.active.__contains__, self.nodes), dtype=bool,
+                                  count=n)
+            else:
+                tops, listed = self.listed_span
+                col = np.zeros(n, dtype=bool)
+                col[tops:tops + listed] = True
+                col[:tops] = [a in self.active for a in islice(self.nodes, tops)]
+            self._columns["listed"] = col
         return col
 
     def column(self, name: str) -> NDArray[Any]:
@@ -314,11 +332,12 @@ def _add_page(k: Kernel, vg: VMGraph, addr: int) -> ShadowPage | None:
     return sp
 
 
-def _expand(k: Kernel, vg: VMGraph, start: list[int]) -> set[int]:
+def _expand(k: Kernel, vg: VMGraph, start: list[int]) -> set[int] | NDArray[Any]:
     """Add every page reachable from *start* through present non-leaf SPTEs;
     every child linked (VMGraph.mark_orphans)."""
     nodes, links = vg.nodes, vg.links
     linked: set[int] = set()
+    big = _KnownPages(nodes)  # the children of tables with many (numpy arrays)
     queue = deque(a for a in start if a in nodes and nodes[a].level >= 2)
     done: set[int] = set()
     get, level_of = nodes.get, attrgetter("level")
@@ -339,11 +358,16 @@ def _expand(k: Kernel, vg: VMGraph, start: list[int]) -> set[int]:
         if want == 1 and children and None not in children:
             # most links: to level-1 pages read already, all well
             known_children = cast("list[int]", children)
-            kids = list(map(get, known_children))
-            if None not in kids and set(map(level_of, kids)) == {1}:
-                links[addr] = list(zip(indexes, known_children, strict=True))
-                linked.update(known_children)
-                continue
+            if len(known_children) >= BIG_TABLE:
+                if big.all_level_one(known_children):
+                    links[addr] = list(zip(indexes, known_children, strict=True))
+                    continue
+            else:
+                kids = list(map(get, known_children))
+                if None not in kids and set(map(level_of, kids)) == {1}:
+                    links[addr] = list(zip(indexes, known_children, strict=True))
+                    linked.update(known_children)
+                    continue
         for index, value, child_addr in zip(indexes, values, children, strict=True):
             if child_addr is None:
                 bad += 1
@@ -372,7 +396,61 @@ def _expand(k: Kernel, vg: VMGraph, start: list[int]) -> set[int]:
                       f"{bad} SPTEs point at no shadow page (garbage page table?)")
     if queue:
         k.problem("VM", vg.vm.addr, f"more than {MAX_PAGES} shadow pages; graph truncated")
-    return linked
+    return big.linked_with(linked)
+
+
+def _in_sorted(a: NDArray[Any], x: int) -> bool:
+    """Whether *x* is in the sorted numpy array *a*."""
+    i = int(a.searchsorted(x))
+    return i < len(a) and int(a[i]) == x
+
+
+class _KnownPages:
+    """_expand()'s check of a table with many children (a TDP MMU's level 2:
+    up to 512 level-1 pages, 10^6 in all): the graph's pages as sorted numpy
+    arrays of addresses and levels (made at the first such table), each
+    table's children looked up at once instead of one dict lookup each (a
+    cache miss at 10^6 pages), and kept as arrays for mark_orphans()."""
+
+    def __init__(self, nodes: dict[int, ShadowPage]) -> None:
+        self.nodes = nodes
+        self.addrs: Any = None  # sorted addresses, and the level of each
+        self.levels: Any = None
+        self.children: list[Any] = []  # each table's children, as checked
+
+    def all_level_one(self, children: list[int]) -> bool:
+        """Whether every one of *children* is a page of the graph at level 1
+        (pages added to the graph since the arrays were made are not seen:
+        the caller then checks them one by one)."""
+        import numpy as np
+
+        if self.addrs is None:
+            nodes = self.nodes
+            addrs = np.fromiter(nodes, dtype=np.uint64, count=len(nodes))
+            order = np.argsort(addrs)
+            self.addrs = addrs[order]
+            self.levels = np.fromiter(map(attrgetter("level"), nodes.values()),
+                                      dtype=np.int64, count=len(nodes))[order]
+        c = np.array(children, dtype=np.uint64)
+        at = np.minimum(self.addrs.searchsorted(c), len(self.addrs) - 1)
+        if not ((self.addrs[at] == c).all() and (self.levels[at] == 1).all()):
+            return False
+        self.children.append(c)
+        return True
+
+    def linked_with(self, linked: set[int]) -> set[int] | NDArray[Any]:
+        """Every child linked: *linked* (the other tables'), with those of the
+        tables checked here as one sorted numpy array of distinct addresses."""
+        if not self.children:
+            return linked
+        import numpy as np
+
+        rest = np.fromiter(linked, dtype=np.uint64, count=len(linked))
+        every = np.sort(np.concatenate([*self.children, rest]))
+        # np.unique(every), by the sort: numpy 2.4's plain unique() hashes, 10x slower
+        first = np.ones(len(every), dtype=bool)
+        np.not_equal(every[1:], every[:-1], out=first[1:])
+        return every[first]
 
 
 def build(k: Kernel, vm: VM, freeze: bool = False) -> VMGraph:
@@ -427,7 +505,9 @@ def _build(k: Kernel, vm: VM) -> VMGraph:
     found: list[ShadowPage] = list(filter(None, k.shadow_pages(active)))  # (readable)
     # in list order after the roots; a page met again keeps its place (and it is
     # the same object: the model decodes a page once)
+    tops = len(nodes)
     nodes.update(zip(map(attrgetter("addr"), found), found, strict=True))
+    vg.listed_span = (tops, len(nodes) - tops)
     for sp in found:  # (rc > 0: the few roots, tested first)
         rc = sp.root_count
         if rc and known(rc) and rc > 0 and sp.addr not in vg.roots:

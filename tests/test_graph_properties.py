@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -96,3 +97,29 @@ def test_graph_unsync_check_survive_random_state(changes) -> None:
     assert model == {str(p) for p in k.problems.of([vm.addr])}
     for p in k.problems:
         assert str(p)
+
+
+@pytest.mark.parametrize("name", ["6.1-tdp-large", "6.1-shadow-large", "6.1-shadow-2vm",
+                                  "6.1-shadow-zapped", "7.3-tdp"])
+def test_big_table_path_builds_the_same_graph(name: str, monkeypatch) -> None:
+    """_expand's numpy check of tables with many children (graph.BIG_TABLE: a
+    TDP MMU's level 2 at 10^6 pages) and mark_orphans() on its arrays give
+    the graph the dict path gives, with every table on the one path and then
+    on the other; listed() from the build's order is the page-by-page one."""
+    prog = open_fixture(name).prog
+
+    def built(big: int) -> list[graph.VMGraph]:
+        monkeypatch.setattr(graph, "BIG_TABLE", big)
+        k = Kernel(prog)
+        return [graph.build(k, vm) for vm in k.vms()]
+
+    for a, b in zip(built(1), built(10**9), strict=True):
+        assert list(a.nodes) == list(b.nodes) and a.links == b.links
+        assert a.orphan_set == b.orphan_set and a.wrong_level == b.wrong_level
+        assert a.roots.keys() == b.roots.keys()
+        assert a.listed_span is not None
+        listed = a.listed().tolist()
+        if a.nodes:
+            a.set_page(next(iter(a.nodes.values())))  # (the same page: caches dropped)
+            assert a.listed_span is None
+        assert listed == a.listed().tolist() == [n in a.active for n in a.nodes]
