@@ -498,11 +498,11 @@ def _build(k: Kernel, vm: VM) -> VMGraph:
             hold(a, replace(who, pae=i))
     for a in k.tdp_roots(vm):
         hold(a, Holder("tdp_mmu_roots"))
-    active = k.active_pages(vm)
+    active, listed = k.listed_pages(vm)
     k.drop_blocks()  # the pages on the lists are decoded: their slab pages are only memory
     vg.active = set(active)
     nodes = vg.nodes
-    found: list[ShadowPage] = list(filter(None, k.shadow_pages(active)))  # (readable)
+    found: list[ShadowPage] = list(filter(None, listed))  # (readable)
     # in list order after the roots; a page met again keeps its place (and it is
     # the same object: the model decodes a page once)
     tops = len(nodes)

@@ -247,6 +247,10 @@ class Kernel:
         """Shadow pages on kvm->arch.active_mmu_pages (and the tdp_mmu_pages list, 5.10-6.1)."""
         return self.pages.active_pages(vm)
 
+    def listed_pages(self, vm: VM) -> tuple[list[int], list[ShadowPage | None]]:
+        """active_pages() and the ShadowPage of each (None: unreadable), in order."""
+        return self.pages.listed_pages(vm)
+
     def tdp_roots(self, vm: VM) -> list[int]:
         """TDP MMU roots on kvm->arch.tdp_mmu_roots."""
         return self.pages.tdp_roots(vm)

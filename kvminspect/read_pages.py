@@ -13,8 +13,8 @@ import array
 import struct
 import sys
 from collections.abc import Iterable, Iterator
-from itertools import repeat
-from operator import attrgetter
+from itertools import compress, repeat
+from operator import attrgetter, not_
 from typing import TYPE_CHECKING, Any
 
 import drgn
@@ -40,6 +40,7 @@ PRIVATES_RUN = 16  # vmemmap pages read at once by page_private() (1024 struct p
 _new = tuple.__new__  # ShadowPage(...) without NamedTuple's Python-level __new__
 LEVEL_OF, SPT_OF, ADDR_OF = attrgetter("level"), attrgetter("spt"), attrgetter("addr")
 COLUMNS_FROM = 256  # _decode_many(): structs decoded column by column from this many
+RUN_FROM = 1 << 14  # a plain list walk of this many new pages keeps them as a PageRun
 LINKS_COLUMNS_FROM = 64  # link_columns(): tables with this many non-zero entries, by numpy
 NUMPY_CODES = {"B": "<u1", "H": "<u2", "I": "<u4", "Q": "<u8", "i": "<i4"}  # struct -> numpy
 
@@ -139,6 +140,7 @@ class ShadowPages:
         self.layout = layout
         self.spte = sptes
         self._sp_cache: dict[int, ShadowPage | None] = {}
+        self._runs: list[PageRun] = []  # the big plain list walks' pages (PageRun)
         self._spt_cache: dict[int, array.array[int] | None] = {}
         self._roles: dict[int, Role] = {}  # one Role per distinct role word
         # page_private(): the private words of each vmemmap page read, and how to
@@ -157,6 +159,7 @@ class ShadowPages:
     def reset(self) -> None:
         """Forget every page decoded and every spt[] read (a re-read of a VM)."""
         self._sp_cache.clear()
+        self._runs.clear()
         self._spt_cache.clear()
         self._privates.clear()
 
@@ -272,6 +275,10 @@ class ShadowPages:
             return self._sp_cache[addr]
         except KeyError:
             pass
+        for run in self._runs:
+            found = run.get(addr)
+            if found is not None:
+                return found
         lay = self.layout.sp
         if lay is None:  # a structural member is missing (a MissingMember says which)
             return None
@@ -286,12 +293,30 @@ class ShadowPages:
         return sp
 
     def shadow_pages(self, addrs: list[int]) -> list[ShadowPage | None]:
-        """shadow_page() of each address (those of a list walk are decoded already)."""
+        """shadow_page() of each address (those of a list walk are decoded
+        already: listed_pages() has them in order)."""
         cache = self._sp_cache
         try:
             return list(map(cache.__getitem__, addrs))  # (all decoded: in C)
         except KeyError:
             return [cache[a] if a in cache else self.shadow_page(a) for a in addrs]
+
+    def _known(self, addr: int) -> bool:
+        """Whether the page at *addr* is decoded already (or known unreadable)."""
+        return addr in self._sp_cache or any(run.get(addr) is not None for run in self._runs)
+
+    def _known_many(self, addrs: list[int]) -> list[bool]:
+        """_known() of each address: the PageRuns searched at once."""
+        known = list(map(self._sp_cache.__contains__, addrs))
+        if self._runs and addrs:
+            import numpy as np
+
+            at = np.array(addrs, dtype=np.uint64)
+            found = np.zeros(len(addrs), dtype=bool)
+            for run in self._runs:
+                found |= run.contains(at)
+            known = [a or b for a, b in zip(known, found.tolist(), strict=True)]
+        return known
 
     def _decode_sp(self, addr: int, d: bytes) -> ShadowPage:
         """A struct kvm_mmu_page's bytes as a ShadowPage (see _decode_many)."""
@@ -619,22 +644,29 @@ class ShadowPages:
 
     def active_pages(self, vm: VM) -> list[int]:
         """Shadow pages on kvm->arch.active_mmu_pages (and the tdp_mmu_pages list, 5.10-6.1)."""
+        return self.listed_pages(vm)[0]
+
+    def listed_pages(self, vm: VM) -> tuple[list[int], list[ShadowPage | None]]:
+        """active_pages(), and the ShadowPage of each (None: unreadable)."""
         if self.layout.sp is None:
-            return []
+            return [], []
         kvm = self.mem.object("struct kvm *", vm.addr)
         heads = [("active_mmu_pages", kvm.arch.active_mmu_pages.address_of_().value_())]
         # a list to 6.1, then a counter: "KVM: x86/mmu: Track the number of TDP MMU pages,
         # but not the actual pages" (6.2, d25ceb926436)
         if self.layout.tdp_mmu_pages_list:
             heads.append(("tdp_mmu_pages", kvm.arch.tdp_mmu_pages.address_of_().value_()))
-        out = []
+        out: list[int] = []
+        pages: list[ShadowPage | None] = []
         for name, head in heads:
-            out.extend(self._sp_list(head, f"kvm->arch.{name}"))
-        return out
+            addrs, sps = self._sp_list(head, f"kvm->arch.{name}")
+            out.extend(addrs)
+            pages.extend(sps)
+        return out, pages
 
-    def _sp_list(self, head: int, kind: str) -> list[int]:
-        """The struct kvm_mmu_page of each node of a list through sp->link,
-        decoded on the way into the shadow-page cache.
+    def _sp_list(self, head: int, kind: str) -> tuple[list[int], list[ShadowPage | None]]:
+        """The struct kvm_mmu_page of each node of a list through sp->link, and
+        its ShadowPage, decoded on the way into the shadow-page cache.
 
         The same walk as list_nodes (bounded, cycle-safe, poison-aware), but
         each node's next pointer comes from the struct just read: one
@@ -652,9 +684,9 @@ class ShadowPages:
             node = mem.read_word(head)
         except drgn.FaultError as e:
             mem.problem(kind, head, f"list head unreadable ({e})")
-            return out
+            return out, []
         if node == 0:  # never initialised (e.g. the TDP MMU lists of a shadow VM)
-            return out
+            return out, []
         fast = self._plain_walk(head, node)
         if fast is not None:
             return fast
@@ -698,7 +730,7 @@ class ShadowPages:
                     mem.problem(kind, node, f"list node unreadable ({e})")
                     break
                 continue
-            if addr not in cache:  # (a list that loops may list a page twice: harmless)
+            if not self._known(addr):  # (a list that loops may list a page twice: harmless)
                 todo.append(addr)
                 blocks.append(d)
                 if len(todo) == 4096:  # decoded in runs: a few MB of bytes at most
@@ -706,7 +738,7 @@ class ShadowPages:
                     todo, blocks = [], []
             node = unpack(d, link)[0]
         self._cache_decoded(todo, blocks)
-        return out
+        return out, [self.shadow_page(a) for a in out]
 
     def _cache_decoded(self, todo: list[int], blocks: list[bytes]) -> None:
         """Decode the struct kvm_mmu_page bytes *blocks* of the pages at *todo*
@@ -714,7 +746,8 @@ class ShadowPages:
         # _decode_many makes one page per address, in order: filled in C
         self._sp_cache.update(zip(todo, self._decode_many(todo, blocks), strict=True))
 
-    def _plain_walk(self, head: int, node: int) -> list[int] | None:
+    def _plain_walk(self, head: int, node: int
+                    ) -> tuple[list[int], list[ShadowPage | None]] | None:
         """_sp_list() where nothing is wrong: each node's struct kvm_mmu_page,
         decoded into the cache by runs of 4096 as _sp_list() decodes them; None
         at the first thing that is not plain (a pointer that is no kernel
@@ -765,20 +798,30 @@ class ShadowPages:
             add(node - link)
             node = page_words[off >> 3]
         words.clear()
-        cache = self._sp_cache
-        todo = [a for a in out if a not in cache]  # (roots decoded before the walk)
+        # the pages not decoded before the walk (the roots were): in runs of 4096
+        old = self._known_many(out)
+        todo = list(compress(out, map(not_, old))) if any(old) else out
+        made: list[ShadowPage | None] = []
         for i in range(0, len(todo), 4096):
-            self._cache_gathered(todo[i:i + 4096], size)
-        return out
+            made.extend(self._gathered(todo[i:i + 4096], size))
+        if len(todo) >= RUN_FROM:  # kept by address without a dict entry each
+            self._runs.append(PageRun(todo, made))
+        else:
+            self._sp_cache.update(zip(todo, made, strict=True))
+        if todo is out:
+            return out, list(made)
+        pages = list(made)
+        for i in (i for i, known in enumerate(old) if known):  # (a few) in their places
+            pages.insert(i, self.shadow_page(out[i]))
+        return out, pages
 
-    def _cache_gathered(self, addrs: list[int], size: int) -> None:
-        """_cache_decoded() of structs whose slab pages Memory holds (the plain
+    def _gathered(self, addrs: list[int], size: int) -> list[ShadowPage | None]:
+        """_decode_many() of structs whose slab pages Memory holds (the plain
         walk's): their bytes gathered by numpy from those pages at once (a few,
         one by one: numpy is not needed for a small MMU)."""
         if len(addrs) < COLUMNS_FROM:
             block = self.mem.read_block
-            self._cache_decoded(addrs, [block(a, size) for a in addrs])
-            return
+            return list(self._decode_many(addrs, [block(a, size) for a in addrs]))
         import numpy as np
 
         at = np.array(addrs, dtype=np.uint64)
@@ -794,8 +837,7 @@ class ShadowPages:
         dec = self._decoder_of()
         # a record at every byte of *buf* (a view), of which those at *where* are copied
         every = np.ndarray((len(buf) - size + 1,), dec.numpy_dtype(), buf, 0, (1,))
-        rec = every[where]
-        self._sp_cache.update(zip(addrs, self._decode_records(dec, addrs, rec), strict=True))
+        return list(self._decode_records(dec, addrs, every[where]))
 
     def _cut_loop(self, out: list[int], node: int, link: int, kind: str,
                   head: int) -> list[int]:
@@ -900,3 +942,34 @@ class ShadowPages:
                 except LookupError:
                     continue
         return self._gfn_array
+
+
+class PageRun:
+    """The pages one big plain list walk decoded, found by address: a sorted
+    numpy array of the addresses and where each one's page is in *pages*.
+    ShadowPages' cache for 10^4 pages and more, without a dict entry each (at
+    10^6 pages, filling the dict cost more than decoding the structs)."""
+
+    def __init__(self, addrs: list[int], pages: list[ShadowPage | None]) -> None:
+        import numpy as np
+
+        keys = np.array(addrs, dtype=np.uint64)
+        self.order = np.argsort(keys, kind="stable")
+        self.keys = keys[self.order]
+        self.pages = pages
+
+    def contains(self, at: Any) -> Any:
+        """Whether each address of the numpy array *at* has a page here."""
+        import numpy as np
+
+        i = np.minimum(self.keys.searchsorted(at), len(self.keys) - 1)
+        return self.keys[i] == at
+
+    def get(self, addr: int) -> ShadowPage | None:
+        """The page at *addr*, None if this run has none."""
+        if not 0 <= addr < 2**64:
+            return None
+        i = int(self.keys.searchsorted(addr))
+        if i < len(self.keys) and int(self.keys[i]) == addr:
+            return self.pages[int(self.order[i])]
+        return None

@@ -80,6 +80,37 @@ def test_each_part_owns_its_reset() -> None:
     assert k.shadow_page(pages[0]) == sp
 
 
+@pytest.mark.parametrize("name", ["6.1-tdp-large", "6.1-shadow-large", "6.1-shadow-2vm",
+                                  "6.1-shadow-zapped", "5.10-tdp", "7.3-shadow"])
+def test_page_runs_answer_as_the_dict_does(name: str, monkeypatch) -> None:
+    """With every plain list walk kept as a PageRun (read_pages.RUN_FROM: from
+    10^4 new pages, not a dict entry each), the graphs, the checks and the
+    pages listed are those of the dict; a page is decoded once (the graph's
+    page is the one shadow_page() gives), and forget() drops the runs."""
+    from kvminspect import read_pages
+    from kvminspect.check import check_vm
+    from kvminspect.graph import build
+
+    prog = open_fixture(name).prog
+
+    def read(run_from: int) -> tuple[Kernel, list]:
+        monkeypatch.setattr(read_pages, "RUN_FROM", run_from)
+        k = Kernel(prog)
+        return k, [(vm, build(k, vm)) for vm in k.vms()]
+
+    (kd, dicts), (kr, runs) = read(1 << 30), read(1)
+    assert kd.pages._runs == [] and (kr.pages._runs or name.endswith("-zapped"))  # (no list)
+    for (_, a), (vm, b) in zip(dicts, runs, strict=True):
+        assert list(a.nodes.items()) == list(b.nodes.items()) and a.links == b.links
+        assert a.orphan_set == b.orphan_set and a.active == b.active
+        assert check_vm(kd, a) == check_vm(kr, b)
+        assert all(kr.shadow_page(addr) is sp for addr, sp in b.nodes.items())
+        addrs, pages = kr.listed_pages(vm)
+        assert pages == [kr.shadow_page(x) for x in addrs] == kd.shadow_pages(addrs)
+    kr.forget(runs[0][0])
+    assert kr.pages._runs == [] and kr.pages._sp_cache == {}
+
+
 @pytest.mark.parametrize("name", FIXTURES)
 def test_links_do_not_depend_on_decode_order(name: str) -> None:
     """Children found before any page is decoded are those found after every page

@@ -172,8 +172,11 @@ def test_target_messages_name_the_targets() -> None:
 
 HEAVY = ("networkx", "drgn.helpers", "kvminspect.graph", "kvminspect.session", "kvminspect.model")
 PROBE = """
-import contextlib, io, json, runpy, sys
+import contextlib, io, json, os, runpy, sys
 sys.argv = ["kvminspect", *sys.argv[1:]]
+def _exit(code):  # cli.run() ends the process at once: here, as sys.exit would
+    raise SystemExit(code)
+os._exit = _exit
 with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
     try:
         runpy.run_module("kvminspect", run_name="__main__")
