@@ -331,7 +331,7 @@ def test_tree_leaf_template_refuses_what_it_cannot_write() -> None:
     assert page_leaf_json_text(sp, False, False, 3) is not None
     for field, bad in (("unsync", UNKNOWN), ("unsync_children", UNKNOWN),
                        ("root_count", UNREADABLE), ("gfn", UNKNOWN), ("unsync", 1),
-                       ("tdp_mmu_page", 1)):
+                       ("tdp_mmu_page", 1), ("gfn", -1), ("root_count", True)):
         assert page_leaf_json_text(sp._replace(**{field: bad}), False, False, 3) is None
     one: Any = 1  # an int where obsolete's bool belongs
     assert page_leaf_json_text(sp, one, False, 3) is None

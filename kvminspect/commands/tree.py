@@ -118,7 +118,8 @@ def subtree_chunks(g: VMGraph, addr: int, index: int | None, depth: int | None,
         if keep is not None and c not in keep:
             continue
         if keep is None and c not in links and c not in roots:  # _single's most common
-            seen.add(c)  # node (childless, no holders), without its PageView and TreeNode
+            # node (childless, no holders), without its PageView and TreeNode; not
+            # marked seen: a page without children is never a reference
             sp = nodes[c]
             text = page_leaf_json_text(sp, is_obsolete_sp(sp, vm), c in orphans, i)
             if text is not None:
