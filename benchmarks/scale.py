@@ -513,11 +513,20 @@ def main() -> None:
     names = [n for n in names if generate(SPECS[n], cache, args.fixture_work)]
     if args.generate_only:
         return
+    byte_compile()
     results = [measure(SPECS[n], cache, args.runs) for n in names]
     measured = f"{datetime.date.today().isoformat()} on: {machine()}"
     (cache / "results.json").write_text(
         json.dumps({"measured": measured, "cores": results}, indent=1) + "\n")
     report(results, measured, args.write_readme)
+
+
+def byte_compile() -> None:
+    """This checkout's kvminspect byte-compiled (__pycache__, as pip install does):
+    with PYTHONDONTWRITEBYTECODE set, each child would compile every module
+    again, about 0.3 s of every command that no installed kvminspect pays."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "kvminspect")],
+                   check=True, stdout=subprocess.DEVNULL)  # (writes them whatever that says)
 
 
 def report(results: list[dict[str, Any]], measured: str, readme: bool) -> None:

@@ -16,7 +16,7 @@ from kvminspect.layout import UNKNOWN, UNREADABLE
 from kvminspect.render import compact
 from kvminspect.results import TreeNode, page_view
 from kvminspect.session import Session
-from kvminspect.shapes import page_leaf_json_text, tree_leaf_json_text, tree_node_json
+from kvminspect.shapes import LeafTexts, tree_node_json
 from tests.conftest import FIXTURES, MULTI_VM, PAIR_SIDES, VMCORES, fixtures, open_fixture, truth
 
 
@@ -292,7 +292,7 @@ def test_every_command_runs_clean(name: str, capsys) -> None:
         assert vm["summary"]["error"] == 0
 
 
-# -- tree --json's template for plain pages (shapes.page_leaf_json_text) --------
+# -- tree --json's template for plain pages (shapes.LeafTexts) --------------------
 
 
 @pytest.mark.parametrize("name", FIXTURES + MULTI_VM + PAIR_SIDES)
@@ -303,12 +303,13 @@ def test_tree_leaf_template_is_the_encoders_text(name: str) -> None:
     bool or int); and the streamed tree document is the nested one."""
     s = Session(open_fixture(name))
     templated = bare = 0
+    texts = LeafTexts()
     for vm in s.kernel.vms():
         g = s.graph(vm)
         for n, sp in enumerate(g.nodes.values()):
             slot, ref, omitted = (None, False, 0) if n % 3 == 0 else (n % 512, n % 2 == 1, n % 5)
             node = TreeNode(page_view(sp, g), slot, ref, omitted, ())
-            text = tree_leaf_json_text(node)
+            text = texts.node(node)
             if node.page.holders:
                 assert text is None
                 continue
@@ -328,13 +329,17 @@ def test_tree_leaf_template_refuses_what_it_cannot_write() -> None:
     s = Session(open_fixture("6.1-tdp"))
     g = s.graph(s.kernel.vms()[0])
     sp = next(sp for sp in g.nodes.values() if sp.addr not in g.roots)
-    assert page_leaf_json_text(sp, False, False, 3) is not None
+    texts = LeafTexts()
+    assert texts.page(sp, False, False, 3) is not None
     for field, bad in (("unsync", UNKNOWN), ("unsync_children", UNKNOWN),
                        ("root_count", UNREADABLE), ("gfn", UNKNOWN), ("unsync", 1),
-                       ("tdp_mmu_page", 1), ("gfn", -1), ("root_count", True)):
-        assert page_leaf_json_text(sp._replace(**{field: bad}), False, False, 3) is None
+                       ("tdp_mmu_page", 1), ("root_count", True), ("level", True)):
+        assert texts.page(sp._replace(**{field: bad}), False, False, 3) is None
     one: Any = 1  # an int where obsolete's bool belongs
-    assert page_leaf_json_text(sp, one, False, 3) is None
+    assert texts.page(sp, one, False, 3) is None
+    assert texts.page(sp, False, False, one == 1 and True) is None  # (a bool index)
+    node = TreeNode(page_view(sp._replace(gfn=-1), g), 3, False, 0, ())
+    assert texts.node(node) == compact(tree_node_json(node))  # (hex() of a negative)
 
 
 @pytest.mark.parametrize("name", ["6.1-shadow", "6.1-tdp"])

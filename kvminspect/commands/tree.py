@@ -19,7 +19,7 @@ from kvminspect.model import VM, is_obsolete_sp
 from kvminspect.render import Stream, TextTree, compact, console, plural
 from kvminspect.results import TreeNode, page_view
 from kvminspect.session import Session
-from kvminspect.shapes import page_leaf_json_text, tree_leaf_json_text, tree_node_json
+from kvminspect.shapes import LeafTexts, tree_node_json
 
 _new = tuple.__new__
 
@@ -91,20 +91,20 @@ def _single(g: VMGraph, addr: int, index: int | None, depth: int | None,
     return _new(TreeNode, (page_view(g.nodes[addr], g), index, False, len(kids), ()))
 
 
-def leaf_text(n: TreeNode) -> str:
+def leaf_text(n: TreeNode, texts: LeafTexts) -> str:
     """compact(tree_node_json(n)), by shapes' template where the node is plain."""
-    text = tree_leaf_json_text(n)
+    text = texts.node(n)
     return compact(tree_node_json(n)) if text is None else text
 
 
 def subtree_chunks(g: VMGraph, addr: int, index: int | None, depth: int | None,
-                   keep: set[int] | None, seen: set[int]) -> Iterator[str]:
+                   keep: set[int] | None, seen: set[int], texts: LeafTexts) -> Iterator[str]:
     """subtree() as JSON text (shapes.tree_node_json), piece by piece
     (render.Stream): the same document, never held whole; runs of childless
     pages are encoded together."""
     one = _single(g, addr, index, depth, keep, seen)
     if one is not None:
-        yield leaf_text(one)
+        yield leaf_text(one, texts)
         return
     seen.add(addr)
     node = tree_node_json(TreeNode(page_view(g.sp(addr), g), index, False, 0, ()))
@@ -114,6 +114,7 @@ def subtree_chunks(g: VMGraph, addr: int, index: int | None, depth: int | None,
     run: list[str] = []  # a run of childless pages: one line, as compact() of their list
     sep = ""
     links, nodes, roots, orphans, vm = g.links, g.nodes, g.roots, g.orphan_set, g.vm
+    page = texts.page
     for i, c in g.children(addr):
         if keep is not None and c not in keep:
             continue
@@ -121,19 +122,19 @@ def subtree_chunks(g: VMGraph, addr: int, index: int | None, depth: int | None,
             # node (childless, no holders), without its PageView and TreeNode; not
             # marked seen: a page without children is never a reference
             sp = nodes[c]
-            text = page_leaf_json_text(sp, is_obsolete_sp(sp, vm), c in orphans, i)
+            text = page(sp, is_obsolete_sp(sp, vm), c in orphans, i)
             if text is not None:
                 run.append(text)
                 continue
         leaf = _single(g, c, i, below, keep, seen)
         if leaf is not None:
-            run.append(leaf_text(leaf))
+            run.append(leaf_text(leaf, texts))
             continue
         if run:
             yield sep + ", ".join(run)
             run, sep = [], ",\n"
         yield sep
-        yield from subtree_chunks(g, c, i, below, keep, seen)
+        yield from subtree_chunks(g, c, i, below, keep, seen, texts)
         sep = ",\n"
     if run:
         yield sep + ", ".join(run)
@@ -157,11 +158,12 @@ class TreePlan:
     def chunks(self) -> Iterator[str]:
         """The same list of trees as JSON text, piece by piece."""
         seen: set[int] = set()
+        texts = LeafTexts()  # (one per rendering: its role texts are this kernel's)
         yield "["
         for n, a in enumerate(self.tops):
             if n:
                 yield ",\n"
-            yield from subtree_chunks(self.g, a, None, self.depth, self.keep, seen)
+            yield from subtree_chunks(self.g, a, None, self.depth, self.keep, seen, texts)
         yield "]"
 
 
