@@ -759,7 +759,8 @@ class ShadowPages:
         sp->link.next is the u64 at the node itself, taken from the 4 KiB page
         Memory holds as a memoryview of u64 words (a slab page holds a few
         dozen nodes, in random order with CONFIG_SLAB_FREELIST_RANDOM); the
-        structs are decoded after the walk from the same pages (_cache_gathered).
+        structs are decoded after the walk from the same pages (_gathered), and
+        kept in the cache, or as a PageRun when there are RUN_FROM or more.
         """
         lay = self.layout.sp
         assert lay is not None
@@ -831,8 +832,9 @@ class ShadowPages:
         cross = offs > PAGE_SIZE - size
         if cross.any():  # the next page follows its page in *held* (sorted, adjacent)
             held = np.unique(np.concatenate([held, pages[cross] + np.uint64(PAGE_SIZE)]))
-        cached = self.mem.cached_page
-        buf = np.frombuffer(b"".join([cached(p) or b"" for p in held.tolist()]), np.uint8)
+        cached, block = self.mem.cached_page, self.mem.read_block
+        buf = np.frombuffer(b"".join([cached(p) or block(p, PAGE_SIZE)  # (held: the walk's)
+                                      for p in held.tolist()]), np.uint8)
         where = np.searchsorted(held, pages).astype(np.intp) * PAGE_SIZE + offs
         dec = self._decoder_of()
         # a record at every byte of *buf* (a view), of which those at *where* are copied
