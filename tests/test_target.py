@@ -298,6 +298,26 @@ def test_unwritable_cache_falls_back(how: str, fresh_cache: Path, tmp_path: Path
     shutil.rmtree(fallback)
 
 
+def test_the_program_removes_its_fallback_at_exit(tmp_path: Path) -> None:
+    """`python -m kvminspect` ends with os._exit (cli.run, nothing freed one by
+    one), after its output is flushed and its atexit handlers have run: the
+    fallback directory of an unwritable cache is gone when the process is."""
+    import re
+    import sys
+
+    (tmp_path / "file").write_text("")
+    fx = tmp_path / "fx"
+    shutil.copytree(VMCORES / "6.1-shadow", fx)
+    env = {**os.environ, "KVMINSPECT_CACHE": str(tmp_path / "file" / "cache")}
+    r = subprocess.run([sys.executable, "-m", "kvminspect", "-c", str(fx), "vms", "--json"],
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["vms"][0]["online_vcpus"] == 4  # (all of it, flushed)
+    m = re.search(r"decompressing into (\S+), removed at exit", r.stderr)
+    assert m, r.stderr
+    assert not Path(m.group(1)).exists()
+
+
 def test_interrupted_decompression_leaves_nothing(fresh_cache: Path, tmp_path: Path,
                                                   monkeypatch) -> None:
     """Ctrl-C in the middle of writing: no file, and the next run decompresses anew."""
