@@ -19,9 +19,7 @@ SPTE has them set and is not. Only the kernel release changes the rules:
 
 from __future__ import annotations
 
-import array
-import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -449,65 +447,13 @@ def make_mmio_spte(gfn: int, access: int, generation: int, m: SpteMasks) -> int:
     return spte & (2**64 - 1)
 
 
-def mmio_scanner(fmt: SpteFormat, m: SpteMasks
-                 ) -> Callable[[array.array[int]], list[tuple[int, int]]] | None:
-    """What mmio_sptes() does, made once for one SPTE format: a function of a page
-    table, or None where the kernel makes no MMIO SPTE at all (enable_mmio_caching
-    off, a zero shadow_mmio_value: make_mmio_spte() WARNs on it, or masks unknown).
-
-    is_mmio_spte(), (spte & shadow_mmio_mask) == shadow_mmio_value, holds byte by
-    byte: each byte of the mask keeps the SPTEs whose byte there matches
-    (bytes.translate over that byte of every SPTE), the first byte that keeps none
-    ends it. The bytes an empty SPTE (SHADOW_NONPRESENT_VALUE) passes are tried
-    last, high bytes (reserved bits) before low ones (permission bits every present
-    SPTE has): a table without MMIO SPTEs costs about a microsecond.
-    """
-    if not m.mmio_caching or not m.mmio_value or not m.mmio_mask:
-        return None
-    mask, value, empty = m.mmio_mask, m.mmio_value & m.mmio_mask, m.layout.nonpresent
-    columns = []
-    for j in range(8):
-        mb, vb = (mask >> 8 * j) & 0xFF, (value >> 8 * j) & 0xFF
-        if mb:
-            tab = bytes(1 if b & mb == vb else 0 for b in range(256))
-            at = j if sys.byteorder == "little" else 7 - j
-            columns.append(((empty >> 8 * j) & mb == vb, -j, at, tab))
-    plan = [(at, tab) for _, _, at, tab in sorted(columns)]
-    (first_at, first), rest = plan[0], plan[1:]
-
-    def found(table: array.array[int], hits: bytes) -> list[tuple[int, int]]:
-        for at, tab in rest:
-            hits = (int.from_bytes(hits, "little") & int.from_bytes(
-                table.tobytes()[at::8].translate(tab), "little")).to_bytes(len(hits), "little")
-        out = []
-        i = hits.find(1)
-        while i >= 0:
-            v = table[i]
-            if v & mask == value and not is_shadow_present_pte(v, fmt):
-                out.append((i, v))
-            i = hits.find(1, i + 1)
-        return out
-
-    def scan(table: array.array[int]) -> list[tuple[int, int]]:
-        hits = table.tobytes()[first_at::8].translate(first)
-        return [] if hits.find(1) < 0 else found(table, hits)
-
-    return scan
-
-
-def mmio_sptes(table: array.array[int], fmt: SpteFormat, m: SpteMasks
-               ) -> list[tuple[int, int]]:
-    """(index, SPTE) of each entry of a page table that is_mmio_spte() holds for and
-    is_shadow_present_pte() does not (decode_bits' order): mmio_scanner()'s."""
-    scan = mmio_scanner(fmt, m)
-    return [] if scan is None else scan(table)
-
-
 def mmio_mask(values: NDArray[np.uint64], fmt: SpteFormat, m: SpteMasks
               ) -> NDArray[np.bool_] | None:
-    """mmio_sptes() of many SPTEs at once: True where is_mmio_spte() holds and
-    is_shadow_present_pte() does not; None where the kernel makes no MMIO SPTE
-    at all (as mmio_scanner())."""
+    """is_mmio_spte() of many SPTEs at once, (spte & shadow_mmio_mask) ==
+    shadow_mmio_value, where is_shadow_present_pte() does not hold (decode_bits'
+    order): an array of booleans, or None where the kernel makes no MMIO SPTE
+    at all (enable_mmio_caching off, a zero shadow_mmio_value: make_mmio_spte()
+    WARNs on it, or masks unknown)."""
     import numpy as np
 
     if not m.mmio_caching or not m.mmio_value or not m.mmio_mask:

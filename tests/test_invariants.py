@@ -18,11 +18,11 @@ SPTE layout, and kvm_mmu_child_role's quadrant and guest PTE size rules for a
 
 from __future__ import annotations
 
-import array
 import re
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kvminspect import spte
@@ -193,7 +193,7 @@ def test_exempt_damage_is_none(case: str, fixture: str, workdir: Path) -> None:
 def test_mmio_spte_round_trip(name: str) -> None:
     """make_mmio_spte() decodes back to its gfn and generation, check_mmio_spte()
     trusts the current generation only (never while the memslots are being
-    updated), and mmio_sptes() finds it, alone, among empty and present SPTEs."""
+    updated), and mmio_mask() finds it, alone, among empty and present SPTEs."""
     k = Kernel(open_fixture(name).prog)
     vm = k.vms()[0]
     m = k.spte_masks(vm)
@@ -205,12 +205,18 @@ def test_mmio_spte_round_trip(name: str) -> None:
     assert not spte.check_mmio_spte(value, gen + 2, m.layout)
     assert not spte.check_mmio_spte(value, gen | spte.KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
                                     m.layout)
-    table = array.array("Q", [m.layout.nonpresent] * 512)
+    table = np.full(512, m.layout.nonpresent, dtype=np.uint64)
     leaf = next(x for x in collect(k, build(k, vm)).leaves)
     table[3], table[300] = leaf.value, value
-    assert spte.mmio_sptes(table, k.spte_format, m) == [(300, value)]
+
+    def found() -> list[tuple[int, int]]:
+        hit = spte.mmio_mask(table, k.spte_format, m)
+        assert hit is not None
+        return [(i, int(table[i])) for i in np.flatnonzero(hit).tolist()]
+
+    assert found() == [(300, value)]
     table[300] = m.layout.nonpresent
-    assert spte.mmio_sptes(table, k.spte_format, m) == []
+    assert found() == []
 
 
 @pytest.mark.parametrize(("name", "user"), [("5.10-shadow", 509), ("6.1-shadow", 32764),
