@@ -4,7 +4,7 @@ invariants and the accounting check.
 One pass over every page table of the graph (sp->spt[], level-1 tables read by
 runs of neighbours and not kept): each present leaf SPTE (is_shadow_present_pte()
 && is_last_spte(), kvminspect.spte.present_leaf_mask) with its gfn,
-kvm_mmu_page_get_gfn() (kvminspect.read_pages.ShadowPages.leaf_gfn_runs), each
+kvm_mmu_page_get_gfn() (kvminspect.read_pages.ShadowPages.leaf_gfns_of), each
 frozen TDP MMU SPTE and each MMIO SPTE.
 
 A 10^6-page MMU has as many leaves: they are kept column by column

@@ -254,20 +254,35 @@ class ShadowPages:
         at = (spt >> np.uint64(shift)) + np.uint64(first & (2**64 - 1))  # (mod 2**64)
         blocks = at & np.uint64(~PAGE_MASK & (2**64 - 1))
         unique, which = np.unique(blocks, return_inverse=True)
-        per = PAGE_SIZE // size
-        words = np.zeros((len(unique), per), dtype=np.uint64)
-        have = np.zeros(len(unique), dtype=bool)
-        for j, block in enumerate(unique.tolist()):
-            got = self._privates.get(block)
-            if got is not None and len(got) == per:
-                words[j] = np.frombuffer(got, dtype=np.uint64)
-                have[j] = True
+        words, have = self._private_rows(unique.tolist())
         which = which.reshape(-1)
         slot = ((at & np.uint64(PAGE_MASK)) // np.uint64(size)).astype(np.intp)
         # (spt values so large that the sum wraps are garbage: asked again too)
         wrapped = spt >> np.uint64(shift) > np.uint64(2**64 - 1 - (first & (2**64 - 1)))
         ok = have[which] & (words[which, slot] == addrs) & ~wrapped
         return [pages[j] for j in np.flatnonzero(~ok).tolist()]
+
+    def _private_rows(self, blocks: list[int], pfns: list[int | None] | None = None
+                      ) -> tuple[NDArray[np.uint64], NDArray[np.bool_]]:
+        """The private words page_private() read of the struct pages in each
+        vmemmap page at *blocks*, as rows (a struct page each), and whether each
+        row was read; with *pfns*, a vmemmap page not read yet is read first, by
+        page_private() of pfns[j] (and its neighbours; None: not readable)."""
+        import numpy as np
+
+        per = PAGE_SIZE // self.layout.page_size
+        words = np.zeros((len(blocks), per), dtype=np.uint64)
+        have = np.zeros(len(blocks), dtype=bool)
+        privates = self._privates
+        for j, block in enumerate(blocks):
+            got = privates.get(block)
+            if got is None and pfns is not None and (pfn := pfns[j]) is not None:
+                self.to_shadow_page(pfn)
+                got = privates.get(block)
+            if got is not None and len(got) == per:
+                words[j] = np.frombuffer(got, dtype=np.uint64)
+                have[j] = True
+        return words, have
 
     def shadow_page(self, addr: int) -> ShadowPage | None:
         """struct kvm_mmu_page at *addr*, decoded by offset; None if unreadable."""
@@ -293,13 +308,9 @@ class ShadowPages:
         return sp
 
     def shadow_pages(self, addrs: list[int]) -> list[ShadowPage | None]:
-        """shadow_page() of each address (those of a list walk are decoded
-        already: listed_pages() has them in order)."""
-        cache = self._sp_cache
-        try:
-            return list(map(cache.__getitem__, addrs))  # (all decoded: in C)
-        except KeyError:
-            return [cache[a] if a in cache else self.shadow_page(a) for a in addrs]
+        """shadow_page() of each address (a list walk's pages in order:
+        listed_pages())."""
+        return [self.shadow_page(a) for a in addrs]
 
     def _known(self, addr: int) -> bool:
         """Whether the page at *addr* is decoded already (or known unreadable)."""
@@ -327,7 +338,7 @@ class ShadowPages:
 
         One SpDecoder.rows() pass, one Role per role word, impossible levels
         and unsync_children recorded as problems: ~1.5 us a page. Many pages
-        (a list walk's) are decoded column by column instead (SpDecoder.columns).
+        (a list walk's) are decoded column by column instead (_decode_columns).
         """
         dec = self._decoder_of()
         if len(addrs) >= COLUMNS_FROM:
@@ -619,18 +630,8 @@ class ShadowPages:
         slot = ((at - blocks) // np.uint64(size)).astype(np.intp)
         # the private words of each vmemmap page the children's struct pages are in
         unique, first, which = np.unique(blocks, return_index=True, return_inverse=True)
-        per = PAGE_SIZE // size
-        words = np.zeros((len(unique), per), dtype=np.uint64)
-        have = np.zeros(len(unique), dtype=bool)
-        privates = self._privates
-        for j, block in enumerate(unique.tolist()):
-            got = privates.get(block)
-            if got is None and fits[first[j]]:
-                self.to_shadow_page(int(pfns[first[j]]))  # reads it (and its neighbours)
-                got = privates.get(block)
-            if got is not None and len(got) == per:
-                words[j] = np.frombuffer(got, dtype=np.uint64)
-                have[j] = True
+        words, have = self._private_rows(
+            unique.tolist(), [int(pfns[j]) if fits[j] else None for j in first.tolist()])
         which = which.reshape(-1)
         found = fits & have[which]
         children: list[int | None] = [
@@ -789,7 +790,7 @@ class ShadowPages:
             if page_words is None or not lo <= off <= hi:
                 if node < KERNEL_MIN or node & 7:  # (also LIST_POISON1/2)
                     return None
-                try:  # every page of the struct, for _cache_gathered
+                try:  # every page of the struct, for _gathered
                     mem.read_block(node - link, size)
                 except drgn.FaultError:
                     return None
@@ -802,27 +803,25 @@ class ShadowPages:
         # the pages not decoded before the walk (the roots were): in runs of 4096
         old = self._known_many(out)
         todo = list(compress(out, map(not_, old))) if any(old) else out
-        made: list[ShadowPage | None] = []
+        made: list[ShadowPage] = []
         for i in range(0, len(todo), 4096):
             made.extend(self._gathered(todo[i:i + 4096], size))
         if len(todo) >= RUN_FROM:  # kept by address without a dict entry each
             self._runs.append(PageRun(todo, made))
         else:
             self._sp_cache.update(zip(todo, made, strict=True))
-        if todo is out:
-            return out, list(made)
-        pages = list(made)
+        pages: list[ShadowPage | None] = list(made)
         for i in (i for i, known in enumerate(old) if known):  # (a few) in their places
             pages.insert(i, self.shadow_page(out[i]))
         return out, pages
 
-    def _gathered(self, addrs: list[int], size: int) -> list[ShadowPage | None]:
+    def _gathered(self, addrs: list[int], size: int) -> list[ShadowPage]:
         """_decode_many() of structs whose slab pages Memory holds (the plain
         walk's): their bytes gathered by numpy from those pages at once (a few,
         one by one: numpy is not needed for a small MMU)."""
         if len(addrs) < COLUMNS_FROM:
             block = self.mem.read_block
-            return list(self._decode_many(addrs, [block(a, size) for a in addrs]))
+            return self._decode_many(addrs, [block(a, size) for a in addrs])
         import numpy as np
 
         at = np.array(addrs, dtype=np.uint64)
@@ -839,7 +838,7 @@ class ShadowPages:
         dec = self._decoder_of()
         # a record at every byte of *buf* (a view), of which those at *where* are copied
         every = np.ndarray((len(buf) - size + 1,), dec.numpy_dtype(), buf, 0, (1,))
-        return list(self._decode_records(dec, addrs, every[where]))
+        return self._decode_records(dec, addrs, every[where])
 
     def _cut_loop(self, out: list[int], node: int, link: int, kind: str,
                   head: int) -> list[int]:
@@ -952,7 +951,7 @@ class PageRun:
     ShadowPages' cache for 10^4 pages and more, without a dict entry each (at
     10^6 pages, filling the dict cost more than decoding the structs)."""
 
-    def __init__(self, addrs: list[int], pages: list[ShadowPage | None]) -> None:
+    def __init__(self, addrs: list[int], pages: list[ShadowPage]) -> None:
         import numpy as np
 
         keys = np.array(addrs, dtype=np.uint64)
