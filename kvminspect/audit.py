@@ -42,7 +42,7 @@ from kvminspect.invariants import check_invariants
 from kvminspect.layout import known
 from kvminspect.leaves import AuditState, collect
 from kvminspect.model import Kernel
-from kvminspect.objects import VM, ShadowPage
+from kvminspect.objects import VM, ShadowPage, as_id_of
 from kvminspect.render import plural
 from kvminspect.rmap import LEVEL_NAMES, RmapReader
 from kvminspect.spte import PAGE_SHIFT
@@ -227,8 +227,7 @@ def shadowed_gfns(vg: VMGraph) -> dict[tuple[int, int], ShadowPage]:
         never = by_role.get(role.word)
         if never is None:
             never = by_role[role.word] = (
-                bool(role.direct or role.get("passthrough") or role.invalid),
-                1 if role.get("smm") else 0)
+                bool(role.direct or role.get("passthrough") or role.invalid), as_id_of(sp))
         if never[0] or sp.tdp_mmu_page or sp.unsync is True or not known(sp.unsync):
             continue
         # is_obsolete_sp() (role.invalid above): an old mmu_valid_gen

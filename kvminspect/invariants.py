@@ -47,7 +47,7 @@ from kvminspect.fmt import spte_text
 from kvminspect.graph import VMGraph
 from kvminspect.layout import known
 from kvminspect.model import Kernel
-from kvminspect.objects import Memslot, Role, ShadowPage
+from kvminspect.objects import Memslot, Role, ShadowPage, as_id_of
 
 if TYPE_CHECKING:
     from kvminspect.leaves import AuditState
@@ -404,11 +404,6 @@ def parent_of(vg: VMGraph, sp: ShadowPage, dead: set[int]) -> tuple[ShadowPage |
         if p not in dead and idx:
             return vg.nodes[p], idx[0]
     return None, None
-
-
-def as_id_of(sp: ShadowPage) -> int:
-    """kvm_memslots_for_spte_role(): address space 1 for SMM pages (role.smm)."""
-    return 1 if sp.role.get("smm") else 0
 
 
 def check_mmio_sptes(k: Kernel, vg: VMGraph, st: AuditState, dead: set[int]

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from kvminspect.check import sp_id
 from kvminspect.graph import VMGraph
 from kvminspect.model import Kernel
-from kvminspect.objects import ShadowPage
+from kvminspect.objects import ShadowPage, as_id_of
 from kvminspect.rmap import LEVEL_NAMES
 from kvminspect.spte import SPTE_ENT_PER_PAGE, mmio_mask, present_leaf_mask
 
@@ -52,11 +52,6 @@ class LeafSpte:
     def where(self) -> str:
         gfn = "gfn ?" if self.gfn is None else f"gfn {self.gfn:#x}"
         return f"{sp_id(self.sp)} spt[{self.index}] ({gfn}, {LEVEL_NAMES.get(self.sp.level, '?')})"
-
-
-def as_id_of(sp: ShadowPage) -> int:
-    """kvm_memslots_for_spte_role(): address space 1 for SMM pages (role.smm)."""
-    return 1 if sp.role.get("smm") else 0
 
 
 class LeafColumns:

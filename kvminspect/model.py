@@ -46,6 +46,7 @@ from kvminspect.objects import (
     ShadowPage,
     Spte,
     VCpu,
+    as_id_of,
     is_obsolete_sp,
 )
 from kvminspect.read_core import CoreKind, CorePages
@@ -64,7 +65,7 @@ if TYPE_CHECKING:
 # the model's data (kvminspect.objects), re-exported beside Kernel
 __all__ = ["MP_STATES", "VCPU_MODES", "VENDOR_MODULES", "VM", "VM_TYPES", "Kernel", "LastExit",
            "Memslot", "MmuRoots", "Role", "RootRef", "ShadowPage", "Spte", "VCpu",
-           "is_obsolete_sp"]
+           "as_id_of", "is_obsolete_sp"]
 
 
 class Kernel:

@@ -277,6 +277,11 @@ class VM:
         return None
 
 
+def as_id_of(sp: ShadowPage) -> int:
+    """kvm_memslots_for_spte_role(): address space 1 for SMM pages (role.smm)."""
+    return 1 if sp.role.get("smm") else 0
+
+
 def is_obsolete_sp(sp: ShadowPage, vm: VM) -> bool:
     """is_obsolete_sp(): role.invalid, or an old mmu_valid_gen (not for TDP MMU pages)."""
     return sp.role.invalid or (

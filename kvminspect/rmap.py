@@ -25,7 +25,7 @@ from kvminspect import spte
 from kvminspect.layout import bare_type
 from kvminspect.memory import Memory
 from kvminspect.model import Kernel
-from kvminspect.objects import VM
+from kvminspect.objects import VM, as_id_of
 from kvminspect.spte import PAGE_SHIFT
 
 LEVELS = (1, 2, 3)  # PG_LEVEL_4K .. PG_LEVEL_1G: KVM_NR_PAGE_SIZES rmap arrays
@@ -422,7 +422,7 @@ def tdp_of_gfn(k: Kernel, vm: VM, gfn: int) -> list[RmapEntry]:
         table = k.shadow_page(st.table)
         assert st.value is not None and table is not None  # the walk read both
         shift = 9 * (st.level - 1)
-        out.append(RmapEntry(1 if sp.role.get("smm") else 0, (gfn >> shift) << shift,
+        out.append(RmapEntry(as_id_of(sp), (gfn >> shift) << shift,
                              st.level, table.spt + 8 * st.index, st.table, st.index,
                              st.value, st.bits, tdp_root=root))
     return out

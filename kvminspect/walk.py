@@ -24,7 +24,7 @@ import drgn
 
 from kvminspect import spte
 from kvminspect.model import Kernel
-from kvminspect.objects import VM, Memslot, RootKind, RootRef, ShadowPage, VCpu
+from kvminspect.objects import VM, Memslot, RootKind, RootRef, ShadowPage, VCpu, as_id_of
 from kvminspect.spte import PAGE_SHIFT, PT_PRESENT_MASK, SPTE_ENT_PER_PAGE
 
 if TYPE_CHECKING:
@@ -369,7 +369,7 @@ def _descend(k: Kernel, vm: VM, w: Walk, sp: ShadowPage, rsvd: RsvdMasks | None)
             gfn = None if gfns is None else gfns[0]
             if gfn is not None and bits.large:
                 gfn += offset >> PAGE_SHIFT
-            as_id = 1 if sp.role.get("smm") else 0
+            as_id = as_id_of(sp)
             check = memslot_check(k, vm, gfn, pfn, as_id)
             if bits.large:
                 why = (f"{where}: large page ({size >> 20} MiB) at pfn {bits.pfn:#x}, "
