@@ -19,6 +19,9 @@ document's "errors"). null means "none": no thread yet, no shadow page.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from itertools import chain, repeat
+from operator import attrgetter
 from typing import Any
 
 from kvminspect.accounting import TdpPages
@@ -210,6 +213,11 @@ def tree_node_json(n: TreeNode) -> dict[str, Any]:
 
 
 _BOOL_TEXT = ("false", "true")
+# LeafTexts.run(): what siblings written by one template share (all but address and
+# gfn; mmu_valid_gen: is_obsolete_sp's answer); their address and gfn
+_SIBLING_KEY = attrgetter("role.word", "level", "tdp_mmu_page", "unsync", "unsync_children",
+                          "root_count", "mmu_valid_gen")
+_ADDR, _GFN = attrgetter("addr"), attrgetter("gfn")
 
 
 class LeafTexts:
@@ -219,7 +227,16 @@ class LeafTexts:
     What a page's role decides (direct, invalid, smm, guest_mode) is made once
     per role word: one LeafTexts per rendering (its pages share a few roles).
     A field that is not a plain bool or int (UNKNOWN, UNREADABLE, a damaged
-    value) makes the text None, for the encoder to write."""
+    value) makes the text None, for the encoder to write.
+
+    The template is the page's address and gfn, then the fields a page shares
+    with its siblings (_shared()), its slot, then ref and the children cut:
+    run() writes a parent's plain children (a TDP MMU's level-1 tables, 512 to
+    a level-2 table) with those made once for all of them.
+    """
+
+    HEAD = '{"sp": "'
+    GFN = '", "gfn": "'
 
     def __init__(self) -> None:
         self._roles: dict[int, tuple[str, str, str] | None] = {}
@@ -235,29 +252,59 @@ class LeafTexts:
     def page(self, sp: ShadowPage, obsolete: bool, orphan: bool, index: int | None,
              ref: bool = False, omitted: int = 0) -> str | None:
         """The text of a node of *sp* (slot *index* in its parent), or None."""
+        addr, gfn = sp.addr, sp.gfn
+        shared = self._shared(sp, obsolete, orphan, ref, omitted)
+        if (shared is None or type(addr) is not int or type(gfn) is not int
+                or (index is not None and type(index) is not int)):
+            return None
+        middle, end = shared
+        # (f"{x:#x}" is hex(x), negative too; an int's text is json's)
+        return (f'{self.HEAD}{addr:#x}{self.GFN}{gfn:#x}{middle}'
+                f'{"null" if index is None else index}{end}')
+
+    def run(self, sps: list[ShadowPage], indexes: Sequence[int], obsolete: bool,
+            orphan: bool) -> str | None:
+        """page()'s texts of *sps* at slots *indexes* of one parent (no ref, no
+        children cut), joined by ", ", when they differ only in address and
+        gfn (role, level, flags, counts and mmu_valid_gen the same: *obsolete*
+        is then one answer for all); else None, for page() one by one. The
+        shared parts are made once, the rest joined in C (hex(), str())."""
+        if len(set(map(_SIBLING_KEY, sps))) != 1:
+            return None
+        shared = self._shared(sps[0], obsolete, orphan, False, 0)
+        addrs, gfns = list(map(_ADDR, sps)), list(map(_GFN, sps))
+        if (shared is None or set(map(type, addrs)) != {int} or set(map(type, gfns)) != {int}
+                or set(map(type, indexes)) != {int}):
+            return None
+        middle, end = shared
+        n = len(sps)
+        return "".join(chain.from_iterable(zip(
+            repeat(", " + self.HEAD, n), map(hex, addrs), repeat(self.GFN, n), map(hex, gfns),
+            repeat(middle, n), map(str, indexes), repeat(end, n), strict=True)))[2:]
+
+    def _shared(self, sp: ShadowPage, obsolete: bool, orphan: bool, ref: bool,
+                omitted: int) -> tuple[str, str] | None:
+        """The template's text between the gfn and the slot, and after the slot,
+        for *sp*'s role and fields (None if one is not a plain bool or int)."""
         try:
             parts = self._roles[sp.role.word]
         except KeyError:
             parts = self._roles[sp.role.word] = self._role_parts(sp)
-        addr, gfn, level, tdp, unsync, children, count = (
-            sp.addr, sp.gfn, sp.level, sp.tdp_mmu_page, sp.unsync, sp.unsync_children,
-            sp.root_count)
-        if (parts is None or type(addr) is not int or type(gfn) is not int
-                or type(level) is not int or type(tdp) is not bool or type(unsync) is not bool
-                or type(children) is not int or type(count) is not int
-                or type(obsolete) is not bool or type(orphan) is not bool
-                or type(ref) is not bool or type(omitted) is not int
-                or (index is not None and type(index) is not int)):
+        level, tdp, unsync, children, count = (
+            sp.level, sp.tdp_mmu_page, sp.unsync, sp.unsync_children, sp.root_count)
+        if (parts is None or type(level) is not int or type(tdp) is not bool
+                or type(unsync) is not bool or type(children) is not int
+                or type(count) is not int or type(obsolete) is not bool
+                or type(orphan) is not bool or type(ref) is not bool
+                or type(omitted) is not int):
             return None
         b = _BOOL_TEXT
         direct, invalid, modes = parts
-        # (f"{x:#x}" is hex(x), negative too; an int's text is json's)
-        return (f'{{"sp": "{addr:#x}", "gfn": "{gfn:#x}", "level": {level}, "direct": {direct}, '
-                f'"tdp_mmu_page": {b[tdp]}, "unsync": {b[unsync]}, "unsync_children": '
-                f'{children}, "invalid": {invalid}, "obsolete": {b[obsolete]}, "root_count": '
-                f'{count}, {modes}, "orphan": {b[orphan]}, "holders": [], "index": '
-                f'{"null" if index is None else index}, "ref": {b[ref]}, "children_omitted": '
-                f'{omitted}, "children": []}}')
+        return (f'", "level": {level}, "direct": {direct}, "tdp_mmu_page": {b[tdp]}, '
+                f'"unsync": {b[unsync]}, "unsync_children": {children}, "invalid": {invalid}, '
+                f'"obsolete": {b[obsolete]}, "root_count": {count}, {modes}, "orphan": '
+                f'{b[orphan]}, "holders": [], "index": ',
+                f', "ref": {b[ref]}, "children_omitted": {omitted}, "children": []}}')
 
     @staticmethod
     def _role_parts(sp: ShadowPage) -> tuple[str, str, str] | None:

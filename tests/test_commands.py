@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -13,6 +13,7 @@ from kvminspect.cli import run_one
 from kvminspect.commands.tree import TreePlan, start_pages
 from kvminspect.errors import LookupFailed, UsageError
 from kvminspect.layout import UNKNOWN, UNREADABLE
+from kvminspect.model import is_obsolete_sp
 from kvminspect.render import compact
 from kvminspect.results import TreeNode, page_view
 from kvminspect.session import Session
@@ -321,6 +322,56 @@ def test_tree_leaf_template_is_the_encoders_text(name: str) -> None:
         assert json.loads("".join(plan.chunks())) == json.loads(
             compact([tree_node_json(t) for t in plan.trees()]))
     assert templated if bare else not templated  # (a zapped VM's pages are all held roots)
+
+
+@pytest.mark.parametrize("name", FIXTURES + MULTI_VM)
+def test_tree_sibling_run_is_the_pages_texts(name: str) -> None:
+    """LeafTexts.run() of every parent's children (holders or not: run() is
+    asked only of plain ones, but writes any): None when the siblings differ
+    in more than address and gfn, else page()'s texts of each joined by ", "
+    byte for byte; and a TDP MMU's level-2 tables take the run."""
+    s = Session(open_fixture(name))
+    texts = LeafTexts()
+    ran = parents = 0
+    for vm in s.kernel.vms():
+        g = s.graph(vm)
+        for parent, pairs in g.links.items():
+            parents += 1
+            slots, kids = zip(*pairs, strict=True)
+            sps = [g.nodes[c] for c in kids]
+            obsolete = is_obsolete_sp(sps[0], vm)
+            for orphan in (False, True):
+                text = texts.run(sps, slots, obsolete, orphan)
+                alike = len({(sp.role.word, sp.level, sp.tdp_mmu_page, sp.unsync,
+                              sp.unsync_children, sp.root_count, sp.mmu_valid_gen)
+                             for sp in sps}) == 1
+                one = [texts.page(sp, obsolete, orphan, i)
+                       for i, sp in zip(slots, sps, strict=True)]
+                if text is None:
+                    assert not alike or None in one, parent
+                    continue
+                assert alike and text == ", ".join(cast("list[str]", one)), parent
+                ran += 1
+            if g.nodes[parent].tdp_mmu_page and g.nodes[parent].level == 2:
+                assert texts.run(sps, slots, obsolete, False) is not None
+    assert ran if parents else not ran  # (a zapped VM links nothing)
+
+
+def test_tree_sibling_run_refuses_what_it_cannot_write() -> None:
+    """run() leaves to page() siblings that differ (unsync, a count) and any
+    whose address, gfn or slot is not a plain int."""
+    s = Session(open_fixture("6.1-tdp"))
+    g = s.graph(s.kernel.vms()[0])
+    parent, pairs = next((p, ps) for p, ps in g.links.items() if len(ps) >= 2)
+    slots, kids = zip(*pairs, strict=True)
+    sps = [g.nodes[c] for c in kids]
+    texts = LeafTexts()
+    assert texts.run(sps, slots, False, False) is not None
+    for field, bad in (("unsync", True), ("root_count", 1), ("gfn", UNKNOWN)):
+        assert texts.run([*sps[:-1], sps[-1]._replace(**{field: bad})], slots, False,
+                         False) is None
+    assert texts.run(sps, [*slots[:-1], True], False, False) is None
+    assert texts.run(sps, slots, cast("bool", 1), False) is None
 
 
 def test_tree_leaf_template_refuses_what_it_cannot_write() -> None:

@@ -97,6 +97,22 @@ def leaf_text(n: TreeNode, texts: LeafTexts) -> str:
     return compact(tree_node_json(n)) if text is None else text
 
 
+def _plain_run(g: VMGraph, pairs: list[tuple[int, int]], texts: LeafTexts) -> str | None:
+    """The text of every child in *pairs* (spt index, child) as one run, by
+    LeafTexts.run(), when each is the loop's plain case (no children, no
+    holders) and all are orphans or none; else None."""
+    slots, kids = zip(*pairs, strict=True)
+    orphans = g.orphan_set
+    if not (g.links.keys().isdisjoint(kids) and g.roots.keys().isdisjoint(kids)):
+        return None
+    orphan = bool(orphans) and kids[0] in orphans
+    if orphans and (orphan and not orphans.issuperset(kids)
+                    or not orphan and not orphans.isdisjoint(kids)):
+        return None
+    sps = list(map(g.nodes.__getitem__, kids))
+    return texts.run(sps, slots, is_obsolete_sp(sps[0], g.vm), orphan)
+
+
 def subtree_chunks(g: VMGraph, addr: int, index: int | None, depth: int | None,
                    keep: set[int] | None, seen: set[int], texts: LeafTexts) -> Iterator[str]:
     """subtree() as JSON text (shapes.tree_node_json), piece by piece
@@ -114,8 +130,15 @@ def subtree_chunks(g: VMGraph, addr: int, index: int | None, depth: int | None,
     run: list[str] = []  # a run of childless pages: one line, as compact() of their list
     sep = ""
     links, nodes, roots, orphans, vm = g.links, g.nodes, g.roots, g.orphan_set, g.vm
+    pairs = g.children(addr)
+    if keep is None and pairs:
+        text = _plain_run(g, pairs, texts)
+        if text is not None:
+            yield text
+            yield "]}"
+            return
     page = texts.page
-    for i, c in g.children(addr):
+    for i, c in pairs:
         if keep is not None and c not in keep:
             continue
         if keep is None and c not in links and c not in roots:  # _single's most common
