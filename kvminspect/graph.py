@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # networkx (0.1 s to import) only when VMGraph.graph is asked
 
 MAX_PAGES = 1 << 20
 BIG_TABLE = 64  # _expand(): a table with this many children is checked by numpy
+LINKS_BATCH = 256  # _expand(): tables whose links are read at once (link_columns_many)
 # VMGraph.column(): the ShadowPage fields it makes arrays of, and their numpy types
 COLUMNS = {"addr": "u8", "gfn": "u8", "level": "i8", "spt": "u8", "tdp_mmu_page": "?"}
 second = itemgetter(1)  # the child of a link (index, child)
@@ -341,6 +342,7 @@ def _expand(k: Kernel, vg: VMGraph, start: list[int]) -> set[int] | NDArray[Any]
     queue = deque(a for a in start if a in nodes and nodes[a].level >= 2)
     done: set[int] = set()
     get, level_of = nodes.get, attrgetter("level")
+    ready: dict[int, tuple[list[int], list[int], list[int | None]] | None] = {}
     while queue and len(nodes) < MAX_PAGES:
         addr = queue.popleft()
         if addr in done:
@@ -354,7 +356,10 @@ def _expand(k: Kernel, vg: VMGraph, start: list[int]) -> set[int] | NDArray[Any]
         bad = 0
         pairs = []
         want = parent.level - 1
-        indexes, values, children = k.link_columns(parent)
+        if addr not in ready:  # this table and the next ones queued, at once
+            ready = _next_links(k, nodes, parent, queue, done)
+        cols = ready.pop(addr)
+        indexes, values, children = k.link_columns(parent) if cols is None else cols
         if want == 1 and children and None not in children:
             # most links: to level-1 pages read already, all well
             known_children = cast("list[int]", children)
@@ -397,6 +402,21 @@ def _expand(k: Kernel, vg: VMGraph, start: list[int]) -> set[int] | NDArray[Any]
     if queue:
         k.problem("VM", vg.vm.addr, f"more than {MAX_PAGES} shadow pages; graph truncated")
     return big.linked_with(linked)
+
+
+def _next_links(k: Kernel, nodes: dict[int, ShadowPage], parent: ShadowPage,
+                queue: deque[int], done: set[int]
+                ) -> dict[int, tuple[list[int], list[int], list[int | None]] | None]:
+    """link_columns() of *parent* and of the tables queued after it (up to
+    LINKS_BATCH), by Kernel.link_columns_many(): None for a table it could not
+    read (link_columns() of it then says why, in _expand's order)."""
+    batch = [parent]
+    for a in queue:
+        if len(batch) == LINKS_BATCH:
+            break
+        if a not in done and 2 <= nodes[a].level <= 5:
+            batch.append(nodes[a])
+    return dict(zip(map(attrgetter("addr"), batch), k.link_columns_many(batch), strict=True))
 
 
 def _in_sorted(a: NDArray[Any], x: int) -> bool:

@@ -232,6 +232,12 @@ class Kernel:
         """links() as three lists: indexes, SPTEs, children (ShadowPages.link_columns)."""
         return self.pages.link_columns(sp)
 
+    def link_columns_many(self, sps: list[ShadowPage]
+                          ) -> list[tuple[list[int], list[int], list[int | None]] | None]:
+        """link_columns() of many pages at once, None for a table not readable
+        (ShadowPages.link_columns_many)."""
+        return self.pages.link_columns_many(sps)
+
     def children(self, sp: ShadowPage) -> list[Spte]:
         """Present non-leaf SPTEs of *sp* with their child shadow pages."""
         return self.pages.children(sp)

@@ -19,8 +19,10 @@ from kvminspect import graph
 from kvminspect.check import FindingKind, Severity, check_vm
 from kvminspect.commands.unsync import walk_pages, walk_roots
 from kvminspect.model import Kernel, Role
+from kvminspect.target import open_core
 from kvminspect.unsync import replay_sync
-from tests.conftest import open_fixture
+from tests.conftest import FIXTURES, MULTI_VM, open_fixture
+from tests.corrupt import make
 
 PROG = open_fixture("6.1-shadow").prog
 BASE = Kernel(PROG)
@@ -123,3 +125,47 @@ def test_big_table_path_builds_the_same_graph(name: str, monkeypatch) -> None:
             a.set_page(next(iter(a.nodes.values())))  # (the same page: caches dropped)
             assert a.listed_span is None
         assert listed == a.listed().tolist() == [n in a.active for n in a.nodes]
+
+
+def _links_both_ways(prog, monkeypatch) -> None:
+    """A graph built with its tables' links read LINKS_BATCH at a time is the
+    one built table by table (nodes, links, orphans, wrong levels), with the
+    same problems in the same order; link_columns_many() of every page, on a
+    Kernel of its own, is link_columns() of each, None only where that
+    records the table unreadable."""
+
+    def built(batch: int) -> tuple[list[graph.VMGraph], list[str]]:
+        monkeypatch.setattr(graph, "LINKS_BATCH", batch)
+        k = Kernel(prog)
+        return [graph.build(k, vm) for vm in k.vms()], [str(p) for p in k.problems]
+
+    (many, said), (one, said_one) = built(256), built(1)
+    assert said == said_one
+    for a, b in zip(many, one, strict=True):
+        assert list(a.nodes) == list(b.nodes) and a.links == b.links
+        assert a.orphan_set == b.orphan_set and a.wrong_level == b.wrong_level
+        pages = list(a.nodes.values())
+        at_once, k = Kernel(prog).link_columns_many(pages), Kernel(prog)
+        for sp, cols in zip(pages, at_once, strict=True):
+            alone = k.link_columns(sp)
+            if cols is None:
+                assert alone == ([], [], []) and any(
+                    p.addr == sp.addr and "unreadable" in p.what for p in k.problems)
+            else:
+                assert cols == alone, hex(sp.addr)
+
+
+@pytest.mark.parametrize("name", FIXTURES + MULTI_VM)
+def test_links_read_at_once_are_the_links_read_one_by_one(name: str, monkeypatch) -> None:
+    """_links_both_ways() on every fixture."""
+    _links_both_ways(open_fixture(name).prog, monkeypatch)
+
+
+@pytest.mark.parametrize("case", ["garbage-page-table", "spt-unmapped", "spte-cycle",
+                                  "wrong-child-level", "private-mismatch"])
+def test_links_read_at_once_on_damaged_tables(case: str, tmp_path, monkeypatch) -> None:
+    """_links_both_ways() where tables are garbage, unreadable or misplaced
+    (tests/corrupt.py): the problems come out as the one-by-one build says them."""
+    fixture = {"wrong-child-level": "6.12-shadow"}.get(case, "6.1-shadow")
+    make(fixture, case, tmp_path)
+    _links_both_ways(open_core(str(tmp_path), []).prog, monkeypatch)
