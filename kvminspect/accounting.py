@@ -216,9 +216,9 @@ def _shadow_pages(vg: VMGraph) -> tuple[int, list[ShadowPage], int]:
     read = int(listed.sum())  # the pages on the lists that were read (in nodes)
     unreadable = len(active) - read
     on_list = read - int((listed & tdp).sum())
-    held = vg.pages_where(lambda sp: sp.role.invalid and not sp.tdp_mmu_page
-                          and sp.addr not in active and known(sp.root_count)
-                          and sp.root_count > 0)
+    held = vg.pages_where(lambda sp: not sp.tdp_mmu_page and sp.addr not in active
+                          and known(sp.root_count) and sp.root_count > 0,
+                          among=("role.invalid",))
     return on_list, held, unreadable
 
 

@@ -179,13 +179,13 @@ def _unsync_pages(vg: VMGraph) -> list[ShadowPage]:
     kvm_mmu_page_role".
     """
     # only pages with one of the three set matter to the checks below (a NoValue is
-    # false too): tested first, a 10^6-page MMU has a few
+    # false too): told apart in C, a 10^6-page MMU has a few
     return vg.pages_where(
-        lambda sp: (sp.unsync_child_bitmap or sp.unsync or sp.unsync_children)
-        and 1 <= sp.level <= 5 and not sp.role.is_mirror
+        lambda sp: 1 <= sp.level <= 5 and not sp.role.is_mirror
         and not isinstance(sp.unsync, NoValue)
         and not isinstance(sp.unsync_children, NoValue)
-        and not isinstance(sp.unsync_child_bitmap, NoValue))
+        and not isinstance(sp.unsync_child_bitmap, NoValue),
+        among=("unsync_child_bitmap", "unsync", "unsync_children"))
 
 
 # -- unsync_children and unsync_child_bitmap ------------------------------------
@@ -437,9 +437,9 @@ def check_root_counts(vg: VMGraph, list_ref: bool = True) -> list[Finding]:
             FindingKind.ROOT_COUNT, severity, [addr],
             f"{sp_id(sp)}: root_count {sp.root_count} but expected {expected}: {how}"
             + (f" ({_names(held)})" if held else "") + note))
-    # (a root_count of 0, or unknown, is false: tested first)
-    for sp in vg.pages_where(lambda sp: sp.root_count and known(sp.root_count)
-                             and sp.root_count < 0 and sp.addr not in vg.roots):
+    # (a root_count of 0, or unknown, is false: passed over in C)
+    for sp in vg.pages_where(lambda sp: known(sp.root_count) and sp.root_count < 0
+                             and sp.addr not in vg.roots, among=("root_count",)):
         out.append(Finding(FindingKind.ROOT_COUNT, Severity.ERROR, [sp.addr],
                            f"{sp_id(sp)}: negative root_count {sp.root_count}"))
     return out

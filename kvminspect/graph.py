@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import gc
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from itertools import compress, islice
 from operator import attrgetter, itemgetter
@@ -129,13 +129,22 @@ class VMGraph:
             self._sorted = self._ordered(list(self.nodes.values()))
         return list(self._sorted)
 
-    def pages_where(self, test: Callable[[ShadowPage], object]) -> list[ShadowPage]:
+    def pages_where(self, test: Callable[[ShadowPage], object], among: tuple[str, ...] = ()
+                    ) -> list[ShadowPage]:
         """The pages() for which *test* is true, in pages()' order: every page
         tested first, only those sorted (a 10^6-page MMU has few unsync pages,
-        and sorting them all costs half a second)."""
-        if self._sorted is not None:
-            return list(filter(test, self._sorted))
-        return self._ordered(list(filter(test, self.nodes.values())))
+        and sorting them all costs half a second). *among*: fields (dotted
+        names, as attrgetter takes them) one of which is true in every page
+        *test* can pass (a NoValue is false): the others are passed over in C,
+        the Python test asked of the few left."""
+        pages: Iterable[ShadowPage] = (self._sorted if self._sorted is not None
+                                       else self.nodes.values())
+        if among:
+            get = attrgetter(*among)
+            pages = compress(pages, map(any, map(get, pages)) if len(among) > 1
+                             else map(get, pages))
+        found = list(filter(test, pages))
+        return found if self._sorted is not None else self._ordered(found)
 
     def _ordered(self, sps: list[ShadowPage]) -> list[ShadowPage]:
         """*sps* in pages()' order: roots in root_order(), then by level (high
@@ -198,7 +207,9 @@ class VMGraph:
         return addr in self.orphan_set
 
     def orphans(self) -> list[int]:
-        return [n for n in self.nodes if n in self.orphan_set]
+        """The orphan pages, in the order of ``nodes``."""
+        orphans = self.orphan_set
+        return [n for n in self.nodes if n in orphans] if orphans else []
 
     def find_gfn(self, gfn: int) -> list[ShadowPage]:
         return [s for s in self.pages() if s.gfn == gfn]

@@ -10,6 +10,7 @@ every walk must finish, and the results must stay within bounds.
 from __future__ import annotations
 
 import array
+import operator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -169,3 +170,27 @@ def test_links_read_at_once_on_damaged_tables(case: str, tmp_path, monkeypatch) 
     fixture = {"wrong-child-level": "6.12-shadow"}.get(case, "6.1-shadow")
     make(fixture, case, tmp_path)
     _links_both_ways(open_core(str(tmp_path), []).prog, monkeypatch)
+
+
+@pytest.mark.parametrize("name", FIXTURES + MULTI_VM)
+def test_pages_where_among_is_the_plain_filter(name: str) -> None:
+    """pages_where(test, among=fields) is pages() filtered by "one of the fields
+    is true, and the test", before pages() is sorted and after."""
+    prog = open_fixture(name).prog
+    k = Kernel(prog)
+    found = 0
+    for vm in k.vms():
+        g = graph.build(k, vm)
+        for among in (("unsync_child_bitmap", "unsync", "unsync_children"), ("root_count",),
+                      ("role.invalid",)):
+            def test(sp, among=among) -> bool:
+                return sp.addr % 3 != 1  # (any test: a third of the pages fail it)
+
+            def flagged(sp, among=among) -> bool:
+                return any(operator.attrgetter(f)(sp) for f in among)
+
+            unsorted = g.pages_where(test, among)
+            want = [sp for sp in g.pages() if flagged(sp) and test(sp)]
+            assert unsorted == want == g.pages_where(test, among)
+            found += sum(map(flagged, g.nodes.values()))
+    assert found or not any(graph.build(k, vm).nodes for vm in k.vms())
