@@ -539,7 +539,7 @@ def _build(k: Kernel, vm: VM) -> VMGraph:
     tops = len(nodes)
     nodes.update(zip(map(attrgetter("addr"), found), found, strict=True))
     vg.listed_span = (tops, len(nodes) - tops)
-    for sp in found:  # (rc > 0: the few roots, tested first)
+    for sp in compress(found, map(attrgetter("root_count"), found)):  # (rc != 0: in C)
         rc = sp.root_count
         if rc and known(rc) and rc > 0 and sp.addr not in vg.roots:
             vg.roots[sp.addr] = [Holder("root_count")]

@@ -428,8 +428,7 @@ class ShadowPages:
         children = col["unsync_children"]
         # the problems, page by page as _decode_many records them, and the TDP MMU
         # level quirk decided where _decode_many would first ask
-        bad = [i for i in range(n) if not 1 <= levels[i] <= 5
-               or (children[i] is not UNKNOWN and children[i] > 512)]
+        bad = self._bad_rows(rec, words, children is not unknown)
         for i in bad:
             if i >= quirk_at:
                 break
@@ -444,6 +443,20 @@ class ShadowPages:
         return list(map(_new, repeat(ShadowPage, n), zip(
             addrs, col["gfn"], levels, role_of, col["spt"], unsync, children, bitmaps,
             root_counts, col["mmu_valid_gen"], tdp, strict=True)))
+
+    def _bad_rows(self, rec: Any, words: list[int], children: bool) -> list[int]:
+        """The rows of *rec* (structs kvm_mmu_page) that _decode_many records a
+        problem for: an impossible role.level (told per role word), or, with
+        *children*, unsync_children above 512; in order, found by numpy."""
+        import numpy as np
+
+        roles = self._roles
+        odd = [w for w in set(words) if not 1 <= roles[w].level <= 5]
+        bad = np.isin(rec["role"], odd) if odd else np.zeros(len(words), dtype=bool)
+        if children:
+            bad |= rec["unsync_children"] > 512
+        rows: list[int] = np.flatnonzero(bad).tolist()
+        return rows
 
     def _problems_of(self, addr: int, level: int, children: Any) -> None:
         """The problems _decode_many records for one page's role.level and unsync_children."""
