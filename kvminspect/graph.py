@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # networkx (0.1 s to import) only when VMGraph.graph is asked
 
 MAX_PAGES = 1 << 20
 BIG_TABLE = 64  # _expand(): a table with this many children is checked by numpy
+SORT_COLUMNS_FROM = 4096  # VMGraph.pages(): this many pages are sorted by numpy
 LINKS_BATCH = 256  # _expand(): tables whose links are read at once (link_columns_many)
 # VMGraph.column(): the ShadowPage fields it makes arrays of, and their numpy types
 COLUMNS = {"addr": "u8", "gfn": "u8", "level": "i8", "spt": "u8", "tdp_mmu_page": "?"}
@@ -150,9 +151,7 @@ class VMGraph:
         """*sps* in pages()' order: roots in root_order(), then by level (high
         to low), gfn and address."""
         first = {a: i for i, a in enumerate(self.root_order())}
-        # by gfn and address, then (stable) by level, high first: keys made in C
-        rest = sorted(sps, key=attrgetter("gfn", "addr"))
-        rest.sort(key=attrgetter("level"), reverse=True)
+        rest = _by_level_gfn_addr(sps)
         if first:
             tops = sorted((sp for sp in rest if sp.addr in first), key=lambda sp: first[sp.addr])
             rest = tops + [sp for sp in rest if sp.addr not in first]
@@ -313,6 +312,30 @@ class VMGraph:
             g.add_edges_from((p, c, {"indexes": idx}) for p, c, idx in self.edges())
             self._nx = g
         return self._nx
+
+
+def _by_level_gfn_addr(sps: list[ShadowPage]) -> list[ShadowPage]:
+    """*sps* by level (high first), then gfn, then address: for many pages by
+    numpy (three stable sorts of integer columns: a tenth of sorting 10^6
+    pages by key), else, or where a field is not a u64 (a what-if edit), by
+    Python's sort."""
+    if len(sps) >= SORT_COLUMNS_FROM:
+        import numpy as np
+
+        n = len(sps)
+        try:
+            level = np.fromiter(map(attrgetter("level"), sps), dtype=np.int64, count=n)
+            gfn = np.fromiter(map(attrgetter("gfn"), sps), dtype=np.uint64, count=n)
+            addr = np.fromiter(map(attrgetter("addr"), sps), dtype=np.uint64, count=n)
+        except (TypeError, ValueError, OverflowError):
+            pass
+        else:
+            order = np.lexsort((addr, gfn, -level))  # (the last key first)
+            return list(map(sps.__getitem__, order.tolist()))
+    # by gfn and address, then (stable) by level, high first: keys made in C
+    rest = sorted(sps, key=attrgetter("gfn", "addr"))
+    rest.sort(key=attrgetter("level"), reverse=True)
+    return rest
 
 
 def _holders(vcpus: list[VCpu]) -> list[tuple[RootRef, Holder]]:

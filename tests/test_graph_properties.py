@@ -226,3 +226,27 @@ def test_column_decode_is_the_row_decode(name: str, monkeypatch) -> None:
     (a, said_a), (b, said_b) = got[1], got[10**9]
     assert a == b and said_a == said_b
     assert any("impossible level" in p for p in said_a) == (len(pages) > 1)
+
+
+@pytest.mark.parametrize("name", FIXTURES + MULTI_VM)
+def test_pages_sorted_by_numpy_is_pages_sorted_by_key(name: str, monkeypatch) -> None:
+    """pages()' order (roots, then level high to low, gfn, address) is the same
+    sorted by numpy's columns as by Python's keys; a page whose gfn is no u64
+    (a what-if edit: -1) sends the sort to Python's keys."""
+    k = Kernel(open_fixture(name).prog)
+    for vm in k.vms():
+        g = graph.build(k, vm)
+        orders = []
+        for columns_from in (1, 10**9):
+            monkeypatch.setattr(graph, "SORT_COLUMNS_FROM", columns_from)
+            g.set_page(next(iter(g.nodes.values()))) if g.nodes else None  # (caches dropped)
+            orders.append([sp.addr for sp in g.pages()])
+        assert orders[0] == orders[1]
+        if len(g.nodes) > 1:
+            monkeypatch.setattr(graph, "SORT_COLUMNS_FROM", 1)
+            last = list(g.nodes.values())[-1]
+            g.set_page(last._replace(gfn=-1))
+            pages = g.pages()
+            level = [sp.level for sp in pages if sp.addr not in g.roots]
+            assert level == sorted(level, reverse=True)
+            assert [sp for sp in pages if sp.gfn == -1] == [g.nodes[last.addr]]
