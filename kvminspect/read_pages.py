@@ -608,10 +608,16 @@ class ShadowPages:
         if spt is None:
             return [], [], []
         if spt.count(0) > SPTE_ENT_PER_PAGE - LINKS_COLUMNS_FROM:  # (a C loop: ~1 us)
-            found = spte.present_non_leaf(spt, self.spte.format)
-            return ([i for i, _ in found], [v for _, v in found],
-                    [self._child(v) for _, v in found])
+            return self._few_links(spt)
         return self._link_columns([spt])[0]
+
+    def _few_links(self, spt: array.array[int]
+                   ) -> tuple[list[int], list[int], list[int | None]]:
+        """link_columns() of a table with few entries, without numpy (a small
+        MMU's commands never import it)."""
+        found = spte.present_non_leaf(spt, self.spte.format)
+        return ([i for i, _ in found], [v for _, v in found],
+                [self._child(v) for _, v in found])
 
     def _child(self, value: int) -> int | None:
         """to_shadow_page() of a non-leaf SPTE: inline where its struct page's
@@ -631,8 +637,9 @@ class ShadowPages:
         time), the tables read so far or readable now done together by numpy:
         one mask over all their entries, their children's struct pages looked
         up at once (a TDP MMU's 2,000 level-2 tables of 512 children cost one
-        pass, not 2,000). None for a table that cannot be read: link_columns()
-        of it records why, when its caller gets to it."""
+        pass, not 2,000); a table with few entries as link_columns() does it.
+        None for a table that cannot be read: link_columns() of it records
+        why, when its caller gets to it."""
         out: list[tuple[list[int], list[int], list[int | None]] | None] = []
         tables: list[array.array[int]] = []
         at: list[int] = []  # the position in *out* of each table
@@ -641,6 +648,9 @@ class ShadowPages:
                 out.append(([], [], []))
                 continue
             spt = self._spt_quiet(sp)
+            if spt is not None and spt.count(0) > SPTE_ENT_PER_PAGE - LINKS_COLUMNS_FROM:
+                out.append(self._few_links(spt))
+                continue
             if spt is not None:
                 at.append(len(out))
                 tables.append(spt)
@@ -671,10 +681,10 @@ class ShadowPages:
         """link_columns() of each table in *spts* (sp->spt[0..511]), by numpy:
         every table's entries masked at once, each vmemmap page's private words
         taken at once for all the children in it."""
-        import numpy as np
-
         if not spts:
             return []
+        import numpy as np
+
         lay = self.layout
         t = np.frombuffer(b"".join(spts), dtype=np.uint64).reshape(len(spts), SPTE_ENT_PER_PAGE)
         table, index = np.nonzero(spte.present_non_leaf_mask(t, self.spte.format))
@@ -813,9 +823,10 @@ class ShadowPages:
         the careful walk to say what (this one decodes nothing before it ends,
         so the careful walk's runs are the same).
 
-        The hot loop of a 10^6-page MMU, so following a node is one lookup:
+        The hot loop of a 10^6-page MMU, so following a node is one index:
         sp->link.next is the u64 at the node itself, taken from the 4 KiB page
-        Memory holds as a memoryview of u64 words (a slab page holds a few
+        Memory holds as a memoryview of u64 words (looked up when the walk
+        moves to another page; the loop bound is checked every 4096 nodes) (a slab page holds a few
         dozen nodes, in random order with CONFIG_SLAB_FREELIST_RANDOM); the
         structs are decoded after the walk from the same pages (_gathered), and
         kept in the cache, or as a PageRun when there are RUN_FROM or more.
@@ -824,38 +835,40 @@ class ShadowPages:
         assert lay is not None
         mem = self.mem
         link, size = lay.link, lay.size
-        page_mask = ~(PAGE_SIZE - 1)
         lo, hi = link, PAGE_SIZE - size + link  # a node's offset whose struct is in its page
         words: dict[int, memoryview] = {}  # each slab page read, as u64 words
         get = words.get
         out: list[int] = []
         add = out.append
-        tick = left = 0x1000
+        tick = 0x1000
         ticked: set[int] = set()  # the node met at each tick: a loop repeats one soon
+        last, page_words = -1, memoryview(b"")  # the page of the node before, its words
         while node != head:
-            if not left:
-                if len(out) > MAX_LIST - tick or node in ticked:  # the careful walk says
-                    return None
-                ticked.add(node)
-                left = tick
-                if mem.on_progress is not None and not len(out) & 0x3FFF:
-                    mem.on_progress(len(out))
-            left -= 1
-            page = node & page_mask
-            off = node - page
-            page_words = get(page)
-            if page_words is None or not lo <= off <= hi:
-                if node < KERNEL_MIN or node & 7:  # (also LIST_POISON1/2)
-                    return None
-                try:  # every page of the struct, for _gathered
-                    mem.read_block(node - link, size)
-                except drgn.FaultError:
-                    return None
-                data = mem.cached_page(page)
-                assert data is not None  # (read just now)
-                page_words = words[page] = memoryview(data).cast("Q")
-            add(node - link)
-            node = page_words[off >> 3]
+            if len(out) > MAX_LIST - tick or node in ticked:  # the careful walk says
+                return None
+            ticked.add(node)
+            if mem.on_progress is not None and not len(out) & 0x3FFF:
+                mem.on_progress(len(out))
+            for _ in repeat(None, tick):  # (consecutive nodes share a slab page mostly)
+                off = node & PAGE_MASK
+                page = node - off
+                if page != last or not lo <= off <= hi:
+                    held = get(page)
+                    if held is None or not lo <= off <= hi:
+                        if node < KERNEL_MIN or node & 7:  # (also LIST_POISON1/2)
+                            return None
+                        try:  # every page of the struct, for _gathered
+                            mem.read_block(node - link, size)
+                        except drgn.FaultError:
+                            return None
+                        data = mem.cached_page(page)
+                        assert data is not None  # (read just now)
+                        held = words[page] = memoryview(data).cast("Q")
+                    last, page_words = page, held
+                add(node - link)
+                node = page_words[off >> 3]
+                if node == head:
+                    break
         words.clear()
         # the pages not decoded before the walk (the roots were): in runs of 4096
         old = self._known_many(out)

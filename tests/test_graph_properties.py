@@ -16,10 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvminspect import graph
+from kvminspect import graph, read_pages
 from kvminspect.check import FindingKind, Severity, check_vm
 from kvminspect.commands.unsync import walk_pages, walk_roots
 from kvminspect.model import Kernel, Role
+from kvminspect.spte import SPTE_ENT_PER_PAGE
 from kvminspect.target import open_core
 from kvminspect.unsync import replay_sync
 from tests.conftest import FIXTURES, MULTI_VM, open_fixture
@@ -132,8 +133,8 @@ def _links_both_ways(prog, monkeypatch) -> None:
     """A graph built with its tables' links read LINKS_BATCH at a time is the
     one built table by table (nodes, links, orphans, wrong levels), with the
     same problems in the same order; link_columns_many() of every page, on a
-    Kernel of its own, is link_columns() of each, None only where that
-    records the table unreadable."""
+    Kernel of its own and all by numpy, is link_columns() of each without
+    numpy, None only where that records the table unreadable."""
 
     def built(batch: int) -> tuple[list[graph.VMGraph], list[str]]:
         monkeypatch.setattr(graph, "LINKS_BATCH", batch)
@@ -146,7 +147,11 @@ def _links_both_ways(prog, monkeypatch) -> None:
         assert list(a.nodes) == list(b.nodes) and a.links == b.links
         assert a.orphan_set == b.orphan_set and a.wrong_level == b.wrong_level
         pages = list(a.nodes.values())
-        at_once, k = Kernel(prog).link_columns_many(pages), Kernel(prog)
+        # every table by numpy at once, then every table alone without numpy
+        monkeypatch.setattr(read_pages, "LINKS_COLUMNS_FROM", 0)
+        at_once = Kernel(prog).link_columns_many(pages)
+        monkeypatch.setattr(read_pages, "LINKS_COLUMNS_FROM", SPTE_ENT_PER_PAGE + 1)
+        k = Kernel(prog)
         for sp, cols in zip(pages, at_once, strict=True):
             alone = k.link_columns(sp)
             if cols is None:
