@@ -330,6 +330,9 @@ def wrap_words(words: list[str], width: int, first: str = "", rest: str = "  ") 
     """*words* (units never split: a value, a list item with its comma) joined by
     spaces in lines of at most *width*: the first line starts with *first*,
     the others with *rest*; a unit wider than a line has a line to itself."""
+    whole = first + " ".join(words)
+    if cell_len(whole) <= width:  # (most labels of a tree: one measure, not one a unit)
+        return [whole]
     lines = [first]
     bare = True
     for word in words:
