@@ -6,8 +6,9 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, TextIO
 
 from rich.cells import cell_len
@@ -358,30 +359,25 @@ def say(text: str, indent: str = "    ", units: list[str] | None = None,
         c.print(line, style=style, markup=False, highlight=False, soft_wrap=True)
 
 
-class TextTree:
-    """A tree drawn as rich's Tree draws it (├── └── │), each label a list of
-    units (never split) wrapped to the width, continuation lines indented under
-    the label: no value is cut. Lines are made as printed (a tree of 10^5
-    pages is never held as lines)."""
+class TextLines:
+    """Lines printed as they are, each one line of the console (made to fit:
+    nothing here wraps or styles them)."""
 
-    def __init__(self, label: list[str], children: Callable[[], Iterator[TextTree]]) -> None:
-        self.label = label
-        self.children = children
+    def __init__(self, lines: Iterable[str]) -> None:
+        self.lines = lines
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        width = options.max_width
-        for line in self._lines("", "", "", width):
+        for line in self.lines:
             yield Segment(line)
             yield Segment.line()
 
-    def _lines(self, lead: str, guide: str, below: str, width: int) -> Iterator[str]:
-        kids = list(self.children())
-        cont = below + ("│" if kids else " ") + "   "
-        yield from wrap_words(self.label, width, lead + guide, cont)
-        for k, kid in enumerate(kids):
-            last = k == len(kids) - 1
-            yield from kid._lines(below, "└── " if last else "├── ",
-                                  below + ("    " if last else "│   "), width)
+
+def print_lines(c: Console, lines: Iterable[str], batch: int = 4096) -> None:
+    """Print *lines* (made at c.width) a batch at a time: rich keeps all that one
+    print() renders until it ends, so a tree of 10^6 lines is never held."""
+    it = iter(lines)
+    while chunk := list(islice(it, batch)):
+        c.print(TextLines(chunk))
 
 
 def _wrap(value: str, width: int, text: bool, fold: bool) -> list[str]:

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 from typing import Any, cast
 
 import pytest
+from rich.console import Console
 
 from kvminspect.cli import run_one
-from kvminspect.commands.tree import TreePlan, start_pages
+from kvminspect.commands.tree import TreePlan, _wanted, label_units, start_pages
 from kvminspect.errors import LookupFailed, UsageError
 from kvminspect.layout import UNKNOWN, UNREADABLE
 from kvminspect.model import is_obsolete_sp
-from kvminspect.render import compact
+from kvminspect.render import compact, print_lines, wrap_words
 from kvminspect.results import TreeNode, page_view
 from kvminspect.session import Session
 from kvminspect.shapes import LeafTexts, tree_node_json
@@ -372,6 +374,59 @@ def test_tree_sibling_run_refuses_what_it_cannot_write() -> None:
                          False) is None
     assert texts.run(sps, [*slots[:-1], True], False, False) is None
     assert texts.run(sps, slots, cast("bool", 1), False) is None
+
+
+def _drawn(node: TreeNode, width: int, lead: str = "", guide: str = "",
+           below: str = "") -> list[str]:
+    """The text tree as it was drawn from the nested nodes of trees() (the
+    reference for text_lines)."""
+    kids = list(node.children)
+    lines = wrap_words(label_units(node), width, lead + guide,
+                       below + ("│" if kids else " ") + "   ")
+    for k, kid in enumerate(kids):
+        last = k == len(kids) - 1
+        lines += _drawn(kid, width, below, "└── " if last else "├── ",
+                        below + ("    " if last else "│   "))
+    return lines
+
+
+@pytest.mark.parametrize("name", FIXTURES + MULTI_VM)
+def test_tree_text_streamed_is_the_nested_tree_drawn(name: str) -> None:
+    """TreePlan.text() (lines made as printed, no nested nodes kept) is the
+    nested trees() drawn, with --depth 0 and 1, --unsync-only, at 80 and 30
+    columns; and print_lines() prints the same bytes whatever its batch."""
+    s = Session(open_fixture(name))
+    for vm in s.kernel.vms():
+        g = s.graph(vm)
+        for depth, unsync_only in ((None, False), (0, False), (1, False), (None, True)):
+            keep = _wanted(g, unsync_only)
+            plan = TreePlan(g, [a for a in start_pages(g, None) if keep is None or a in keep],
+                            depth, keep)
+            for width in (80, 30):
+                drawn = [line for t in plan.trees() for line in _drawn(t, width)]
+                assert list(plan.text(width)) == drawn
+        printed = []
+        for batch in (1, 7, 4096):
+            c = Console(file=io.StringIO(), width=80, color_system=None)
+            print_lines(c, plan.text(80), batch)
+            printed.append(cast("io.StringIO", c.file).getvalue())
+        assert printed[0] == printed[1] == printed[2] == "".join(
+            line + "\n" for line in plan.text(80))
+
+
+def test_tree_text_streamed_marks_references_as_nested() -> None:
+    """A page with children linked twice (a what-if link added to its parent)
+    is drawn whole once and as "(subtree shown above)" the second time, by
+    text_lines as by the nested trees()."""
+    s = Session(open_fixture("6.1-shadow"))
+    g = s.graph(s.kernel.vms()[0])
+    parent, child = next((p, c) for p, pairs in g.links.items() for _, c in pairs
+                         if g.links.get(c))
+    g.links[parent] = [*g.links[parent], (511, child)]
+    plan = TreePlan(g, start_pages(g, None), None, None)
+    text = list(plan.text(80))
+    assert text == [line for t in plan.trees() for line in _drawn(t, 80)]
+    assert sum("(subtree shown above)" in line for line in text) == 1
 
 
 def test_tree_leaf_template_refuses_what_it_cannot_write() -> None:

@@ -16,7 +16,7 @@ from kvminspect.errors import UsageError
 from kvminspect.fmt import hx
 from kvminspect.graph import VMGraph
 from kvminspect.model import VM, is_obsolete_sp
-from kvminspect.render import Stream, TextTree, compact, console, plural
+from kvminspect.render import Stream, compact, console, plural, print_lines, wrap_words
 from kvminspect.results import TreeNode, page_view
 from kvminspect.session import Session
 from kvminspect.shapes import LeafTexts, tree_node_json
@@ -178,6 +178,12 @@ class TreePlan:
         seen: set[int] = set()
         return [subtree(self.g, a, None, self.depth, self.keep, seen) for a in self.tops]
 
+    def text(self, width: int) -> Iterator[str]:
+        """Every tree as text lines at *width* (text_lines), one after another."""
+        seen: set[int] = set()
+        for a in self.tops:
+            yield from text_lines(self.g, a, None, self.depth, self.keep, seen, width)
+
     def chunks(self) -> Iterator[str]:
         """The same list of trees as JSON text, piece by piece."""
         seen: set[int] = set()
@@ -190,9 +196,33 @@ class TreePlan:
         yield "]"
 
 
-def to_text(node: TreeNode) -> TextTree:
-    """*node* and its children as a TextTree (labels wrapped, never cut)."""
-    return TextTree(label_units(node), lambda: (to_text(c) for c in node.children))
+def text_lines(g: VMGraph, addr: int, index: int | None, depth: int | None,
+               keep: set[int] | None, seen: set[int], width: int, lead: str = "",
+               guide: str = "", below: str = "") -> Iterator[str]:
+    """subtree() of *addr* drawn as rich's Tree draws it (├── └── │), line by
+    line as printed: each label's units (label_units) wrapped to *width*,
+    continuation lines under the label, no value cut. The pages are visited
+    in subtree()'s order (a page shown twice is a reference where subtree()
+    makes it one), but no node outlives its lines. *lead* + *guide* start the
+    label's first line, *below* the lines under it."""
+    page = page_view(g.sp(addr), g)
+    pairs = g.children(addr)
+    kids: list[tuple[int, int]] = []
+    if addr in seen and pairs:
+        node = TreeNode(page, index, True, 0, ())
+    else:
+        seen.add(addr)
+        kids = [(i, c) for i, c in pairs if keep is None or c in keep]
+        node = TreeNode(page, index, False, 0, ())
+        if depth is not None and depth <= 0:
+            node, kids = TreeNode(page, index, False, len(kids), ()), []
+    yield from wrap_words(label_units(node), width, lead + guide,
+                          below + ("│" if kids else " ") + "   ")
+    deeper = None if depth is None else depth - 1
+    for k, (i, c) in enumerate(kids):
+        last = k == len(kids) - 1
+        yield from text_lines(g, c, i, deeper, keep, seen, width, below,
+                              "└── " if last else "├── ", below + ("    " if last else "│   "))
 
 
 def start_pages(g: VMGraph, sp: int | None) -> list[int]:
@@ -241,8 +271,7 @@ def _cmd_tree(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any)
         c = console()
         if not plan.tops:
             c.print("  (nothing to show)")
-        for t in plan.trees():
-            c.print(to_text(t))
+        print_lines(c, plan.text(c.width))
 
     def counts(plan: TreePlan) -> str:
         return (f"{plural(len(plan.g), 'shadow page', 'shadow pages')}, "
