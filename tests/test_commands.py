@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from kvminspect.cli import run_one
-from kvminspect.commands.tree import TreePlan, _wanted, label_units, start_pages
+from kvminspect.commands.tree import TreePlan, label_units, start_pages, unsync_only_pages
 from kvminspect.errors import LookupFailed, UsageError
 from kvminspect.layout import UNKNOWN, UNREADABLE
 from kvminspect.model import is_obsolete_sp
@@ -399,7 +399,7 @@ def test_tree_text_streamed_is_the_nested_tree_drawn(name: str) -> None:
     for vm in s.kernel.vms():
         g = s.graph(vm)
         for depth, unsync_only in ((None, False), (0, False), (1, False), (None, True)):
-            keep = _wanted(g, unsync_only)
+            keep = unsync_only_pages(g, unsync_only)
             plan = TreePlan(g, [a for a in start_pages(g, None) if keep is None or a in keep],
                             depth, keep)
             for width in (80, 30):

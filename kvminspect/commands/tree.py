@@ -47,7 +47,7 @@ def sp_label(n: TreeNode) -> str:
     return " ".join(label_units(n))
 
 
-def _wanted(g: VMGraph, unsync_only: bool) -> set[int] | None:
+def unsync_only_pages(g: VMGraph, unsync_only: bool) -> set[int] | None:
     """With --unsync-only: pages that are unsync or lead to one; else None (all)."""
     if not unsync_only:
         return None
@@ -263,7 +263,7 @@ def _cmd_tree(prog: Program, name: str, args: argparse.Namespace, **kwargs: Any)
 
     def collect(s: Session, vm: VM) -> TreePlan:
         g = s.graph(vm)
-        keep = _wanted(g, args.unsync_only)
+        keep = unsync_only_pages(g, args.unsync_only)
         return TreePlan(g, [a for a in start_pages(g, top) if keep is None or a in keep],
                         args.depth, keep)
 
