@@ -220,6 +220,13 @@ _SIBLING_KEY = attrgetter("role.word", "level", "tdp_mmu_page", "unsync", "unsyn
 _ADDR, _GFN = attrgetter("addr"), attrgetter("gfn")
 
 
+def siblings_alike(sps: list[ShadowPage]) -> bool:
+    """Whether the pages *sps* (a parent's children) differ only in address and
+    gfn: role word, level, flags, counts and mmu_valid_gen the same, so what a
+    renderer shows of one page's state holds for all (is_obsolete_sp too)."""
+    return len(set(map(_SIBLING_KEY, sps))) == 1
+
+
 class LeafTexts:
     """The one-line JSON text of tree_node_json() (render.compact's, the same
     bytes) of a node with no holders and no children shown, by one template:
@@ -269,7 +276,7 @@ class LeafTexts:
         gfn (role, level, flags, counts and mmu_valid_gen the same: *obsolete*
         is then one answer for all); else None, for page() one by one. The
         shared parts are made once, the rest joined in C (hex(), str())."""
-        if len(set(map(_SIBLING_KEY, sps))) != 1:
+        if not siblings_alike(sps):
             return None
         shared = self._shared(sps[0], obsolete, orphan, False, 0)
         addrs, gfns = list(map(_ADDR, sps)), list(map(_GFN, sps))

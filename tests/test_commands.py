@@ -414,6 +414,31 @@ def test_tree_text_streamed_is_the_nested_tree_drawn(name: str) -> None:
             line + "\n" for line in plan.text(80))
 
 
+@pytest.mark.parametrize("name", ["6.1-tdp", "6.12-shadow", "7.3-tdp"])
+def test_tree_text_plain_children_in_one_pass(name: str, monkeypatch) -> None:
+    """A parent's plain leaf children are drawn in one pass (_plain_lines) at 80
+    columns, not at 20 (a line would wrap); either way the lines are the
+    nested tree's drawn."""
+    from kvminspect.commands import tree
+
+    s = Session(open_fixture(name))
+    g = s.graph(s.kernel.vms()[0])
+    plan = TreePlan(g, start_pages(g, None), None, None)
+    real, taken = tree._plain_lines, []
+
+    def counted(*args: Any) -> list[str] | None:
+        out = real(*args)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(tree, "_plain_lines", counted)
+    for width, some in ((80, True), (20, False)):
+        taken.clear()
+        assert list(plan.text(width)) == [line for t in plan.trees()
+                                          for line in _drawn(t, width)]
+        assert any(taken) == some
+
+
 def test_tree_text_streamed_marks_references_as_nested() -> None:
     """A page with children linked twice (a what-if link added to its parent)
     is drawn whole once and as "(subtree shown above)" the second time, by

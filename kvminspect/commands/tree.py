@@ -16,10 +16,18 @@ from kvminspect.errors import UsageError
 from kvminspect.fmt import hx
 from kvminspect.graph import VMGraph
 from kvminspect.model import VM, is_obsolete_sp
-from kvminspect.render import Stream, compact, console, plural, print_lines, wrap_words
+from kvminspect.render import (
+    Stream,
+    cell_len,
+    compact,
+    console,
+    plural,
+    print_lines,
+    wrap_words,
+)
 from kvminspect.results import TreeNode, page_view
 from kvminspect.session import Session
-from kvminspect.shapes import LeafTexts, tree_node_json
+from kvminspect.shapes import LeafTexts, siblings_alike, tree_node_json
 
 _new = tuple.__new__
 
@@ -196,6 +204,32 @@ class TreePlan:
         yield "]"
 
 
+def _plain_lines(g: VMGraph, pairs: list[tuple[int, int]], below: str, width: int
+                 ) -> list[str] | None:
+    """text_lines() of every child in *pairs* (spt index, child), when each is
+    a leaf without holders, none an orphan, and they differ only in address
+    and gfn (shapes.siblings_alike: a TDP MMU's level-1 tables): the state
+    words made once, a line each; None otherwise, or if a line would wrap.
+    (A page without children is never a reference: none is marked seen.)"""
+    slots, kids = zip(*pairs, strict=True)
+    if not (g.links.keys().isdisjoint(kids) and g.roots.keys().isdisjoint(kids)
+            and g.orphan_set.isdisjoint(kids)):
+        return None
+    sps = list(map(g.nodes.__getitem__, kids))
+    addrs, gfns = [sp.addr for sp in sps], [sp.gfn for sp in sps]
+    if not siblings_alike(sps) or set(map(type, addrs)) != {int} or set(
+            map(type, gfns)) != {int} or set(map(type, slots)) != {int}:
+        return None
+    tail = " ".join([f"L{sps[0].level}", *page_view(sps[0], g).flags()])  # (label_units')
+    labels = [f"[{i}] sp {a:#x} gfn {n:#x} {tail}" for i, a, n in zip(slots, addrs, gfns,
+                                                                      strict=True)]
+    if not tail.isascii() or cell_len(below + "├── ") + max(map(len, labels)) > width:
+        return None
+    lines = [below + "├── " + label for label in labels]
+    lines[-1] = below + "└── " + labels[-1]
+    return lines
+
+
 def text_lines(g: VMGraph, addr: int, index: int | None, depth: int | None,
                keep: set[int] | None, seen: set[int], width: int, lead: str = "",
                guide: str = "", below: str = "") -> Iterator[str]:
@@ -218,6 +252,10 @@ def text_lines(g: VMGraph, addr: int, index: int | None, depth: int | None,
             node, kids = TreeNode(page, index, False, len(kids), ()), []
     yield from wrap_words(label_units(node), width, lead + guide,
                           below + ("│" if kids else " ") + "   ")
+    plain = _plain_lines(g, kids, below, width) if kids else None
+    if plain is not None:
+        yield from plain
+        return
     deeper = None if depth is None else depth - 1
     for k, (i, c) in enumerate(kids):
         last = k == len(kids) - 1
