@@ -416,7 +416,7 @@ def test_tree_text_streamed_is_the_nested_tree_drawn(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["6.1-tdp", "6.12-shadow", "7.3-tdp"])
 def test_tree_text_plain_children_in_one_pass(name: str, monkeypatch) -> None:
-    """A parent's plain leaf children are drawn in one pass (_plain_lines) at 80
+    """A parent's plain leaf children are drawn in one pass (plain_lines) at 80
     columns, not at 20 (a line would wrap); either way the lines are the
     nested tree's drawn."""
     from kvminspect.commands import tree
@@ -424,14 +424,14 @@ def test_tree_text_plain_children_in_one_pass(name: str, monkeypatch) -> None:
     s = Session(open_fixture(name))
     g = s.graph(s.kernel.vms()[0])
     plan = TreePlan(g, start_pages(g, None), None, None)
-    real, taken = tree._plain_lines, []
+    real, taken = tree.plain_lines, []
 
     def counted(*args: Any) -> list[str] | None:
         out = real(*args)
         taken.append(out is not None)
         return out
 
-    monkeypatch.setattr(tree, "_plain_lines", counted)
+    monkeypatch.setattr(tree, "plain_lines", counted)
     for width, some in ((80, True), (20, False)):
         taken.clear()
         assert list(plan.text(width)) == [line for t in plan.trees()

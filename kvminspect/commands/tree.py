@@ -204,7 +204,7 @@ class TreePlan:
         yield "]"
 
 
-def _plain_lines(g: VMGraph, pairs: list[tuple[int, int]], below: str, width: int
+def plain_lines(g: VMGraph, pairs: list[tuple[int, int]], below: str, width: int
                  ) -> list[str] | None:
     """text_lines() of every child in *pairs* (spt index, child), when each is
     a leaf without holders, none an orphan, and they differ only in address
@@ -252,7 +252,7 @@ def text_lines(g: VMGraph, addr: int, index: int | None, depth: int | None,
             node, kids = TreeNode(page, index, False, len(kids), ()), []
     yield from wrap_words(label_units(node), width, lead + guide,
                           below + ("│" if kids else " ") + "   ")
-    plain = _plain_lines(g, kids, below, width) if kids else None
+    plain = plain_lines(g, kids, below, width) if kids else None
     if plain is not None:
         yield from plain
         return
