@@ -15,7 +15,7 @@ from kvminspect.drgn_code import print_code, tree_code
 from kvminspect.errors import UsageError
 from kvminspect.fmt import hx
 from kvminspect.graph import VMGraph
-from kvminspect.model import VM, is_obsolete_sp
+from kvminspect.model import VM, ShadowPage, is_obsolete_sp
 from kvminspect.render import (
     Stream,
     cell_len,
@@ -105,10 +105,12 @@ def leaf_text(n: TreeNode, texts: LeafTexts) -> str:
     return compact(tree_node_json(n)) if text is None else text
 
 
-def _plain_run(g: VMGraph, pairs: list[tuple[int, int]], texts: LeafTexts) -> str | None:
-    """The text of every child in *pairs* (spt index, child) as one run, by
-    LeafTexts.run(), when each is the loop's plain case (no children, no
-    holders) and all are orphans or none; else None."""
+def plain_children(g: VMGraph, pairs: list[tuple[int, int]]
+                   ) -> tuple[tuple[int, ...], list[ShadowPage], bool] | None:
+    """(slots, pages, orphan) of the children in *pairs* (spt index, child)
+    when each is a leaf without holders and all of them are orphans or none
+    (what a renderer may write in one pass: a page without children is never
+    a reference, so none is marked seen); else None."""
     slots, kids = zip(*pairs, strict=True)
     orphans = g.orphan_set
     if not (g.links.keys().isdisjoint(kids) and g.roots.keys().isdisjoint(kids)):
@@ -117,7 +119,16 @@ def _plain_run(g: VMGraph, pairs: list[tuple[int, int]], texts: LeafTexts) -> st
     if orphans and (orphan and not orphans.issuperset(kids)
                     or not orphan and not orphans.isdisjoint(kids)):
         return None
-    sps = list(map(g.nodes.__getitem__, kids))
+    return slots, list(map(g.nodes.__getitem__, kids)), orphan
+
+
+def _plain_run(g: VMGraph, pairs: list[tuple[int, int]], texts: LeafTexts) -> str | None:
+    """The JSON text of every child in *pairs* as one run (LeafTexts.run), when
+    they are plain_children(); else None."""
+    plain = plain_children(g, pairs)
+    if plain is None:
+        return None
+    slots, sps, orphan = plain
     return texts.run(sps, slots, is_obsolete_sp(sps[0], g.vm), orphan)
 
 
@@ -205,22 +216,21 @@ class TreePlan:
 
 
 def plain_lines(g: VMGraph, pairs: list[tuple[int, int]], below: str, width: int
-                 ) -> list[str] | None:
-    """text_lines() of every child in *pairs* (spt index, child), when each is
-    a leaf without holders, none an orphan, and they differ only in address
-    and gfn (shapes.siblings_alike: a TDP MMU's level-1 tables): the state
-    words made once, a line each; None otherwise, or if a line would wrap.
-    (A page without children is never a reference: none is marked seen.)"""
-    slots, kids = zip(*pairs, strict=True)
-    if not (g.links.keys().isdisjoint(kids) and g.roots.keys().isdisjoint(kids)
-            and g.orphan_set.isdisjoint(kids)):
+                ) -> list[str] | None:
+    """text_lines() of every child in *pairs* (spt index, child), when they are
+    plain_children() and differ only in address and gfn (shapes.siblings_alike:
+    a TDP MMU's level-1 tables): the state words made once, a line each; None
+    otherwise, or if a line would wrap."""
+    plain = plain_children(g, pairs)
+    if plain is None:
         return None
-    sps = list(map(g.nodes.__getitem__, kids))
+    slots, sps, _ = plain
     addrs, gfns = [sp.addr for sp in sps], [sp.gfn for sp in sps]
     if not siblings_alike(sps) or set(map(type, addrs)) != {int} or set(
             map(type, gfns)) != {int} or set(map(type, slots)) != {int}:
         return None
-    tail = " ".join([f"L{sps[0].level}", *page_view(sps[0], g).flags()])  # (label_units')
+    # label_units() of a childless page without holders: slot, address, gfn, then these
+    tail = " ".join([f"L{sps[0].level}", *page_view(sps[0], g).flags()])
     labels = [f"[{i}] sp {a:#x} gfn {n:#x} {tail}" for i, a, n in zip(slots, addrs, gfns,
                                                                       strict=True)]
     if not tail.isascii() or cell_len(below + "├── ") + max(map(len, labels)) > width:
