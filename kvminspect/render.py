@@ -334,6 +334,11 @@ def wrap_words(words: list[str], width: int, first: str = "", rest: str = "  ") 
     whole = first + " ".join(words)
     if cell_len(whole) <= width:  # (most labels of a tree: one measure, not one a unit)
         return [whole]
+    return wrap_each(words, width, first, rest)
+
+
+def wrap_each(words: list[str], width: int, first: str = "", rest: str = "  ") -> list[str]:
+    """wrap_words(), measuring unit after unit (for labels that do not fit)."""
     lines = [first]
     bare = True
     for word in words:

@@ -11,11 +11,10 @@ import re
 from functools import cache
 
 import pytest
-from rich.cells import cell_len
 
 from kvminspect import render
 from kvminspect.cli import run_one
-from kvminspect.render import wrap_words
+from kvminspect.render import wrap_each, wrap_words
 from kvminspect.session import Session
 from tests.conftest import FIXTURES, MULTI_VM, VMCORES, open_fixture
 
@@ -127,21 +126,10 @@ def test_diff_of_the_pair_at_every_width(width: int, monkeypatch) -> None:
     assert not long, long[0]
 
 
-def _wrap_unit_by_unit(words: list[str], width: int, first: str, rest: str) -> list[str]:
-    """wrap_words() as it was, measuring each unit (the reference)."""
-    lines, bare = [first], True
-    for word in words:
-        if not bare and cell_len(lines[-1]) + 1 + cell_len(word) > width:
-            lines.append(rest)
-            bare = True
-        lines[-1] += word if bare else " " + word
-        bare = False
-    return lines
-
-
 def test_wrap_words_is_the_unit_by_unit_wrap() -> None:
-    """wrap_words() measures a label once when it fits: the same lines as the
-    unit-by-unit wrap at every width, tree guides and wide units included."""
+    """wrap_words() measures a label once when it fits: the same lines as
+    wrap_each() (unit by unit) at every width, tree guides and wide units
+    included."""
     rng = random.Random(7)
     units = ["[3]", "sp 0xffff888103a4c000", "gfn 0x1f2", "L1", "UNSYNC", "<- vcpu0.root,",
              "vcpu1.prev_roots[2]", "(subtree shown above)", "x" * 90, "", "│"]
@@ -149,5 +137,5 @@ def test_wrap_words_is_the_unit_by_unit_wrap() -> None:
         words = rng.sample(units, rng.randrange(0, 6))
         width = rng.randrange(1, 100)
         first = rng.choice(["", "├── ", "│   └── "])
-        assert wrap_words(words, width, first, first[:2] + "  ") == _wrap_unit_by_unit(
+        assert wrap_words(words, width, first, first[:2] + "  ") == wrap_each(
             words, width, first, first[:2] + "  ")
