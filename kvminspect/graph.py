@@ -316,9 +316,9 @@ class VMGraph:
 
 def _by_level_gfn_addr(sps: list[ShadowPage]) -> list[ShadowPage]:
     """*sps* by level (high first), then gfn, then address: for many pages by
-    numpy (three stable sorts of integer columns: a tenth of sorting 10^6
-    pages by key), else, or where a field is not a u64 (a what-if edit), by
-    Python's sort."""
+    numpy (one lexsort of three integer columns: a third of the time of
+    sorting 10^6 pages by key), else, or where a field is not a u64 (a
+    what-if edit), by Python's sort."""
     if len(sps) >= SORT_COLUMNS_FROM:
         import numpy as np
 
