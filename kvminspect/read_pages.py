@@ -520,14 +520,9 @@ class ShadowPages:
         reads 10^5 level-1 tables once); a copy already kept is still used."""
         if sp.addr in self._spt_cache:
             return self._spt_cache[sp.addr]
-        out: array.array[int] | None = array.array("Q")
-        assert out is not None
+        out: array.array[int] | None
         try:
-            if sp.spt < KERNEL_MIN:
-                raise drgn.FaultError("not a kernel address", sp.spt)
-            out.frombytes(self.mem.read(sp.spt, PAGE_SIZE))
-            if sys.byteorder != "little":
-                out.byteswap()
+            out = self._read_spt(sp)
         except drgn.FaultError as e:
             self.mem.problem("struct kvm_mmu_page", sp.addr, f"spt {sp.spt:#x} unreadable ({e})")
             out = None
@@ -664,16 +659,19 @@ class ShadowPages:
         keeps it), else None with nothing recorded (sptes() says why later)."""
         if sp.addr in self._spt_cache:
             return self._spt_cache[sp.addr]
-        if sp.spt < KERNEL_MIN:
-            return None
         try:
-            data = self.mem.read(sp.spt, PAGE_SIZE)
+            out = self._spt_cache[sp.addr] = self._read_spt(sp)
         except drgn.FaultError:
             return None
-        out = array.array("Q", data)
+        return out
+
+    def _read_spt(self, sp: ShadowPage) -> array.array[int]:
+        """sp->spt[0..511], read now (FaultError if it cannot be)."""
+        if sp.spt < KERNEL_MIN:
+            raise drgn.FaultError("not a kernel address", sp.spt)
+        out = array.array("Q", self.mem.read(sp.spt, PAGE_SIZE))
         if sys.byteorder != "little":
             out.byteswap()
-        self._spt_cache[sp.addr] = out
         return out
 
     def _link_columns(self, spts: list[array.array[int]]
@@ -825,11 +823,13 @@ class ShadowPages:
 
         The hot loop of a 10^6-page MMU, so following a node is one index:
         sp->link.next is the u64 at the node itself, taken from the 4 KiB page
-        Memory holds as a memoryview of u64 words (looked up when the walk
-        moves to another page; the loop bound is checked every 4096 nodes) (a slab page holds a few
-        dozen nodes, in random order with CONFIG_SLAB_FREELIST_RANDOM); the
-        structs are decoded after the walk from the same pages (_gathered), and
-        kept in the cache, or as a PageRun when there are RUN_FROM or more.
+        Memory holds as a memoryview of u64 words, looked up only when the walk
+        moves to another page (a slab page holds a few dozen nodes, allocated
+        one after another: in random order within the slab with
+        CONFIG_SLAB_FREELIST_RANDOM); the loop bound is checked every 4096
+        nodes. The structs are decoded after the walk from the same pages
+        (_gathered), and kept in the cache, or as a PageRun when there are
+        RUN_FROM or more.
         """
         lay = self.layout.sp
         assert lay is not None
