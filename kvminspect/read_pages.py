@@ -602,14 +602,30 @@ class ShadowPages:
         spt = self.sptes(sp)
         if spt is None:
             return [], [], []
-        if spt.count(0) > SPTE_ENT_PER_PAGE - LINKS_COLUMNS_FROM:  # (a C loop: ~1 us)
-            return self._few_links(spt)
-        return self._link_columns([spt])[0]
+        return self._links_of([spt])[0]
+
+    def _links_of(self, spts: list[array.array[int]]
+                  ) -> list[tuple[list[int], list[int], list[int | None]]]:
+        """link_columns() of each table in *spts* (sp->spt[0..511]): one with few
+        entries by _few_links() (a small MMU's commands never import numpy),
+        the others together by _link_columns()."""
+        out: list[tuple[list[int], list[int], list[int | None]]] = []
+        many: list[array.array[int]] = []
+        at: list[int] = []  # the position in *out* of each of *many*
+        for spt in spts:
+            if spt.count(0) > SPTE_ENT_PER_PAGE - LINKS_COLUMNS_FROM:  # (a C loop: ~1 us)
+                out.append(self._few_links(spt))
+            else:
+                at.append(len(out))
+                many.append(spt)
+                out.append(([], [], []))
+        for j, cols in zip(at, self._link_columns(many), strict=True):
+            out[j] = cols
+        return out
 
     def _few_links(self, spt: array.array[int]
                    ) -> tuple[list[int], list[int], list[int | None]]:
-        """link_columns() of a table with few entries, without numpy (a small
-        MMU's commands never import it)."""
+        """link_columns() of a table with few entries, without numpy."""
         found = spte.present_non_leaf(spt, self.spte.format)
         return ([i for i, _ in found], [v for _, v in found],
                 [self._child(v) for _, v in found])
@@ -632,25 +648,19 @@ class ShadowPages:
         time), the tables read so far or readable now done together by numpy:
         one mask over all their entries, their children's struct pages looked
         up at once (a TDP MMU's 2,000 level-2 tables of 512 children cost one
-        pass, not 2,000); a table with few entries as link_columns() does it.
+        pass, not 2,000); a table with few entries without numpy (_links_of).
         None for a table that cannot be read: link_columns() of it records
         why, when its caller gets to it."""
         out: list[tuple[list[int], list[int], list[int | None]] | None] = []
         tables: list[array.array[int]] = []
-        at: list[int] = []  # the position in *out* of each table
+        at: list[int] = []  # the position in *out* of each table read
         for sp in sps:
-            if sp.level <= 1:
-                out.append(([], [], []))
-                continue
-            spt = self._spt_quiet(sp)
-            if spt is not None and spt.count(0) > SPTE_ENT_PER_PAGE - LINKS_COLUMNS_FROM:
-                out.append(self._few_links(spt))
-                continue
+            spt = self._spt_quiet(sp) if sp.level > 1 else None
             if spt is not None:
                 at.append(len(out))
                 tables.append(spt)
-            out.append(None)
-        for j, cols in zip(at, self._link_columns(tables), strict=True):
+            out.append(([], [], []) if sp.level <= 1 else None)
+        for j, cols in zip(at, self._links_of(tables), strict=True):
             out[j] = cols
         return out
 
