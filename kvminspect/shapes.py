@@ -220,11 +220,19 @@ _SIBLING_KEY = attrgetter("role.word", "level", "tdp_mmu_page", "unsync", "unsyn
 _ADDR, _GFN = attrgetter("addr"), attrgetter("gfn")
 
 
-def siblings_alike(sps: list[ShadowPage]) -> bool:
-    """Whether the pages *sps* (a parent's children) differ only in address and
-    gfn: role word, level, flags, counts and mmu_valid_gen the same, so what a
-    renderer shows of one page's state holds for all (is_obsolete_sp too)."""
-    return len(set(map(_SIBLING_KEY, sps))) == 1
+def plain_siblings(sps: list[ShadowPage], slots: Sequence[int]
+                   ) -> tuple[list[int], list[int]] | None:
+    """The addresses and gfns of *sps* (a parent's children at *slots*) when
+    the pages differ only in those (role word, level, flags, counts and
+    mmu_valid_gen the same, so what a renderer shows of one page's state holds
+    for all, is_obsolete_sp too) and they and the slots are plain ints; else
+    None."""
+    if len(set(map(_SIBLING_KEY, sps))) != 1:
+        return None
+    addrs, gfns = list(map(_ADDR, sps)), list(map(_GFN, sps))
+    if not set(map(type, addrs)) == set(map(type, gfns)) == set(map(type, slots)) == {int}:
+        return None
+    return addrs, gfns
 
 
 class LeafTexts:
@@ -276,13 +284,13 @@ class LeafTexts:
         gfn (role, level, flags, counts and mmu_valid_gen the same: *obsolete*
         is then one answer for all); else None, for page() one by one. The
         shared parts are made once, the rest joined in C (hex(), str())."""
-        if not siblings_alike(sps):
+        plain = plain_siblings(sps, indexes)
+        if plain is None:
             return None
         shared = self._shared(sps[0], obsolete, orphan, False, 0)
-        addrs, gfns = list(map(_ADDR, sps)), list(map(_GFN, sps))
-        if (shared is None or set(map(type, addrs)) != {int} or set(map(type, gfns)) != {int}
-                or set(map(type, indexes)) != {int}):
+        if shared is None:
             return None
+        addrs, gfns = plain
         middle, end = shared
         n = len(sps)
         return "".join(chain.from_iterable(zip(

@@ -27,7 +27,7 @@ from kvminspect.render import (
 )
 from kvminspect.results import TreeNode, page_view
 from kvminspect.session import Session
-from kvminspect.shapes import LeafTexts, siblings_alike, tree_node_json
+from kvminspect.shapes import LeafTexts, plain_siblings, tree_node_json
 
 _new = tuple.__new__
 
@@ -218,17 +218,17 @@ class TreePlan:
 def plain_lines(g: VMGraph, pairs: list[tuple[int, int]], below: str, width: int
                 ) -> list[str] | None:
     """text_lines() of every child in *pairs* (spt index, child), when they are
-    plain_children() and differ only in address and gfn (shapes.siblings_alike:
+    plain_children() and differ only in address and gfn (shapes.plain_siblings:
     a TDP MMU's level-1 tables): the state words made once, a line each; None
     otherwise, or if a line would wrap."""
     plain = plain_children(g, pairs)
     if plain is None:
         return None
     slots, sps, _ = plain
-    addrs, gfns = [sp.addr for sp in sps], [sp.gfn for sp in sps]
-    if not siblings_alike(sps) or set(map(type, addrs)) != {int} or set(
-            map(type, gfns)) != {int} or set(map(type, slots)) != {int}:
+    alike = plain_siblings(sps, slots)
+    if alike is None:
         return None
+    addrs, gfns = alike
     # label_units() of a childless page without holders: slot, address, gfn, then these
     tail = " ".join([f"L{sps[0].level}", *page_view(sps[0], g).flags()])
     labels = [f"[{i}] sp {a:#x} gfn {n:#x} {tail}" for i, a, n in zip(slots, addrs, gfns,
